@@ -1,0 +1,258 @@
+"""The `aefeatures` command line: thin commands that compose the stages.
+
+Exit codes: 0 done, 1 unexpected failure, 2 bad input or config, 5 id not found.
+Lookup commands never import torch, so they start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+
+from aefeatures.errors import EXIT_BAD_INPUT, AEFeaturesError, BadInputError
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 done, 1 unexpected failure, 2 bad input or config, 5 user or item not found."
+)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AEFeaturesError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=_Group, epilog=EXIT_CODES_HELP)
+@click.version_option(package_name="aefeatures")
+@click.option("-v", "--verbose", is_flag=True, help="Log each stage to stderr.")
+def cli(verbose: bool) -> None:
+    """Autoencoder embeddings of users and items, published as a Parquet feature store."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main() -> None:
+    cli(prog_name="aefeatures")
+
+
+# --- shared options ---------------------------------------------------------------------------
+
+store_option = click.option("--store", "store_dir", required=True, type=click.Path(path_type=Path),
+                            help="Store directory.")
+name_option = click.option("--name", default=None,
+                           help="Feature set (may be left out when the store holds just one).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+k_option = click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True,
+                        help="How many results.")
+
+
+def _open(store_dir: Path, name: str | None):
+    from aefeatures.lookup import open_store
+
+    return open_store(store_dir).open(name)
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def _print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    click.echo("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
+    for row in cells:
+        click.echo("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _ranked(ids, scores) -> list[dict[str, Any]]:
+    return [{"rank": n + 1, "item_id": _plain(i), "score": float(s)} for n, (i, s) in enumerate(zip(ids, scores))]
+
+
+def _typed(ids, value: str) -> Any:
+    """A command-line id as the store types it (42, not "42", for integer ids)."""
+    return int(value) if ids.dtype.kind in "iu" else value
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("job_file", type=click.Path(path_type=Path))
+@json_option
+def run(job_file: Path, as_json: bool) -> None:
+    """Run JOB_FILE (TOML) end to end: read interactions, train, embed, index, publish.
+
+    The version goes live only when every file is written; on any failure the previous
+    version stays live. Progress bars show on a terminal only.
+    """
+    from aefeatures.config import load_job_config
+    from aefeatures.jobs import run_job
+
+    cfg = load_job_config(job_file)
+    result = run_job(cfg)
+    summary = _run_summary(result)
+    if as_json:
+        _print_json(summary)
+        return
+    m = result.manifest
+    train = m["training"]
+    click.echo(f"published {result.name} version {result.version}: {m['counts']['users']:,} users × "
+               f"{m['counts']['items']:,} items, dim {m['dim']}")
+    click.echo(f"  input     {m['input']['rows_read']:,} rows from {len(m['input']['files'])} file(s), "
+               f"{m['input']['rows_kept']:,} kept, {m['input']['pairs']:,} distinct (user, item) pairs")
+    final = f", final loss {train['epoch_losses'][-1]:.3f}" if train["epoch_losses"] else ""
+    click.echo(f"  training  {train['epochs']} epochs on {train['device']} in {train['seconds']:.1f}s{final}")
+    click.echo(f"  index     {m['index']['factory']}, recall@10 vs exact {m['index']['recall_at_10']:.3f}")
+    click.echo(f"  stored in {result.path}")
+    sample = summary["sample"]
+    click.echo(f"  items for user {sample['user']!r}: {', '.join(map(str, sample['recommend']))}")
+    click.echo(f"  items like item {sample['item']!r}: {', '.join(map(str, sample['similar']))}")
+
+
+def _run_summary(result) -> dict[str, Any]:
+    from aefeatures.lookup import FeatureSet
+
+    fs = FeatureSet(result.path.parent.parent.parent, result.name, result.version)
+    user, item = _plain(fs.user_ids[0]), _plain(fs.item_ids[0])
+    return {
+        "name": result.name, "version": result.version, "path": str(result.path),
+        "counts": result.manifest["counts"], "dim": result.manifest["dim"],
+        "training": result.manifest["training"], "index": result.manifest["index"],
+        "timings": result.timings,
+        "sample": {"user": user, "recommend": [_plain(i) for i in fs.recommend(user, 5).ids],
+                   "item": item, "similar": [_plain(i) for i in fs.similar_items(item, 5).ids]},
+    }
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@store_option
+@name_option
+@click.option("--user", default=None, help="One user id.")
+@click.option("--users-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Many users: a Parquet file (column `user_id`, or its only column) or a text file "
+                   "with one id per line.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --users-file: write `user_id, item_id, rank, score` rows to this Parquet file.")
+@k_option
+@click.option("--include-seen", is_flag=True, help="Do not leave out the items the user already has.")
+@json_option
+def recommend(store_dir: Path, name: str | None, user: str | None, users_file: Path | None,
+              output: Path | None, k: int, include_seen: bool, as_json: bool) -> None:
+    """Items for a user (best model score first), without the items they already have.
+
+    \b
+    aefeatures recommend --store store --user 42 -k 10
+    aefeatures recommend --store store --users-file users.parquet -k 100 --output recs.parquet
+    """
+    if (user is None) == (users_file is None):
+        raise click.UsageError("pass exactly one of --user or --users-file")
+    if output is not None and users_file is None:
+        raise click.UsageError("--output goes with --users-file")
+    fs = _open(store_dir, name)
+    if user is not None:
+        found = fs.recommend(user, k, exclude_seen=not include_seen)
+        if as_json:
+            _print_json({"feature_set": fs.name, "version": fs.version, "user": _typed(fs.user_ids, user),
+                         "items": _ranked(found.ids, found.scores)})
+        else:
+            click.echo(f"items for user {user} ({fs.name} version {fs.version}):")
+            _print_table(["rank", "item_id", "score"], [list(r.values()) for r in _ranked(found.ids, found.scores)])
+        return
+    users = _read_users_file(users_file)
+    recs = fs.recommend_batch(users, k, exclude_seen=not include_seen, skip_unknown=True)
+    missing = len(set(map(str, users)) - set(map(str, recs.get_column("user_id").unique().to_list())))
+    if missing:
+        click.echo(f"warning: {missing} of {len(users)} user(s) not found in {fs.name} version {fs.version}; "
+                   "they are left out", err=True)
+    if output is not None:
+        _write_parquet_atomically(recs, output)
+        click.echo(f"wrote {recs.height:,} rows for {len(users) - missing:,} users to {output}", err=True)
+    elif as_json:
+        _print_json(recs.to_dicts())
+    else:
+        click.echo(recs.write_csv(separator="\t"), nl=False)
+
+
+def _read_users_file(path: Path) -> list[Any]:
+    import polars as pl
+
+    if path.suffix.lower() in (".parquet", ".pq"):
+        try:
+            frame = pl.read_parquet(path)
+        except Exception as exc:  # polars raises several types for unreadable files
+            raise BadInputError(f"users file `{path}` is not a readable Parquet file ({exc}).") from None
+        column = "user_id" if "user_id" in frame.columns else (frame.columns[0] if frame.width == 1 else None)
+        if column is None:
+            raise BadInputError(f"users file `{path}` has no `user_id` column; found {frame.columns}. "
+                                "Name the column `user_id` or keep a single column.")
+        return frame.get_column(column).drop_nulls().to_list()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+def _write_parquet_atomically(frame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.write_parquet(tmp)
+    os.replace(tmp, path)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@store_option
+@name_option
+@click.option("--item", required=True, help="Item id.")
+@k_option
+@json_option
+def similar(store_dir: Path, name: str | None, item: str, k: int, as_json: bool) -> None:
+    """Items like an item: largest inner product of item vectors, the item itself left out."""
+    fs = _open(store_dir, name)
+    found = fs.similar_items(item, k)
+    if as_json:
+        _print_json({"feature_set": fs.name, "version": fs.version, "item": _typed(fs.item_ids, item),
+                     "items": _ranked(found.ids, found.scores)})
+        return
+    click.echo(f"items like item {item} ({fs.name} version {fs.version}):")
+    _print_table(["rank", "item_id", "score"], [list(r.values()) for r in _ranked(found.ids, found.scores)])
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@store_option
+@name_option
+@json_option
+def versions(store_dir: Path, name: str | None, as_json: bool) -> None:
+    """Published versions of a feature set, oldest first; `*` marks the live one."""
+    from aefeatures.lookup import open_store
+
+    store = open_store(store_dir)
+    name = name or store.default_name()
+    rows = store.versions(name)
+    if as_json:
+        _print_json({"feature_set": name, "versions": rows})
+        return
+    _print_table(["", "version", "created_at", "users", "items", "dim", "kind", "index", "final_loss"],
+                 [["*" if r["live"] else "", r["version"], r["created_at"][:19], r["users"], r["items"],
+                   r["dim"], r["kind"], r["index"], r["final_loss"]] for r in rows])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

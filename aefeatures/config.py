@@ -1,0 +1,225 @@
+"""Job configuration: one frozen dataclass per stage, loaded strictly from a TOML job file.
+
+Unknown keys and values of the wrong type are errors that name the key and the file, so a typo
+never silently falls back to a default. Relative paths resolve against the job file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from aefeatures import errors
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_]+")
+MODEL_KINDS = ("dae", "vae")
+INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
+
+
+@dataclass(frozen=True)
+class JobSection:
+    name: str  # feature-set name: [A-Za-z0-9_]+
+    store: Path  # store directory
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    path: str  # a Parquet file, a directory of Parquet files (hive partitions ok) or a glob
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    weight_col: Optional[str] = None  # optional: explicit feedback or counts
+    timestamp_col: Optional[str] = None  # optional: datetime, date, or integer epoch seconds
+    min_weight: Optional[float] = None  # rows whose weight is below are dropped
+    binarize: bool = True  # model input is 1 per (user, item); False feeds the weights themselves
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "dae"  # "dae" (denoising AE) | "vae" (Mult-VAE)
+    dim: int = 64  # bottleneck width = user-embedding size
+    hidden: tuple[int, ...] = (600,)  # encoder hidden layers; the decoder is one linear layer
+    epochs: int = 50
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    dropout: float = 0.5  # input dropout, the "denoising" corruption
+    beta_cap: float = 0.2  # vae: KL weight is annealed linearly up to this cap
+    anneal_steps: int = 20000  # vae: optimizer steps to reach beta_cap
+    seed: int = 0
+    device: str = "auto"  # "auto" (CUDA when available) | "cpu" | "cuda" | "cuda:N"
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    kind: str = "auto"  # "auto" | "flat" | "hnsw" | "ivf" | "ivfpq" | a FAISS factory string
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    job: JobSection
+    input: InputConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    source: Optional[Path] = None  # the job file this came from
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved configuration as plain JSON-able values (written into every manifest)."""
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return _jsonable(out)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def load_job_config(path: Path | str) -> JobConfig:
+    """Read and validate a job file.
+
+    Parameters
+    ----------
+    path
+        A TOML file with ``[job]``, ``[input]`` and optional ``[model]``, ``[index]`` sections.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not TOML, a key is unknown, or a value has the wrong type or range.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise errors.ConfigError(path, "file not found. Pass the path of an existing job file.")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise errors.ConfigError(path, f"cannot be read ({exc}).")
+    except tomllib.TOMLDecodeError as exc:
+        raise errors.ConfigError(path, f"is not valid TOML ({exc}). Fix the syntax.")
+    return config_from_dict(raw, path)
+
+
+def config_from_dict(raw: dict[str, Any], path: Path) -> JobConfig:
+    """Build a :class:`JobConfig` from parsed TOML, resolving paths against ``path``'s folder."""
+    base = path.resolve().parent
+    sections = {k: v for k, v in typing.get_type_hints(JobConfig).items() if k != "source"}
+    _reject_unknown(path, "", raw, list(sections))
+    for required in ("job", "input"):
+        if required not in raw:
+            raise errors.ConfigError(path, f"missing section `[{required}]`. Add it (see jobs/example.toml).")
+    parts = {}
+    for name, cls in sections.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise errors.wrong_type(path, name, f"a table `[{name}]`", table)
+        parts[name] = _build(path, name, cls, table)
+    job = dataclasses.replace(parts["job"], store=_resolve(base, parts["job"].store))
+    input_cfg = dataclasses.replace(parts["input"], path=_resolve_input(base, parts["input"].path))
+    cfg = JobConfig(job=job, input=input_cfg, model=parts["model"], index=parts["index"], source=path)
+    _check_values(path, cfg)
+    return cfg
+
+
+def _resolve(base: Path, value: Path) -> Path:
+    return value if value.is_absolute() else (base / value).resolve()
+
+
+def _resolve_input(base: Path, value: str) -> str:
+    # Globs stay strings: resolve only the prefix so `../data/*.parquet` works from any cwd.
+    return value if Path(value).is_absolute() else str(base / value)
+
+
+def _reject_unknown(path: Path, prefix: str, table: dict[str, Any], valid: list[str]) -> None:
+    for key in table:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            raise errors.unknown_key(path, prefix + key, valid, close[0] if close else None)
+
+
+def _build(path: Path, section: str, cls: type, table: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    _reject_unknown(path, f"{section}.", table, [f.name for f in fields])
+    values = {}
+    for fld in fields:
+        key = f"{section}.{fld.name}"
+        if fld.name in table:
+            values[fld.name] = _coerce(path, key, table[fld.name], hints[fld.name])
+        elif fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
+            raise errors.ConfigError(path, f"missing key `{key}`. Add it to the `[{section}]` section.")
+    return cls(**values)
+
+
+def _coerce(path: Path, key: str, value: Any, hint: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):  # Optional[X]
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(path, key, value, inner)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise errors.wrong_type(path, key, "a list such as [600]", value)
+        return tuple(_coerce(path, f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise errors.wrong_type(path, key, "true or false", value)
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise errors.wrong_type(path, key, "an integer", value)
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise errors.wrong_type(path, key, "a number", value)
+        return float(value)
+    if hint in (str, Path):
+        if not isinstance(value, str):
+            raise errors.wrong_type(path, key, "a string", value)
+        return hint(value)
+    raise TypeError(f"no coercion for {hint!r}")  # a bug in this module, not in the job file
+
+
+def _check_values(path: Path, cfg: JobConfig) -> None:
+    m = cfg.model
+    rules = [
+        ("job.name", cfg.job.name, NAME_PATTERN.fullmatch(cfg.job.name), "use letters, digits and _ only"),
+        ("model.kind", m.kind, m.kind in MODEL_KINDS, f"choose one of {', '.join(MODEL_KINDS)}"),
+        ("model.dim", m.dim, m.dim >= 1, "it must be at least 1"),
+        ("model.hidden", list(m.hidden), all(h >= 1 for h in m.hidden), "every layer needs >= 1 unit"),
+        ("model.epochs", m.epochs, m.epochs >= 0, "it must be 0 or more"),
+        ("model.batch_size", m.batch_size, m.batch_size >= 1, "it must be at least 1"),
+        ("model.lr", m.lr, m.lr > 0, "it must be positive"),
+        ("model.weight_decay", m.weight_decay, m.weight_decay >= 0, "it must be 0 or more"),
+        ("model.dropout", m.dropout, 0 <= m.dropout < 1, "it must be in [0, 1)"),
+        ("model.beta_cap", m.beta_cap, m.beta_cap >= 0, "it must be 0 or more"),
+        ("model.anneal_steps", m.anneal_steps, m.anneal_steps >= 1, "it must be at least 1"),
+        ("model.device", m.device, re.fullmatch(r"auto|cpu|cuda(:\d+)?", m.device),
+         "use auto, cpu, cuda or cuda:N"),
+        ("index.kind", cfg.index.kind, cfg.index.kind.strip() != "",
+         f"use one of {', '.join(INDEX_KINDS)} or a FAISS factory string"),
+    ]
+    for key, value, ok, rule in rules:
+        if not ok:
+            raise errors.bad_value(path, key, value, rule)
+    if cfg.input.min_weight is not None and cfg.input.weight_col is None:
+        raise errors.bad_value(path, "input.min_weight", cfg.input.min_weight,
+                               "it needs `input.weight_col` to know which column to compare")
+    for key in ("user_col", "item_col"):
+        if getattr(cfg.input, key) == "":
+            raise errors.bad_value(path, f"input.{key}", "", "name a column")

@@ -1,0 +1,218 @@
+"""Every failure a user can meet, with the message it shows.
+
+All errors derive from :class:`AEFeaturesError` and carry the CLI exit code that reports them
+(0 done, 1 unexpected failure, 2 bad input or config, 5 id not found). Each class also derives
+from the matching built-in so callers can catch ``KeyError`` / ``ValueError`` as usual. Messages
+are built here, from typed fields, and nowhere else: one or two sentences saying what is wrong,
+where, and what to do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_NOT_FOUND = 5
+
+
+def _show(values: Sequence[object], limit: int = 12) -> str:
+    shown = ", ".join(repr(v) for v in list(values)[:limit])
+    more = len(values) - limit
+    return f"[{shown}{f', … {more} more' if more > 0 else ''}]"
+
+
+class AEFeaturesError(Exception):
+    """Root of every error aefeatures raises on purpose."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:  # KeyError would otherwise print the repr of the message
+        return self.message
+
+
+class BadInputError(AEFeaturesError, ValueError):
+    """The input data or the job file cannot be used as given (exit code 2)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+# --- job file -------------------------------------------------------------------------------
+
+
+class ConfigError(BadInputError):
+    """The job file is missing, unreadable, or holds a wrong key or value."""
+
+    def __init__(self, path: Path | str, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"job file `{path}`: {problem}")
+
+
+def unknown_key(path: Path | str, key: str, valid: Sequence[str], suggestion: str | None) -> ConfigError:
+    hint = f"did you mean `{suggestion}`? " if suggestion else ""
+    return ConfigError(path, f"unknown key `{key}`; {hint}valid keys here: {', '.join(valid)}.")
+
+
+def wrong_type(path: Path | str, key: str, expected: str, value: object) -> ConfigError:
+    return ConfigError(
+        path, f"`{key}` must be {expected}, got {type(value).__name__} {value!r}. Fix the value."
+    )
+
+
+def bad_value(path: Path | str, key: str, value: object, rule: str) -> ConfigError:
+    return ConfigError(path, f"`{key}` = {value!r} is not allowed: {rule}.")
+
+
+# --- interactions input ---------------------------------------------------------------------
+
+
+class InputNotFoundError(BadInputError, FileNotFoundError):
+    """The input path does not exist or matches no Parquet files."""
+
+    def __init__(self, path: str, detail: str):
+        self.path = path
+        super().__init__(
+            f"input `{path}` {detail}. Check `input.path` in the job file "
+            "(a Parquet file, a directory of Parquet files, or a glob)."
+        )
+
+
+class NotParquetError(BadInputError):
+    """A file in the input is not a readable Parquet file."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        super().__init__(
+            f"input file `{path}` is not a readable Parquet file ({reason}). "
+            "Remove or replace it, or narrow `input.path`."
+        )
+
+
+class SchemaDriftError(BadInputError):
+    """Two input files disagree on the type of a column the job reads."""
+
+    def __init__(self, column: str, first: str, first_type: str, other: str, other_type: str):
+        self.column = column
+        super().__init__(
+            f"column `{column}` is {first_type} in `{first}` but {other_type} in `{other}`. "
+            "Rewrite the files with one type for the column, or read them with separate jobs."
+        )
+
+
+class MissingColumnsError(BadInputError, KeyError):
+    """A column the job file names is not in the input."""
+
+    def __init__(self, path: str, missing: Sequence[str], found: Sequence[str], keys: Sequence[str]):
+        self.path, self.missing, self.found = path, list(missing), list(found)
+        settings = " or ".join(f"`input.{k}`" for k in keys)
+        super().__init__(
+            f"input `{path}` is missing column(s) {_show(missing)}; found {_show(found, 30)}. "
+            f"Set {settings} in the job file to the right column name."
+        )
+
+
+class NullValuesError(BadInputError):
+    """An id (or weight) column holds nulls."""
+
+    def __init__(self, column: str, count: int, file: str, row: int):
+        self.column, self.count, self.file, self.row = column, count, file, row
+        super().__init__(
+            f"column `{column}` has {count} null value(s); the first is row {row} of `{file}`. "
+            "Drop or fill those rows before the job runs."
+        )
+
+
+class UnsupportedTypeError(BadInputError, TypeError):
+    """A column has a type the job cannot use (ids must be integers or strings)."""
+
+    def __init__(self, path: str, column: str, found: str, expected: str):
+        self.column, self.found = column, found
+        super().__init__(
+            f"column `{column}` in `{path}` has type {found}; {expected}. "
+            "Cast the column when writing the input, or point the job at another column."
+        )
+
+
+class InvalidWeightsError(BadInputError):
+    """The weight column holds negative or NaN values."""
+
+    def __init__(self, column: str, what: str, count: int, file: str, row: int, value: object):
+        self.column, self.count, self.file, self.row = column, count, file, row
+        super().__init__(
+            f"column `{column}` has {count} {what} value(s); the first is {value!r} at row {row} "
+            f"of `{file}`. Weights must be finite and >= 0: clean the input or drop `input.weight_col`."
+        )
+
+
+class EmptyInputError(BadInputError):
+    """Nothing is left to train on."""
+
+    def __init__(self, path: str, n_files: int, n_rows: int, why: str):
+        self.path, self.n_files, self.n_rows = path, n_files, n_rows
+        super().__init__(
+            f"no interactions to train on: `{path}` matched {n_files} file(s) with {n_rows} row(s) "
+            f"but {why}. Check the input or lower `input.min_weight`."
+        )
+
+
+class TooFewItemsError(BadInputError):
+    """An autoencoder over fewer than two items has nothing to learn."""
+
+    def __init__(self, path: str, n_items: int):
+        self.n_items = n_items
+        super().__init__(
+            f"input `{path}` has {n_items} distinct item(s) after filtering; at least 2 are needed "
+            "to learn anything. Check `input.item_col` and `input.min_weight`."
+        )
+
+
+# --- store and lookups ----------------------------------------------------------------------
+
+
+class StoreError(BadInputError):
+    """The store directory or feature set cannot be opened as asked."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+
+
+def no_feature_set(store: Path, name: str, available: Sequence[str]) -> StoreError:
+    have = f"it holds {_show(available)}" if available else "it holds no published feature set"
+    return StoreError(
+        f"store `{store}` has no feature set `{name}`; {have}. "
+        "Run its job first or pass an existing `--name`."
+    )
+
+
+def ambiguous_feature_set(store: Path, available: Sequence[str]) -> StoreError:
+    return StoreError(
+        f"store `{store}` holds several feature sets {_show(available)}; pass `--name` to pick one."
+    )
+
+
+def no_such_version(store: Path, name: str, version: str) -> StoreError:
+    return StoreError(
+        f"feature set `{name}` in `{store}` has no version `{version}`. "
+        "List them with `aefeatures versions`."
+    )
+
+
+class NotFoundError(AEFeaturesError, KeyError):
+    """A lookup named a user or item id the live version does not know (exit code 5)."""
+
+    exit_code = EXIT_NOT_FOUND
+
+    def __init__(self, kind: str, ids: Sequence[object], name: str, version: str):
+        self.kind, self.ids, self.name, self.version = kind, list(ids), name, version
+        label = f"{kind} {self.ids[0]!r}" if len(self.ids) == 1 else f"{kind}s {_show(self.ids)}"
+        super().__init__(
+            f"{label} not found in feature set `{name}` (version {version}). "
+            f"Only {kind}s present in the input of that version have embeddings."
+        )

@@ -1,0 +1,115 @@
+"""Stage 6: the FAISS inner-product index over item vectors.
+
+Index rows are item rows (the row order of `items.parquet`). Item j is indexed as
+``[W[j], b[j]]`` and a user queries with ``[z, 1]``, so the inner product is exactly the
+model's score ``z · W[j] + b[j]``; an item queries with ``[W[i], 0]`` for "items like i".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from aefeatures import errors
+
+HNSW_EF_SEARCH = 128
+IVF_NPROBE = 16
+AUTO_EXACT_UP_TO = 100_000  # items; exact search stays fast enough below this
+
+
+@dataclass(frozen=True)
+class BuiltIndex:
+    index: faiss.Index
+    factory: str  # the FAISS factory string that built it
+    recall_at_10: float  # against exact search on sampled user queries (1.0 for exact)
+
+
+def item_rows(item_vectors: np.ndarray, item_bias: np.ndarray) -> np.ndarray:
+    """(n_items, dim + 1) float32: what the index stores for each item."""
+    return np.ascontiguousarray(np.hstack([item_vectors, item_bias[:, None]]), dtype=np.float32)
+
+
+def user_queries(user_vectors: np.ndarray) -> np.ndarray:
+    """(n_users, dim + 1) float32: the query that scores items as the model does."""
+    ones = np.ones((len(user_vectors), 1), dtype=np.float32)
+    return np.ascontiguousarray(np.hstack([user_vectors, ones]), dtype=np.float32)
+
+
+def item_queries(item_vectors: np.ndarray) -> np.ndarray:
+    """(n, dim + 1) float32: the query for "items like these" (inner product of item vectors)."""
+    zeros = np.zeros((len(item_vectors), 1), dtype=np.float32)
+    return np.ascontiguousarray(np.hstack([item_vectors, zeros]), dtype=np.float32)
+
+
+def factory_string(kind: str, n_items: int, width: int) -> str:
+    """Translate the job file's `index.kind` into a FAISS factory string."""
+    nlist = max(1, min(int(4 * math.sqrt(n_items)), n_items // 39))
+    if kind == "auto":
+        kind = "flat" if n_items <= AUTO_EXACT_UP_TO else "hnsw"
+    if kind == "flat":
+        return "Flat"
+    if kind == "hnsw":
+        return "HNSW32,Flat"
+    if kind == "ivf":
+        return f"IVF{nlist},Flat"
+    if kind == "ivfpq":
+        m = next(m for m in range(max(1, math.ceil(width / 8)), width + 1) if width % m == 0)
+        return f"IVF{nlist},PQ{m}"
+    return kind  # a FAISS factory string given verbatim
+
+
+def build_index(rows: np.ndarray, kind: str, *, sample_queries: np.ndarray | None = None) -> BuiltIndex:
+    """Build an inner-product index over ``rows`` (n_items, width).
+
+    Raises
+    ------
+    BadInputError
+        ``kind`` is not a FAISS factory string FAISS accepts.
+    """
+    n, width = rows.shape
+    factory = factory_string(kind, n, width)
+    try:
+        index = faiss.index_factory(width, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise errors.BadInputError(
+            f"`index.kind` = {kind!r} is not a FAISS index FAISS can build ({str(exc).splitlines()[0][:120]}). "
+            "Use auto, flat, hnsw, ivf, ivfpq or a valid factory string such as \"HNSW32,Flat\"."
+        ) from None
+    if not index.is_trained:
+        index.train(rows)
+    index.add(rows)
+    _tune(index)
+    recall = 1.0 if factory == "Flat" or sample_queries is None else measure_recall(index, rows, sample_queries)
+    return BuiltIndex(index, factory, recall)
+
+
+def _tune(index: faiss.Index) -> None:
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+    try:
+        faiss.extract_index_ivf(index).nprobe = IVF_NPROBE
+    except RuntimeError:
+        pass  # not an IVF index
+
+
+def measure_recall(index: faiss.Index, rows: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
+    """Mean recall@k of ``index`` against exact inner-product search on ``queries``."""
+    k = min(k, len(rows))
+    exact = faiss.IndexFlatIP(rows.shape[1])
+    exact.add(rows)
+    _, truth = exact.search(queries, k)
+    _, found = index.search(queries, k)
+    hits = [len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist())]
+    return float(np.mean(hits)) / k
+
+
+def save_index(index: faiss.Index, path: Path) -> None:
+    faiss.write_index(index, str(path))
+
+
+def load_index(path: Path) -> faiss.Index:
+    return faiss.read_index(str(path))

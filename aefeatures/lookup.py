@@ -1,0 +1,286 @@
+"""Lookups for services: items for a user, items like an item, embeddings. No torch import.
+
+A :class:`FeatureSet` is pinned to one version: it resolves LATEST once and reads only inside
+that version, so a job publishing meanwhile never changes what it answers.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+
+from aefeatures import errors, store
+from aefeatures.index import item_queries, item_rows, load_index, user_queries
+
+
+class Neighbours(NamedTuple):
+    """Ranked results: ``ids`` best first and their ``scores`` (inner products)."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+
+
+class IdIndex:
+    """Maps ids to row numbers by binary search over the sorted ids of a table."""
+
+    def __init__(self, ids: np.ndarray):
+        self.ids = ids  # sorted ascending: tables are written sorted by id
+        self.is_int = ids.dtype.kind in "iu"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self, ids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, found): the row of each id, and whether the id exists."""
+        query, parsed = self._coerce(ids)
+        if not len(self.ids):
+            return np.zeros(len(query), np.int64), np.zeros(len(query), bool)
+        pos = np.searchsorted(self.ids, query).clip(0, len(self.ids) - 1)
+        return pos, (self.ids[pos] == query) & parsed
+
+    def _coerce(self, ids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+        if not self.is_int:
+            return np.array([str(i) for i in ids], dtype=str), np.ones(len(ids), bool)
+        out, parsed = np.zeros(len(ids), np.int64), np.ones(len(ids), bool)
+        for n, value in enumerate(ids):  # "42" from a CLI or URL is the integer id 42
+            try:
+                if isinstance(value, (bool, float)):
+                    raise ValueError
+                out[n] = int(value)
+            except (TypeError, ValueError, OverflowError):
+                parsed[n] = False
+        return out, parsed
+
+
+class FeatureSet:
+    """One published version of a feature set, loaded lazily, read-only."""
+
+    def __init__(self, root: Path, name: str, version: str):
+        self.root, self.name, self.version = root, name, version
+        self.path = store.version_dir(root, name, version)
+        self.manifest = store.read_manifest(self.path)
+        self.dim: int = int(self.manifest["dim"])
+
+    def __repr__(self) -> str:
+        return f"FeatureSet({self.name!r}, version={self.version!r}, path={str(self.path)!r})"
+
+    # --- tables, loaded on first use -------------------------------------------------------
+
+    @cached_property
+    def _users(self) -> tuple[IdIndex, np.ndarray]:
+        table = pq.read_table(self.path / store.USERS, columns=["user_id", "embedding"])
+        return IdIndex(_ids(table.column("user_id"))), _matrix(table.column("embedding"), self.dim)
+
+    @cached_property
+    def _items(self) -> tuple[IdIndex, np.ndarray, np.ndarray]:
+        table = pq.read_table(self.path / store.ITEMS, columns=["item_id", "embedding", "bias"])
+        bias = table.column("bias").to_numpy()
+        return IdIndex(_ids(table.column("item_id"))), _matrix(table.column("embedding"), self.dim), bias
+
+    @cached_property
+    def _seen(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(indptr (n_users + 1,), item rows, codes): what each user already has, as a CSR and
+        as sorted ``user_row * n_items + item_row`` codes for vectorised membership tests."""
+        table = pq.read_table(self.path / store.INTERACTIONS, columns=["user_row", "item_row"])
+        users = table.column("user_row").to_numpy().astype(np.int64)
+        items = table.column("item_row").to_numpy()
+        indptr = np.zeros(self.n_users + 1, np.int64)
+        np.cumsum(np.bincount(users, minlength=self.n_users), out=indptr[1:])
+        return indptr, items, users * self.n_items + items  # sorted: the file is in CSR order
+
+    @cached_property
+    def index(self):
+        return load_index(self.path / store.INDEX)
+
+    @property
+    def user_ids(self) -> np.ndarray:
+        """(n_users,) every user id of this version, sorted (row order of `users.parquet`)."""
+        return self._users[0].ids
+
+    @property
+    def item_ids(self) -> np.ndarray:
+        """(n_items,) every item id, sorted (row order of `items.parquet` = FAISS ids)."""
+        return self._items[0].ids
+
+    @property
+    def n_users(self) -> int:
+        return len(self._users[0])
+
+    @property
+    def n_items(self) -> int:
+        return len(self._items[0])
+
+    # --- lookups -----------------------------------------------------------------------------
+
+    def user_embedding(self, user: Any) -> np.ndarray:
+        """(dim,) float32 embedding of ``user``; raises :class:`NotFoundError`."""
+        return self._users[1][self._user_rows([user])[0]]
+
+    def item_embedding(self, item: Any) -> np.ndarray:
+        """(dim,) float32 vector of ``item`` (its decoder row); raises :class:`NotFoundError`."""
+        return self._items[1][self._item_rows([item])[0]]
+
+    def recommend(self, user: Any, k: int = 10, *, exclude_seen: bool = True) -> Neighbours:
+        """The ``k`` best-scored items for ``user``, without the items they already have.
+
+        Returns exactly ``min(k, items the user does not have)`` results.
+        """
+        rows = self._user_rows([user])
+        ids, scores, counts = self._recommend_rows(rows, k, exclude_seen)
+        return Neighbours(ids[0, : counts[0]], scores[0, : counts[0]])
+
+    def recommend_batch(self, users: Sequence[Any], k: int = 10, *, exclude_seen: bool = True,
+                        skip_unknown: bool = False) -> pl.DataFrame:
+        """Recommendations for many users at once, as rows ``user_id, item_id, rank, score``.
+
+        Unknown users raise :class:`NotFoundError`, or are left out with ``skip_unknown``.
+        """
+        rows, found = self._users[0].rows(users)
+        if not found.all() and not skip_unknown:
+            raise errors.NotFoundError("user", [u for u, f in zip(users, found) if not f], self.name, self.version)
+        user_ids = self._users[0].ids[rows[found]]
+        ids, scores, counts = self._recommend_rows(rows[found], k, exclude_seen)
+        keep = np.arange(ids.shape[1])[None, :] < counts[:, None]
+        return pl.DataFrame({
+            "user_id": np.repeat(user_ids, counts),
+            "item_id": ids[keep],
+            "rank": np.broadcast_to(np.arange(1, ids.shape[1] + 1, dtype=np.int32), ids.shape)[keep],
+            "score": scores[keep],
+        })
+
+    def similar_items(self, item: Any, k: int = 10) -> Neighbours:
+        """The ``k`` items whose vectors have the largest inner product with ``item``'s
+        (the item itself left out)."""
+        row = self._item_rows([item])[0]
+        queries = item_queries(self._items[1][[row]])
+        k = min(k, self.n_items - 1)
+        scores, found = self.index.search(queries, min(k + 1, self.n_items))
+        keep = (found[0] != row) & (found[0] >= 0)
+        rows, scores = found[0][keep][:k], scores[0][keep][:k]
+        if len(rows) < k:  # an approximate index came back short: score exactly
+            rows, scores = self._exact_top(queries[0], [row], k)
+        return Neighbours(self._items[0].ids[rows], scores.astype(np.float32))
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _user_rows(self, users: Sequence[Any]) -> np.ndarray:
+        rows, found = self._users[0].rows(users)
+        if not found.all():
+            raise errors.NotFoundError("user", [u for u, f in zip(users, found) if not f], self.name, self.version)
+        return rows
+
+    def _item_rows(self, items: Sequence[Any]) -> np.ndarray:
+        rows, found = self._items[0].rows(items)
+        if not found.all():
+            raise errors.NotFoundError("item", [i for i, f in zip(items, found) if not f], self.name, self.version)
+        return rows
+
+    def _recommend_rows(self, rows: np.ndarray, k: int, exclude_seen: bool):
+        """(item ids (n, w), scores (n, w), counts (n,)) for user rows, where row r's first
+        counts[r] entries are its results. One index search serves the whole batch; an item the
+        user has is skipped by over-fetching as many extra candidates as the user has items."""
+        if k < 1:
+            raise errors.BadInputError(f"`k` must be at least 1, got {k}.")
+        indptr, seen_items, seen_codes = self._seen
+        n_seen = indptr[rows + 1] - indptr[rows] if exclude_seen else np.zeros(len(rows), np.int64)
+        want = np.minimum(k, self.n_items - n_seen)  # exactly this many per user
+        fetch = int(min(self.n_items, k + (n_seen.max() if len(rows) else 0)))
+        queries = user_queries(self._users[1][rows])
+        scores, found = self.index.search(queries, max(fetch, 1))
+        valid = found >= 0
+        if exclude_seen:
+            valid &= ~_is_seen(seen_codes, self.n_items, rows, found)
+        take = valid & (np.cumsum(valid, axis=1) <= want[:, None])
+        counts = take.sum(axis=1)
+        width = max(int(want.max()) if len(rows) else 0, 1)
+        out_rows = np.zeros((len(rows), width), np.int64)
+        out_scores = np.zeros((len(rows), width), np.float32)
+        dest = np.arange(width)[None, :] < counts[:, None]
+        out_rows[dest], out_scores[dest] = found[take], scores[take]
+        for r in np.flatnonzero(counts < want):  # an approximate index came back short
+            skip = seen_items[indptr[rows[r]]: indptr[rows[r] + 1]] if exclude_seen else []
+            n = int(want[r])
+            out_rows[r, :n], out_scores[r, :n] = self._exact_top(queries[r], skip, n)
+            counts[r] = n
+        return self._items[0].ids[out_rows], out_scores, counts
+
+    def _exact_top(self, query: np.ndarray, skip, n: int) -> tuple[np.ndarray, np.ndarray]:
+        scores = item_rows(*self._items[1:]) @ query
+        scores[skip] = -np.inf
+        order = np.argsort(-scores, kind="stable")[:n]
+        return order, scores[order]
+
+
+def _is_seen(seen_codes: np.ndarray, n_items: int, rows: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """(n, f) bool: whether item row found[i, j] is among the items of user row rows[i]."""
+    if not len(seen_codes):
+        return np.zeros(found.shape, bool)
+    codes = rows[:, None].astype(np.int64) * n_items + found
+    pos = np.searchsorted(seen_codes, codes).clip(0, len(seen_codes) - 1)
+    return seen_codes[pos] == codes
+
+
+def _ids(column) -> np.ndarray:
+    values = column.to_numpy()
+    return values if values.dtype.kind in "iu" else values.astype(str)
+
+
+def _matrix(column, dim: int) -> np.ndarray:
+    flat = column.combine_chunks().values.to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat.reshape(-1, dim), dtype=np.float32)
+
+
+class Store:
+    """A store directory: ``store[name]`` opens the live version of a feature set."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise errors.StoreError(f"store `{self.root}` does not exist. Run a job first or pass an existing `--store`.")
+
+    def names(self) -> list[str]:
+        return store.feature_sets(self.root)
+
+    def __getitem__(self, name: str) -> FeatureSet:
+        return self.open(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names()
+
+    def open(self, name: str | None = None, version: str | None = None) -> FeatureSet:
+        """A feature set pinned to ``version`` (default: the live one). ``name`` may be left
+        out when the store holds exactly one feature set."""
+        name = self.default_name() if name is None else name
+        return FeatureSet(self.root, name, version or store.live_version(self.root, name))
+
+    def default_name(self) -> str:
+        names = self.names()
+        if len(names) == 1:
+            return names[0]
+        if not names:
+            raise errors.no_feature_set(self.root, "(any)", names)
+        raise errors.ambiguous_feature_set(self.root, names)
+
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        """Every published version of ``name``, oldest first, with its key facts."""
+        live = store.live_version(self.root, name)
+        out = []
+        for version in store.list_versions(self.root, name):
+            m = store.read_manifest(self.root / name / store.VERSIONS / version)
+            out.append({
+                "version": version, "live": version == live, "created_at": m["created_at"],
+                "users": m["counts"]["users"], "items": m["counts"]["items"], "dim": m["dim"],
+                "kind": m["config"]["model"]["kind"], "index": m["index"]["factory"],
+                "final_loss": (m["training"]["epoch_losses"] or [None])[-1],
+            })
+        return out
+
+
+def open_store(root: Path | str) -> Store:
+    """Open a store directory for lookups (does not import torch)."""
+    return Store(root)

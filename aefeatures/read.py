@@ -1,0 +1,201 @@
+"""Stage 1: read interactions from Parquet with Polars, validate them, collapse duplicates.
+
+The result has canonical columns (`user_id`, `item_id`, `weight` float32, `timestamp` UTC or
+null) whatever the input calls them, one row per distinct (user, item) pair.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from aefeatures import errors
+from aefeatures.config import InputConfig
+from aefeatures.schema import ITEM, TIMESTAMP, USER, WEIGHT
+
+log = logging.getLogger(__name__)
+
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Interactions:
+    """Validated interactions: one row per distinct (user, item) pair."""
+
+    frame: pl.DataFrame  # columns user_id, item_id, weight (f32), timestamp (datetime UTC)
+    files: tuple[InputFile, ...]  # what was read: the input's fingerprint
+    n_rows_read: int  # rows in the input before filtering
+    n_rows_kept: int  # rows after `min_weight`, before collapsing duplicates
+    has_timestamps: bool
+
+
+def read_interactions(cfg: InputConfig) -> Interactions:
+    """Read, validate and deduplicate the interactions that ``cfg`` points at.
+
+    Duplicated (user, item) rows collapse to one with the largest weight and the latest
+    timestamp. Rows whose weight is below ``cfg.min_weight`` are dropped first.
+
+    Raises
+    ------
+    BadInputError
+        Any of its subclasses, naming the file, column and row at fault.
+    """
+    files, source = _resolve_files(cfg.path)
+    _check_file_schemas(files, cfg)
+    lazy = pl.scan_parquet(source, hive_partitioning=Path(source).is_dir() or None)
+    schema = lazy.collect_schema()
+    _check_columns(cfg, schema)
+    lazy = lazy.select(_canonical_columns(cfg, schema))
+    n_rows_read = _check_values(lazy, cfg, files)
+    if cfg.min_weight is not None:
+        lazy = lazy.filter(pl.col(WEIGHT) >= cfg.min_weight)
+    kept = lazy.collect()
+    if kept.height == 0:
+        why = f"none has `{cfg.weight_col}` >= {cfg.min_weight}" if cfg.min_weight is not None else "they are empty"
+        raise errors.EmptyInputError(cfg.path, len(files), n_rows_read, why)
+    frame = kept.group_by(USER, ITEM).agg(pl.col(WEIGHT).max(), pl.col(TIMESTAMP).max())
+    n_items = frame.get_column(ITEM).n_unique()
+    if n_items < 2:
+        raise errors.TooFewItemsError(cfg.path, n_items)
+    log.info("read %d rows from %d file(s); %d kept, %d distinct pairs",
+             n_rows_read, len(files), kept.height, frame.height)
+    fingerprint = tuple(InputFile(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return Interactions(frame, fingerprint, n_rows_read, kept.height, cfg.timestamp_col is not None)
+
+
+def _resolve_files(path: str) -> tuple[list[Path], str]:
+    """The Parquet files behind ``path`` and the source string to hand to Polars."""
+    if any(c in path for c in _GLOB_CHARS):
+        files = sorted(Path(p) for p in globlib.glob(path, recursive=True) if Path(p).is_file())
+        if not files:
+            raise errors.InputNotFoundError(path, "matches no files")
+        return files, path
+    p = Path(path)
+    if p.is_file():
+        return [p], str(p)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f.relative_to(p)))
+        if not files:
+            raise errors.InputNotFoundError(path, "is a directory with no data files")
+        return files, str(p)
+    raise errors.InputNotFoundError(path, "does not exist")
+
+
+def _hidden(relative: Path) -> bool:
+    # Spark/Hive leave `_SUCCESS`, `_metadata` and `.crc` files beside the data.
+    return any(part.startswith((".", "_")) for part in relative.parts)
+
+
+def _check_file_schemas(files: list[Path], cfg: InputConfig) -> None:
+    """Every file must be Parquet, and the columns the job reads must agree on type."""
+    wanted = [c for c in (cfg.user_col, cfg.item_col, cfg.weight_col, cfg.timestamp_col) if c]
+    first_seen: dict[str, tuple[str, str]] = {}
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+        except Exception as exc:  # pyarrow raises several types for a bad footer
+            raise errors.NotParquetError(str(f), str(exc).splitlines()[0][:160]) from None
+        for col in wanted:
+            if col not in schema.names:
+                continue  # a hive partition key, or missing everywhere: checked on the frame
+            typ = str(schema.field(col).type)
+            if col not in first_seen:
+                first_seen[col] = (str(f), typ)
+            elif first_seen[col][1] != typ:
+                raise errors.SchemaDriftError(col, *first_seen[col], str(f), typ)
+
+
+def _check_columns(cfg: InputConfig, schema: pl.Schema) -> None:
+    keys = {"user_col": cfg.user_col, "item_col": cfg.item_col,
+            "weight_col": cfg.weight_col, "timestamp_col": cfg.timestamp_col}
+    missing = {k: c for k, c in keys.items() if c and c not in schema}
+    if missing:
+        raise errors.MissingColumnsError(cfg.path, list(missing.values()), schema.names(), list(missing))
+    for col in (cfg.user_col, cfg.item_col):
+        dtype = schema[col]
+        if not (dtype.is_integer() or dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum)):
+            raise errors.UnsupportedTypeError(cfg.path, col, str(dtype), "ids must be integers or strings")
+    if cfg.weight_col and not schema[cfg.weight_col].is_numeric():
+        raise errors.UnsupportedTypeError(cfg.path, cfg.weight_col, str(schema[cfg.weight_col]),
+                                          "weights must be numeric")
+    if cfg.timestamp_col:
+        dtype = schema[cfg.timestamp_col]
+        if not (dtype.is_temporal() and dtype != pl.Duration and dtype != pl.Time) and not dtype.is_integer():
+            raise errors.UnsupportedTypeError(cfg.path, cfg.timestamp_col, str(dtype),
+                                              "timestamps must be datetimes, dates or integer epoch seconds")
+
+
+def _canonical_columns(cfg: InputConfig, schema: pl.Schema) -> list[pl.Expr]:
+    def ids(col: str, name: str) -> pl.Expr:
+        expr = pl.col(col)
+        return (expr.cast(pl.Int64) if schema[col].is_integer() else expr.cast(pl.String)).alias(name)
+
+    weight = pl.col(cfg.weight_col).cast(pl.Float64) if cfg.weight_col else pl.lit(1.0, pl.Float64)
+    return [ids(cfg.user_col, USER), ids(cfg.item_col, ITEM), weight.alias(WEIGHT),
+            _timestamp(cfg, schema).alias(TIMESTAMP)]
+
+
+def _timestamp(cfg: InputConfig, schema: pl.Schema) -> pl.Expr:
+    utc = pl.Datetime("us", "UTC")
+    if not cfg.timestamp_col:
+        return pl.lit(None, utc)
+    col, dtype = pl.col(cfg.timestamp_col), schema[cfg.timestamp_col]
+    if dtype.is_integer():
+        return pl.from_epoch(col, time_unit="s").dt.replace_time_zone("UTC").cast(utc)
+    if dtype == pl.Date:
+        return col.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+    if getattr(dtype, "time_zone", None):
+        return col.dt.convert_time_zone("UTC").cast(utc)
+    return col.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")  # naive: taken as UTC
+
+
+def _check_values(lazy: pl.LazyFrame, cfg: InputConfig, files: list[Path]) -> int:
+    """Null ids, null/NaN/negative weights: count in one pass, then locate the first offender."""
+    w = pl.col(WEIGHT)
+    counts = lazy.select(
+        pl.len().alias("rows"),
+        pl.col(USER).null_count().alias(cfg.user_col),
+        pl.col(ITEM).null_count().alias(cfg.item_col),
+        w.null_count().alias("weight_null"),
+        w.is_nan().sum().alias("weight_nan"),
+        (w < 0).sum().alias("weight_negative"),
+    ).collect().row(0, named=True)
+    for col, name in ((cfg.user_col, USER), (cfg.item_col, ITEM)):
+        if counts[col]:
+            file, row, _ = _first_offender(files, cfg, name, pl.col(name).is_null())
+            raise errors.NullValuesError(col, counts[col], file, row)
+    if cfg.weight_col and counts["weight_null"]:
+        file, row, _ = _first_offender(files, cfg, WEIGHT, w.is_null())
+        raise errors.NullValuesError(cfg.weight_col, counts["weight_null"], file, row)
+    for what, pred in (("NaN", w.is_nan()), ("negative", w < 0)):
+        if cfg.weight_col and counts[f"weight_{what.lower()}"]:
+            file, row, value = _first_offender(files, cfg, WEIGHT, pred)
+            raise errors.InvalidWeightsError(cfg.weight_col, what, counts[f"weight_{what.lower()}"],
+                                             file, row, value)
+    return counts["rows"]
+
+
+def _first_offender(files: list[Path], cfg: InputConfig, name: str, pred: pl.Expr) -> tuple[str, int, object]:
+    """(file, 0-based row in that file, value) of the first row matching ``pred``."""
+    source = {USER: cfg.user_col, ITEM: cfg.item_col, WEIGHT: cfg.weight_col}[name]
+    for f in files:
+        frame = pl.scan_parquet(f)
+        if source not in frame.collect_schema():
+            continue  # the column is a hive partition key here
+        hit = (frame.select(pl.col(source).cast(pl.Float64 if name == WEIGHT else pl.String).alias(name))
+               .with_row_index("row").filter(pred).head(1).collect())
+        if hit.height:
+            return str(f), int(hit["row"][0]), hit[name][0]
+    return str(files[0]), -1, None

@@ -1,0 +1,222 @@
+"""Stage 5 and 7: write a version's tables, then publish it by moving the LATEST pointer.
+
+Layout (see README "Store layout")::
+
+    STORE/<name>/LATEST                    the live version id, replaced atomically
+    STORE/<name>/versions/<version_id>/    complete, immutable versions
+    STORE/<name>/.staging/<version_id>/    a version being written (never listed)
+
+A version is written under `.staging/`, renamed into `versions/` only once complete, and goes
+live when LATEST is replaced (write aside, fsync, rename). Readers resolve LATEST once and then
+read inside that version only. This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aefeatures import errors, schema
+
+if TYPE_CHECKING:
+    from aefeatures.embed import Embeddings
+    from aefeatures.matrix import InteractionMatrix
+
+LATEST = "LATEST"
+VERSIONS = "versions"
+STAGING = ".staging"
+MANIFEST = "manifest.json"
+USERS, ITEMS, INTERACTIONS = "users.parquet", "items.parquet", "interactions.parquet"
+INDEX = "items.faiss"
+MODEL_DIR = "model"
+VERSION_FORMAT = "%Y%m%dT%H%M%S.%fZ"
+
+
+# --- reading the layout ---------------------------------------------------------------------
+
+
+def feature_sets(store: Path) -> list[str]:
+    """Names of the feature sets in ``store`` that have a live version."""
+    if not store.is_dir():
+        return []
+    return sorted(p.name for p in store.iterdir() if (p / LATEST).is_file())
+
+
+def live_version(store: Path, name: str) -> str:
+    """The version id LATEST points at."""
+    pointer = store / name / LATEST
+    try:
+        return pointer.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise errors.no_feature_set(store, name, feature_sets(store)) from None
+
+
+def version_dir(store: Path, name: str, version: str) -> Path:
+    path = store / name / VERSIONS / version
+    if not (path / MANIFEST).is_file():
+        raise errors.no_such_version(store, name, version)
+    return path
+
+
+def list_versions(store: Path, name: str) -> list[str]:
+    """Published version ids of ``name``, oldest first."""
+    folder = store / name / VERSIONS
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if (p / MANIFEST).is_file())
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+
+
+# --- writing a version ----------------------------------------------------------------------
+
+
+def new_version_id(store: Path, name: str, now: datetime) -> str:
+    """A version id that sorts by time and is later than every existing one."""
+    moment = now.astimezone(timezone.utc)
+    existing = list_versions(store, name)
+    if existing:
+        last = datetime.strptime(existing[-1], VERSION_FORMAT).replace(tzinfo=timezone.utc)
+        moment = max(moment, last + timedelta(microseconds=1))
+    return moment.strftime(VERSION_FORMAT)
+
+
+def start_version(store: Path, name: str, version: str) -> Path:
+    """Create and return the staging folder for ``version``."""
+    staging = store / name / STAGING / version
+    try:
+        staging.mkdir(parents=True)
+    except OSError as exc:
+        raise errors.StoreError(
+            f"cannot create `{staging}` ({exc.strerror}). Make the store directory writable "
+            "or point `job.store` elsewhere."
+        ) from None
+    return staging
+
+
+def write_tables(folder: Path, matrix: InteractionMatrix, emb: Embeddings, *,
+                 name: str, version: str, created: datetime) -> dict[str, int]:
+    """Write users, items and interactions Parquet files; return their row counts."""
+    meta = schema.table_metadata(name, version, emb.dim)
+    created_us = np.datetime64(created.astimezone(timezone.utc).replace(tzinfo=None), "us")
+    user_ids, item_ids = _ids(matrix.user_ids), _ids(matrix.item_ids)
+    user_type, item_type = user_ids.type, item_ids.type
+
+    users = pa.Table.from_arrays([
+        user_ids,
+        _fixed_list(emb.user_vectors),
+        pa.array(matrix.row_lengths().astype(np.int32)),
+        pa.array(emb.reconstruction_error),
+        _timestamps(matrix.user_last_seen, created_us),
+        _timestamps(np.full(matrix.shape[0], created_us), created_us),
+    ], schema=schema.users_schema(user_type, emb.dim).with_metadata(meta))
+    items = pa.Table.from_arrays([
+        item_ids,
+        _fixed_list(emb.item_vectors),
+        pa.array(emb.item_bias),
+        pa.array(matrix.item_popularity()),
+        _timestamps(matrix.item_last_seen, created_us),
+        _timestamps(np.full(matrix.shape[1], created_us), created_us),
+    ], schema=schema.items_schema(item_type, emb.dim).with_metadata(meta))
+    user_rows = np.repeat(np.arange(matrix.shape[0], dtype=np.int32), matrix.row_lengths())
+    pairs = pa.Table.from_arrays([
+        user_ids.take(pa.array(user_rows)),
+        item_ids.take(pa.array(matrix.indices)),
+        pa.array(user_rows),
+        pa.array(matrix.indices),
+        pa.array(matrix.values),
+    ], schema=schema.interactions_schema(user_type, item_type).with_metadata(meta))
+    for table, file in ((users, USERS), (items, ITEMS), (pairs, INTERACTIONS)):
+        pq.write_table(table, folder / file, compression="zstd")
+    return {"users": users.num_rows, "items": items.num_rows, "interactions": pairs.num_rows}
+
+
+def _ids(series) -> pa.Array:
+    """Ids as int64 or plain utf8 (Polars hands out string views, which some readers lack)."""
+    arr = series.to_arrow()
+    return arr.cast(pa.string()) if pa.types.is_string_view(arr.type) or pa.types.is_large_string(arr.type) else arr
+
+
+def _fixed_list(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+
+
+def _timestamps(values: np.ndarray, fallback: np.datetime64) -> pa.Array:
+    filled = np.where(np.isnat(values), fallback, values).astype("datetime64[us]")
+    return pa.array(filled, type=pa.timestamp("us")).cast(schema.TIMESTAMP_TYPE)
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+# --- publishing -----------------------------------------------------------------------------
+
+
+def publish(store: Path, name: str, staging: Path) -> Path:
+    """Move a complete staged version into `versions/` and point LATEST at it.
+
+    If LATEST cannot be replaced the version is taken back out of `versions/`, so a failed
+    publish leaves the store exactly as it was.
+    """
+    final = store / name / VERSIONS / staging.name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _fsync_tree(staging)
+    os.rename(staging, final)
+    try:
+        atomic_write(store / name / LATEST, staging.name + "\n")
+    except BaseException:
+        shutil.rmtree(final, ignore_errors=True)
+        raise
+    _fsync_dir(final.parent)
+    return final
+
+
+def discard(staging: Path) -> None:
+    """Remove a staged version that will not be published."""
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # some platforms cannot open directories; the rename is still atomic
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
