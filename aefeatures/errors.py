@@ -211,7 +211,7 @@ class NotFoundError(AEFeaturesError, KeyError):
 
     def __init__(self, kind: str, ids: Sequence[object], name: str, version: str):
         self.kind, self.ids, self.name, self.version = kind, list(ids), name, version
-        label = f"{kind} {self.ids[0]!r}" if len(self.ids) == 1 else f"{kind}s {_show(self.ids)}"
+        label = f"{kind} `{self.ids[0]}`" if len(self.ids) == 1 else f"{kind}s {_show([str(i) for i in self.ids])}"
         super().__init__(
             f"{label} not found in feature set `{name}` (version {version}). "
             f"Only {kind}s present in the input of that version have embeddings."

@@ -1,0 +1,69 @@
+"""Shared fixtures: paths to the committed data, a job-file writer, and one trained store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "fixtures"
+
+# Small but real: enough epochs for the planted structure to show, fast on 2 cores.
+FAST_MODEL = {"kind": "dae", "dim": 32, "hidden": [128], "epochs": 30, "batch_size": 256, "seed": 0}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_job(folder: Path, *, name: str = "movies", store: Path | None = None,
+              input: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
+              index: dict[str, Any] | None = None, filename: str = "job.toml") -> Path:
+    """Write a job file into ``folder`` (defaults: the committed fixture, a fast model)."""
+    sections = {
+        "job": {"name": name, "store": str(store or folder / "store")},
+        "input": input or {"path": str(FIXTURES / "interactions.parquet"), "weight_col": "rating",
+                           "timestamp_col": "timestamp", "min_weight": 4.0},
+        "model": {**FAST_MODEL, **(model or {})},
+        "index": index or {"kind": "flat"},
+    }
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    path = folder / filename
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fixtures_path() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def planted() -> tuple[dict[int, int], dict[int, int]]:
+    """(user → community, item → cluster) planted in the committed fixture."""
+    users = dict(pl.read_parquet(FIXTURES / "truth_users.parquet").iter_rows())
+    items = dict(pl.read_parquet(FIXTURES / "truth_items.parquet").iter_rows())
+    return users, items
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One real run of the pipeline on the committed fixture: (store dir, RunResult)."""
+    from aefeatures.config import load_job_config
+    from aefeatures.jobs import run_job
+
+    folder = tmp_path_factory.mktemp("trained")
+    result = run_job(load_job_config(write_job(folder)), progress=False)
+    return folder / "store", result

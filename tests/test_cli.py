@@ -1,0 +1,128 @@
+"""The command line: run, recommend, similar, versions — output, --json, files, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from aefeatures.cli import cli
+from tests.conftest import write_job
+
+
+@pytest.fixture()
+def runner():
+    return CliRunner()
+
+
+def _seen(root, user) -> set:
+    fs_path = next((root / "movies" / "versions").iterdir())
+    pairs = pl.read_parquet(fs_path / "interactions.parquet")
+    return set(pairs.filter(pl.col("user_id") == user).get_column("item_id").to_list())
+
+
+def test_run_publishes_and_prints_a_summary_with_a_sample_lookup(tmp_path, runner):
+    result = runner.invoke(cli, ["run", str(write_job(tmp_path, model={"epochs": 2}))])
+    assert result.exit_code == 0, result.output
+    assert "published movies version" in result.output
+    assert "items for user 1:" in result.output and "items like item 1:" in result.output
+    assert (tmp_path / "store" / "movies" / "LATEST").is_file()
+
+    again = runner.invoke(cli, ["run", "--json", str(write_job(tmp_path, model={"epochs": 2}))])
+    summary = json.loads(again.stdout)
+    assert summary["counts"]["users"] == 2000 and len(summary["sample"]["recommend"]) == 5
+
+
+def test_recommend_json_prints_k_unseen_items(trained, runner):
+    root, _ = trained
+    result = runner.invoke(cli, ["recommend", "--store", str(root), "--name", "movies", "--user", "42",
+                                 "-k", "10", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    items = [row["item_id"] for row in out["items"]]
+    assert out["user"] == 42 and len(items) == 10 and len(set(items)) == 10
+    assert not set(items) & _seen(root, 42)
+    assert [row["rank"] for row in out["items"]] == list(range(1, 11))
+
+
+def test_recommend_human_output_is_a_table(trained, runner):
+    root, _ = trained
+    result = runner.invoke(cli, ["recommend", "--store", str(root), "--user", "42", "-k", "3"])
+    lines = result.stdout.splitlines()
+    assert result.exit_code == 0
+    assert lines[0].startswith("items for user 42 (movies version")
+    assert lines[1].split() == ["rank", "item_id", "score"] and len(lines) == 5
+
+
+def test_recommend_users_file_writes_a_parquet_of_ranked_rows(trained, runner, tmp_path):
+    root, _ = trained
+    users = tmp_path / "users.parquet"
+    pl.DataFrame({"user_id": [1, 2, 3, 999_999]}).write_parquet(users)
+    out = tmp_path / "recs.parquet"
+    result = runner.invoke(cli, ["recommend", "--store", str(root), "--users-file", str(users), "-k", "4",
+                                 "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "1 of 4 user(s) not found" in result.stderr
+    recs = pl.read_parquet(out)
+    assert recs.columns == ["user_id", "item_id", "rank", "score"]
+    assert recs.height == 12 and sorted(set(recs["user_id"].to_list())) == [1, 2, 3]
+    for user in (1, 2, 3):
+        assert not set(recs.filter(pl.col("user_id") == user)["item_id"].to_list()) & _seen(root, user)
+
+
+def test_recommend_users_text_file(trained, runner, tmp_path):
+    root, _ = trained
+    users = tmp_path / "users.txt"
+    users.write_text("1\n42\n\n")
+    result = runner.invoke(cli, ["recommend", "--store", str(root), "--users-file", str(users), "-k", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [r["user_id"] for r in json.loads(result.stdout)] == [1, 1, 42, 42]
+
+
+def test_similar_json(trained, runner):
+    root, _ = trained
+    result = runner.invoke(cli, ["similar", "--store", str(root), "--item", "7", "-k", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["item"] == 7 and len(out["items"]) == 5 and 7 not in [r["item_id"] for r in out["items"]]
+
+
+def test_versions_lists_the_live_version(trained, runner):
+    root, result_ = trained
+    result = runner.invoke(cli, ["versions", "--store", str(root), "--json"])
+    out = json.loads(result.stdout)
+    assert out["feature_set"] == "movies"
+    assert [v["version"] for v in out["versions"] if v["live"]] == [result_.version]
+    human = runner.invoke(cli, ["versions", "--store", str(root)])
+    assert result_.version in human.stdout and "*" in human.stdout
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["recommend", "--user", "999999"], 5, "error: user `999999` not found in feature set `movies`"),
+    (["recommend", "--user", "abc"], 5, "error: user `abc` not found"),
+    (["similar", "--item", "123456"], 5, "error: item `123456` not found"),
+    (["recommend", "--name", "books", "--user", "1"], 2, "error: store `"),
+    (["recommend", "--user", "1", "-k", "0"], 2, "Invalid value for '-k'"),
+    (["recommend"], 2, "pass exactly one of --user or --users-file"),
+])
+def test_lookup_errors_are_one_line_with_their_exit_code(trained, runner, args, code, message):
+    root, _ = trained
+    result = runner.invoke(cli, [args[0], "--store", str(root), *args[1:]])
+    assert result.exit_code == code
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_missing_store_is_a_bad_input(runner, tmp_path):
+    result = runner.invoke(cli, ["versions", "--store", str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith("error: store `") and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["run", "recommend", "similar", "versions"])
+def test_every_command_has_help_with_exit_codes(runner, command):
+    result = runner.invoke(cli, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Exit codes" in result.output and "Usage: " in result.output

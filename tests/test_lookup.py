@@ -1,0 +1,123 @@
+"""Lookup semantics: exclusion, exactly k, batch = single, unknown ids, approximate indexes."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+import aefeatures
+from aefeatures.config import load_job_config
+from aefeatures.errors import NotFoundError, StoreError
+from aefeatures.jobs import run_job
+from tests.conftest import write_job
+
+
+@pytest.fixture(scope="module")
+def fs(trained):
+    root, _ = trained
+    return aefeatures.open_store(root)["movies"]
+
+
+def _seen(fs, user) -> set:
+    pairs = pl.read_parquet(fs.path / "interactions.parquet")
+    return set(pairs.filter(pl.col("user_id") == user).get_column("item_id").to_list())
+
+
+def test_recommend_returns_k_unseen_items_best_first(fs):
+    for user in (1, 42, 1999):
+        recs = fs.recommend(user, k=10)
+        assert len(recs.ids) == 10 and len(set(recs.ids.tolist())) == 10
+        assert not set(recs.ids.tolist()) & _seen(fs, user)
+        assert np.all(np.diff(recs.scores) <= 1e-6)
+
+
+def test_scores_are_the_models_inner_product_plus_bias(fs):
+    recs = fs.recommend(42, k=5)
+    items = pl.read_parquet(fs.path / "items.parquet")
+    row = {i: r for r, i in enumerate(items.get_column("item_id").to_list())}
+    vectors = np.stack(items.get_column("embedding").to_numpy())
+    bias = items.get_column("bias").to_numpy()
+    u = fs.user_embedding(42)
+    expected = [vectors[row[i]] @ u + bias[row[i]] for i in recs.ids]
+    np.testing.assert_allclose(recs.scores, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_k_larger_than_the_catalogue_returns_every_unseen_item(fs):
+    recs = fs.recommend(42, k=10_000)
+    assert len(recs.ids) == fs.n_items - len(_seen(fs, 42))
+    assert set(recs.ids.tolist()) == set(fs.item_ids.tolist()) - _seen(fs, 42)
+    assert len(fs.similar_items(7, k=10_000).ids) == fs.n_items - 1
+
+
+def test_include_seen_may_return_the_users_items(fs):
+    with_seen = fs.recommend(42, k=fs.n_items, exclude_seen=False)
+    assert len(with_seen.ids) == fs.n_items
+    assert _seen(fs, 42) <= set(with_seen.ids.tolist())
+
+
+def test_batch_equals_one_by_one(fs):
+    users = [1, 42, 7, 1999, 500]
+    batch = fs.recommend_batch(users, k=7)
+    assert batch.columns == ["user_id", "item_id", "rank", "score"]
+    for user in users:
+        rows = batch.filter(pl.col("user_id") == user).sort("rank")
+        single = fs.recommend(user, k=7)
+        assert rows.get_column("item_id").to_list() == single.ids.tolist()
+        assert rows.get_column("rank").to_list() == list(range(1, 8))
+        np.testing.assert_allclose(rows.get_column("score").to_numpy(), single.scores, rtol=1e-5)
+
+
+def test_similar_items_leave_the_item_out(fs):
+    found = fs.similar_items(7, k=10)
+    assert 7 not in found.ids.tolist() and len(found.ids) == 10
+
+
+def test_ids_given_as_strings_resolve_for_integer_stores(fs):
+    np.testing.assert_array_equal(fs.recommend("42", k=3).ids, fs.recommend(42, k=3).ids)
+    np.testing.assert_array_equal(fs.user_embedding("42"), fs.user_embedding(42))
+
+
+@pytest.mark.parametrize("call", [
+    lambda fs: fs.recommend(999_999),
+    lambda fs: fs.recommend("not-a-number"),
+    lambda fs: fs.user_embedding(3.5),
+    lambda fs: fs.similar_items(-1),
+    lambda fs: fs.item_embedding("x"),
+    lambda fs: fs.recommend_batch([1, 999_999]),
+])
+def test_unknown_ids_raise_not_found(fs, call):
+    with pytest.raises(NotFoundError, match="not found in feature set `movies`"):
+        call(fs)
+
+
+def test_batch_can_skip_unknown_users(fs):
+    recs = fs.recommend_batch([1, 999_999, 2], k=3, skip_unknown=True)
+    assert sorted(set(recs.get_column("user_id").to_list())) == [1, 2]
+
+
+def test_k_below_one_is_rejected(fs):
+    with pytest.raises(ValueError, match="`k` must be at least 1"):
+        fs.recommend(42, k=0)
+
+
+def test_store_errors_name_what_exists(tmp_path, trained):
+    root, _ = trained
+    with pytest.raises(StoreError, match="does not exist"):
+        aefeatures.open_store(tmp_path / "nowhere")
+    with pytest.raises(StoreError, match=r"has no feature set `books`; it holds \['movies'\]"):
+        aefeatures.open_store(root)["books"]
+    with pytest.raises(StoreError, match="has no version `v0`"):
+        aefeatures.open_store(root).open("movies", "v0")
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "IVF4,PQ11"])
+def test_approximate_indexes_still_return_exactly_k_unseen(tmp_path, kind):
+    run_job(load_job_config(write_job(tmp_path, model={"epochs": 3}, index={"kind": kind})), progress=False)
+    fs = aefeatures.open_store(tmp_path / "store")["movies"]
+    assert fs.manifest["index"]["factory"] != "Flat"
+    assert 0 < fs.manifest["index"]["recall_at_10"] <= 1
+    batch = fs.recommend_batch(list(range(1, 201)), k=20)
+    assert batch.group_by("user_id").len().get_column("len").to_list() == [20] * 200
+    for user in (1, 42):
+        assert not set(fs.recommend(user, k=50).ids.tolist()) & _seen(fs, user)
