@@ -13,6 +13,9 @@ from aefeatures.model import Autoencoder, multinomial_nll
 from aefeatures.train import to_batch
 
 
+LOGITS_PER_BATCH = 64 * 2**20  # float32 scores held at once while embedding
+
+
 @dataclass(frozen=True)
 class Embeddings:
     user_vectors: np.ndarray  # (n_users, dim) float32: the bottleneck (the mean for a vae)
@@ -26,12 +29,14 @@ class Embeddings:
 
 
 @torch.no_grad()
-def embed(model: Autoencoder, matrix: InteractionMatrix, *, batch_size: int = 2048) -> Embeddings:
+def embed(model: Autoencoder, matrix: InteractionMatrix, *, batch_size: int | None = None) -> Embeddings:
     """Embed every user of ``matrix`` with ``model`` (which stays in eval mode).
 
     The model's score of item j for user u equals
-    ``user_vectors[u] @ item_vectors[j] + item_bias[j]``.
+    ``user_vectors[u] @ item_vectors[j] + item_bias[j]``. ``batch_size`` defaults to what keeps
+    one batch's dense item scores near 256 MB, so memory does not grow with the catalogue.
     """
+    batch_size = batch_size or max(1, min(4096, LOGITS_PER_BATCH // matrix.shape[1]))
     model.eval()
     device = next(model.parameters()).device
     n_users = matrix.shape[0]

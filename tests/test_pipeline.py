@@ -192,3 +192,32 @@ def test_lookups_do_not_import_torch(trained):
             "from aefeatures import cli; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code, str(root)], check=True)
+
+
+def test_vae_trains_and_its_recommendations_follow_the_planted_clusters(tmp_path, planted):
+    user_community, item_cluster = planted
+    job = write_job(tmp_path, model={"kind": "vae", "epochs": 30, "anneal_steps": 50})
+    result = run_job(load_job_config(job), progress=False)
+    assert result.manifest["config"]["model"]["kind"] == "vae"
+    fs = aefeatures.open_store(tmp_path / "store")["movies"]
+    recs = fs.recommend_batch(sorted(user_community)[:300], k=10)
+    in_cluster = np.mean([item_cluster[i] == user_community[u] for u, i in recs.select("user_id", "item_id").iter_rows()])
+    assert in_cluster > 0.6
+
+
+def test_without_timestamps_event_time_is_the_runs_time(tmp_path):
+    job = write_job(tmp_path, input={"path": str(FIXTURES / "interactions.parquet")}, model={"epochs": 1})
+    result = run_job(load_job_config(job), progress=False)
+    users = pq.read_table(result.path / "users.parquet")
+    assert users.column("event_timestamp").equals(users.column("created_timestamp"))
+    assert users.column("created_timestamp")[0].as_py().isoformat() == result.manifest["created_at"]
+
+
+def test_asking_for_cuda_without_one_is_a_config_error(monkeypatch):
+    from aefeatures.errors import BadInputError
+    from aefeatures.train import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BadInputError, match="no CUDA device is available"):
+        select_device("cuda")
+    assert select_device("auto").type == "cpu"
