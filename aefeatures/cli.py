@@ -1,6 +1,7 @@
 """The `aefeatures` command line: thin commands that compose the stages.
 
-Exit codes: 0 done, 1 unexpected failure, 2 bad input or config, 5 id not found.
+Exit codes: 0 done, 1 unexpected failure, 2 bad input or config, 3 quality gate refused
+publishing, 5 id not found.
 Lookup commands never import torch, so they start fast.
 """
 
@@ -18,7 +19,8 @@ import click
 from aefeatures.errors import EXIT_BAD_INPUT, AEFeaturesError, BadInputError
 
 EXIT_CODES_HELP = (
-    "Exit codes: 0 done, 1 unexpected failure, 2 bad input or config, 5 user or item not found."
+    "Exit codes: 0 done, 1 unexpected failure, 2 bad input or config, "
+    "3 quality gate refused publishing, 5 user or item not found."
 )
 
 
@@ -123,11 +125,23 @@ def run(job_file: Path, as_json: bool) -> None:
                f"{m['input']['rows_kept']:,} kept, {m['input']['pairs']:,} distinct (user, item) pairs")
     final = f", final loss {train['epoch_losses'][-1]:.3f}" if train["epoch_losses"] else ""
     click.echo(f"  training  {train['epochs']} epochs on {train['device']} in {train['seconds']:.1f}s{final}")
+    click.echo(f"  training  best epoch {train['best_epoch']}"
+               + (" (stopped early)" if train["stopped_early"] else ""))
+    if m["evaluation"]:
+        _echo_metrics(m["evaluation"], indent="  ")
     click.echo(f"  index     {m['index']['factory']}, recall@10 vs exact {m['index']['recall_at_10']:.3f}")
     click.echo(f"  stored in {result.path}")
     sample = summary["sample"]
     click.echo(f"  items for user {sample['user']!r}: {', '.join(map(str, sample['recommend']))}")
     click.echo(f"  items like item {sample['item']!r}: {', '.join(map(str, sample['similar']))}")
+
+
+def _echo_metrics(evaluation: dict[str, Any], indent: str = "") -> None:
+    click.echo(f"{indent}validation on {evaluation['valid_users']:,} held-out users "
+               f"({evaluation['holdout']:.0%} of their items hidden):")
+    names = ["recall@20", "ndcg@10", "ndcg@100", "coverage@20"]
+    _print_table(["", *names], [[f"{indent}{label}", *(evaluation[key][n] for n in names)]
+                                for label, key in (("model", "model"), ("popularity", "popularity"))])
 
 
 def _run_summary(result) -> dict[str, Any]:
@@ -139,6 +153,7 @@ def _run_summary(result) -> dict[str, Any]:
         "name": result.name, "version": result.version, "path": str(result.path),
         "counts": result.manifest["counts"], "dim": result.manifest["dim"],
         "training": result.manifest["training"], "index": result.manifest["index"],
+        "evaluation": result.manifest["evaluation"], "gate": result.manifest["gate"],
         "timings": result.timings,
         "sample": {"user": user, "recommend": [_plain(i) for i in fs.recommend(user, 5).ids],
                    "item": item, "similar": [_plain(i) for i in fs.similar_items(item, 5).ids]},
@@ -240,7 +255,8 @@ def similar(store_dir: Path, name: str | None, item: str, k: int, as_json: bool)
 @name_option
 @json_option
 def versions(store_dir: Path, name: str | None, as_json: bool) -> None:
-    """Published versions of a feature set, oldest first; `*` marks the live one."""
+    """Versions of a feature set, oldest first: live, published (superseded) or refused by the
+    quality gate, with validation NDCG@100."""
     from aefeatures.lookup import open_store
 
     store = open_store(store_dir)
@@ -249,9 +265,42 @@ def versions(store_dir: Path, name: str | None, as_json: bool) -> None:
     if as_json:
         _print_json({"feature_set": name, "versions": rows})
         return
-    _print_table(["", "version", "created_at", "users", "items", "dim", "kind", "index", "final_loss"],
-                 [["*" if r["live"] else "", r["version"], r["created_at"][:19], r["users"], r["items"],
-                   r["dim"], r["kind"], r["index"], r["final_loss"]] for r in rows])
+    _print_table(["version", "status", "created_at", "users", "items", "dim", "kind", "index", "ndcg@100",
+                  "popularity"],
+                 [[r["version"], r["status"], r["created_at"][:19], r["users"], r["items"], r["dim"], r["kind"],
+                   r["index"], _or_dash(r["ndcg@100"]), _or_dash(r["popularity_ndcg@100"])] for r in rows])
+
+
+def _or_dash(value: float | None) -> Any:
+    return "-" if value is None else value
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@store_option
+@name_option
+@click.option("--version", "version", default=None, help="A version id (default: the live one).")
+@json_option
+def evaluate(store_dir: Path, name: str | None, version: str | None, as_json: bool) -> None:
+    """Validation metrics of a version (held-out users), against popularity, with its
+    training curve and the quality gate's verdict."""
+    from aefeatures.lookup import open_store
+
+    store = open_store(store_dir)
+    name = name or store.default_name()
+    m = store.manifest(name, version)
+    out = {"feature_set": name, "version": m["version"], "evaluation": m.get("evaluation"),
+           "gate": m.get("gate"), "best_epoch": m["training"].get("best_epoch"),
+           "history": m["training"].get("history", [])}
+    if as_json:
+        _print_json(out)
+        return
+    click.echo(f"{name} version {m['version']}: best epoch {out['best_epoch']} of {len(out['history'])}")
+    if not out["evaluation"]:
+        click.echo("evaluation was off for this version (evaluation.valid_share = 0)")
+        return
+    _echo_metrics(out["evaluation"])
+    gate = out["gate"] or {}
+    click.echo("quality gate: " + ("passed" if gate.get("passed", True) else "refused: " + "; ".join(gate["reasons"])))
 
 
 if __name__ == "__main__":  # pragma: no cover

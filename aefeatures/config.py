@@ -57,8 +57,22 @@ class ModelConfig:
     dropout: float = 0.5  # input dropout, the "denoising" corruption
     beta_cap: float = 0.2  # vae: KL weight is annealed linearly up to this cap
     anneal_steps: int = 20000  # vae: optimizer steps to reach beta_cap
+    patience: int = 10  # stop after this many epochs without a better validation NDCG@100; 0 = never
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when available) | "cpu" | "cuda" | "cuda:N"
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    valid_share: float = 0.1  # share of users held out of training for validation; 0 = no evaluation
+    max_valid_users: int = 10000  # cap on validation users (they cost a full ranking per epoch)
+    holdout: float = 0.2  # share of each validation user's items hidden and ranked
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    min_ratio: float = 0.9  # refuse below this × the live version's validation NDCG@100; 0 = off
+    beat_popularity: bool = True  # refuse when validation NDCG@100 is not above popularity's
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,8 @@ class JobConfig:
     input: InputConfig
     model: ModelConfig = field(default_factory=ModelConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     source: Optional[Path] = None  # the job file this came from
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,7 +148,7 @@ def config_from_dict(raw: dict[str, Any], path: Path) -> JobConfig:
         parts[name] = _build(path, name, cls, table)
     job = dataclasses.replace(parts["job"], store=_resolve(base, parts["job"].store))
     input_cfg = dataclasses.replace(parts["input"], path=_resolve_input(base, parts["input"].path))
-    cfg = JobConfig(job=job, input=input_cfg, model=parts["model"], index=parts["index"], source=path)
+    cfg = JobConfig(**{**parts, "job": job, "input": input_cfg}, source=path)
     _check_values(path, cfg)
     return cfg
 
@@ -209,6 +225,13 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
         ("model.dropout", m.dropout, 0 <= m.dropout < 1, "it must be in [0, 1)"),
         ("model.beta_cap", m.beta_cap, m.beta_cap >= 0, "it must be 0 or more"),
         ("model.anneal_steps", m.anneal_steps, m.anneal_steps >= 1, "it must be at least 1"),
+        ("model.patience", m.patience, m.patience >= 0, "it must be 0 or more"),
+        ("evaluation.valid_share", cfg.evaluation.valid_share, 0 <= cfg.evaluation.valid_share < 1,
+         "it must be in [0, 1)"),
+        ("evaluation.max_valid_users", cfg.evaluation.max_valid_users, cfg.evaluation.max_valid_users >= 1,
+         "it must be at least 1"),
+        ("evaluation.holdout", cfg.evaluation.holdout, 0 < cfg.evaluation.holdout < 1, "it must be in (0, 1)"),
+        ("gate.min_ratio", cfg.gate.min_ratio, cfg.gate.min_ratio >= 0, "it must be 0 or more"),
         ("model.device", m.device, re.fullmatch(r"auto|cpu|cuda(:\d+)?", m.device),
          "use auto, cpu, cuda or cuda:N"),
         ("index.kind", cfg.index.kind, cfg.index.kind.strip() != "",

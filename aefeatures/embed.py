@@ -1,5 +1,9 @@
 """Stage 4: user embeddings (the bottleneck), item vectors (the decoder) and each user's
-reconstruction error, computed batch by batch without gradients."""
+reconstruction error, computed batch by batch without gradients.
+
+:func:`encode` embeds any interaction vectors — users of the training data or users the model
+never saw — which is how held-out users are evaluated and new users embedded without retraining.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from aefeatures.matrix import InteractionMatrix
+from aefeatures.matrix import CSR, InteractionMatrix
 from aefeatures.model import Autoencoder, multinomial_nll
 from aefeatures.train import to_batch
-
 
 LOGITS_PER_BATCH = 64 * 2**20  # float32 scores held at once while embedding
 
@@ -28,28 +31,40 @@ class Embeddings:
         return self.user_vectors.shape[1]
 
 
-@torch.no_grad()
-def embed(model: Autoencoder, matrix: InteractionMatrix, *, batch_size: int | None = None) -> Embeddings:
-    """Embed every user of ``matrix`` with ``model`` (which stays in eval mode).
+def batch_size_for(n_items: int) -> int:
+    """Users per batch that keep one batch's dense item scores near 256 MB."""
+    return max(1, min(4096, LOGITS_PER_BATCH // n_items))
 
-    The model's score of item j for user u equals
-    ``user_vectors[u] @ item_vectors[j] + item_bias[j]``. ``batch_size`` defaults to what keeps
-    one batch's dense item scores near 256 MB, so memory does not grow with the catalogue.
+
+@torch.no_grad()
+def encode(model: Autoencoder, vectors: CSR) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings (n, dim), reconstruction errors (n,)) of the rows of ``vectors``.
+
+    The model is put in eval mode: no dropout, and a vae's mean instead of a sample.
     """
-    batch_size = batch_size or max(1, min(4096, LOGITS_PER_BATCH // matrix.shape[1]))
     model.eval()
     device = next(model.parameters()).device
-    n_users = matrix.shape[0]
-    users = np.empty((n_users, model.shape.dim), dtype=np.float32)
-    errors = np.empty(n_users, dtype=np.float32)
-    for start in range(0, n_users, batch_size):
-        rows = np.arange(start, min(start + batch_size, n_users))
-        batch = to_batch(matrix, rows, device)
+    n, batch_size = vectors.n_rows, batch_size_for(model.shape.n_items)
+    out = np.empty((n, model.shape.dim), dtype=np.float32)
+    errors = np.empty(n, dtype=np.float32)
+    for start in range(0, n, batch_size):
+        rows = np.arange(start, min(start + batch_size, n))
+        batch = to_batch(vectors, rows, device)
         mean, _ = model.encode(batch)
         nll = multinomial_nll(model.decoder(mean), batch)
         weight = torch.zeros(batch.size, device=device).index_add_(0, batch.rows, batch.values)
-        users[rows] = mean.float().cpu().numpy()
+        out[rows] = mean.float().cpu().numpy()
         errors[rows] = (nll / weight.clamp_min(1e-12)).float().cpu().numpy()
+    return out, errors
+
+
+def embed(model: Autoencoder, matrix: InteractionMatrix) -> Embeddings:
+    """Embed every user of ``matrix`` with ``model``.
+
+    The model's score of item j for user u equals
+    ``user_vectors[u] @ item_vectors[j] + item_bias[j]``.
+    """
+    users, errors = encode(model, matrix.csr)
     return Embeddings(
         user_vectors=users,
         reconstruction_error=errors,

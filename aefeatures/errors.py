@@ -1,7 +1,8 @@
 """Every failure a user can meet, with the message it shows.
 
 All errors derive from :class:`AEFeaturesError` and carry the CLI exit code that reports them
-(0 done, 1 unexpected failure, 2 bad input or config, 5 id not found). Each class also derives
+(0 done, 1 unexpected failure, 2 bad input or config, 3 quality gate refused publishing,
+5 id not found). Each class also derives
 from the matching built-in so callers can catch ``KeyError`` / ``ValueError`` as usual. Messages
 are built here, from typed fields, and nowhere else: one or two sentences saying what is wrong,
 where, and what to do.
@@ -15,6 +16,7 @@ from typing import Sequence
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
+EXIT_GATE_REFUSED = 3
 EXIT_NOT_FOUND = 5
 
 
@@ -215,4 +217,19 @@ class NotFoundError(AEFeaturesError, KeyError):
         super().__init__(
             f"{label} not found in feature set `{name}` (version {version}). "
             f"Only {kind}s present in the input of that version have embeddings."
+        )
+
+
+class GateRefusedError(AEFeaturesError):
+    """The quality gate refused to publish a version (exit code 3); LATEST did not move."""
+
+    exit_code = EXIT_GATE_REFUSED
+
+    def __init__(self, name: str, version: str, reasons: Sequence[str], kept: Path, live: str | None):
+        self.name, self.version, self.reasons, self.kept, self.live = name, version, list(reasons), kept, live
+        stays = f"LATEST stays on {live}" if live else "nothing is live"
+        super().__init__(
+            f"quality gate refused version {version} of `{name}`: {'; '.join(reasons)}. "
+            f"The version is kept in `{kept}` for inspection and {stays}. "
+            "Check the input and model settings, or relax `[gate]` in the job file."
         )

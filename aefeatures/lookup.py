@@ -15,6 +15,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from aefeatures import errors, store
+from aefeatures.evaluate import KEY_METRIC
 from aefeatures.index import item_queries, item_rows, load_index, user_queries
 
 
@@ -267,18 +268,34 @@ class Store:
         raise errors.ambiguous_feature_set(self.root, names)
 
     def versions(self, name: str) -> list[dict[str, Any]]:
-        """Every published version of ``name``, oldest first, with its key facts."""
+        """Every published or refused version of ``name``, oldest first, with its key facts.
+
+        ``status`` is "live", "published" (superseded) or "refused" (by the quality gate).
+        """
         live = store.live_version(self.root, name)
+        found = [(v, store.VERSIONS) for v in store.list_versions(self.root, name)]
+        found += [(v, store.REFUSED) for v in store.list_refused(self.root, name)]
         out = []
-        for version in store.list_versions(self.root, name):
-            m = store.read_manifest(self.root / name / store.VERSIONS / version)
+        for version, folder in sorted(found):
+            m = store.read_manifest(self.root / name / folder / version)
+            status = "refused" if folder == store.REFUSED else "live" if version == live else "published"
             out.append({
-                "version": version, "live": version == live, "created_at": m["created_at"],
-                "users": m["counts"]["users"], "items": m["counts"]["items"], "dim": m["dim"],
-                "kind": m["config"]["model"]["kind"], "index": m["index"]["factory"],
-                "final_loss": (m["training"]["epoch_losses"] or [None])[-1],
+                "version": version, "status": status, "live": version == live,
+                "created_at": m["created_at"], "users": m["counts"]["users"], "items": m["counts"]["items"],
+                "dim": m["dim"], "kind": m["config"]["model"]["kind"], "index": m["index"]["factory"],
+                KEY_METRIC: ((m.get("evaluation") or {}).get("model") or {}).get(KEY_METRIC),
+                "popularity_" + KEY_METRIC: ((m.get("evaluation") or {}).get("popularity") or {}).get(KEY_METRIC),
             })
         return out
+
+    def manifest(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """The manifest of a version (default: the live one), published or refused."""
+        version = version or store.live_version(self.root, name)
+        for folder in (store.VERSIONS, store.REFUSED):
+            path = self.root / name / folder / version
+            if (path / store.MANIFEST).is_file():
+                return store.read_manifest(path)
+        raise errors.no_such_version(self.root, name, version)
 
 
 def open_store(root: Path | str) -> Store:

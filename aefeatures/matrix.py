@@ -8,6 +8,7 @@ straight from the CSR arrays.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -48,8 +49,28 @@ class InteractionMatrix:
         """(n_items,) number of users per item."""
         return np.bincount(self.indices, minlength=self.shape[1]).astype(np.int32)
 
+    @property
+    def csr(self) -> "CSR":
+        return CSR(self.indptr, self.indices, self.values)
+
     def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The CSR slice of ``rows`` as (offsets (len(rows),), item rows, values)."""
+        return self.csr.gather(rows)
+
+
+class CSR(NamedTuple):
+    """Rows of sparse interaction vectors: row r is ``indices[indptr[r]:indptr[r+1]]``."""
+
+    indptr: np.ndarray  # (n_rows + 1,) int64
+    indices: np.ndarray  # (nnz,) int32 item rows
+    values: np.ndarray  # (nnz,) float32
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.indptr) - 1
+
+    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The slice of ``rows`` as (offsets (len(rows),), item rows, values), concatenated."""
         starts, ends = self.indptr[rows], self.indptr[rows + 1]
         lengths = ends - starts
         offsets = np.zeros(len(rows), dtype=np.int64)

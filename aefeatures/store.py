@@ -4,6 +4,7 @@ Layout (see README "Store layout")::
 
     STORE/<name>/LATEST                    the live version id, replaced atomically
     STORE/<name>/versions/<version_id>/    complete, immutable versions
+    STORE/<name>/refused/<version_id>/     complete versions the quality gate refused
     STORE/<name>/.staging/<version_id>/    a version being written (never listed)
 
 A version is written under `.staging/`, renamed into `versions/` only once complete, and goes
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 LATEST = "LATEST"
 VERSIONS = "versions"
 STAGING = ".staging"
+REFUSED = "refused"
 MANIFEST = "manifest.json"
 USERS, ITEMS, INTERACTIONS = "users.parquet", "items.parquet", "interactions.parquet"
 INDEX = "items.faiss"
@@ -182,6 +184,19 @@ def publish(store: Path, name: str, staging: Path) -> Path:
         raise
     _fsync_dir(final.parent)
     return final
+
+
+def refuse(store: Path, name: str, staging: Path) -> Path:
+    """Set a complete version the gate refused aside in `refused/`; it never goes live."""
+    kept = store / name / REFUSED / staging.name
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(staging, kept)
+    return kept
+
+
+def list_refused(store: Path, name: str) -> list[str]:
+    folder = store / name / REFUSED
+    return sorted(p.name for p in folder.iterdir() if (p / MANIFEST).is_file()) if folder.is_dir() else []
 
 
 def discard(staging: Path) -> None:

@@ -27,7 +27,8 @@ def _toml_value(value: Any) -> str:
 
 def write_job(folder: Path, *, name: str = "movies", store: Path | None = None,
               input: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
-              index: dict[str, Any] | None = None, filename: str = "job.toml") -> Path:
+              index: dict[str, Any] | None = None, gate: dict[str, Any] | None = None,
+              evaluation: dict[str, Any] | None = None, filename: str = "job.toml") -> Path:
     """Write a job file into ``folder`` (defaults: the committed fixture, a fast model)."""
     sections = {
         "job": {"name": name, "store": str(store or folder / "store")},
@@ -35,6 +36,8 @@ def write_job(folder: Path, *, name: str = "movies", store: Path | None = None,
                            "timestamp_col": "timestamp", "min_weight": 4.0},
         "model": {**FAST_MODEL, **(model or {})},
         "index": index or {"kind": "flat"},
+        "gate": gate or {},
+        "evaluation": evaluation or {},
     }
     lines = []
     for section, values in sections.items():

@@ -96,7 +96,7 @@ def test_versions_lists_the_live_version(trained, runner):
     assert out["feature_set"] == "movies"
     assert [v["version"] for v in out["versions"] if v["live"]] == [result_.version]
     human = runner.invoke(cli, ["versions", "--store", str(root)])
-    assert result_.version in human.stdout and "*" in human.stdout
+    assert any(line.split()[:2] == [result_.version, "live"] for line in human.stdout.splitlines())
 
 
 @pytest.mark.parametrize("args, code, message", [

@@ -206,7 +206,8 @@ def test_vae_trains_and_its_recommendations_follow_the_planted_clusters(tmp_path
 
 
 def test_without_timestamps_event_time_is_the_runs_time(tmp_path):
-    job = write_job(tmp_path, input={"path": str(FIXTURES / "interactions.parquet")}, model={"epochs": 1})
+    job = write_job(tmp_path, input={"path": str(FIXTURES / "interactions.parquet")}, model={"epochs": 1},
+                    evaluation={"valid_share": 0.0})
     result = run_job(load_job_config(job), progress=False)
     users = pq.read_table(result.path / "users.parquet")
     assert users.column("event_timestamp").equals(users.column("created_timestamp"))

@@ -1,0 +1,45 @@
+"""The publish-time quality gate: a new version goes live only if it is not clearly worse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aefeatures.config import GateConfig
+from aefeatures.evaluate import KEY_METRIC
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)  # why it was refused, one per failed rule
+    checked: dict[str, Any] = field(default_factory=dict)  # the numbers compared
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "reasons": self.reasons, **self.checked}
+
+
+def check(cfg: GateConfig, evaluation: dict[str, Any] | None, previous: dict[str, Any] | None) -> Verdict:
+    """Compare a run's validation metrics with popularity and with the live version's.
+
+    ``evaluation`` is the run's manifest `evaluation` section (None when evaluation is off:
+    nothing to compare, the gate passes). ``previous`` is the live version's manifest, if any.
+    """
+    if not evaluation:
+        return Verdict(True, checked={"note": "evaluation is off; nothing to check"})
+    score = evaluation["model"][KEY_METRIC]
+    checked: dict[str, Any] = {"metric": KEY_METRIC, "score": score}
+    reasons = []
+    if cfg.beat_popularity:
+        baseline = evaluation["popularity"][KEY_METRIC]
+        checked["popularity"] = baseline
+        if not score > baseline:
+            reasons.append(f"validation {KEY_METRIC} {score:.4f} is not above popularity's {baseline:.4f}")
+    before = ((previous or {}).get("evaluation") or {}).get("model", {}).get(KEY_METRIC)
+    if cfg.min_ratio > 0 and before is not None:
+        floor = cfg.min_ratio * before
+        checked.update(previous_version=previous["version"], previous=before, floor=floor)
+        if score < floor:
+            reasons.append(f"validation {KEY_METRIC} {score:.4f} is below {cfg.min_ratio:g} × the live "
+                           f"version's {before:.4f} (= {floor:.4f})")
+    return Verdict(not reasons, reasons, checked)

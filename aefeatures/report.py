@@ -1,0 +1,78 @@
+"""`report.html`: a run's training curves and metrics, for a person to look at.
+
+A single self-contained file (inline SVG, no scripts, no downloads) written into every version.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any, Sequence
+
+from aefeatures.evaluate import KEY_METRIC, KS
+
+WIDTH, HEIGHT, PAD = 420, 220, 36
+
+
+def _chart(title: str, values: Sequence[float], best: int | None) -> str:
+    if not values:
+        return f"<figure><figcaption>{html.escape(title)}: no epochs</figcaption></figure>"
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    step = (WIDTH - 2 * PAD) / max(len(values) - 1, 1)
+
+    def xy(i: int, v: float) -> tuple[float, float]:
+        return PAD + i * step, HEIGHT - PAD - (v - lo) / span * (HEIGHT - 2 * PAD)
+
+    points = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(i, v) for i, v in enumerate(values)))
+    marker = ""
+    if best:
+        bx, by = xy(best - 1, values[best - 1])
+        marker = f'<circle cx="{bx:.1f}" cy="{by:.1f}" r="4" fill="#d62728"><title>best epoch {best}</title></circle>'
+    return (
+        f'<figure><figcaption>{html.escape(title)}</figcaption>'
+        f'<svg width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{html.escape(title)}">'
+        f'<rect x="{PAD}" y="{PAD}" width="{WIDTH - 2 * PAD}" height="{HEIGHT - 2 * PAD}" fill="none" stroke="#ccc"/>'
+        f'<polyline points="{points}" fill="none" stroke="#1f77b4" stroke-width="2"/>{marker}'
+        f'<text x="{PAD}" y="{PAD - 6}" font-size="11">{hi:.4g}</text>'
+        f'<text x="{PAD}" y="{HEIGHT - PAD + 14}" font-size="11">{lo:.4g} · epochs 1–{len(values)}</text>'
+        f"</svg></figure>"
+    )
+
+
+def _metrics_table(columns: dict[str, dict[str, float] | None]) -> str:
+    names = [f"{m}@{k}" for m in ("recall", "ndcg", "coverage") for k in KS]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    rows = []
+    for metric in names:
+        cells = "".join(f"<td>{(col or {}).get(metric, float('nan')):.4f}</td>" for col in columns.values())
+        rows.append(f"<tr><th>{metric}</th>{cells}</tr>")
+    return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>"
+
+
+def render(manifest: dict[str, Any], previous: dict[str, Any] | None) -> str:
+    """The report of the version described by ``manifest``, against ``previous`` (or None)."""
+    history = manifest["training"].get("history", [])
+    evaluation = manifest.get("evaluation") or {}
+    best = manifest["training"].get("best_epoch")
+    gate = manifest.get("gate", {})
+    columns = {"this version": evaluation.get("model"), "popularity": evaluation.get("popularity")}
+    if previous:
+        columns[f"previous ({previous['version']})"] = (previous.get("evaluation") or {}).get("model")
+    verdict = "passed" if gate.get("passed", True) else "refused: " + "; ".join(gate.get("reasons", []))
+    charts = _chart("training loss per user", [h["loss"] for h in history], best)
+    if evaluation:
+        charts += _chart(f"validation {KEY_METRIC}", [h.get(KEY_METRIC, 0.0) for h in history], best)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(manifest['feature_set'])} {manifest['version']}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ddd;padding:4px 8px;text-align:right}}figure{{display:inline-block;margin:0 2em 1em 0}}</style>
+</head><body>
+<h1>{html.escape(manifest['feature_set'])} · version {manifest['version']}</h1>
+<p>{manifest['counts']['users']:,} users × {manifest['counts']['items']:,} items · model
+{html.escape(manifest['config']['model']['kind'])}, dim {manifest['dim']} · best epoch {best} of
+{len(history)} · quality gate {html.escape(verdict)}</p>
+{charts}
+<h2>Validation ({html.escape(str(evaluation.get('protocol', 'off')))})</h2>
+{_metrics_table(columns) if evaluation else '<p>Evaluation was off for this run.</p>'}
+</body></html>
+"""
