@@ -1,0 +1,82 @@
+"""Metrics against hand-computed cases, the split, and the popularity baseline."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from aefeatures.evaluate import popularity_ranking, ranking_metrics, split_users, top_k
+
+
+def csr(rows):
+    indptr = np.cumsum([0] + [len(r) for r in rows])
+    return indptr, np.array([i for r in rows for i in r], dtype=np.int32)
+
+
+def test_hand_computed_recall_ndcg_coverage():
+    ranked = np.array([[0, 1, 2, 3], [4, 3, 2, 1]])
+    held = csr([[1, 3], [5]])  # user 0: hits at ranks 2 and 4; user 1: no hit
+    m = ranking_metrics(ranked, held, n_items=6, ks=(2, 4))
+    # user 0: recall@2 = 1 / min(2, 2); ndcg@2 = (1/log2(3)) / (1 + 1/log2(3))
+    assert m["recall@2"] == pytest.approx((1 / 2 + 0) / 2)
+    assert m["ndcg@2"] == pytest.approx(((1 / math.log2(3)) / (1 + 1 / math.log2(3)) + 0) / 2)
+    assert m["recall@4"] == pytest.approx((2 / 2 + 0) / 2)
+    dcg = 1 / math.log2(3) + 1 / math.log2(5)
+    assert m["ndcg@4"] == pytest.approx((dcg / (1 + 1 / math.log2(3))) / 2)
+    assert m["coverage@2"] == pytest.approx(4 / 6)  # items {0, 1, 4, 3}
+    assert m["coverage@4"] == pytest.approx(5 / 6)
+    assert m["users"] == 2
+
+
+def test_recall_is_normalised_by_held_out_size_when_smaller_than_k():
+    ranked = np.array([[7, 0, 1, 2, 3, 4, 5, 6, 8, 9]])
+    m = ranking_metrics(ranked, csr([[7]]), n_items=10, ks=(10,))
+    assert m["recall@10"] == 1.0 and m["ndcg@10"] == 1.0  # one relevant item, ranked first
+
+
+def test_users_with_nothing_held_out_are_skipped():
+    ranked = np.array([[0, 1], [2, 3]])
+    m = ranking_metrics(ranked, csr([[0], []]), n_items=4, ks=(1,))
+    assert m["users"] == 1 and m["recall@1"] == 1.0 and m["ndcg@1"] == 1.0
+    assert m["coverage@1"] == pytest.approx(1 / 4)  # only counted users' lists
+
+
+def test_k_larger_than_the_ranking_uses_what_there_is():
+    m = ranking_metrics(np.array([[1, 0]]), csr([[0, 1]]), n_items=2, ks=(100,))
+    assert m["recall@100"] == 1.0 and m["ndcg@100"] == pytest.approx(1.0)
+
+
+def test_top_k_breaks_ties_by_item_row_and_excludes_shown_items():
+    scores = np.array([[1.0, 3.0, 3.0, 2.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    ranked = top_k(scores.copy(), csr([[2], []]), 3)
+    assert ranked.tolist() == [[1, 4, 3], [0, 1, 2]]
+
+
+def test_split_holds_out_whole_users_and_hides_part_of_their_items():
+    indptr, indices = csr([list(range(10))] * 50 + [[1]] * 10)
+    split = split_users(indptr, indices, share=0.2, max_users=1000, holdout=0.2, seed=0)
+    assert len(split.valid_rows) == 12 and not set(split.valid_rows) & set(split.train_rows)
+    assert max(split.valid_rows) < 50  # users with a single item cannot be split
+    assert len(split.train_rows) + len(split.valid_rows) == 60
+    shown, hidden = np.diff(split.fold_in[0]), np.diff(split.held_out[0])
+    assert (shown == 8).all() and (hidden == 2).all()
+    for r in range(12):  # shown and hidden partition the user's items
+        a = split.fold_in[1][split.fold_in[0][r]:split.fold_in[0][r + 1]]
+        b = split.held_out[1][split.held_out[0][r]:split.held_out[0][r + 1]]
+        assert sorted([*a, *b]) == list(range(10))
+    again = split_users(indptr, indices, share=0.2, max_users=1000, holdout=0.2, seed=0)
+    assert np.array_equal(again.valid_rows, split.valid_rows)
+    assert len(split_users(indptr, indices, share=0.2, max_users=3, holdout=0.2, seed=0).valid_rows) == 3
+
+
+def test_popularity_ranks_training_counts_without_the_users_items():
+    indptr, indices = csr([[0, 1], [0, 2], [0, 1], [3, 4]])
+    split = split_users(indptr, indices, share=0.25, max_users=1, holdout=0.5, seed=1)
+    train_items = np.concatenate([indices[indptr[r]:indptr[r + 1]] for r in split.train_rows])
+    ranked = popularity_ranking(train_items, 5, split, 3)
+    shown = set(split.fold_in[1].tolist())
+    assert not set(ranked[0].tolist()) & shown
+    counts = np.bincount(train_items, minlength=5)
+    assert list(counts[ranked[0]]) == sorted(counts[ranked[0]], reverse=True)

@@ -1,0 +1,65 @@
+"""The quality gate: a bad model is refused, kept aside, listed, and LATEST stays put."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import aefeatures
+from aefeatures import store as store_mod
+from aefeatures.cli import cli
+from aefeatures.config import GateConfig, load_job_config
+from aefeatures.errors import GateRefusedError
+from aefeatures.gate import check
+from aefeatures.jobs import run_job
+from tests.conftest import write_job
+
+
+def _evaluation(score, popularity):
+    return {"model": {"ndcg@100": score}, "popularity": {"ndcg@100": popularity}}
+
+
+def test_gate_rules():
+    previous = {"version": "v1", "evaluation": _evaluation(0.5, 0.1)}
+    assert check(GateConfig(), _evaluation(0.46, 0.1), previous).passed
+    refused = check(GateConfig(min_ratio=0.95), _evaluation(0.46, 0.1), previous)
+    assert not refused.passed and "below 0.95 × the live version's 0.5000" in refused.reasons[0]
+    below_pop = check(GateConfig(), _evaluation(0.09, 0.1), None)
+    assert not below_pop.passed and "not above popularity's 0.1000" in below_pop.reasons[0]
+    assert check(GateConfig(beat_popularity=False, min_ratio=0), _evaluation(0.01, 0.1), previous).passed
+    assert check(GateConfig(), None, previous).passed  # evaluation off: nothing to compare
+
+
+def test_a_bad_model_is_refused_and_latest_stays_on_the_good_version(tmp_path):
+    good = run_job(load_job_config(write_job(tmp_path, model={"epochs": 20})), progress=False)
+    bad_job = write_job(tmp_path, model={"epochs": 0}, filename="bad.toml")
+    with pytest.raises(GateRefusedError, match="quality gate refused version") as caught:
+        run_job(load_job_config(bad_job), progress=False)
+    root = tmp_path / "store"
+    assert store_mod.live_version(root, "movies") == good.version
+    assert store_mod.list_versions(root, "movies") == [good.version]
+    kept = root / "movies" / "refused" / caught.value.version
+    assert (kept / "manifest.json").is_file() and (kept / "report.html").is_file()
+    assert not json.loads((kept / "manifest.json").read_text())["gate"]["passed"]
+    assert aefeatures.open_store(root)["movies"].version == good.version
+
+    result = CliRunner().invoke(cli, ["run", str(bad_job)])
+    assert result.exit_code == 3
+    assert result.stderr.startswith("error: quality gate refused version") and "LATEST stays on" in result.stderr
+    listed = json.loads(CliRunner().invoke(cli, ["versions", "--store", str(root), "--json"]).stdout)["versions"]
+    assert [v["status"] for v in listed] == ["live", "refused", "refused"]
+
+
+def test_evaluate_shows_metrics_and_the_report_exists(trained):
+    root, result = trained
+    out = CliRunner().invoke(cli, ["evaluate", "--store", str(root), "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    assert data["version"] == result.version and data["gate"]["passed"]
+    assert set(data["evaluation"]["model"]) >= {"recall@20", "ndcg@10", "ndcg@100", "coverage@20"}
+    human = CliRunner().invoke(cli, ["evaluate", "--store", str(root)])
+    assert "popularity" in human.stdout and "quality gate: passed" in human.stdout
+    page = (result.path / "report.html").read_text()
+    assert "<svg" in page and "validation ndcg@100" in page and "popularity" in page

@@ -1,0 +1,75 @@
+"""Training: KL annealing, early stopping with the best weights restored, both model kinds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import aefeatures
+from aefeatures.config import ModelConfig, load_job_config
+from aefeatures.jobs import run_job
+from aefeatures.matrix import build_matrix
+from aefeatures.read import read_interactions
+from aefeatures.config import InputConfig
+from aefeatures.train import kl_weight, train
+from tests.conftest import FIXTURES, write_job
+
+
+@pytest.fixture(scope="module")
+def matrix():
+    return build_matrix(read_interactions(InputConfig(str(FIXTURES / "interactions.parquet"),
+                                                      weight_col="rating", min_weight=4.0)))
+
+
+def test_kl_weight_anneals_linearly_to_its_cap_and_stays():
+    cfg = ModelConfig(kind="vae", beta_cap=0.3, anneal_steps=100)
+    assert kl_weight(0, cfg) == 0
+    assert kl_weight(50, cfg) == pytest.approx(0.15)
+    assert kl_weight(100, cfg) == pytest.approx(0.3)
+    assert kl_weight(10_000, cfg) == pytest.approx(0.3)
+
+
+def test_a_vae_run_reaches_the_beta_cap(matrix):
+    cfg = ModelConfig(kind="vae", dim=16, hidden=(32,), epochs=6, batch_size=256, beta_cap=0.25, anneal_steps=10)
+    result = train(matrix, cfg, progress=False)
+    betas = [h["beta"] for h in result.history]
+    assert betas[0] < 0.25 and betas[-1] == pytest.approx(0.25)
+    assert all(a <= b for a, b in zip(betas, betas[1:]))
+
+
+def test_early_stopping_restores_the_best_epochs_weights(matrix):
+    cfg = ModelConfig(dim=8, hidden=(16,), epochs=20, batch_size=256, patience=3)
+    curve = iter([0.1, 0.5, 0.3, 0.2, 0.4, 0.45, 0.6])
+    snapshots = []
+
+    def validate(model):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"ndcg@100": next(curve)}
+
+    result = train(matrix, cfg, validate=validate, progress=False)
+    assert result.best_epoch == 2 and result.stopped_early and len(result.history) == 5
+    for key, value in result.model.state_dict().items():
+        torch.testing.assert_close(value, snapshots[1][key])
+    assert not torch.equal(result.model.decoder.weight, snapshots[-1]["decoder.weight"])
+
+
+@pytest.mark.parametrize("kind", ["dae", "vae"])
+def test_both_kinds_beat_popularity_on_the_planted_fixture(tmp_path, kind):
+    model = {"kind": kind, "epochs": 40, "dim": 32, "hidden": [128], "anneal_steps": 200}
+    result = run_job(load_job_config(write_job(tmp_path, model=model)), progress=False)
+    ev = result.manifest["evaluation"]
+    assert ev["valid_users"] == 200
+    assert ev["model"]["ndcg@10"] > 3 * ev["popularity"]["ndcg@10"]
+    assert ev["model"]["ndcg@10"] > ev["popularity"]["ndcg@10"] + 0.2
+    history = result.manifest["training"]["history"]
+    assert ev["model"]["ndcg@100"] == max(h["ndcg@100"] for h in history)  # the best epoch is published
+
+
+def test_training_without_evaluation_has_no_metrics(tmp_path):
+    job = write_job(tmp_path, model={"epochs": 2}, evaluation={"valid_share": 0.0})
+    result = run_job(load_job_config(job), progress=False)
+    assert result.manifest["evaluation"] is None and result.manifest["gate"]["passed"]
+    assert aefeatures.open_store(tmp_path / "store")["movies"].n_users == 2000
