@@ -154,11 +154,13 @@ def config_from_dict(raw: dict[str, Any], path: Path) -> JobConfig:
 
 
 def _resolve(base: Path, value: Path) -> Path:
+    value = value.expanduser()
     return value if value.is_absolute() else (base / value).resolve()
 
 
 def _resolve_input(base: Path, value: str) -> str:
     # Globs stay strings: resolve only the prefix so `../data/*.parquet` works from any cwd.
+    value = str(Path(value).expanduser()) if value.startswith("~") else value
     return value if Path(value).is_absolute() else str(base / value)
 
 
@@ -166,7 +168,7 @@ def _reject_unknown(path: Path, prefix: str, table: dict[str, Any], valid: list[
     for key in table:
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
-            raise errors.unknown_key(path, prefix + key, valid, close[0] if close else None)
+            raise errors.unknown_key(path, prefix + key, valid, prefix + close[0] if close else None)
 
 
 def _build(path: Path, section: str, cls: type, table: dict[str, Any]) -> Any:

@@ -7,9 +7,11 @@ null) whatever the input calls them, one row per distinct (user, item) pair.
 from __future__ import annotations
 
 import glob as globlib
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import polars as pl
 import pyarrow.parquet as pq
@@ -21,6 +23,13 @@ from aefeatures.schema import ITEM, TIMESTAMP, USER, WEIGHT
 log = logging.getLogger(__name__)
 
 _GLOB_CHARS = set("*?[")
+_T = TypeVar("_T")
+# Arrow spellings of one type: pyarrow and Spark write `string`, Polars `large_string`.
+_SAME_TYPE = {"large_string": "string", "string_view": "string", "large_binary": "binary"}
+# Later files may add columns the job does not read (schema evolution): recent Polars rejects
+# them unless told to ignore them; older Polars has no such option.
+_SCAN_OPTIONS = {"extra_columns": "ignore"} if "extra_columns" in inspect.signature(pl.scan_parquet).parameters \
+    else {}
 
 
 @dataclass(frozen=True)
@@ -54,18 +63,21 @@ def read_interactions(cfg: InputConfig) -> Interactions:
     """
     files, source = _resolve_files(cfg.path)
     _check_file_schemas(files, cfg)
-    lazy = pl.scan_parquet(source, hive_partitioning=Path(source).is_dir() or None)
-    schema = lazy.collect_schema()
+    # A directory is read as the exact files listed above, so hidden and `_` files stay out.
+    is_dir = Path(source).is_dir()
+    lazy = pl.scan_parquet([str(f) for f in files] if is_dir else source, hive_partitioning=is_dir or None,
+                           **_SCAN_OPTIONS)
+    schema = _blaming_files(lazy.collect_schema, files)
     _check_columns(cfg, schema)
     lazy = lazy.select(_canonical_columns(cfg, schema))
     n_rows_read = _check_values(lazy, cfg, files)
     if cfg.min_weight is not None:
         lazy = lazy.filter(pl.col(WEIGHT) >= cfg.min_weight)
-    kept = lazy.collect()
+    kept = _blaming_files(lazy.collect, files)
     if kept.height == 0:
         why = f"none has `{cfg.weight_col}` >= {cfg.min_weight}" if cfg.min_weight is not None else "they are empty"
         raise errors.EmptyInputError(cfg.path, len(files), n_rows_read, why)
-    frame = kept.group_by(USER, ITEM).agg(pl.col(WEIGHT).max(), pl.col(TIMESTAMP).max())
+    frame = kept.group_by(USER, ITEM).agg(pl.col(WEIGHT).max().cast(pl.Float32), pl.col(TIMESTAMP).max())
     n_items = frame.get_column(ITEM).n_unique()
     if n_items < 2:
         raise errors.TooFewItemsError(cfg.path, n_items)
@@ -100,21 +112,31 @@ def _hidden(relative: Path) -> bool:
 
 def _check_file_schemas(files: list[Path], cfg: InputConfig) -> None:
     """Every file must be Parquet, and the columns the job reads must agree on type."""
-    wanted = [c for c in (cfg.user_col, cfg.item_col, cfg.weight_col, cfg.timestamp_col) if c]
+    keys = {"user_col": cfg.user_col, "item_col": cfg.item_col,
+            "weight_col": cfg.weight_col, "timestamp_col": cfg.timestamp_col}
+    wanted = {c: k for k, c in keys.items() if c}
     first_seen: dict[str, tuple[str, str]] = {}
     for f in files:
         try:
             schema = pq.read_schema(f)
         except Exception as exc:  # pyarrow raises several types for a bad footer
             raise errors.NotParquetError(str(f), str(exc).splitlines()[0][:160]) from None
+        absent = [c for c in wanted if c not in schema.names and not _hive_key(f, c)]
+        if absent and len(files) > 1:  # one file lacks what others have: name that file
+            raise errors.MissingColumnsError(str(f), absent, schema.names, [wanted[c] for c in absent])
         for col in wanted:
             if col not in schema.names:
                 continue  # a hive partition key, or missing everywhere: checked on the frame
             typ = str(schema.field(col).type)
+            typ = _SAME_TYPE.get(typ, typ)
             if col not in first_seen:
                 first_seen[col] = (str(f), typ)
             elif first_seen[col][1] != typ:
                 raise errors.SchemaDriftError(col, *first_seen[col], str(f), typ)
+
+
+def _hive_key(file: Path, column: str) -> bool:
+    return any(part.startswith(f"{column}=") for part in file.parent.parts)
 
 
 def _check_columns(cfg: InputConfig, schema: pl.Schema) -> None:
@@ -164,14 +186,14 @@ def _timestamp(cfg: InputConfig, schema: pl.Schema) -> pl.Expr:
 def _check_values(lazy: pl.LazyFrame, cfg: InputConfig, files: list[Path]) -> int:
     """Null ids, null/NaN/negative weights: count in one pass, then locate the first offender."""
     w = pl.col(WEIGHT)
-    counts = lazy.select(
+    counts = _blaming_files(lazy.select(
         pl.len().alias("rows"),
         pl.col(USER).null_count().alias(cfg.user_col),
         pl.col(ITEM).null_count().alias(cfg.item_col),
         w.null_count().alias("weight_null"),
         w.is_nan().sum().alias("weight_nan"),
         (w < 0).sum().alias("weight_negative"),
-    ).collect().row(0, named=True)
+    ).collect, files).row(0, named=True)
     for col, name in ((cfg.user_col, USER), (cfg.item_col, ITEM)):
         if counts[col]:
             file, row, _ = _first_offender(files, cfg, name, pl.col(name).is_null())
@@ -185,6 +207,19 @@ def _check_values(lazy: pl.LazyFrame, cfg: InputConfig, files: list[Path]) -> in
             raise errors.InvalidWeightsError(cfg.weight_col, what, counts[f"weight_{what.lower()}"],
                                              file, row, value)
     return counts["rows"]
+
+
+def _blaming_files(run: Callable[[], _T], files: list[Path]) -> _T:
+    """``run()`` (a Polars scan); when it fails on a file Polars cannot decode, name that file."""
+    try:
+        return run()
+    except pl.exceptions.PolarsError:
+        for f in files:  # the footers were fine (checked above): find the file whose data is not
+            try:
+                pl.scan_parquet(f).collect()
+            except pl.exceptions.PolarsError as exc:
+                raise errors.NotParquetError(str(f), str(exc).splitlines()[0][:160]) from None
+        raise
 
 
 def _first_offender(files: list[Path], cfg: InputConfig, name: str, pred: pl.Expr) -> tuple[str, int, object]:
