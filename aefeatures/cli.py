@@ -10,17 +10,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import click
 
-from aefeatures.errors import EXIT_BAD_INPUT, AEFeaturesError, BadInputError
+from aefeatures.errors import AEFeaturesError, BadInputError, Interrupted
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 done, 1 unexpected failure, 2 bad input or config, "
-    "3 quality gate refused publishing, 5 user or item not found."
+    "3 quality gate refused publishing, 4 another run holds the lock, 5 user or item not found, "
+    "130/143 stopped by Ctrl-C/SIGTERM."
 )
 
 
@@ -36,10 +39,21 @@ class _Group(click.Group):
 @click.group(cls=_Group, epilog=EXIT_CODES_HELP)
 @click.version_option(package_name="aefeatures")
 @click.option("-v", "--verbose", is_flag=True, help="Log each stage to stderr.")
-def cli(verbose: bool) -> None:
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: one JSON object per log line on stderr, for schedulers (implies -v).")
+def cli(verbose: bool, log_format: str) -> None:
     """Autoencoder embeddings of users and items, published as a Parquet feature store."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose or log_format == "json" else logging.WARNING,
+                        handlers=[handler], force=True)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname,
+                           "logger": record.name, "message": record.getMessage()})
 
 
 def main() -> None:
@@ -101,21 +115,30 @@ def _plain(value: Any) -> Any:
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("job_file", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Run even if the live version has the same input and config.")
 @json_option
-def run(job_file: Path, as_json: bool) -> None:
+def run(job_file: Path, force: bool, as_json: bool) -> None:
     """Run JOB_FILE (TOML) end to end: read interactions, train, embed, index, publish.
 
-    The version goes live only when every file is written; on any failure the previous
-    version stays live. Progress bars show on a terminal only.
+    One run per feature set at a time (a second exits 4). A run whose input files (paths,
+    sizes, modification times) and config equal the live version's does nothing and exits 0
+    ("up to date"). The version goes live only when every file is written; on any failure,
+    SIGTERM or Ctrl-C the previous version stays live. Every run appends a line to the feature
+    set's run log (`aefeatures runs`). Progress bars show on a terminal only.
     """
     from aefeatures.config import load_job_config
     from aefeatures.jobs import run_job
 
     cfg = load_job_config(job_file)
-    result = run_job(cfg)
+    with _signals_as_errors():
+        result = run_job(cfg, force=force)
     summary = _run_summary(result)
     if as_json:
         _print_json(summary)
+        return
+    if result.status == "up_to_date":
+        click.echo(f"{result.name} is up to date: live version {result.version} was built from the same "
+                   "input files and config (use --force to run anyway)")
         return
     m = result.manifest
     train = m["training"]
@@ -136,6 +159,20 @@ def run(job_file: Path, as_json: bool) -> None:
     click.echo(f"  items like item {sample['item']!r}: {', '.join(map(str, sample['similar']))}")
 
 
+@contextmanager
+def _signals_as_errors() -> Iterator[None]:
+    """SIGTERM and SIGINT raise :class:`Interrupted`, so a run stops cleanly with 128 + signal."""
+    def stop(signum, frame):
+        raise Interrupted(signal.Signals(signum).name, signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _echo_metrics(evaluation: dict[str, Any], indent: str = "") -> None:
     click.echo(f"{indent}validation on {evaluation['valid_users']:,} held-out users "
                f"({evaluation['holdout']:.0%} of their items hidden):")
@@ -153,7 +190,7 @@ def _run_summary(result) -> dict[str, Any]:
         "name": result.name, "version": result.version, "path": str(result.path),
         "counts": result.manifest["counts"], "dim": result.manifest["dim"],
         "training": result.manifest["training"], "index": result.manifest["index"],
-        "evaluation": result.manifest["evaluation"], "gate": result.manifest["gate"],
+        "evaluation": result.manifest["evaluation"], "gate": result.manifest["gate"], "status": result.status,
         "timings": result.timings,
         "sample": {"user": user, "recommend": [_plain(i) for i in fs.recommend(user, 5).ids],
                    "item": item, "similar": [_plain(i) for i in fs.similar_items(item, 5).ids]},
@@ -301,6 +338,34 @@ def evaluate(store_dir: Path, name: str | None, version: str | None, as_json: bo
     _echo_metrics(out["evaluation"])
     gate = out["gate"] or {}
     click.echo("quality gate: " + ("passed" if gate.get("passed", True) else "refused: " + "; ".join(gate["reasons"])))
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@store_option
+@click.option("--name", required=True, help="Feature set.")
+@click.option("-n", "last", type=click.IntRange(min=1), default=20, show_default=True, help="How many recent runs.")
+@json_option
+def runs(store_dir: Path, name: str, last: int, as_json: bool) -> None:
+    """The run history of a feature set, newest last: status, exit code, version, timings."""
+    from aefeatures.runlog import read_runs
+
+    history = read_runs(store_dir / name)[-last:]
+    if as_json:
+        _print_json({"feature_set": name, "runs": history})
+        return
+    if not history:
+        click.echo(f"no runs recorded for `{name}` in {store_dir}")
+        return
+    _print_table(["started", "seconds", "status", "exit", "version", "error"],
+                 [[r["started"][:19], _seconds(r), r["status"], r["exit_code"], r.get("version") or "-",
+                   (r.get("error") or "")[:60]] for r in history])
+
+
+def _seconds(run: dict[str, Any]) -> str:
+    from datetime import datetime
+
+    start, end = (datetime.fromisoformat(run[k]) for k in ("started", "ended"))
+    return f"{(end - start).total_seconds():.1f}"
 
 
 if __name__ == "__main__":  # pragma: no cover

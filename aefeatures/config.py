@@ -76,6 +76,11 @@ class GateConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    keep: int = 0  # published versions to keep (the live one always stays); 0 = keep all
+
+
+@dataclass(frozen=True)
 class IndexConfig:
     kind: str = "auto"  # "auto" | "flat" | "hnsw" | "ivf" | "ivfpq" | a FAISS factory string
 
@@ -88,6 +93,7 @@ class JobConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     source: Optional[Path] = None  # the job file this came from
 
     def to_dict(self) -> dict[str, Any]:
@@ -233,6 +239,7 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
         ("evaluation.max_valid_users", cfg.evaluation.max_valid_users, cfg.evaluation.max_valid_users >= 1,
          "it must be at least 1"),
         ("evaluation.holdout", cfg.evaluation.holdout, 0 < cfg.evaluation.holdout < 1, "it must be in (0, 1)"),
+        ("retention.keep", cfg.retention.keep, cfg.retention.keep >= 0, "it must be 0 (keep all) or more"),
         ("gate.min_ratio", cfg.gate.min_ratio, cfg.gate.min_ratio >= 0, "it must be 0 or more"),
         ("model.device", m.device, re.fullmatch(r"auto|cpu|cuda(:\d+)?", m.device),
          "use auto, cpu, cuda or cuda:N"),

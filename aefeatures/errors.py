@@ -2,7 +2,7 @@
 
 All errors derive from :class:`AEFeaturesError` and carry the CLI exit code that reports them
 (0 done, 1 unexpected failure, 2 bad input or config, 3 quality gate refused publishing,
-5 id not found). Each class also derives
+4 another run holds the lock, 5 id not found). Each class also derives
 from the matching built-in so callers can catch ``KeyError`` / ``ValueError`` as usual. Messages
 are built here, from typed fields, and nowhere else: one or two sentences saying what is wrong,
 where, and what to do.
@@ -17,6 +17,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_GATE_REFUSED = 3
+EXIT_LOCKED = 4
 EXIT_NOT_FOUND = 5
 
 
@@ -233,3 +234,33 @@ class GateRefusedError(AEFeaturesError):
             f"The version is kept in `{kept}` for inspection and {stays}. "
             "Check the input and model settings, or relax `[gate]` in the job file."
         )
+
+
+class LockHeldError(AEFeaturesError):
+    """Another run of the same feature set is in progress (exit code 4)."""
+
+    exit_code = EXIT_LOCKED
+
+    def __init__(self, path: str, holder: dict):
+        self.path, self.holder = path, holder
+        who = (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}"
+               if holder else "another process")
+        super().__init__(
+            f"another run holds the lock `{path}` ({who}). Wait for it to finish; "
+            "if that process is gone the lock frees itself."
+        )
+
+
+class Interrupted(AEFeaturesError):
+    """The run was stopped by a signal (SIGINT/SIGTERM); exit code 128 + the signal number."""
+
+    def __init__(self, signal_name: str, signal_number: int):
+        self.exit_code = 128 + signal_number
+        super().__init__(f"stopped by {signal_name}; nothing was published and the live version is unchanged.")
+
+
+def store_is_a_feature_set(store: Path, name: str) -> StoreError:
+    return StoreError(
+        f"`job.store` = `{store}` is the folder of a feature set, not a store (it holds LATEST or "
+        f"versions/). Set `job.store` to its parent, `{store.parent}`, to run `{name}` there."
+    )

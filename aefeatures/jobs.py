@@ -7,7 +7,11 @@ is kept in `refused/` for inspection and never goes live.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,14 +21,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from aefeatures import __version__, errors, gate, report, schema, store
+from aefeatures import __version__, errors, gate, report, runlog, schema, store
 from aefeatures.config import JobConfig
 from aefeatures.embed import embed, encode
 from aefeatures.evaluate import KS, Split, evaluate_embeddings, popularity_ranking, ranking_metrics, split_users
 from aefeatures.index import build_index, item_rows, save_index, user_queries
 from aefeatures.matrix import CSR, InteractionMatrix, build_matrix
 from aefeatures.model import Autoencoder, save_model
-from aefeatures.read import read_interactions
+from aefeatures.lock import feature_set_lock
+from aefeatures.read import input_files, read_interactions
 from aefeatures.train import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,7 @@ class RunResult:
     path: Path
     manifest: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    status: str = "published"  # or "up_to_date": the live version already has this input and config
 
 
 @contextmanager
@@ -50,16 +56,83 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     log.info("stage %s done in %.2fs", stage, timings[stage])
 
 
-def run_job(cfg: JobConfig, *, progress: bool | None = None) -> RunResult:
-    """Run a whole job and publish its version; return where it went and its manifest.
+def run_job(cfg: JobConfig, *, force: bool = False, progress: bool | None = None) -> RunResult:
+    """Run a job as a scheduler would: locked, idempotent, recorded in the run log.
+
+    Holding the feature set's lock it cleans what killed runs left, then compares the input's
+    fingerprint (file paths, sizes, modification times) and the resolved config with the live
+    version's: when they match nothing is done (``status == "up_to_date"``) unless ``force``.
+    Otherwise it builds and publishes a version and applies `[retention]`.
 
     Raises
     ------
-    BadInputError
-        The input or config cannot be used (nothing is written).
-    GateRefusedError
-        The quality gate refused the version (kept in `refused/`, LATEST unchanged).
+    BadInputError, GateRefusedError, LockHeldError, Interrupted
+        Each recorded in the run log with its exit code.
     """
+    root, name = cfg.job.store, cfg.job.name
+    folder = root / name
+    entry: dict[str, Any] = {"started": _now(), "job": str(cfg.source), "pid": os.getpid(), "force": force}
+    try:
+        _check_store(root, name)
+        with feature_set_lock(folder):
+            removed = store.clean_leftovers(root, name, runlog.published_versions(folder))
+            if removed:
+                log.warning("removed leftovers of interrupted runs in %s: %s", folder, ", ".join(removed))
+            fingerprint = input_fingerprint(cfg)
+            live = _live_manifest(root, name)
+            if live and live.get("fingerprint") == fingerprint and not force:
+                result = RunResult(name, live["version"], store.version_dir(root, name, live["version"]),
+                                   live, status="up_to_date")
+            else:
+                result = _build_and_publish(cfg, fingerprint, progress)
+                entry["removed_by_retention"] = store.apply_retention(root, name, cfg.retention.keep)
+        entry.update(status=result.status, exit_code=0, version=result.version,
+                     counts=result.manifest["counts"], timings=result.timings)
+        return result
+    except errors.AEFeaturesError as exc:
+        entry.update(status=_status_of(exc), exit_code=exc.exit_code, error=str(exc),
+                     version=getattr(exc, "version", None))
+        raise
+    except BaseException as exc:
+        entry.update(status="failed", exit_code=1, error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        entry["ended"] = _now()
+        runlog.append_run(folder, entry)
+
+
+def input_fingerprint(cfg: JobConfig) -> str:
+    """sha256 of the input files' paths, sizes and modification times and the resolved config."""
+    files = [vars(f) for f in input_files(cfg.input.path)]
+    blob = json.dumps({"files": files, "config": cfg.to_dict()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _status_of(exc: errors.AEFeaturesError) -> str:
+    return {errors.GateRefusedError: "refused", errors.LockHeldError: "locked",
+            errors.Interrupted: "interrupted"}.get(type(exc), "bad_input" if exc.exit_code == 2 else "failed")
+
+
+def _check_store(root: Path, name: str) -> None:
+    if (root / store.LATEST).is_file() or (root / store.VERSIONS).is_dir():
+        raise errors.store_is_a_feature_set(root, name)
+    try:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=root / name, prefix=".probe-")
+        probe.close()
+    except OSError as exc:
+        raise errors.StoreError(
+            f"store directory `{root}` is not writable ({exc.strerror}). Fix its permissions or "
+            "point `job.store` elsewhere."
+        ) from None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None) -> RunResult:
+    """Build a version from scratch and publish it (the caller holds the lock)."""
     created = datetime.now(timezone.utc)
     timings: dict[str, float] = {}
     name, root = cfg.job.name, cfg.job.store
@@ -94,6 +167,7 @@ def run_job(cfg: JobConfig, *, progress: bool | None = None) -> RunResult:
             "version": version,
             "created_at": created.isoformat(),
             "config": cfg.to_dict(),
+            "fingerprint": fingerprint,
             "input": {
                 "files": [vars(f) for f in interactions.files],
                 "rows_read": interactions.n_rows_read,

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from aefeatures import errors, store
 from aefeatures.evaluate import KEY_METRIC
+from aefeatures.runlog import published_versions
 from aefeatures.index import item_queries, item_rows, load_index, user_queries
 
 
@@ -273,7 +274,10 @@ class Store:
         ``status`` is "live", "published" (superseded) or "refused" (by the quality gate).
         """
         live = store.live_version(self.root, name)
-        found = [(v, store.VERSIONS) for v in store.list_versions(self.root, name)]
+        published = published_versions(self.root / name)
+        # A version newer than the live one that no run recorded as published was left by a run
+        # killed between its rename and LATEST: it never went live, and the next run removes it.
+        found = [(v, store.VERSIONS) for v in store.list_versions(self.root, name) if v <= live or v in published]
         found += [(v, store.REFUSED) for v in store.list_refused(self.root, name)]
         out = []
         for version, folder in sorted(found):

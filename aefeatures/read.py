@@ -83,8 +83,17 @@ def read_interactions(cfg: InputConfig) -> Interactions:
         raise errors.TooFewItemsError(cfg.path, n_items)
     log.info("read %d rows from %d file(s); %d kept, %d distinct pairs",
              n_rows_read, len(files), kept.height, frame.height)
-    fingerprint = tuple(InputFile(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    return Interactions(frame, fingerprint, n_rows_read, kept.height, cfg.timestamp_col is not None)
+    return Interactions(frame, _describe(files), n_rows_read, kept.height, cfg.timestamp_col is not None)
+
+
+def input_files(path: str) -> tuple[InputFile, ...]:
+    """The files ``path`` stands for, with size and modification time: the input's fingerprint
+    (cheap: no data is read). Raises :class:`InputNotFoundError` like a read would."""
+    return _describe(_resolve_files(path)[0])
+
+
+def _describe(files: list[Path]) -> tuple[InputFile, ...]:
+    return tuple(InputFile(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
 
 
 def _resolve_files(path: str) -> tuple[list[Path], str]:

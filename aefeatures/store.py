@@ -199,6 +199,41 @@ def list_refused(store: Path, name: str) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if (p / MANIFEST).is_file()) if folder.is_dir() else []
 
 
+def clean_leftovers(store: Path, name: str, published: set[str]) -> list[str]:
+    """Remove what killed runs left behind; call it holding the feature set's lock.
+
+    That is every staged version, and any version renamed into `versions/` by a run killed
+    before it moved LATEST: newer than the live version and never recorded as published.
+    """
+    removed = []
+    staging = store / name / STAGING
+    if staging.is_dir():
+        for path in staging.iterdir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(f"{STAGING}/{path.name}")
+    live = live_version(store, name) if (store / name / LATEST).is_file() else ""
+    for version in list_versions(store, name):
+        if version > live and version not in published:
+            shutil.rmtree(store / name / VERSIONS / version, ignore_errors=True)
+            removed.append(f"{VERSIONS}/{version}")
+    return removed
+
+
+def apply_retention(store: Path, name: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` published versions (never the live one) and all but
+    the newest ``keep`` refused ones. ``keep = 0`` keeps everything."""
+    if keep <= 0:
+        return []
+    live = live_version(store, name)
+    removed = []
+    for folder, versions in ((VERSIONS, list_versions(store, name)), (REFUSED, list_refused(store, name))):
+        for version in versions[:-keep]:
+            if version != live:
+                shutil.rmtree(store / name / folder / version)
+                removed.append(f"{folder}/{version}")
+    return removed
+
+
 def discard(staging: Path) -> None:
     """Remove a staged version that will not be published."""
     shutil.rmtree(staging, ignore_errors=True)
