@@ -98,7 +98,8 @@ def run_job(cfg: JobConfig, *, force: bool = False, progress: bool | None = None
         raise
     finally:
         entry["ended"] = _now()
-        runlog.append_run(folder, entry)
+        if folder.is_dir():  # a store that cannot even be created has been reported already
+            runlog.append_run(folder, entry)
 
 
 def input_fingerprint(cfg: JobConfig) -> str:

@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--communities", type=int, default=40)
     parser.add_argument("--in-cluster", type=float, default=0.5)
     parser.add_argument("--epochs", type=int, default=ModelConfig.epochs, help="cap; early stopping decides")
+    parser.add_argument("--dim", type=int, default=ModelConfig.dim)
+    parser.add_argument("--kinds", default="dae,vae", help="comma-separated model kinds to train")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
@@ -100,10 +102,10 @@ def main() -> None:
         if best is None or metrics["ndcg@100"] > best[0]["ndcg@100"]:
             best = (metrics, time.perf_counter() - start, lam)
     rows[f"EASE (λ={best[2]:g})"] = {**best[0], "seconds": best[1]}
-    for kind in ("dae", "vae"):
-        cfg = replace(ModelConfig(kind=kind), epochs=args.epochs)
+    for kind in args.kinds.split(","):
+        cfg = replace(ModelConfig(kind=kind), epochs=args.epochs, dim=args.dim)
         metrics, seconds, best_epoch = model_metrics(matrix, split, cfg)
-        rows[f"{kind} (best epoch {best_epoch})"] = {**metrics, "seconds": seconds}
+        rows[f"{kind}, dim {args.dim} (best epoch {best_epoch})"] = {**metrics, "seconds": seconds}
 
     print(f"{matrix.shape[0]:,} users × {matrix.shape[1]:,} items, {matrix.nnz:,} interactions; "
           f"{len(split.valid_rows):,} held-out users, 20% of their items hidden; "

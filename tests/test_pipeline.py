@@ -128,7 +128,7 @@ def test_saved_model_loads_without_pickles_and_reproduces_the_embeddings(trained
 def test_same_seed_same_embeddings(tmp_path):
     job = write_job(tmp_path, model={"epochs": 3})
     first = run_job(load_job_config(job), progress=False)
-    second = run_job(load_job_config(job), progress=False)
+    second = run_job(load_job_config(job), force=True, progress=False)
     assert first.version < second.version
     a = pq.read_table(first.path / "users.parquet").column("embedding").to_pylist()
     b = pq.read_table(second.path / "users.parquet").column("embedding").to_pylist()
@@ -168,7 +168,7 @@ def test_failure_mid_publish_keeps_the_previous_version_live(tmp_path, monkeypat
         monkeypatch.setattr(store_mod, "atomic_write",
                             lambda path, text: boom() if path.name == "LATEST" else real(path, text))
     with pytest.raises(OSError, match="injected"):
-        run_job(job, progress=False)
+        run_job(job, force=True, progress=False)
     assert _store_state(tmp_path / "store") == before
     assert before[1] == [good.version] and before[2] == []
     assert aefeatures.open_store(tmp_path / "store")["movies"].version == good.version
