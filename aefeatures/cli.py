@@ -342,6 +342,23 @@ def evaluate(store_dir: Path, name: str | None, version: str | None, as_json: bo
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @store_option
+@name_option
+@k_option
+@json_option
+def anomalies(store_dir: Path, name: str | None, k: int, as_json: bool) -> None:
+    """Users the autoencoder explains worst: highest anomaly score (reconstruction error
+    compared with users of similar activity, as a robust z-score) first."""
+    fs = _open(store_dir, name)
+    rows = fs.anomalies(k)
+    if as_json:
+        _print_json({"feature_set": fs.name, "version": fs.version, "users": rows.to_dicts()})
+        return
+    click.echo(f"most anomalous users ({fs.name} version {fs.version}):")
+    _print_table(rows.columns, rows.rows())
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@store_option
 @click.option("--name", required=True, help="Feature set.")
 @click.option("-n", "last", type=click.IntRange(min=1), default=20, show_default=True, help="How many recent runs.")
 @json_option

@@ -168,6 +168,13 @@ class FeatureSet:
             rows, scores = self._exact_top(queries[0], [row], k)
         return Neighbours(self._items[0].ids[rows], scores.astype(np.float32))
 
+    def anomalies(self, k: int = 20) -> pl.DataFrame:
+        """The ``k`` users the model explains worst (highest anomaly score first): bots, random
+        clickers, fraud. Columns `user_id, n_interactions, reconstruction_error, anomaly_score`."""
+        users = pl.read_parquet(self.path / store.USERS,
+                                columns=["user_id", "n_interactions", "reconstruction_error", "anomaly_score"])
+        return users.sort("anomaly_score", descending=True).head(k)
+
     # --- internals ---------------------------------------------------------------------------
 
     def _user_rows(self, users: Sequence[Any]) -> np.ndarray:

@@ -27,6 +27,7 @@ def users_schema(id_type: pa.DataType, dim: int) -> pa.Schema:
             pa.field("embedding", embedding_type(dim), nullable=False),
             pa.field("n_interactions", pa.int32(), nullable=False),
             pa.field("reconstruction_error", pa.float32(), nullable=False),
+            pa.field("anomaly_score", pa.float32(), nullable=False),
             pa.field("event_timestamp", TIMESTAMP_TYPE, nullable=False),
             pa.field("created_timestamp", TIMESTAMP_TYPE, nullable=False),
         ]

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aefeatures import errors, schema
+from aefeatures.anomaly import anomaly_scores
 
 if TYPE_CHECKING:
     from aefeatures.embed import Embeddings
@@ -120,6 +121,7 @@ def write_tables(folder: Path, matrix: InteractionMatrix, emb: Embeddings, *,
         _fixed_list(emb.user_vectors),
         pa.array(matrix.row_lengths().astype(np.int32)),
         pa.array(emb.reconstruction_error),
+        pa.array(anomaly_scores(emb.reconstruction_error, matrix.row_lengths())),
         _timestamps(matrix.user_last_seen, created_us),
         _timestamps(np.full(matrix.shape[0], created_us), created_us),
     ], schema=schema.users_schema(user_type, emb.dim).with_metadata(meta))

@@ -35,6 +35,8 @@ def generate(
     duplicates: float = 0.02,
     days: int = 90,
     string_ids: bool = False,
+    random_clickers: int = 0,
+    spammers: int = 0,
     seed: int = 0,
 ) -> PlantedData:
     """Generate interactions; the same arguments always give the same rows.
@@ -49,6 +51,10 @@ def generate(
         Share of extra rows that repeat an existing (user, item) pair with a new rating.
     string_ids
         Ids like ``"u00042"`` / ``"i0007"`` instead of integers.
+    random_clickers, spammers
+        Planted anomalous users, appended after the regular ones with community -1: random
+        clickers pick items uniformly at random; spammers hit one rarely used item many times.
+        All their ratings are 5.
     """
     rng = np.random.default_rng(seed)
     cluster = rng.permutation(n_items) % n_communities  # (n_items,)
@@ -75,6 +81,11 @@ def generate(
     user, item, hit = (np.concatenate([a, a[extra]]) for a in (user, item, hit))
     rating = np.where(hit, rng.choice([3, 4, 5], len(user), p=[0.15, 0.35, 0.5]),
                       rng.choice([1, 2, 3, 4], len(user), p=[0.3, 0.3, 0.25, 0.15])).astype(np.int8)
+    odd_user, odd_item = _anomalies(rng, n_users, n_items, popularity, sizes, random_clickers, spammers)
+    user, item = np.concatenate([user, odd_user]), np.concatenate([item, odd_item])
+    rating = np.concatenate([rating, np.full(len(odd_user), 5, np.int8)])
+    community = np.concatenate([community, np.full(random_clickers + spammers, -1)])
+    n_users += random_clickers + spammers
     seconds = rng.integers(0, days * 86400, len(user))
     order = rng.permutation(len(user))  # logs arrive unordered
 
@@ -90,6 +101,22 @@ def generate(
         user_community=pl.DataFrame({"user_id": uid, "community": community.astype(np.int32)}),
         item_cluster=pl.DataFrame({"item_id": iid, "cluster": cluster.astype(np.int32)}),
     )
+
+
+def _anomalies(rng, n_users, n_items, popularity, sizes, n_random, n_spam) -> tuple[np.ndarray, np.ndarray]:
+    users, items = [], []
+    for k in range(n_random):
+        picked = rng.choice(n_items, int(rng.choice(sizes)), replace=False)
+        users.append(np.full(len(picked), n_users + k))
+        items.append(picked)
+    rare = np.argsort(popularity)[: max(n_spam, 1)]
+    for k in range(n_spam):
+        repeats = int(rng.integers(5, 20))
+        users.append(np.full(repeats, n_users + n_random + k))
+        items.append(np.full(repeats, rare[k]))
+    if not users:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(users), np.concatenate(items)
 
 
 def _ids(n: int, prefix: str, as_strings: bool) -> np.ndarray:

@@ -32,7 +32,7 @@ def test_run_publishes_and_prints_a_summary_with_a_sample_lookup(tmp_path, runne
 
     again = runner.invoke(cli, ["run", "--json", str(write_job(tmp_path, model={"epochs": 2}))])
     summary = json.loads(again.stdout)
-    assert summary["counts"]["users"] == 2000 and len(summary["sample"]["recommend"]) == 5
+    assert summary["counts"]["users"] == 2030 and len(summary["sample"]["recommend"]) == 5
 
 
 def test_recommend_json_prints_k_unseen_items(trained, runner):
@@ -121,7 +121,7 @@ def test_missing_store_is_a_bad_input(runner, tmp_path):
     assert result.stderr.strip().startswith("error: store `") and len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("command", ["run", "recommend", "similar", "versions"])
+@pytest.mark.parametrize("command", ["run", "recommend", "similar", "versions", "evaluate", "runs", "anomalies"])
 def test_every_command_has_help_with_exit_codes(runner, command):
     result = runner.invoke(cli, [command, "--help"])
     assert result.exit_code == 0

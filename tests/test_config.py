@@ -64,7 +64,7 @@ def test_example_input_is_readable_from_another_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_job_config(EXAMPLE)
     got = read_interactions(cfg.input)
-    assert got.n_rows_read == 57278 and got.n_rows_kept == 41758
+    assert got.n_rows_read == 57879 and got.n_rows_kept == 42359
 
 
 def test_to_dict_is_plain_json():

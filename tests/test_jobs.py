@@ -145,7 +145,7 @@ def test_runs_command_shows_the_history(job, tmp_path):
     out = CliRunner().invoke(cli, ["runs", "--store", str(tmp_path / "store"), "--name", "movies", "--json"])
     runs = json.loads(out.stdout)["runs"]
     assert [r["status"] for r in runs] == ["published", "up_to_date"]
-    assert runs[0]["counts"]["users"] == 2000 and set(runs[0]["timings"]) >= {"read", "train", "publish"}
+    assert runs[0]["counts"]["users"] == 2030 and set(runs[0]["timings"]) >= {"read", "train", "publish"}
     assert runs[0]["ended"] >= runs[0]["started"]
     human = CliRunner().invoke(cli, ["runs", "--store", str(tmp_path / "store"), "--name", "movies"])
     assert "up_to_date" in human.stdout

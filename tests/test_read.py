@@ -56,9 +56,9 @@ def from_file(expected):
 def test_single_file_gives_canonical_deduplicated_frame(from_file, source, expected):
     got = from_file
     assert dict(got.frame.schema) == CANONICAL
-    assert got.n_rows_read == source.height == 57278
-    assert got.n_rows_kept == 57278  # no min_weight: nothing dropped before collapsing
-    assert got.frame.height == expected.height == 56155  # the fixture holds 1123 repeated pairs
+    assert got.n_rows_read == source.height == 57879
+    assert got.n_rows_kept == 57879  # no min_weight: nothing dropped before collapsing
+    assert got.frame.height == expected.height == 56648  # the fixture holds 1123 repeated pairs
     assert got.has_timestamps
     assert sorted_frame(got).equals(expected)
     stat = FIXTURE.stat()
@@ -76,7 +76,7 @@ def test_directory_of_files_ignores_success_hidden_and_underscore_entries(tmp_pa
     source.head(100).write_parquet(folder / "_temporary" / "0" / "part-9.parquet")
     got = read(folder, weight_col="rating", timestamp_col="timestamp")
     assert [Path(f.path).name for f in got.files] == ["part-0.parquet", "part-1.parquet", "part-2.parquet"]
-    assert got.n_rows_read == 57278
+    assert got.n_rows_read == 57879
     assert sorted_frame(got).equals(sorted_frame(from_file))
 
 
@@ -86,7 +86,7 @@ def test_directory_of_files_without_extension(tmp_path, source, from_file):
     source.head(30000).write_parquet(folder / "part-00000")
     source.slice(30000).write_parquet(folder / "part-00001")
     got = read(folder, weight_col="rating", timestamp_col="timestamp")
-    assert got.n_rows_read == 57278 and len(got.files) == 2
+    assert got.n_rows_read == 57879 and len(got.files) == 2
     assert sorted_frame(got).equals(sorted_frame(from_file))
 
 
@@ -106,7 +106,7 @@ def test_hive_partitioned_directory_ignores_success_and_hidden_files(tmp_path, s
     root = _hive(tmp_path / "hive", source)
     got = read(root, weight_col="rating", timestamp_col="timestamp")
     assert [f.path for f in got.files] == [str(root / "day=1" / "part.parquet"), str(root / "day=2" / "part.parquet")]
-    assert got.n_rows_read == 57278
+    assert got.n_rows_read == 57879
     assert sorted_frame(got).equals(sorted_frame(from_file))
 
 
@@ -118,8 +118,8 @@ def test_hive_partition_key_can_be_the_weight_column(tmp_path, source):
         (source.filter(pl.col("rating") == rating).drop("rating")
          .write_parquet(root / f"rating={rating}" / "part.parquet"))
     got = read(root, weight_col="rating", min_weight=4.0)
-    assert got.n_rows_read == 57278
-    assert got.n_rows_kept == int((source["rating"] >= 4).sum()) == 41758
+    assert got.n_rows_read == 57879
+    assert got.n_rows_kept == int((source["rating"] >= 4).sum()) == 42359
     assert got.frame.height == source.filter(pl.col("rating") >= 4).unique(["user_id", "item_id"]).height
     assert got.frame["weight"].min() == 4.0 and got.frame["weight"].max() == 5.0
 
@@ -132,7 +132,7 @@ def test_glob_reads_only_matching_files(tmp_path, source, from_file):
     (folder / "notes.txt").write_text("not data")
     source.head(10).write_parquet(folder / "other.parquet")  # does not match `part-*`
     everything = read(str(folder / "part-*.parquet"), weight_col="rating", timestamp_col="timestamp")
-    assert len(everything.files) == 3 and everything.n_rows_read == 57278
+    assert len(everything.files) == 3 and everything.n_rows_read == 57879
     assert sorted_frame(everything).equals(sorted_frame(from_file))
     two = read(str(folder / "part-[01].parquet"), weight_col="rating")
     assert [Path(f.path).name for f in two.files] == ["part-0.parquet", "part-1.parquet"]
@@ -147,14 +147,14 @@ def test_later_files_may_add_columns_the_job_does_not_read(tmp_path, source, fro
     source.head(30000).write_parquet(folder / "a.parquet")
     source.slice(30000).with_columns(device=pl.lit("phone")).write_parquet(folder / "b.parquet")
     got = read(str(folder / "*.parquet") if as_glob else folder, weight_col="rating", timestamp_col="timestamp")
-    assert got.n_rows_read == 57278
+    assert got.n_rows_read == 57879
     assert sorted_frame(got).equals(sorted_frame(from_file))
 
 
 def test_recursive_glob_over_hive_folders(tmp_path, source, from_file):
     root = _hive(tmp_path / "hive", source)
     got = read(str(root / "**" / "*.parquet"), weight_col="rating", timestamp_col="timestamp")
-    assert len(got.files) == 2 and got.n_rows_read == 57278
+    assert len(got.files) == 2 and got.n_rows_read == 57879
     assert sorted_frame(got).equals(sorted_frame(from_file))
 
 
@@ -202,17 +202,17 @@ def test_without_weight_or_timestamp_columns_weights_are_one_and_times_null():
     assert dict(got.frame.schema) == CANONICAL
     assert not got.has_timestamps
     assert got.frame["weight"].unique().to_list() == [1.0]
-    assert got.frame["timestamp"].null_count() == got.frame.height == 56155
+    assert got.frame["timestamp"].null_count() == got.frame.height == 56648
 
 
 # --- min_weight and duplicates ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("min_weight, kept", [(4.0, 41758), (3.5, 41758), (5.0, 23677), (1.0, 57278),
-                                              (0.0, 57278)])
+@pytest.mark.parametrize("min_weight, kept", [(4.0, 42359), (3.5, 42359), (5.0, 24278), (1.0, 57879),
+                                              (0.0, 57879)])
 def test_min_weight_drops_rows_below(source, min_weight, kept):
     got = read(FIXTURE, weight_col="rating", min_weight=min_weight)
-    assert got.n_rows_read == 57278
+    assert got.n_rows_read == 57879
     assert got.n_rows_kept == kept == int((source["rating"] >= min_weight).sum())
     assert got.frame.height == source.filter(pl.col("rating") >= min_weight).unique(["user_id", "item_id"]).height
     assert got.frame["weight"].min() >= min_weight
@@ -572,9 +572,9 @@ def test_empty_file(tmp_path):
 
 def test_nothing_left_after_min_weight(tmp_path):
     with pytest.raises(errors.EmptyInputError,
-                       match=r"matched 1 file\(s\) with 57278 row\(s\) but none has `rating` >= 6\.0\.") as e:
+                       match=r"matched 1 file\(s\) with 57879 row\(s\) but none has `rating` >= 6\.0\.") as e:
         read(FIXTURE, weight_col="rating", min_weight=6.0)
-    assert (e.value.n_files, e.value.n_rows) == (1, 57278)
+    assert (e.value.n_files, e.value.n_rows) == (1, 57879)
 
 
 def test_fewer_than_two_items(tmp_path):
@@ -690,7 +690,7 @@ def test_matrix_of_the_fixture_matches_the_frame(from_file):
     frame = from_file.frame
     assert m.user_ids.to_list() == sorted(frame["user_id"].unique().to_list())
     assert m.item_ids.to_list() == sorted(frame["item_id"].unique().to_list())
-    assert m.shape == (2000, 500) and m.nnz == frame.height
+    assert m.shape == (2030, 500) and m.nnz == frame.height
     rows = np.searchsorted(m.user_ids.to_numpy(), frame["user_id"].to_numpy())
     cols = np.searchsorted(m.item_ids.to_numpy(), frame["item_id"].to_numpy())
     dense = np.zeros(m.shape, dtype=np.float32)
@@ -699,7 +699,7 @@ def test_matrix_of_the_fixture_matches_the_frame(from_file):
     for r in range(m.shape[0]):  # items sorted within every row
         assert np.all(np.diff(m.indices[m.indptr[r]:m.indptr[r + 1]]) > 0)
     assert m.item_popularity().tolist() == (dense > 0).sum(axis=0).tolist()
-    picked = np.random.default_rng(0).choice(2000, 64, replace=True)
+    picked = np.random.default_rng(0).choice(2030, 64, replace=True)
     offsets, items, values = m.gather(picked)
     ends = np.append(offsets[1:], len(items))
     for k, r in enumerate(picked):

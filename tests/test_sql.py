@@ -32,7 +32,7 @@ def test_duckdb_reads_the_raw_embedding_as_a_float_list(trained):
 def test_views_expose_fixed_size_arrays_for_array_functions(con):
     assert con.sql("SELECT typeof(embedding) FROM movies_users LIMIT 1").fetchall()[0][0] == "FLOAT[32]"
     assert con.sql("SELECT typeof(embedding) FROM movies_items LIMIT 1").fetchall()[0][0] == "FLOAT[32]"
-    assert con.sql("SELECT count(*) FROM movies_users").fetchall()[0][0] == 2000
+    assert con.sql("SELECT count(*) FROM movies_users").fetchall()[0][0] == 2030
     sim = con.sql("""SELECT array_cosine_similarity(a.embedding, b.embedding)
                      FROM movies_users a, movies_users b WHERE a.user_id = 1 AND b.user_id = 1""").fetchall()[0][0]
     assert sim == pytest.approx(1.0, abs=1e-5)
