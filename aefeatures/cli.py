@@ -159,6 +159,36 @@ def run(job_file: Path, force: bool, as_json: bool) -> None:
     click.echo(f"  items like item {sample['item']!r}: {', '.join(map(str, sample['similar']))}")
 
 
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("job_file", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Embed even if the live version was embedded from the same input.")
+@json_option
+def embed(job_file: Path, force: bool, as_json: bool) -> None:
+    """Embed the users of JOB_FILE's input with the live model, without training, and publish.
+
+    New users and users whose history changed get embeddings between trainings. The version
+    reuses the live model, item vectors and index; items the model does not know are dropped,
+    and users left with none are reported. Locked, logged and idempotent like `run`.
+    """
+    from aefeatures.config import load_job_config
+    from aefeatures.incremental import embed_job
+
+    with _signals_as_errors():
+        result = embed_job(load_job_config(job_file), force=force)
+    info = result.manifest.get("embedded_with", {})
+    if as_json:
+        _print_json({"name": result.name, "version": result.version, "status": result.status,
+                     "counts": result.manifest["counts"], "embedded_with": info})
+    elif result.status == "up_to_date":
+        click.echo(f"{result.name} is up to date: live version {result.version} was embedded from the same input")
+    else:
+        click.echo(f"published {result.name} version {result.version}: {result.manifest['counts']['users']:,} "
+                   f"users embedded with the model of version {info['version']} (no training)")
+        if info["unknown_only_users"]:
+            click.echo(f"  {info['unknown_only_users']:,} user(s) had only unknown items and got no embedding, "
+                       f"e.g. {', '.join(map(str, info['unknown_only_sample'][:5]))}")
+
+
 @contextmanager
 def _signals_as_errors() -> Iterator[None]:
     """SIGTERM and SIGINT raise :class:`Interrupted`, so a run stops cleanly with 128 + signal."""

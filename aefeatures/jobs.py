@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -69,9 +69,20 @@ def run_job(cfg: JobConfig, *, force: bool = False, progress: bool | None = None
     BadInputError, GateRefusedError, LockHeldError, Interrupted
         Each recorded in the run log with its exit code.
     """
+    def work(fingerprint: str, live: dict[str, Any] | None) -> RunResult:
+        return _build_and_publish(cfg, fingerprint, progress)
+
+    return scheduled(cfg, "run", "fingerprint", work, force=force)
+
+
+def scheduled(cfg: JobConfig, command: str, key: str,
+              work: Callable[[str, dict[str, Any] | None], RunResult], *, force: bool) -> RunResult:
+    """Run ``work(fingerprint, live manifest)`` under the feature set's lock, unless the live
+    manifest's ``key`` already equals this input's fingerprint; record the run in the run log."""
     root, name = cfg.job.store, cfg.job.name
     folder = root / name
-    entry: dict[str, Any] = {"started": _now(), "job": str(cfg.source), "pid": os.getpid(), "force": force}
+    entry: dict[str, Any] = {"started": _now(), "command": command, "job": str(cfg.source),
+                             "pid": os.getpid(), "force": force}
     try:
         _check_store(root, name)
         with feature_set_lock(folder):
@@ -80,11 +91,11 @@ def run_job(cfg: JobConfig, *, force: bool = False, progress: bool | None = None
                 log.warning("removed leftovers of interrupted runs in %s: %s", folder, ", ".join(removed))
             fingerprint = input_fingerprint(cfg)
             live = _live_manifest(root, name)
-            if live and live.get("fingerprint") == fingerprint and not force:
+            if live and live.get(key) == fingerprint and not force:
                 result = RunResult(name, live["version"], store.version_dir(root, name, live["version"]),
                                    live, status="up_to_date")
             else:
-                result = _build_and_publish(cfg, fingerprint, progress)
+                result = work(fingerprint, live)
                 entry["removed_by_retention"] = store.apply_retention(root, name, cfg.retention.keep)
         entry.update(status=result.status, exit_code=0, version=result.version,
                      counts=result.manifest["counts"], timings=result.timings)

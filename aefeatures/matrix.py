@@ -79,7 +79,8 @@ class CSR(NamedTuple):
         return offsets, self.indices[positions], self.values[positions]
 
 
-def build_matrix(interactions: Interactions, *, binarize: bool = True) -> InteractionMatrix:
+def build_matrix(interactions: Interactions, *, binarize: bool = True,
+                 item_ids: pl.Series | None = None) -> InteractionMatrix:
     """Build the CSR matrix from deduplicated interactions.
 
     Parameters
@@ -88,13 +89,20 @@ def build_matrix(interactions: Interactions, *, binarize: bool = True) -> Intera
         Output of :func:`aefeatures.read.read_interactions` (one row per (user, item)).
     binarize
         Store 1.0 for every pair instead of its weight.
+    item_ids
+        A fixed, sorted item vocabulary (a trained model's) instead of the input's own; every
+        item of ``interactions`` must be in it.
     """
     frame = interactions.frame
     user_ids = frame.get_column(USER).unique().sort()
-    item_ids = frame.get_column(ITEM).unique().sort()
+    if item_ids is None:
+        item_ids = frame.get_column(ITEM).unique().sort()
+        item_code = pl.col(ITEM).rank("dense").cast(pl.Int32).sub(1)
+    else:
+        item_code = pl.lit(item_ids.search_sorted(frame.get_column(ITEM)).cast(pl.Int32))
     coded = frame.select(
         pl.col(USER).rank("dense").cast(pl.Int64).sub(1).alias("u"),
-        pl.col(ITEM).rank("dense").cast(pl.Int32).sub(1).alias("i"),
+        item_code.alias("i"),
         pl.lit(1.0, pl.Float32).alias("w") if binarize else pl.col(WEIGHT).cast(pl.Float32).alias("w"),
         pl.col(TIMESTAMP),
     ).sort("u", "i")

@@ -1,0 +1,117 @@
+"""`aefeatures embed`: embed users from fresh interactions with the live model, no training.
+
+The autoencoder embeds any user from their interaction vector, so new users, and users whose
+history changed, get embeddings between nightly trainings. The new version reuses the live
+version's model, item vectors and FAISS index; users.parquet and interactions.parquet come
+from the new input. Items the model does not know are dropped; users left with no known item
+are reported and get no embedding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from aefeatures import errors, store
+from aefeatures.config import JobConfig
+from aefeatures.embed import embed
+from aefeatures.jobs import RunResult, _refresh_sql_catalog, _timed, scheduled
+from aefeatures.matrix import build_matrix
+from aefeatures.model import load_model
+from aefeatures.read import Interactions, read_interactions
+from aefeatures.schema import ITEM, USER
+
+log = logging.getLogger(__name__)
+
+
+def embed_job(cfg: JobConfig, *, force: bool = False) -> RunResult:
+    """Embed the users of ``cfg``'s input with the live model and publish a new version.
+
+    Raises
+    ------
+    StoreError
+        The feature set has no live version to embed with.
+    """
+    def work(fingerprint: str, live: dict[str, Any] | None) -> RunResult:
+        if live is None:
+            raise errors.no_feature_set(cfg.job.store, cfg.job.name, store.feature_sets(cfg.job.store))
+        return _embed_and_publish(cfg, fingerprint, live)
+
+    return scheduled(cfg, "embed", "embed_fingerprint", work, force=force)
+
+
+def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -> RunResult:
+    created = datetime.now(timezone.utc)
+    root, name = cfg.job.store, cfg.job.name
+    source = store.version_dir(root, name, live["version"])
+    timings: dict[str, float] = {}
+    with _timed(timings, "read"):
+        interactions = read_interactions(cfg.input)
+    with _timed(timings, "matrix"):
+        known = pl.read_parquet(source / store.ITEMS, columns=[ITEM]).get_column(ITEM)
+        kept, unknown_only = _known_items_only(interactions, known)
+        matrix = build_matrix(kept, binarize=cfg.input.binarize, item_ids=known)
+    with _timed(timings, "embed"):
+        model = load_model(source / store.MODEL_DIR)
+        emb = embed(model, matrix)
+
+    version = store.new_version_id(root, name, created)
+    staging = store.start_version(root, name, version)
+    try:
+        with _timed(timings, "write"):
+            counts = store.write_tables(staging, matrix, emb, name=name, version=version, created=created)
+            shutil.copytree(source / store.MODEL_DIR, staging / store.MODEL_DIR, copy_function=_link_or_copy)
+            _link_or_copy(source / store.INDEX, staging / store.INDEX)
+        manifest = {
+            **live,
+            "version": version,
+            "created_at": created.isoformat(),
+            "fingerprint": None,  # not trained on this input: a later `run` must still train
+            "embed_fingerprint": fingerprint,
+            "embedded_with": {"version": live["version"], "unknown_only_users": len(unknown_only),
+                              "unknown_only_sample": unknown_only[:20]},
+            "input": {"files": [vars(f) for f in interactions.files], "rows_read": interactions.n_rows_read,
+                      "rows_kept": interactions.n_rows_kept, "pairs": matrix.nnz},
+            "counts": counts,
+            "timings": timings,
+        }
+        with _timed(timings, "publish"):
+            store.write_manifest(staging, manifest)
+            final = store.publish(root, name, staging)
+            _refresh_sql_catalog(root)
+    except BaseException:
+        store.discard(staging)
+        raise
+    if unknown_only:
+        log.info("%d user(s) have only items the model does not know and got no embedding, e.g. %s",
+                    len(unknown_only), unknown_only[:5])
+    return RunResult(name, version, final, manifest, timings)
+
+
+def _known_items_only(interactions: Interactions, known: pl.Series) -> tuple[Interactions, list[Any]]:
+    """(the interactions with known items, ids of users who had only unknown ones)."""
+    frame = interactions.frame
+    is_known = frame.get_column(ITEM).is_in(known.implode())
+    kept = frame.filter(is_known)
+    if kept.height == 0:
+        raise errors.EmptyInputError(str(interactions.files[0].path), len(interactions.files),
+                                     interactions.n_rows_read, "none of their items is known to the live model")
+    lost = frame.get_column(USER).unique().filter(~frame.get_column(USER).unique().is_in(
+        kept.get_column(USER).unique().implode()))
+    return Interactions(kept, interactions.files, interactions.n_rows_read, interactions.n_rows_kept,
+                        interactions.has_timestamps), sorted(lost.to_list())
+
+
+def _link_or_copy(src: Path | str, dst: Path | str) -> None:
+    """Hard-link an immutable file into the new version (copy across filesystems)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
