@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import fields
 
 import duckdb
 import pytest
 
-from aefeatures.config import load_job_config
+from aefeatures.config import JobConfig, load_job_config, tomllib
 from aefeatures.jobs import run_job
 from tests.conftest import REPO
 
@@ -52,3 +53,13 @@ def test_sql_example_runs(example_store):
     (query,) = _blocks("sql")
     rows = con.sql(query).fetchall()
     assert len(rows) == 10 and rows[0][1] >= rows[-1][1]
+
+
+def test_the_job_file_reference_is_a_valid_job_file_with_every_key(tmp_path):
+    (reference,) = _blocks("toml")
+    path = tmp_path / "reference.toml"
+    path.write_text(reference)
+    cfg = load_job_config(path)
+    written = tomllib.loads(reference)
+    for section in (f.name for f in fields(JobConfig) if f.name != "source"):
+        assert set(written[section]) == {f.name for f in fields(type(getattr(cfg, section)))}, section
