@@ -63,8 +63,7 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -
         emb = embed(model, matrix)
 
     version = store.new_version_id(root, name, created)
-    staging = store.start_version(root, name, version)
-    try:
+    with store.staged_version(root, name, version) as staging:
         with _timed(timings, "write"):
             counts = store.write_tables(staging, matrix, emb, name=name, version=version, created=created)
             shutil.copytree(source / store.MODEL_DIR, staging / store.MODEL_DIR, copy_function=_link_or_copy)
@@ -86,9 +85,6 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -
             store.write_manifest(staging, manifest)
             final = store.publish(root, name, staging)
             _refresh_sql_catalog(root)
-    except BaseException:
-        store.discard(staging)
-        raise
     if unknown_only:
         log.info("%d user(s) have only items the model does not know and got no embedding, e.g. %s",
                     len(unknown_only), unknown_only[:5])

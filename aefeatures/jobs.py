@@ -160,8 +160,7 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None) 
 
     previous = _live_manifest(root, name)
     version = store.new_version_id(root, name, created)
-    staging = store.start_version(root, name, version)
-    try:
+    with store.staged_version(root, name, version) as staging:
         with _timed(timings, "write"):
             counts = store.write_tables(staging, matrix, emb, name=name, version=version, created=created)
             save_model(trained.model, staging / store.MODEL_DIR)
@@ -204,11 +203,6 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None) 
                                               previous and previous["version"])
             final = store.publish(root, name, staging)
             _refresh_sql_catalog(root)
-    except errors.GateRefusedError:
-        raise
-    except BaseException:
-        store.discard(staging)
-        raise
     log.info("published %s/%s", name, version)
     return RunResult(name, version, final, manifest, timings)
 

@@ -19,8 +19,9 @@ import os
 import shutil
 import tempfile
 from datetime import datetime, timedelta, timezone
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -93,6 +94,18 @@ def new_version_id(store: Path, name: str, now: datetime) -> str:
         last = datetime.strptime(existing[-1], VERSION_FORMAT).replace(tzinfo=timezone.utc)
         moment = max(moment, last + timedelta(microseconds=1))
     return moment.strftime(VERSION_FORMAT)
+
+
+@contextmanager
+def staged_version(store: Path, name: str, version: str) -> Iterator[Path]:
+    """A staging folder for ``version``, removed if the block fails (a version the block
+    published or refused has already moved out of it)."""
+    staging = start_version(store, name, version)
+    try:
+        yield staging
+    except BaseException:
+        discard(staging)
+        raise
 
 
 def start_version(store: Path, name: str, version: str) -> Path:
