@@ -1,8 +1,11 @@
 """Render the DuckDB views in `sql/` for a store, and keep `STORE/catalog.sql` current.
 
 `duckdb -init STORE/catalog.sql` (or ``con.execute(open(...).read())``) defines, for every
-feature set, `<name>_users`, `<name>_items` and `<name>_interactions` over its live version.
-Paths are absolute, so the script works from any working directory.
+feature set, views over its live version (`<name>_users`, `<name>_items`,
+`<name>_interactions`), over every published version (`<name>_versions`, `<name>_users_all`,
+`<name>_items_all`) and macros (`<name>_recommend`, `<name>_similar_items`,
+`<name>_similar_users`, `<name>_user_embedding_asof`). Paths are absolute, so the script works
+from any working directory; it needs no DuckDB extension.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pathlib import Path
 from string import Template
 
 from aefeatures import store
+from aefeatures.runlog import published_versions
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 CATALOG = "catalog.sql"
@@ -27,16 +31,35 @@ def _literal(path: Path) -> str:
 
 
 def render_views(root: Path, name: str) -> str:
-    """The views of feature set ``name``'s live version, as DuckDB SQL."""
-    folder = store.version_dir(root, name, store.live_version(root, name))
-    dim = int(store.read_manifest(folder)["dim"])
+    """The views and macros of feature set ``name`` (live version and all published ones)."""
+    live = store.live_version(root, name)
+    folder = store.version_dir(root, name, live).resolve()
+    versions = [v for v in store.list_versions(root, name) if v <= live or v in published_versions(root / name)]
+    manifests = {v: store.read_manifest(root / name / store.VERSIONS / v) for v in versions}
+    dims = {int(m["dim"]) for m in manifests.values()}
+    paths = {v: (root / name / store.VERSIONS / v).resolve() for v in versions}
     return _template().substitute(
         name=name,  # validated as [A-Za-z0-9_]+ by the job file
-        dim=dim,
-        users=_literal(folder.resolve() / store.USERS),
-        items=_literal(folder.resolve() / store.ITEMS),
-        interactions=_literal(folder.resolve() / store.INTERACTIONS),
+        dim=int(manifests[live]["dim"]),
+        live=_literal(live),
+        users=_literal(folder / store.USERS),
+        items=_literal(folder / store.ITEMS),
+        interactions=_literal(folder / store.INTERACTIONS),
+        version_rows=", ".join(_version_row(v, m) for v, m in manifests.items()),
+        users_all=_list(paths[v] / store.USERS for v in versions),
+        items_all=_list(paths[v] / store.ITEMS for v in versions),
+        all_type=f"FLOAT[{dims.pop()}]" if len(dims) == 1 else "FLOAT[]",  # dims changed: lists
     )
+
+
+def _version_row(version: str, m: dict) -> str:
+    ndcg = ((m.get("evaluation") or {}).get("model") or {}).get("ndcg@100")
+    return (f"({_literal(version)}, {_literal(m['created_at'])}::TIMESTAMPTZ, {int(m['counts']['users'])}, "
+            f"{int(m['counts']['items'])}, {int(m['dim'])}, {'NULL' if ndcg is None else float(ndcg)}::DOUBLE)")
+
+
+def _list(paths) -> str:
+    return "[" + ", ".join(_literal(p) for p in paths) + "]"
 
 
 def render_catalog(root: Path) -> str:
@@ -48,3 +71,28 @@ def write_catalog(root: Path) -> Path:
     path = root / CATALOG
     store.atomic_write(path, render_catalog(root))
     return path
+
+
+def connect(root: Path):
+    """An in-memory DuckDB connection with the store's views and macros defined."""
+    import duckdb
+
+    con = duckdb.connect()
+    catalog = render_catalog(root)
+    if catalog.strip():
+        con.execute(catalog)
+    return con
+
+
+def parse_param(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` from the command line → (name, int | float | str). The value only ever
+    reaches SQL as a bound parameter (``$NAME``), never as SQL text."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise ValueError(f"`--param {text}` must look like NAME=VALUE, with NAME a plain identifier")
+    for cast in (int, float):
+        try:
+            return name, cast(value)
+        except ValueError:
+            pass
+    return name, value

@@ -4,6 +4,7 @@ the Python API example and the SQL example run for real."""
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 from dataclasses import fields
 
@@ -47,12 +48,27 @@ def test_python_example_runs(example_store, monkeypatch, capsys):
     assert capsys.readouterr().out.split()[-1] == "30"  # recs.height: 3 users × 10
 
 
-def test_sql_example_runs(example_store):
+def test_sql_examples_run(example_store):
     con = duckdb.connect()
     con.execute((example_store / "store" / "catalog.sql").read_text())
-    (query,) = _blocks("sql")
-    rows = con.sql(query).fetchall()
-    assert len(rows) == 10 and rows[0][1] >= rows[-1][1]
+    queries = _blocks("sql")
+    results = [con.sql(q).fetchall() for q in queries]
+    assert len(results) == 5 and len(results[0]) == 10 and results[0][0][1] >= results[0][-1][1]
+    assert [r[0] for r in results[1]] == [r[0] for r in results[0]]  # the macro = the written-out query
+    assert len(results[2]) == 10 and len(results[3]) == 1 and len(results[4]) == 1
+
+
+def test_sql_command_example_runs(example_store, monkeypatch):
+    from click.testing import CliRunner
+
+    from aefeatures.cli import cli
+
+    monkeypatch.chdir(example_store)
+    (line,) = [b for b in _blocks("bash") if b.startswith("aefeatures sql")]
+    args = shlex.split(line)[1:]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == "item_id,score" and len(result.stdout.splitlines()) == 11
 
 
 def test_the_job_file_reference_is_a_valid_job_file_with_every_key(tmp_path):

@@ -1,0 +1,179 @@
+"""The SQL catalog over several versions: every view and macro against numpy, as-of queries,
+the `aefeatures sql` command with parameters, and the Feast export."""
+
+from __future__ import annotations
+
+import ast
+import json
+from datetime import datetime, timedelta
+
+import duckdb
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+import aefeatures
+from aefeatures.cli import cli
+from aefeatures.config import load_job_config
+from aefeatures.jobs import run_job
+from aefeatures.sqlviews import connect
+from tests.conftest import write_job
+
+NO_GATE = {"beat_popularity": False, "min_ratio": 0.0}
+
+
+@pytest.fixture(scope="module")
+def three_versions(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sql")
+    results = [run_job(load_job_config(write_job(folder, model={"epochs": e, "dim": 16, "hidden": [64]},
+                                                 gate=NO_GATE, filename=f"job{e}.toml")), progress=False)
+               for e in (2, 3, 4)]
+    return folder / "store", results
+
+
+@pytest.fixture()
+def con(three_versions):
+    root, _ = three_versions
+    con = duckdb.connect()
+    con.execute((root / "catalog.sql").read_text())
+    return con
+
+
+def _vectors(path, table):
+    frame = pl.read_parquet(path / f"{table}.parquet")
+    return frame.get_column(f"{table[:-1]}_id").to_numpy(), np.stack(frame.get_column("embedding").to_numpy())
+
+
+def test_versions_view_lists_every_version_with_validity(con, three_versions):
+    _, results = three_versions
+    rows = con.sql("SELECT version, valid_from, valid_to, live FROM movies_versions ORDER BY version").fetchall()
+    assert [r[0] for r in rows] == [r.version for r in results]
+    assert [r[3] for r in rows] == [False, False, True]
+    assert rows[0][2] == rows[1][1] and rows[-1][2] is None
+
+
+def test_all_versions_views_hold_every_versions_rows(con, three_versions):
+    _, results = three_versions
+    counts = dict(con.sql("SELECT version, count(*) FROM movies_users_all GROUP BY 1").fetchall())
+    assert counts == {r.version: 2030 for r in results}
+    assert con.sql("SELECT typeof(embedding) FROM movies_items_all LIMIT 1").fetchall()[0][0] == "FLOAT[16]"
+    first = results[0]
+    ids, vectors = _vectors(first.path, "users")
+    got = con.execute("SELECT embedding FROM movies_users_all WHERE version = $v AND user_id = 42",
+                      {"v": first.version}).fetchall()[0][0]
+    np.testing.assert_allclose(got, vectors[np.searchsorted(ids, 42)], rtol=1e-6)
+
+
+def test_recommend_macro_equals_the_lookup_api(con, three_versions):
+    root, _ = three_versions
+    fs = aefeatures.open_store(root)["movies"]
+    for user in (1, 42, 1999):
+        rows = con.execute("SELECT item_id, score FROM movies_recommend($u, 10)", {"u": user}).fetchall()
+        expected = fs.recommend(user, k=10)
+        assert [r[0] for r in rows] == expected.ids.tolist()
+        np.testing.assert_allclose([r[1] for r in rows], expected.scores, rtol=1e-4, atol=1e-4)
+
+
+def test_similar_items_macro_equals_numpy(con, three_versions):
+    _, results = three_versions
+    ids, vectors = _vectors(results[-1].path, "items")
+    row = np.searchsorted(ids, 7)
+    scores = vectors @ vectors[row]
+    scores[row] = -np.inf
+    top = np.argsort(-scores, kind="stable")[:10]
+    rows = con.sql("SELECT item_id, score FROM movies_similar_items(7, 10)").fetchall()
+    assert [r[0] for r in rows] == ids[top].tolist()
+    np.testing.assert_allclose([r[1] for r in rows], scores[top], rtol=1e-4)
+
+
+def test_similar_users_macro_is_cosine_similarity(con, three_versions):
+    _, results = three_versions
+    ids, vectors = _vectors(results[-1].path, "users")
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    row = np.searchsorted(ids, 42)
+    scores = unit @ unit[row]
+    scores[row] = -np.inf
+    top = np.argsort(-scores, kind="stable")[:10]
+    rows = con.sql("SELECT user_id, score FROM movies_similar_users(42, 10)").fetchall()
+    assert [r[0] for r in rows] == ids[top].tolist()
+    np.testing.assert_allclose([r[1] for r in rows], scores[top], rtol=1e-4)
+
+
+def test_embedding_as_of_returns_the_version_live_then(con, three_versions):
+    _, results = three_versions
+    for i, result in enumerate(results):
+        live_from = datetime.fromisoformat(result.manifest["created_at"])
+        at = live_from + timedelta(microseconds=1)
+        rows = con.execute("SELECT version, embedding FROM movies_user_embedding_asof(42, $t)", {"t": at}).fetchall()
+        assert [r[0] for r in rows] == [result.version], i
+        ids, vectors = _vectors(result.path, "users")
+        np.testing.assert_allclose(rows[0][1], vectors[np.searchsorted(ids, 42)], rtol=1e-6)
+    before = datetime.fromisoformat(results[0].manifest["created_at"]) - timedelta(seconds=1)
+    assert con.execute("SELECT * FROM movies_user_embedding_asof(42, $t)", {"t": before}).fetchall() == []
+
+
+def test_sql_command_formats_and_parameters(three_versions, tmp_path):
+    root, _ = three_versions
+    runner = CliRunner()
+    query = "SELECT item_id, score FROM movies_recommend($user, 5)"
+    as_json = runner.invoke(cli, ["sql", "--store", str(root), "-c", query, "--param", "user=42", "--format", "json"])
+    assert as_json.exit_code == 0, as_json.output
+    expected = aefeatures.open_store(root)["movies"].recommend(42, k=5).ids.tolist()
+    assert [r["item_id"] for r in json.loads(as_json.stdout)] == expected
+    as_csv = runner.invoke(cli, ["sql", "--store", str(root), "-c", query, "--param", "user=42", "--format", "csv"])
+    assert as_csv.stdout.splitlines()[0] == "item_id,score" and len(as_csv.stdout.splitlines()) == 6
+    out = tmp_path / "recs.parquet"
+    as_parquet = runner.invoke(cli, ["sql", "--store", str(root), "-c", query, "--param", "user=42",
+                                     "--format", "parquet", "--output", str(out)])
+    assert as_parquet.exit_code == 0 and pl.read_parquet(out).get_column("item_id").to_list() == expected
+    script = tmp_path / "q.sql"
+    script.write_text("CREATE TEMP TABLE top AS SELECT * FROM movies_items ORDER BY popularity DESC LIMIT 3;\n"
+                      "SELECT count(*) AS n FROM top;\n")
+    from_file = runner.invoke(cli, ["sql", "--store", str(root), "-f", str(script), "--format", "csv"])
+    assert from_file.stdout.splitlines() == ["n", "3"]
+    table = runner.invoke(cli, ["sql", "--store", str(root), "-c", "SELECT 1 AS one"])
+    assert "one" in table.stdout
+
+
+@pytest.mark.parametrize("hostile", ["42; DROP VIEW movies_users; --", "' OR 1=1 --", 'x"); SELECT 1; --'])
+def test_hostile_values_are_data_not_sql(three_versions, hostile):
+    root, _ = three_versions
+    runner = CliRunner()
+    result = runner.invoke(cli, ["sql", "--store", str(root), "-c",
+                                 "SELECT count(*) AS n FROM movies_items WHERE CAST(item_id AS VARCHAR) = $v",
+                                 "--param", f"v={hostile}", "--format", "csv"])
+    assert result.exit_code == 0 and result.stdout.splitlines() == ["n", "0"]
+    as_int = runner.invoke(cli, ["sql", "--store", str(root), "-c", "SELECT * FROM movies_users WHERE user_id = $v",
+                                 "--param", f"v={hostile}"])
+    assert as_int.exit_code == 2 and as_int.stderr.startswith("error: SQL failed: Conversion Error")
+    after = connect(root).sql("SELECT count(*) FROM movies_users").fetchall()[0][0]
+    assert after == 2030  # the view is still there
+
+
+def test_sql_errors_are_one_line(three_versions):
+    root, _ = three_versions
+    result = CliRunner().invoke(cli, ["sql", "--store", str(root), "-c", "SELECT * FROM nowhere"])
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
+    bad_param = CliRunner().invoke(cli, ["sql", "--store", str(root), "-c", "SELECT 1", "--param", "no-equals"])
+    assert bad_param.exit_code == 2 and "NAME=VALUE" in bad_param.output
+
+
+def test_interactive_prompt(three_versions):
+    root, _ = three_versions
+    result = CliRunner().invoke(cli, ["sql", "--store", str(root)],
+                                input="SELECT count(*) AS n\nFROM movies_items;\nSELECT nope;\n")
+    assert result.exit_code == 0 and "500" in result.stdout and "error:" in result.stderr
+
+
+def test_feast_export_writes_a_feature_repo(three_versions, tmp_path):
+    root, results = three_versions
+    out = CliRunner().invoke(cli, ["feast-export", "--store", str(root), "--output", str(tmp_path / "repo")])
+    assert out.exit_code == 0, out.output
+    code = (tmp_path / "repo" / "movies_features.py").read_text()
+    tree = ast.parse(code)
+    calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert {"Entity", "FileSource", "FeatureView", "Field", "Array"} <= calls
+    assert str(results[-1].path.resolve() / "users.parquet") in code
+    assert 'Field(name="embedding", dtype=Array(Float32))' in code
+    assert "project: movies" in (tmp_path / "repo" / "feature_store.yaml").read_text()
