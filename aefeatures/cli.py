@@ -263,10 +263,12 @@ def recommend(store_dir: Path, name: str | None, user: str | None, users_file: P
         return
     users = _read_users_file(users_file)
     recs = fs.recommend_batch(users, k, exclude_seen=not include_seen, skip_unknown=True)
-    missing = len(set(map(str, users)) - set(map(str, recs.get_column("user_id").unique().to_list())))
+    unknown = sorted(set(map(str, users)) - set(map(str, recs.get_column("user_id").unique().to_list())))
+    missing = len(unknown)
     if missing:
-        click.echo(f"warning: {missing} of {len(users)} user(s) not found in {fs.name} version {fs.version}; "
-                   "they are left out", err=True)
+        shown = ", ".join(unknown[:5]) + (", …" if missing > 5 else "")
+        click.echo(f"warning: {missing} of {len(users)} user(s) not found in {fs.name} version {fs.version} "
+                   f"({shown}); they are left out", err=True)
     if output is not None:
         _write_parquet_atomically(recs, output)
         click.echo(f"wrote {recs.height:,} rows for {len(users) - missing:,} users to {output}", err=True)
@@ -332,10 +334,11 @@ def versions(store_dir: Path, name: str | None, as_json: bool) -> None:
     if as_json:
         _print_json({"feature_set": name, "versions": rows})
         return
-    _print_table(["version", "status", "created_at", "users", "items", "dim", "kind", "index", "ndcg@100",
-                  "popularity"],
-                 [[r["version"], r["status"], r["created_at"][:19], r["users"], r["items"], r["dim"], r["kind"],
-                   r["index"], _or_dash(r["ndcg@100"]), _or_dash(r["popularity_ndcg@100"])] for r in rows])
+    _print_table(["version", "status", "built", "created_at", "users", "items", "dim", "kind", "index",
+                  "ndcg@100", "popularity"],
+                 [[r["version"], r["status"], r["built"], r["created_at"][:19], r["users"], r["items"], r["dim"],
+                   r["kind"], r["index"], _or_dash(r["ndcg@100"]), _or_dash(r["popularity_ndcg@100"])]
+                  for r in rows])
 
 
 def _or_dash(value: float | None) -> Any:
@@ -500,13 +503,15 @@ def feast_export(store_dir: Path, name: str | None, output: Path) -> None:
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @store_option
-@click.option("--name", required=True, help="Feature set.")
+@name_option
 @click.option("-n", "last", type=click.IntRange(min=1), default=20, show_default=True, help="How many recent runs.")
 @json_option
-def runs(store_dir: Path, name: str, last: int, as_json: bool) -> None:
+def runs(store_dir: Path, name: str | None, last: int, as_json: bool) -> None:
     """The run history of a feature set, newest last: status, exit code, version, timings."""
+    from aefeatures.lookup import open_store
     from aefeatures.runlog import read_runs
 
+    name = name or open_store(store_dir).default_name()
     history = read_runs(store_dir / name)[-last:]
     if as_json:
         _print_json({"feature_set": name, "runs": history})

@@ -292,6 +292,10 @@ class Store:
             status = "refused" if folder == store.REFUSED else "live" if version == live else "published"
             out.append({
                 "version": version, "status": status, "live": version == live,
+                # "embedded": users embedded by `aefeatures embed` with the model (and metrics) of
+                # the version named in `embedded_with`; "trained": a full run.
+                "built": "embedded" if m.get("embedded_with") else "trained",
+                "embedded_with": (m.get("embedded_with") or {}).get("version"),
                 "created_at": m["created_at"], "users": m["counts"]["users"], "items": m["counts"]["items"],
                 "dim": m["dim"], "kind": m["config"]["model"]["kind"], "index": m["index"]["factory"],
                 KEY_METRIC: ((m.get("evaluation") or {}).get("model") or {}).get(KEY_METRIC),

@@ -64,7 +64,7 @@ def test_sql_command_example_runs(example_store, monkeypatch):
     from aefeatures.cli import cli
 
     monkeypatch.chdir(example_store)
-    (line,) = [b for b in _blocks("bash") if b.startswith("aefeatures sql")]
+    (line,) = [b for b in _blocks("bash") if b.startswith("aefeatures sql -") and "\n" not in b.strip()]
     args = shlex.split(line)[1:]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
