@@ -304,19 +304,29 @@ def _write_parquet_atomically(frame, path: Path) -> None:
 @cli.command(epilog=EXIT_CODES_HELP)
 @store_option
 @name_option
-@click.option("--item", required=True, help="Item id.")
+@click.option("--item", default=None, help="Items like this item.")
+@click.option("--user", default=None, help="Users like this user (cosine similarity of embeddings).")
+@click.option("--metric", type=click.Choice(["ip", "cosine"]), default="ip", show_default=True,
+              help="For --item: inner product of item vectors (through the index) or cosine.")
 @k_option
 @json_option
-def similar(store_dir: Path, name: str | None, item: str, k: int, as_json: bool) -> None:
-    """Items like an item: largest inner product of item vectors, the item itself left out."""
+def similar(store_dir: Path, name: str | None, item: str | None, user: str | None, metric: str, k: int,
+            as_json: bool) -> None:
+    """Items like an item, or users like a user; the item or user itself is left out."""
+    if (item is None) == (user is None):
+        raise click.UsageError("pass exactly one of --item or --user")
     fs = _open(store_dir, name)
-    found = fs.similar_items(item, k)
+    if item is not None:
+        kind, query, found = "item", _typed(fs.item_ids, item), fs.similar_items(item, k, metric=metric)
+    else:
+        kind, query, found = "user", _typed(fs.user_ids, user), fs.similar_users(user, k)
+    rows = [{"rank": n + 1, f"{kind}_id": _plain(i), "score": float(s)} for n, (i, s) in
+            enumerate(zip(found.ids, found.scores))]
     if as_json:
-        _print_json({"feature_set": fs.name, "version": fs.version, "item": _typed(fs.item_ids, item),
-                     "items": _ranked(found.ids, found.scores)})
+        _print_json({"feature_set": fs.name, "version": fs.version, kind: query, f"{kind}s": rows})
         return
-    click.echo(f"items like item {item} ({fs.name} version {fs.version}):")
-    _print_table(["rank", "item_id", "score"], [list(r.values()) for r in _ranked(found.ids, found.scores)])
+    click.echo(f"{kind}s like {kind} {query} ({fs.name} version {fs.version}):")
+    _print_table(["rank", f"{kind}_id", "score"], [list(r.values()) for r in rows])
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

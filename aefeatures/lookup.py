@@ -155,10 +155,19 @@ class FeatureSet:
             "score": scores[keep],
         })
 
-    def similar_items(self, item: Any, k: int = 10) -> Neighbours:
-        """The ``k`` items whose vectors have the largest inner product with ``item``'s
-        (the item itself left out)."""
+    def similar_items(self, item: Any, k: int = 10, *, metric: str = "ip") -> Neighbours:
+        """The ``k`` items most like ``item`` (the item itself left out).
+
+        ``metric="ip"`` (default) ranks by the inner product of item vectors through the FAISS
+        index, which favours items the model scores strongly overall; ``metric="cosine"``
+        ranks by the angle alone (exact search over normalised vectors).
+        """
+        _check_k(k)
         row = self._item_rows([item])[0]
+        if metric == "cosine":
+            return self._cosine_neighbours(self._unit_items, self._items[0].ids, row, k)
+        if metric != "ip":
+            raise errors.BadInputError(f"`metric` must be \"ip\" or \"cosine\", got {metric!r}.")
         queries = item_queries(self._items[1][[row]])
         k = min(k, self.n_items - 1)
         scores, found = self.index.search(queries, min(k + 1, self.n_items))
@@ -167,6 +176,29 @@ class FeatureSet:
         if len(rows) < k:  # an approximate index came back short: score exactly
             rows, scores = self._exact_top(queries[0], [row], k)
         return Neighbours(self._items[0].ids[rows], scores.astype(np.float32))
+
+    def similar_users(self, user: Any, k: int = 10) -> Neighbours:
+        """The ``k`` users whose embeddings are closest to ``user``'s by cosine similarity
+        (exact; the user left out)."""
+        _check_k(k)
+        return self._cosine_neighbours(self._unit_users, self._users[0].ids, self._user_rows([user])[0], k)
+
+    @cached_property
+    def _unit_users(self) -> np.ndarray:
+        return _normalised(self._users[1])
+
+    @cached_property
+    def _unit_items(self) -> np.ndarray:
+        return _normalised(self._items[1])
+
+    @staticmethod
+    def _cosine_neighbours(unit: np.ndarray, ids: np.ndarray, row: int, k: int) -> Neighbours:
+        scores = unit @ unit[row]
+        scores[row] = -np.inf
+        k = min(k, len(unit) - 1)
+        top = np.argpartition(-scores, k - 1)[:k] if 0 < k < len(unit) - 1 else np.flatnonzero(np.isfinite(scores))
+        top = top[np.lexsort((top, -scores[top]))]  # best first, ties by row
+        return Neighbours(ids[top], scores[top].astype(np.float32))
 
     def anomalies(self, k: int = 20) -> pl.DataFrame:
         """The ``k`` users the model explains worst (highest anomaly score first): bots, random
@@ -193,8 +225,7 @@ class FeatureSet:
         """(item ids (n, w), scores (n, w), counts (n,)) for user rows, where row r's first
         counts[r] entries are its results. One index search serves the whole batch; an item the
         user has is skipped by over-fetching as many extra candidates as the user has items."""
-        if k < 1:
-            raise errors.BadInputError(f"`k` must be at least 1, got {k}.")
+        _check_k(k)
         indptr, seen_items, seen_codes = self._seen
         n_seen = indptr[rows + 1] - indptr[rows] if exclude_seen else np.zeros(len(rows), np.int64)
         want = np.minimum(k, self.n_items - n_seen)  # exactly this many per user
@@ -223,6 +254,16 @@ class FeatureSet:
         scores[skip] = -np.inf
         order = np.argsort(-scores, kind="stable")[:n]
         return order, scores[order]
+
+
+def _check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise errors.BadInputError(f"`k` must be an integer of at least 1, got {k!r}.")
+
+
+def _normalised(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
 
 
 def _is_seen(seen_codes: np.ndarray, n_items: int, rows: np.ndarray, found: np.ndarray) -> np.ndarray:

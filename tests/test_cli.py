@@ -126,3 +126,15 @@ def test_every_command_has_help_with_exit_codes(runner, command):
     result = runner.invoke(cli, [command, "--help"])
     assert result.exit_code == 0
     assert "Exit codes" in result.output and "Usage: " in result.output
+
+
+def test_similar_users_and_cosine_items(trained, runner):
+    root, _ = trained
+    users = runner.invoke(cli, ["similar", "--store", str(root), "--user", "42", "-k", "4", "--json"])
+    assert users.exit_code == 0, users.output
+    out = json.loads(users.stdout)
+    assert out["user"] == 42 and len(out["users"]) == 4 and 42 not in [r["user_id"] for r in out["users"]]
+    cosine = runner.invoke(cli, ["similar", "--store", str(root), "--item", "7", "--metric", "cosine"])
+    assert cosine.exit_code == 0 and cosine.stdout.startswith("items like item 7")
+    neither = runner.invoke(cli, ["similar", "--store", str(root)])
+    assert neither.exit_code == 2 and "exactly one of --item or --user" in neither.output

@@ -97,7 +97,7 @@ def test_batch_can_skip_unknown_users(fs):
 
 
 def test_k_below_one_is_rejected(fs):
-    with pytest.raises(ValueError, match="`k` must be at least 1"):
+    with pytest.raises(ValueError, match="`k` must be an integer of at least 1"):
         fs.recommend(42, k=0)
 
 
@@ -121,3 +121,33 @@ def test_approximate_indexes_still_return_exactly_k_unseen(tmp_path, kind):
     assert batch.group_by("user_id").len().get_column("len").to_list() == [20] * 200
     for user in (1, 42):
         assert not set(fs.recommend(user, k=50).ids.tolist()) & _seen(fs, user)
+
+
+def test_similar_users_is_exact_cosine(fs):
+    unit = fs._users[1] / np.linalg.norm(fs._users[1], axis=1, keepdims=True)
+    row = int(np.searchsorted(fs.user_ids, 42))
+    scores = unit @ unit[row]
+    scores[row] = -np.inf
+    found = fs.similar_users(42, k=10)
+    assert 42 not in found.ids.tolist()
+    np.testing.assert_array_equal(found.ids, fs.user_ids[np.argsort(-scores, kind="stable")[:10]])
+    assert len(fs.similar_users(42, k=100_000).ids) == fs.n_users - 1
+
+
+def test_similar_users_share_the_planted_community(fs, planted):
+    user_community, _ = planted
+    hits = [user_community[v] == user_community[u] for u in range(1, 201) for v in fs.similar_users(u, 10).ids]
+    assert np.mean(hits) > 0.6
+
+
+def test_similar_items_by_cosine(fs):
+    found = fs.similar_items(7, k=10, metric="cosine")
+    unit = fs._items[1] / np.linalg.norm(fs._items[1], axis=1, keepdims=True)
+    row = int(np.searchsorted(fs.item_ids, 7))
+    scores = unit @ unit[row]
+    np.testing.assert_allclose(found.scores, np.sort(np.delete(scores, row))[::-1][:10], rtol=1e-5)
+    assert 7 not in found.ids.tolist()
+    with pytest.raises(ValueError, match='`metric` must be "ip" or "cosine"'):
+        fs.similar_items(7, metric="l2")
+    with pytest.raises(ValueError, match="`k` must be an integer"):
+        fs.similar_items(7, k=0)
