@@ -83,6 +83,7 @@ class RetentionConfig:
 @dataclass(frozen=True)
 class IndexConfig:
     kind: str = "auto"  # "auto" | "flat" | "hnsw" | "ivf" | "ivfpq" | a FAISS factory string
+    min_recall: float = 0.95  # refuse to publish an approximate index below this recall@10 vs exact
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,7 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
         ("gate.min_ratio", cfg.gate.min_ratio, cfg.gate.min_ratio >= 0, "it must be 0 or more"),
         ("model.device", m.device, re.fullmatch(r"auto|cpu|cuda(:\d+)?", m.device),
          "use auto, cpu, cuda or cuda:N"),
+        ("index.min_recall", cfg.index.min_recall, 0 <= cfg.index.min_recall <= 1, "it must be in [0, 1]"),
         ("index.kind", cfg.index.kind, cfg.index.kind.strip() != "",
          f"use one of {', '.join(INDEX_KINDS)} or a FAISS factory string"),
     ]

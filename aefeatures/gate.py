@@ -19,17 +19,23 @@ class Verdict:
         return {"passed": self.passed, "reasons": self.reasons, **self.checked}
 
 
-def check(cfg: GateConfig, evaluation: dict[str, Any] | None, previous: dict[str, Any] | None) -> Verdict:
-    """Compare a run's validation metrics with popularity and with the live version's.
+def check(cfg: GateConfig, evaluation: dict[str, Any] | None, previous: dict[str, Any] | None, *,
+          index_recall: float = 1.0, min_recall: float = 0.0) -> Verdict:
+    """Compare a run's validation metrics with popularity and with the live version's, and its
+    index's measured recall with the floor.
 
     ``evaluation`` is the run's manifest `evaluation` section (None when evaluation is off:
-    nothing to compare, the gate passes). ``previous`` is the live version's manifest, if any.
+    no metric to compare). ``previous`` is the live version's manifest, if any.
     """
-    if not evaluation:
-        return Verdict(True, checked={"note": "evaluation is off; nothing to check"})
-    score = evaluation["model"][KEY_METRIC]
-    checked: dict[str, Any] = {"metric": KEY_METRIC, "score": score}
     reasons = []
+    checked: dict[str, Any] = {"index_recall_at_10": index_recall, "min_recall": min_recall}
+    if index_recall < min_recall:
+        reasons.append(f"the index's recall@10 against exact search is {index_recall:.3f}, below "
+                       f"`index.min_recall` = {min_recall:g}")
+    if not evaluation:
+        return Verdict(not reasons, reasons, {**checked, "note": "evaluation is off; no metric to check"})
+    score = evaluation["model"][KEY_METRIC]
+    checked.update(metric=KEY_METRIC, score=score)
     if cfg.beat_popularity:
         baseline = evaluation["popularity"][KEY_METRIC]
         checked["popularity"] = baseline

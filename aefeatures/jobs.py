@@ -170,7 +170,8 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None) 
             built = build_index(item_rows(emb.item_vectors, emb.item_bias), cfg.index.kind,
                                 sample_queries=user_queries(emb.user_vectors[sample]))
             save_index(built.index, staging / store.INDEX)
-        verdict = gate.check(cfg.gate, evaluation, previous)
+        verdict = gate.check(cfg.gate, evaluation, previous, index_recall=built.recall_at_10,
+                             min_recall=cfg.index.min_recall)
         manifest = {
             "schema_version": schema.SCHEMA_VERSION,
             "aefeatures_version": __version__,

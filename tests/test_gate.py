@@ -63,3 +63,11 @@ def test_evaluate_shows_metrics_and_the_report_exists(trained):
     assert "popularity" in human.stdout and "quality gate: passed" in human.stdout
     page = (result.path / "report.html").read_text()
     assert "<svg" in page and "validation ndcg@100" in page and "popularity" in page
+
+
+def test_an_index_below_the_recall_floor_is_refused(tmp_path):
+    assert not check(GateConfig(), None, None, index_recall=0.5, min_recall=0.95).passed
+    job = write_job(tmp_path, model={"epochs": 5}, index={"kind": "IVF16,PQ1x4", "min_recall": 0.99})
+    with pytest.raises(GateRefusedError, match=r"recall@10 against exact search is 0\.\d+, below `index.min_recall` = 0.99"):
+        run_job(load_job_config(job), progress=False)
+    assert not (tmp_path / "store" / "movies" / "LATEST").exists()
