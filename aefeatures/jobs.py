@@ -97,6 +97,8 @@ def scheduled(cfg: JobConfig, command: str, key: str,
             else:
                 result = work(fingerprint, live)
                 entry["removed_by_retention"] = store.apply_retention(root, name, cfg.retention.keep)
+                if entry["removed_by_retention"]:
+                    _refresh_sql_catalog(root)  # its all-versions views must not name deleted files
         entry.update(status=result.status, exit_code=0, version=result.version,
                      counts=result.manifest["counts"], timings=result.timings)
         return result

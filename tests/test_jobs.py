@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import duckdb
 import pytest
 from click.testing import CliRunner
 
@@ -137,6 +138,9 @@ def test_retention_keeps_the_newest_versions_and_never_the_live_one(tmp_path):
     assert store_mod.list_versions(root, "movies") == versions[-2:]
     assert store_mod.live_version(root, "movies") == versions[-1]
     assert read_runs(root / "movies")[-1]["removed_by_retention"] == [f"versions/{v}" for v in versions[:2]]
+    con = duckdb.connect()
+    con.execute((root / "catalog.sql").read_text())
+    assert con.sql("SELECT count(DISTINCT version) FROM movies_users_all").fetchall()[0][0] == 2
 
 
 def test_runs_command_shows_the_history(job, tmp_path):

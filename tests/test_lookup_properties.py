@@ -1,0 +1,78 @@
+"""Property tests: over random stores, lookups return exactly k, never a seen item, never -1."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import faiss
+import numpy as np
+import polars as pl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import aefeatures
+from aefeatures import store
+from aefeatures.embed import Embeddings
+from aefeatures.index import build_index, item_rows, save_index
+from aefeatures.matrix import build_matrix
+from aefeatures.read import Interactions
+
+# IVF2 is searched with nprobe = 1 below, so it often finds fewer than k candidates (FAISS pads
+# with -1): the lookups must notice and still answer exactly.
+KINDS = st.sampled_from(["flat", "HNSW4,Flat", "IVF2,Flat"])
+
+
+def make_store(root, seed: int, n_users: int, n_items: int, dim: int, kind: str):
+    """A published version with random interactions and random (untrained) vectors."""
+    rng = np.random.default_rng(seed)
+    pairs = {(u, int(i)) for u in range(n_users) for i in rng.choice(n_items, rng.integers(1, n_items + 1), False)}
+    users, items = map(np.array, zip(*sorted(pairs)))
+    frame = pl.DataFrame({"user_id": users * 3 + 1, "item_id": items * 5 + 2, "weight": np.ones(len(users)),
+                          "timestamp": [None] * len(users)},
+                         schema={"user_id": pl.Int64, "item_id": pl.Int64, "weight": pl.Float32,
+                                 "timestamp": pl.Datetime("us", "UTC")})
+    matrix = build_matrix(Interactions(frame, (), len(frame), len(frame), False))
+    emb = Embeddings(rng.normal(size=(matrix.shape[0], dim)).astype(np.float32),
+                     rng.random(matrix.shape[0]).astype(np.float32),
+                     rng.normal(size=(matrix.shape[1], dim)).astype(np.float32),
+                     rng.normal(size=matrix.shape[1]).astype(np.float32))
+    version = f"v{seed}"
+    with store.staged_version(root, "p", version) as staging:
+        store.write_tables(staging, matrix, emb, name="p", version=version, created=datetime.now(timezone.utc))
+        index = build_index(item_rows(emb.item_vectors, emb.item_bias), kind).index
+        if kind.startswith("IVF"):
+            faiss.extract_index_ivf(index).nprobe = 1
+        save_index(index, staging / store.INDEX)
+        store.write_manifest(staging, {"dim": dim, "counts": {}, "version": version})
+        store.publish(root, "p", staging)
+    return aefeatures.open_store(root)["p"], matrix
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), n_users=st.integers(1, 12), n_items=st.integers(2, 40),
+       dim=st.integers(1, 6), kind=KINDS, k=st.integers(1, 60))
+def test_recommend_is_exact_k_and_never_returns_seen_items(tmp_path_factory, seed, n_users, n_items, dim, kind, k):
+    fs, matrix = make_store(tmp_path_factory.mktemp("p"), seed, n_users, n_items, dim, kind)
+    batch = fs.recommend_batch(list(fs.user_ids), k=k)
+    for row, user in enumerate(fs.user_ids):
+        seen = set(fs.item_ids[matrix.indices[matrix.indptr[row]:matrix.indptr[row + 1]]].tolist())
+        unseen = fs.n_items - len(seen)
+        recs = fs.recommend(user, k=k)
+        assert len(recs.ids) == min(k, unseen)
+        assert not seen & set(recs.ids.tolist())
+        assert len(set(recs.ids.tolist())) == len(recs.ids)
+        assert set(recs.ids.tolist()) <= set(fs.item_ids.tolist())  # never a FAISS -1
+        assert np.all(np.diff(recs.scores) <= 1e-5)
+        rows = batch.filter(pl.col("user_id") == user)
+        assert rows.get_column("item_id").to_list() == recs.ids.tolist()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), n_items=st.integers(2, 40), kind=KINDS, k=st.integers(1, 60))
+def test_similar_items_is_exact_k_without_the_item(tmp_path_factory, seed, n_items, kind, k):
+    fs, _ = make_store(tmp_path_factory.mktemp("p"), seed, 3, n_items, 4, kind)
+    for item in fs.item_ids[:5]:
+        for metric in ("ip", "cosine"):
+            found = fs.similar_items(item, k=k, metric=metric)
+            assert len(found.ids) == min(k, fs.n_items - 1)
+            assert item not in found.ids.tolist() and len(set(found.ids.tolist())) == len(found.ids)
