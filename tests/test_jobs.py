@@ -107,7 +107,7 @@ def test_sigterm_stops_a_run_cleanly(job, tmp_path):
     assert proc.stdout.readline().strip() == "PAUSED AT train"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) != 0
-    code = subprocess.run([sys.executable, "-m", "aefeatures.cli", "run", str(job)],
+    code = subprocess.run([sys.executable, "-m", "aefeatures", "run", str(job)],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert code.returncode == 0, code.stderr
 

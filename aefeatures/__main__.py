@@ -1,0 +1,5 @@
+"""`python -m aefeatures` = the `aefeatures` command."""
+
+from aefeatures.cli import main
+
+main()

@@ -1,0 +1,124 @@
+"""`aefeatures sql` and `aefeatures feast-export`: the store seen from SQL tools."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from aefeatures.cli import (EXIT_CODES_HELP, _json_default, _write_parquet_atomically, cli, name_option,
+                            store_option)
+from aefeatures.errors import BadInputError
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@store_option
+@click.option("-c", "command", default=None, help="SQL to run.")
+@click.option("-f", "file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A file of SQL to run (the last statement's result is shown).")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="Bind $NAME in the SQL to VALUE (as a parameter, never as SQL text). Repeatable.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table",
+              show_default=True, help="Output format (parquet needs --output).")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the result to this file instead of stdout.")
+def sql(store_dir: Path, command: str | None, file: Path | None, params: tuple[str, ...], fmt: str,
+        output: Path | None) -> None:
+    """Query the store with DuckDB SQL: the views and macros of `STORE/catalog.sql` are defined.
+
+    \b
+    aefeatures sql --store store -c 'SELECT * FROM example_recommend($user, 10)' --param user=42
+    aefeatures sql --store store -f report.sql --format parquet --output out.parquet
+    With neither -c nor -f, an interactive prompt reads statements ending in `;`.
+    """
+    import duckdb
+
+    from aefeatures.sqlviews import connect, parse_param
+
+    if command is not None and file is not None:
+        raise click.UsageError("pass -c or -f, not both")
+    if fmt == "parquet" and output is None:
+        raise click.UsageError("--format parquet needs --output FILE")
+    try:
+        bound = dict(parse_param(p) for p in params)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    con = connect(store_dir)
+    text = command if command is not None else file.read_text(encoding="utf-8") if file else None
+    try:
+        if text is None:
+            _sql_prompt(con)
+            return
+        relation = con.sql(text, params=bound or None)  # the last statement's result, if a query
+        frame = _frame(relation)
+    except duckdb.Error as exc:
+        raise BadInputError(f"SQL failed: {str(exc).splitlines()[0]}") from None
+    if frame is not None:
+        _write_frame(frame, fmt, output)
+
+
+def _sql_prompt(con) -> None:
+    import duckdb
+
+    click.echo("aefeatures sql: end statements with `;`, quit with Ctrl-D.", err=True)
+    buffer = ""
+    while True:
+        try:
+            line = input("sql> " if not buffer else "...> ")
+        except EOFError:
+            return
+        buffer += line + "\n"
+        if not buffer.rstrip().endswith(";"):
+            continue
+        try:
+            frame = _frame(con.sql(buffer))
+            if frame is not None:
+                _write_frame(frame, "table", None)
+        except duckdb.Error as exc:
+            click.echo(f"error: {str(exc).splitlines()[0]}", err=True)
+        buffer = ""
+
+
+def _frame(relation):
+    import polars as pl
+
+    return None if relation is None else pl.from_arrow(relation.to_arrow_table())
+
+
+def _write_frame(frame, fmt: str, output: Path | None) -> None:
+    import polars as pl
+
+    if fmt == "parquet":
+        _write_parquet_atomically(frame, output)
+        return
+    if fmt == "csv":
+        text = frame.write_csv()
+    elif fmt == "json":
+        text = json.dumps(frame.to_dicts(), indent=2, default=_json_default) + "\n"
+    else:
+        with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=60, tbl_hide_dataframe_shape=True):
+            text = str(frame) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        tmp = output.with_name(f".{output.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, output)
+
+
+@cli.command("feast-export", epilog=EXIT_CODES_HELP)
+@store_option
+@name_option
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for the Feast feature repository.")
+def feast_export(store_dir: Path, name: str | None, output: Path) -> None:
+    """Write a Feast feature repository (Entity, FileSource, FeatureView with the embedding as
+    Array(Float32)) over the live version's users and items. Export again after a publish."""
+    from aefeatures.feast_export import export_feast_repo
+    from aefeatures.lookup import open_store
+
+    name = name or open_store(store_dir).default_name()
+    for path in export_feast_repo(store_dir, name, output):
+        click.echo(f"wrote {path}")
