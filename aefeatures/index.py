@@ -79,9 +79,16 @@ def build_index(rows: np.ndarray, kind: str, *, sample_queries: np.ndarray | Non
             f"`index.kind` = {kind!r} is not a FAISS index FAISS can build ({str(exc).splitlines()[0][:120]}). "
             "Use auto, flat, hnsw, ivf, ivfpq or a valid factory string such as \"HNSW32,Flat\"."
         ) from None
-    if not index.is_trained:
-        index.train(rows)
-    index.add(rows)
+    try:
+        if not index.is_trained:
+            index.train(rows)
+        index.add(rows)
+    except RuntimeError as exc:  # e.g. more IVF lists than items to train them on
+        reason = str(exc).splitlines()[-1].split("Error: ")[-1][:160]
+        raise errors.BadInputError(
+            f"`index.kind` = {kind!r} ({factory}) cannot be built over {n} items ({reason}). "
+            'Use index.kind = "flat" for a catalogue this small, or a factory string with fewer lists.'
+        ) from None
     _tune(index)
     recall = 1.0 if factory == "Flat" or sample_queries is None else measure_recall(index, rows, sample_queries)
     return BuiltIndex(index, factory, recall)

@@ -7,6 +7,13 @@ from typing import Any
 
 import polars as pl
 import pytest
+from hypothesis import settings
+
+# CI runs a fixed set of property-test examples (a failure reproduces on every run);
+# `pytest --hypothesis-profile explore` searches more widely, with fresh random examples.
+settings.register_profile("default", max_examples=40, derandomize=True)
+settings.register_profile("explore", max_examples=400)
+settings.load_profile("default")
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"

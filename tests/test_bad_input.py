@@ -272,6 +272,12 @@ def test_index_kind_faiss_cannot_parse(tmp_path, runner):
     assert_refused(run(runner, job), tmp_path / "store", "`index.kind` = 'NotAnIndex' is not a FAISS index")
 
 
+def test_index_that_cannot_be_trained_on_the_catalogue(tmp_path, runner):
+    job = write_job(tmp_path, _good_input(tmp_path), extra={"index": {"kind": "IVF4096,Flat"}, **NO_GATE})
+    assert_refused(run(runner, job), tmp_path / "store",
+                   "`index.kind` = 'IVF4096,Flat' (IVF4096,Flat) cannot be built over")
+
+
 # --- a live version survives bad runs ---------------------------------------------------------
 
 
