@@ -97,8 +97,8 @@ def _cell(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _ranked(ids, scores) -> list[dict[str, Any]]:
-    return [{"rank": n + 1, "item_id": _plain(i), "score": float(s)} for n, (i, s) in enumerate(zip(ids, scores))]
+def _ranked(ids, scores, key: str = "item_id") -> list[dict[str, Any]]:
+    return [{"rank": n + 1, key: _plain(i), "score": float(s)} for n, (i, s) in enumerate(zip(ids, scores))]
 
 
 def _typed(ids, value: str) -> Any:
@@ -320,8 +320,7 @@ def similar(store_dir: Path, name: str | None, item: str | None, user: str | Non
         kind, query, found = "item", _typed(fs.item_ids, item), fs.similar_items(item, k, metric=metric)
     else:
         kind, query, found = "user", _typed(fs.user_ids, user), fs.similar_users(user, k)
-    rows = [{"rank": n + 1, f"{kind}_id": _plain(i), "score": float(s)} for n, (i, s) in
-            enumerate(zip(found.ids, found.scores))]
+    rows = _ranked(found.ids, found.scores, f"{kind}_id")
     if as_json:
         _print_json({"feature_set": fs.name, "version": fs.version, kind: query, f"{kind}s": rows})
         return

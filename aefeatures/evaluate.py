@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aefeatures.matrix import CSR
+
 KS = (10, 20, 100)
 KEY_METRIC = "ndcg@100"
 
@@ -26,7 +28,7 @@ class Split:
 
     train_rows: np.ndarray  # (n_train,) user rows the model trains on
     valid_rows: np.ndarray  # (n_valid,) user rows held out of training
-    fold_in: tuple[np.ndarray, np.ndarray]  # CSR (indptr (n_valid + 1,), item rows) the model reads
+    fold_in: CSR  # (n_valid rows) the items each validation user shows: what the model reads
     held_out: tuple[np.ndarray, np.ndarray]  # CSR of the hidden items to rank
 
 
@@ -53,7 +55,8 @@ def split_users(indptr: np.ndarray, indices: np.ndarray, *, share: float, max_us
         mask[rng.choice(len(items), n_hide, replace=False)] = True
         shown.append(items[~mask])
         hidden.append(items[mask])
-    return Split(train, valid, _csr(shown), _csr(hidden))
+    fold_in = _csr(shown)
+    return Split(train, valid, CSR(*fold_in, np.ones(len(fold_in[1]), np.float32)), _csr(hidden))
 
 
 def _csr(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -66,8 +69,9 @@ def top_k(scores: np.ndarray, exclude: tuple[np.ndarray, np.ndarray], k: int) ->
     """(n, k) item rows with the highest scores per row, ``exclude`` CSR items left out.
 
     ``scores`` is (n, n_items); it is modified in place (excluded items set to -inf).
+    ``exclude`` is (indptr, item rows, ...): extra fields such as CSR values are ignored.
     """
-    indptr, items = exclude
+    indptr, items = exclude[0], exclude[1]
     rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
     scores[rows, items] = -np.inf
     k = min(k, scores.shape[1])
@@ -127,7 +131,7 @@ def rank_by_embeddings(user_vectors: np.ndarray, item_vectors: np.ndarray, item_
     ``exclude`` CSR items (what each user showed) left out. Scores in chunks of users."""
     n_items = len(item_vectors)
     step = max(1, chunk_scores // n_items)
-    indptr, items = exclude
+    indptr, items = exclude[0], exclude[1]
     out = []
     for start in range(0, len(user_vectors), step):
         stop = min(start + step, len(user_vectors))

@@ -26,7 +26,7 @@ from aefeatures.config import JobConfig
 from aefeatures.embed import embed, encode
 from aefeatures.evaluate import KS, Split, evaluate_embeddings, popularity_ranking, ranking_metrics, split_users
 from aefeatures.index import build_index, item_rows, save_index, user_queries
-from aefeatures.matrix import CSR, InteractionMatrix, build_matrix
+from aefeatures.matrix import InteractionMatrix, build_matrix
 from aefeatures.model import Autoencoder, save_model
 from aefeatures.lock import feature_set_lock
 from aefeatures.read import input_files, read_interactions
@@ -86,7 +86,7 @@ def scheduled(cfg: JobConfig, command: str, key: str,
     try:
         _check_store(root, name)
         with feature_set_lock(folder):
-            removed = store.clean_leftovers(root, name, runlog.published_versions(folder))
+            removed = store.clean_leftovers(root, name)
             if removed:
                 log.warning("removed leftovers of interrupted runs in %s: %s", folder, ", ".join(removed))
             fingerprint = input_fingerprint(cfg)
@@ -225,10 +225,8 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig,
     if len(split.valid_rows) == 0:
         log.warning("too few users to hold any out for validation; training without evaluation")
         return train(matrix, cfg.model, progress=progress), None
-    fold_in = CSR(split.fold_in[0], split.fold_in[1], np.ones(len(split.fold_in[1]), np.float32))
-
     def validate(model: Autoencoder) -> dict[str, float]:
-        vectors, _ = encode(model, fold_in)
+        vectors, _ = encode(model, split.fold_in)
         metrics = evaluate_embeddings(vectors, model.decoder.weight.detach().cpu().numpy(),
                                       model.decoder.bias.detach().cpu().numpy(), split)
         model.train()

@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 
 from aefeatures import errors, store
 from aefeatures.evaluate import KEY_METRIC
-from aefeatures.runlog import published_versions
 from aefeatures.index import item_queries, item_rows, load_index, user_queries
 
 
@@ -249,8 +248,13 @@ class FeatureSet:
             counts[r] = n
         return self._items[0].ids[out_rows], out_scores, counts
 
+    @cached_property
+    def _index_rows(self) -> np.ndarray:
+        """(n_items, dim + 1) what the index holds, for exact scoring when it comes back short."""
+        return item_rows(*self._items[1:])
+
     def _exact_top(self, query: np.ndarray, skip, n: int) -> tuple[np.ndarray, np.ndarray]:
-        scores = item_rows(*self._items[1:]) @ query
+        scores = self._index_rows @ query
         scores[skip] = -np.inf
         order = np.argsort(-scores, kind="stable")[:n]
         return order, scores[order]
@@ -322,10 +326,7 @@ class Store:
         ``status`` is "live", "published" (superseded) or "refused" (by the quality gate).
         """
         live = store.live_version(self.root, name)
-        published = published_versions(self.root / name)
-        # A version newer than the live one that no run recorded as published was left by a run
-        # killed between its rename and LATEST: it never went live, and the next run removes it.
-        found = [(v, store.VERSIONS) for v in store.list_versions(self.root, name) if v <= live or v in published]
+        found = [(v, store.VERSIONS) for v in store.listed_versions(self.root, name)]
         found += [(v, store.REFUSED) for v in store.list_refused(self.root, name)]
         out = []
         for version, folder in sorted(found):

@@ -14,7 +14,6 @@ from pathlib import Path
 from string import Template
 
 from aefeatures import store
-from aefeatures.runlog import published_versions
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 CATALOG = "catalog.sql"
@@ -34,7 +33,7 @@ def render_views(root: Path, name: str) -> str:
     """The views and macros of feature set ``name`` (live version and all published ones)."""
     live = store.live_version(root, name)
     folder = store.version_dir(root, name, live).resolve()
-    versions = [v for v in store.list_versions(root, name) if v <= live or v in published_versions(root / name)]
+    versions = store.listed_versions(root, name)
     manifests = {v: store.read_manifest(root / name / store.VERSIONS / v) for v in versions}
     dims = {int(m["dim"]) for m in manifests.values()}
     paths = {v: (root / name / store.VERSIONS / v).resolve() for v in versions}

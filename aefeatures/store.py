@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from aefeatures import errors, schema
 from aefeatures.anomaly import anomaly_scores
+from aefeatures.runlog import published_versions
 
 if TYPE_CHECKING:
     from aefeatures.embed import Embeddings
@@ -77,6 +78,19 @@ def list_versions(store: Path, name: str) -> list[str]:
     if not folder.is_dir():
         return []
     return sorted(p.name for p in folder.iterdir() if (p / MANIFEST).is_file())
+
+
+def listed_versions(store: Path, name: str) -> list[str]:
+    """Published versions as readers should see them: without a version left by a run killed
+    after renaming it into `versions/` but before moving LATEST (it never went live)."""
+    live = live_version(store, name)
+    published = published_versions(store / name)
+    return [v for v in list_versions(store, name) if not _never_live(v, live, published)]
+
+
+def _never_live(version: str, live: str, published: set[str]) -> bool:
+    # Newer than the live version and never recorded as published by a run.
+    return version > live and version not in published
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -214,7 +228,7 @@ def list_refused(store: Path, name: str) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if (p / MANIFEST).is_file()) if folder.is_dir() else []
 
 
-def clean_leftovers(store: Path, name: str, published: set[str]) -> list[str]:
+def clean_leftovers(store: Path, name: str) -> list[str]:
     """Remove what killed runs left behind; call it holding the feature set's lock.
 
     That is every staged version, and any version renamed into `versions/` by a run killed
@@ -227,8 +241,9 @@ def clean_leftovers(store: Path, name: str, published: set[str]) -> list[str]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(f"{STAGING}/{path.name}")
     live = live_version(store, name) if (store / name / LATEST).is_file() else ""
+    published = published_versions(store / name)
     for version in list_versions(store, name):
-        if version > live and version not in published:
+        if _never_live(version, live, published):
             shutil.rmtree(store / name / VERSIONS / version, ignore_errors=True)
             removed.append(f"{VERSIONS}/{version}")
     return removed

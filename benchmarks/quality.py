@@ -26,7 +26,7 @@ from aefeatures.config import InputConfig, ModelConfig
 from aefeatures.embed import encode
 from aefeatures.evaluate import (KS, evaluate_embeddings, popularity_ranking, ranking_metrics, split_users,
                                  top_k)
-from aefeatures.matrix import CSR, build_matrix
+from aefeatures.matrix import build_matrix
 from aefeatures.read import read_interactions
 from aefeatures.synthetic import generate
 from aefeatures.train import train
@@ -54,10 +54,8 @@ def ease_metrics(matrix, split, lam: float) -> dict[str, float]:
 
 
 def model_metrics(matrix, split, cfg: ModelConfig) -> tuple[dict[str, float], float, int]:
-    fold_in = CSR(split.fold_in[0], split.fold_in[1], np.ones(len(split.fold_in[1]), np.float32))
-
     def validate(model):
-        vectors, _ = encode(model, fold_in)
+        vectors, _ = encode(model, split.fold_in)
         out = evaluate_embeddings(vectors, model.decoder.weight.detach().numpy(),
                                   model.decoder.bias.detach().numpy(), split)
         model.train()

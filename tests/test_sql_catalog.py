@@ -75,29 +75,25 @@ def test_recommend_macro_equals_the_lookup_api(con, three_versions):
         np.testing.assert_allclose([r[1] for r in rows], expected.scores, rtol=1e-4, atol=1e-4)
 
 
-def test_similar_items_macro_equals_numpy(con, three_versions):
-    _, results = three_versions
-    ids, vectors = _vectors(results[-1].path, "items")
-    row = np.searchsorted(ids, 7)
+def _numpy_top(ids, vectors, query_id, k, *, cosine):
+    if cosine:
+        vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    row = np.searchsorted(ids, query_id)
     scores = vectors @ vectors[row]
     scores[row] = -np.inf
-    top = np.argsort(-scores, kind="stable")[:10]
-    rows = con.sql("SELECT item_id, score FROM movies_similar_items(7, 10)").fetchall()
-    assert [r[0] for r in rows] == ids[top].tolist()
-    np.testing.assert_allclose([r[1] for r in rows], scores[top], rtol=1e-4)
+    top = np.argsort(-scores, kind="stable")[:k]
+    return ids[top].tolist(), scores[top]
 
 
-def test_similar_users_macro_is_cosine_similarity(con, three_versions):
+@pytest.mark.parametrize("table, macro, query, cosine", [("items", "movies_similar_items", 7, False),
+                                                         ("users", "movies_similar_users", 42, True)])
+def test_similarity_macros_equal_numpy(con, three_versions, table, macro, query, cosine):
     _, results = three_versions
-    ids, vectors = _vectors(results[-1].path, "users")
-    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    row = np.searchsorted(ids, 42)
-    scores = unit @ unit[row]
-    scores[row] = -np.inf
-    top = np.argsort(-scores, kind="stable")[:10]
-    rows = con.sql("SELECT user_id, score FROM movies_similar_users(42, 10)").fetchall()
-    assert [r[0] for r in rows] == ids[top].tolist()
-    np.testing.assert_allclose([r[1] for r in rows], scores[top], rtol=1e-4)
+    ids, vectors = _vectors(results[-1].path, table)
+    expected_ids, expected_scores = _numpy_top(ids, vectors, query, 10, cosine=cosine)
+    rows = con.sql(f"SELECT * FROM {macro}({query}, 10)").fetchall()
+    assert [r[0] for r in rows] == expected_ids
+    np.testing.assert_allclose([r[1] for r in rows], expected_scores, rtol=1e-4)
 
 
 def test_embedding_as_of_returns_the_version_live_then(con, three_versions):
