@@ -47,7 +47,7 @@ def ease_metrics(matrix, split, lam: float) -> dict[str, float]:
     b = -p / np.diag(p)
     b[np.diag_indices(n_items)] = 0.0
     fold = np.zeros((len(split.valid_rows), n_items), np.float32)
-    indptr, shown = split.fold_in
+    indptr, shown = split.fold_in.indptr, split.fold_in.indices
     fold[np.repeat(np.arange(len(split.valid_rows)), np.diff(indptr)), shown] = 1.0
     ranked = top_k(fold @ b.astype(np.float32), split.fold_in, max(KS))
     return ranking_metrics(ranked, split.held_out, n_items)
