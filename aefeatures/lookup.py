@@ -1,7 +1,9 @@
 """Lookups for services: items for a user, items like an item, embeddings. No torch import.
 
 A :class:`FeatureSet` is pinned to one version: it resolves LATEST once and reads only inside
-that version, so a job publishing meanwhile never changes what it answers.
+that version, so a job publishing meanwhile never changes what it answers. Tables load on first
+use; :meth:`FeatureSet.load` loads everything up front (what a long-running service wants: it
+then never touches the version's files again, and retention may delete them).
 """
 
 from __future__ import annotations
@@ -98,6 +100,19 @@ class FeatureSet:
     def index(self):
         return load_index(self.path / store.INDEX)
 
+    @cached_property
+    def _anomaly_table(self) -> pl.DataFrame:
+        users = pl.read_parquet(self.path / store.USERS,
+                                columns=["user_id", "n_interactions", "reconstruction_error", "anomaly_score"])
+        return users.sort("anomaly_score", descending=True)
+
+    def load(self) -> "FeatureSet":
+        """Load every table and the index now, so that no later call reads a file. Returns self."""
+        for name in ("_users", "_items", "_seen", "index", "_index_rows", "_unit_users", "_unit_items",
+                     "_anomaly_table"):
+            getattr(self, name)
+        return self
+
     @property
     def user_ids(self) -> np.ndarray:
         """(n_users,) every user id of this version, sorted (row order of `users.parquet`)."""
@@ -126,26 +141,29 @@ class FeatureSet:
         """(dim,) float32 vector of ``item`` (its decoder row); raises :class:`NotFoundError`."""
         return self._items[1][self._item_rows([item])[0]]
 
-    def recommend(self, user: Any, k: int = 10, *, exclude_seen: bool = True) -> Neighbours:
-        """The ``k`` best-scored items for ``user``, without the items they already have.
+    def recommend(self, user: Any, k: int = 10, *, exclude_seen: bool = True,
+                  exclude: Sequence[Any] = ()) -> Neighbours:
+        """The ``k`` best-scored items for ``user``, without the items they already have and
+        without the items in ``exclude`` (ids not in the catalogue are ignored there).
 
-        Returns exactly ``min(k, items the user does not have)`` results.
+        Returns exactly ``min(k, items left after both exclusions)`` results.
         """
         rows = self._user_rows([user])
-        ids, scores, counts = self._recommend_rows(rows, k, exclude_seen)
+        ids, scores, counts = self._recommend_rows(rows, k, exclude_seen, exclude)
         return Neighbours(ids[0, : counts[0]], scores[0, : counts[0]])
 
     def recommend_batch(self, users: Sequence[Any], k: int = 10, *, exclude_seen: bool = True,
-                        skip_unknown: bool = False) -> pl.DataFrame:
+                        exclude: Sequence[Any] = (), skip_unknown: bool = False) -> pl.DataFrame:
         """Recommendations for many users at once, as rows ``user_id, item_id, rank, score``.
 
-        Unknown users raise :class:`NotFoundError`, or are left out with ``skip_unknown``.
+        ``exclude`` applies to every user. Unknown users raise :class:`NotFoundError`, or are
+        left out with ``skip_unknown``.
         """
         rows, found = self._users[0].rows(users)
         if not found.all() and not skip_unknown:
             raise errors.NotFoundError("user", [u for u, f in zip(users, found) if not f], self.name, self.version)
         user_ids = self._users[0].ids[rows[found]]
-        ids, scores, counts = self._recommend_rows(rows[found], k, exclude_seen)
+        ids, scores, counts = self._recommend_rows(rows[found], k, exclude_seen, exclude)
         keep = np.arange(ids.shape[1])[None, :] < counts[:, None]
         return pl.DataFrame({
             "user_id": np.repeat(user_ids, counts),
@@ -154,8 +172,9 @@ class FeatureSet:
             "score": scores[keep],
         })
 
-    def similar_items(self, item: Any, k: int = 10, *, metric: str = "ip") -> Neighbours:
-        """The ``k`` items most like ``item`` (the item itself left out).
+    def similar_items(self, item: Any, k: int = 10, *, metric: str = "ip",
+                      exclude: Sequence[Any] = ()) -> Neighbours:
+        """The ``k`` items most like ``item`` (the item itself and ``exclude`` left out).
 
         ``metric="ip"`` (default) ranks by the inner product of item vectors through the FAISS
         index, which favours items the model scores strongly overall; ``metric="cosine"``
@@ -163,24 +182,26 @@ class FeatureSet:
         """
         _check_k(k)
         row = self._item_rows([item])[0]
+        skip = np.union1d([row], self._known_item_rows(exclude))
         if metric == "cosine":
-            return self._cosine_neighbours(self._unit_items, self._items[0].ids, row, k)
+            return self._cosine_neighbours(self._unit_items, self._items[0].ids, skip, k)
         if metric != "ip":
             raise errors.BadInputError(f"`metric` must be \"ip\" or \"cosine\", got {metric!r}.")
         queries = item_queries(self._items[1][[row]])
-        k = min(k, self.n_items - 1)
-        scores, found = self.index.search(queries, min(k + 1, self.n_items))
-        keep = (found[0] != row) & (found[0] >= 0)
+        k = min(k, self.n_items - len(skip))
+        scores, found = self.index.search(queries, max(min(k + len(skip), self.n_items), 1))
+        keep = ~np.isin(found[0], skip) & (found[0] >= 0)
         rows, scores = found[0][keep][:k], scores[0][keep][:k]
         if len(rows) < k:  # an approximate index came back short: score exactly
-            rows, scores = self._exact_top(queries[0], [row], k)
+            rows, scores = self._exact_top(queries[0], skip, k)
         return Neighbours(self._items[0].ids[rows], scores.astype(np.float32))
 
     def similar_users(self, user: Any, k: int = 10) -> Neighbours:
         """The ``k`` users whose embeddings are closest to ``user``'s by cosine similarity
         (exact; the user left out)."""
         _check_k(k)
-        return self._cosine_neighbours(self._unit_users, self._users[0].ids, self._user_rows([user])[0], k)
+        row = self._user_rows([user])[0]
+        return self._cosine_neighbours(self._unit_users, self._users[0].ids, np.array([row]), k)
 
     @cached_property
     def _unit_users(self) -> np.ndarray:
@@ -191,20 +212,21 @@ class FeatureSet:
         return _normalised(self._items[1])
 
     @staticmethod
-    def _cosine_neighbours(unit: np.ndarray, ids: np.ndarray, row: int, k: int) -> Neighbours:
-        scores = unit @ unit[row]
-        scores[row] = -np.inf
-        k = min(k, len(unit) - 1)
-        top = np.argpartition(-scores, k - 1)[:k] if 0 < k < len(unit) - 1 else np.flatnonzero(np.isfinite(scores))
+    def _cosine_neighbours(unit: np.ndarray, ids: np.ndarray, skip: np.ndarray, k: int) -> Neighbours:
+        """Exact top ``k`` by cosine to ``unit[skip[0]]``, leaving out the rows in ``skip``."""
+        scores = unit @ unit[skip[0]]
+        scores[skip] = -np.inf
+        left = len(unit) - len(skip)
+        k = min(k, left)
+        top = np.argpartition(-scores, k - 1)[:k] if 0 < k < left else np.flatnonzero(np.isfinite(scores))
         top = top[np.lexsort((top, -scores[top]))]  # best first, ties by row
         return Neighbours(ids[top], scores[top].astype(np.float32))
 
     def anomalies(self, k: int = 20) -> pl.DataFrame:
         """The ``k`` users the model explains worst (highest anomaly score first): bots, random
         clickers, fraud. Columns `user_id, n_interactions, reconstruction_error, anomaly_score`."""
-        users = pl.read_parquet(self.path / store.USERS,
-                                columns=["user_id", "n_interactions", "reconstruction_error", "anomaly_score"])
-        return users.sort("anomaly_score", descending=True).head(k)
+        _check_k(k)
+        return self._anomaly_table.head(k)
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -214,26 +236,39 @@ class FeatureSet:
             raise errors.NotFoundError("user", [u for u, f in zip(users, found) if not f], self.name, self.version)
         return rows
 
+    def _known_item_rows(self, items: Sequence[Any]) -> np.ndarray:
+        """Sorted unique rows of the ``items`` that exist; unknown ids are dropped."""
+        if not len(items):
+            return np.zeros(0, np.int64)
+        rows, found = self._items[0].rows(items)
+        return np.unique(rows[found])
+
     def _item_rows(self, items: Sequence[Any]) -> np.ndarray:
         rows, found = self._items[0].rows(items)
         if not found.all():
             raise errors.NotFoundError("item", [i for i, f in zip(items, found) if not f], self.name, self.version)
         return rows
 
-    def _recommend_rows(self, rows: np.ndarray, k: int, exclude_seen: bool):
+    def _recommend_rows(self, rows: np.ndarray, k: int, exclude_seen: bool, exclude: Sequence[Any] = ()):
         """(item ids (n, w), scores (n, w), counts (n,)) for user rows, where row r's first
-        counts[r] entries are its results. One index search serves the whole batch; an item the
-        user has is skipped by over-fetching as many extra candidates as the user has items."""
+        counts[r] entries are its results. One index search serves the whole batch; the items a
+        user has (and ``exclude``) are skipped by over-fetching as many extra candidates."""
         _check_k(k)
         indptr, seen_items, seen_codes = self._seen
+        excluded = self._known_item_rows(exclude)
         n_seen = indptr[rows + 1] - indptr[rows] if exclude_seen else np.zeros(len(rows), np.int64)
-        want = np.minimum(k, self.n_items - n_seen)  # exactly this many per user
-        fetch = int(min(self.n_items, k + (n_seen.max() if len(rows) else 0)))
+        n_skip = n_seen + len(excluded)
+        if exclude_seen and len(excluded):  # an excluded item the user has is skipped once
+            n_skip -= _is_seen(seen_codes, self.n_items, rows, np.broadcast_to(excluded, (len(rows), len(excluded)))).sum(axis=1)
+        want = np.minimum(k, self.n_items - n_skip)  # exactly this many per user
+        fetch = int(min(self.n_items, k + (n_skip.max() if len(rows) else 0)))
         queries = user_queries(self._users[1][rows])
         scores, found = self.index.search(queries, max(fetch, 1))
         valid = found >= 0
         if exclude_seen:
             valid &= ~_is_seen(seen_codes, self.n_items, rows, found)
+        if len(excluded):
+            valid &= ~np.isin(found, excluded)
         take = valid & (np.cumsum(valid, axis=1) <= want[:, None])
         counts = take.sum(axis=1)
         width = max(int(want.max()) if len(rows) else 0, 1)
@@ -242,7 +277,8 @@ class FeatureSet:
         dest = np.arange(width)[None, :] < counts[:, None]
         out_rows[dest], out_scores[dest] = found[take], scores[take]
         for r in np.flatnonzero(counts < want):  # an approximate index came back short
-            skip = seen_items[indptr[rows[r]]: indptr[rows[r] + 1]] if exclude_seen else []
+            skip = seen_items[indptr[rows[r]]: indptr[rows[r] + 1]] if exclude_seen else excluded[:0]
+            skip = np.union1d(skip, excluded)
             n = int(want[r])
             out_rows[r, :n], out_scores[r, :n] = self._exact_top(queries[r], skip, n)
             counts[r] = n
