@@ -430,3 +430,4 @@ def _seconds(run: dict[str, Any]) -> str:
 
 
 from aefeatures import cli_sql  # noqa: E402,F401  (registers `sql` and `feast-export`)
+from aefeatures import cli_serve  # noqa: E402,F401  (registers `serve`)

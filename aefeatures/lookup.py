@@ -101,10 +101,12 @@ class FeatureSet:
         return load_index(self.path / store.INDEX)
 
     @cached_property
-    def _anomaly_table(self) -> pl.DataFrame:
-        users = pl.read_parquet(self.path / store.USERS,
-                                columns=["user_id", "n_interactions", "reconstruction_error", "anomaly_score"])
-        return users.sort("anomaly_score", descending=True)
+    def _anomaly_table(self) -> pl.DataFrame | None:
+        """Users by anomaly score, highest first; None for a version written before scores existed."""
+        columns = ["user_id", "n_interactions", "reconstruction_error", "anomaly_score"]
+        if not set(columns) <= set(pq.read_schema(self.path / store.USERS).names):
+            return None
+        return pl.read_parquet(self.path / store.USERS, columns=columns).sort("anomaly_score", descending=True)
 
     def load(self) -> "FeatureSet":
         """Load every table and the index now, so that no later call reads a file. Returns self."""
@@ -140,6 +142,19 @@ class FeatureSet:
     def item_embedding(self, item: Any) -> np.ndarray:
         """(dim,) float32 vector of ``item`` (its decoder row); raises :class:`NotFoundError`."""
         return self._items[1][self._item_rows([item])[0]]
+
+    def user_embeddings(self, users: Sequence[Any]) -> np.ndarray:
+        """(n, dim) embeddings of ``users``, in order; raises :class:`NotFoundError` naming
+        every unknown one."""
+        return self._users[1][self._user_rows(users)]
+
+    def item_embeddings(self, items: Sequence[Any]) -> np.ndarray:
+        """(n, dim) vectors of ``items``, in order; raises :class:`NotFoundError`."""
+        return self._items[1][self._item_rows(items)]
+
+    def has_users(self, users: Sequence[Any]) -> np.ndarray:
+        """(n,) bool: whether each of ``users`` has an embedding in this version."""
+        return self._users[0].rows(users)[1]
 
     def recommend(self, user: Any, k: int = 10, *, exclude_seen: bool = True,
                   exclude: Sequence[Any] = ()) -> Neighbours:
@@ -226,6 +241,9 @@ class FeatureSet:
         """The ``k`` users the model explains worst (highest anomaly score first): bots, random
         clickers, fraud. Columns `user_id, n_interactions, reconstruction_error, anomaly_score`."""
         _check_k(k)
+        if self._anomaly_table is None:
+            raise errors.BadInputError(f"version {self.version} of `{self.name}` has no anomaly scores "
+                                       "(it was written by an older aefeatures); run the job again to add them.")
         return self._anomaly_table.head(k)
 
     # --- internals ---------------------------------------------------------------------------

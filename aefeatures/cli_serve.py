@@ -1,0 +1,46 @@
+"""`aefeatures serve`: the HTTP lookup service (see :mod:`aefeatures.service`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from aefeatures.cli import EXIT_CODES_HELP, cli, store_option
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@store_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. The default answers this machine only; 0.0.0.0 opens it to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: a free one).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes; they share the memory-mapped indexes. One per core suits CPU-bound lookups.")
+@click.option("--poll", "poll_seconds", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+              help="Seconds between checks of each LATEST pointer.")
+@click.option("--max-k", type=click.IntRange(min=1), default=1000, show_default=True, help="Largest k a request may ask.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Most ids in one batch request.")
+@click.option("--max-body", "max_body_bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,
+              help="Largest request body in bytes.")
+@click.option("--access-log", is_flag=True, help="Log every request (costs throughput).")
+def serve(store_dir: Path, host: str, port: int, workers: int, poll_seconds: float, max_k: int, max_batch: int,
+          max_body_bytes: int, access_log: bool) -> None:
+    """Serve lookups over HTTP (JSON) from the live version of every feature set in the store.
+
+    \b
+    GET  /v1/NAME/recommend?user=U&k=10          items for a user (exclude=ID repeatable)
+    POST /v1/NAME/recommend  {"users": [...], "k": 10}
+    GET  /v1/NAME/similar?item=I&k=10&metric=ip   items like an item (or metric=cosine)
+    GET  /v1/NAME/similar_users?user=U&k=10
+    POST /v1/NAME/embeddings {"users": [...]} or {"items": [...]}
+    GET  /v1/NAME/anomalies?k=20    GET /v1/NAME/version    GET /healthz    GET /openapi.json
+
+    When a job publishes, the service switches to the new version without a restart; a request
+    in flight finishes on the version it started with. Unknown ids answer 404, bad requests 4xx.
+    """
+    from aefeatures.service import Limits, serve as run_service
+
+    limits = Limits(max_k=max_k, max_batch=max_batch, max_exclude=max_batch, max_body_bytes=max_body_bytes)
+    run_service(str(store_dir), host=host, port=port, workers=workers, poll_seconds=poll_seconds, limits=limits,
+                access_log=access_log, announce=lambda line: click.echo(line, err=True))

@@ -1,0 +1,419 @@
+"""The HTTP lookup service: ``aefeatures serve``. JSON in, JSON out; no torch import.
+
+Every answer names the feature set version it came from. A request reads the live feature set
+once, at its start (see :mod:`aefeatures.live`), so a publish during the request never mixes
+versions. Bad requests get a 4xx JSON error ``{"error": {"status", "code", "message"}}``,
+unknown ids a 404; a 5xx means a fault in the service itself.
+
+Single lookups run on the event loop (they take about a millisecond; a thread hop would cost
+as much again); batch calls run in the thread pool so they never stall the single ones.
+"""
+
+import inspect
+import json
+import logging
+import os
+import signal
+import socket
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Literal, Sequence, Union
+
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from starlette.exceptions import HTTPException
+
+from aefeatures import __version__, errors
+from aefeatures.evaluate import KEY_METRIC
+from aefeatures.live import LiveStore
+from aefeatures.lookup import FeatureSet, Neighbours
+
+log = logging.getLogger(__name__)
+
+Id = Union[StrictInt, StrictStr]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; beyond it the request is refused with a 4xx."""
+
+    max_k: int = 1000
+    max_batch: int = 1000  # ids per batch request
+    max_exclude: int = 1000  # ids in an `exclude` list
+    max_body_bytes: int = 1 << 20
+
+
+# --- response shapes (for the OpenAPI description) ---------------------------------------------
+
+class RankedItem(BaseModel):
+    rank: int
+    item_id: Id
+    score: float
+
+
+class RankedUser(BaseModel):
+    rank: int
+    user_id: Id
+    score: float
+
+
+class Recommendations(BaseModel):
+    feature_set: str
+    version: str
+    user: Id
+    items: list[RankedItem]
+
+
+class UserItems(BaseModel):
+    user: Id
+    items: list[RankedItem]
+
+
+class BatchRecommendations(BaseModel):
+    feature_set: str
+    version: str
+    results: list[UserItems] = Field(description="One entry per known user, in request order.")
+    not_found: list[Id] = Field(description="Requested users the version does not know (with skip_unknown).")
+
+
+class SimilarItems(BaseModel):
+    feature_set: str
+    version: str
+    item: Id
+    items: list[RankedItem]
+
+
+class SimilarUsers(BaseModel):
+    feature_set: str
+    version: str
+    user: Id
+    users: list[RankedUser]
+
+
+class Embeddings(BaseModel):
+    feature_set: str
+    version: str
+    dim: int
+    users: list[dict[str, Any]] | None = None
+    items: list[dict[str, Any]] | None = None
+
+
+class ErrorBody(BaseModel):
+    status: int
+    code: str
+    message: str
+
+
+class Error(BaseModel):
+    error: ErrorBody
+
+
+ERRORS = {code: {"model": Error} for code in (400, 404, 413, 422)}
+
+
+def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = True,
+               on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """The ASGI app serving ``live``. With ``follow``, the app polls LATEST while it runs;
+    ``on_ready`` is called once it has started."""
+
+    class BatchRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        users: list[Id] = Field(min_length=1, max_length=limits.max_batch)
+        k: StrictInt = Field(10, ge=1, le=limits.max_k)
+        exclude_seen: StrictBool = True
+        exclude: list[Id] = Field([], max_length=limits.max_exclude)
+        skip_unknown: StrictBool = Field(False, description="Leave unknown users out (listed in `not_found`) "
+                                                            "instead of answering 404.")
+
+    class EmbeddingsRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        users: list[Id] | None = Field(None, min_length=1, max_length=limits.max_batch)
+        items: list[Id] | None = Field(None, min_length=1, max_length=limits.max_batch)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if follow:
+            live.start()
+        if on_ready is not None:
+            on_ready()
+        try:
+            yield
+        finally:
+            if follow:
+                live.stop()
+
+    app = FastAPI(title="aefeatures lookup service", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
+                  description="Items for a user, items like an item, users like a user, and embeddings, "
+                              "from the live version of each feature set. Every answer names its version.")
+    app.state.live, app.state.limits = live, limits
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+
+    k_query = Query(10, ge=1, le=limits.max_k, description=f"How many results (at most {limits.max_k}).")
+    name_path = Path(description="Feature set name (letters, digits, `_`); any other name is simply not found.")
+    exclude_query = Query([], max_length=limits.max_exclude,
+                          description="Item ids to leave out (repeat the parameter); unknown ids are ignored.")
+
+    @app.get("/healthz", summary="Liveness, and the version served for each feature set")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "feature_sets": live.versions()}
+
+    @app.get("/v1/{name}/version", summary="The version being served", responses=ERRORS)
+    async def version(name: str = name_path) -> Response:
+        fs = live.get(name)
+        m = fs.manifest
+        return _json({
+            "feature_set": fs.name, "version": fs.version, "created_at": m.get("created_at"),
+            "users": m["counts"].get("users"), "items": m["counts"].get("items"), "dim": fs.dim,
+            "model": (m.get("config") or {}).get("model", {}).get("kind"), "index": m.get("index"),
+            KEY_METRIC: ((m.get("evaluation") or {}).get("model") or {}).get(KEY_METRIC),
+        })
+
+    @app.get("/v1/{name}/recommend", response_model=Recommendations, responses=ERRORS,
+             summary="Items for a user, without the items they already have")
+    async def recommend(name: str = name_path, user: str = Query(..., max_length=256), k: int = k_query,
+                        exclude_seen: bool = True, exclude: list[str] = exclude_query) -> Response:
+        fs = live.get(name)
+        found = fs.recommend(user, k, exclude_seen=exclude_seen, exclude=exclude)
+        return _json(_answer(fs, user=_id(fs.user_ids, user), items=_ranked(found, "item_id")))
+
+    @app.post("/v1/{name}/recommend", response_model=BatchRecommendations, responses=ERRORS,
+              summary="Items for many users at once")
+    async def recommend_batch(body: BatchRequest, name: str = name_path) -> Response:
+        fs = live.get(name)
+        return await run_in_threadpool(_batch, fs, body)
+
+    @app.get("/v1/{name}/similar", response_model=SimilarItems, responses=ERRORS,
+             summary="Items like an item (the item itself left out)")
+    async def similar(name: str = name_path, item: str = Query(..., max_length=256), k: int = k_query,
+                      metric: Literal["ip", "cosine"] = "ip", exclude: list[str] = exclude_query) -> Response:
+        fs = live.get(name)
+        found = fs.similar_items(item, k, metric=metric, exclude=exclude)
+        return _json(_answer(fs, item=_id(fs.item_ids, item), items=_ranked(found, "item_id")))
+
+    @app.get("/v1/{name}/similar_users", response_model=SimilarUsers, responses=ERRORS,
+             summary="Users like a user, by cosine similarity of their embeddings")
+    async def similar_users(name: str = name_path, user: str = Query(..., max_length=256),
+                            k: int = k_query) -> Response:
+        fs = live.get(name)
+        found = fs.similar_users(user, k)
+        return _json(_answer(fs, user=_id(fs.user_ids, user), users=_ranked(found, "user_id")))
+
+    @app.post("/v1/{name}/embeddings", response_model=Embeddings, responses=ERRORS,
+              summary="Embeddings of users or of items (one of the two per request)")
+    async def embeddings(body: EmbeddingsRequest, name: str = name_path) -> Response:
+        if (body.users is None) == (body.items is None):
+            raise errors.BadInputError('send exactly one of "users" or "items".')
+        fs = live.get(name)
+        return await run_in_threadpool(_embeddings, fs, body.users, body.items)
+
+    @app.get("/v1/{name}/anomalies", responses=ERRORS,
+             summary="Users the model explains worst: bots, random clickers, fraud")
+    async def anomalies(name: str = name_path, k: int = k_query) -> Response:
+        fs = live.get(name)
+        return _json(_answer(fs, users=fs.anomalies(k).to_dicts()))
+
+    return app
+
+
+# --- answers ---------------------------------------------------------------------------------------
+
+def _answer(fs: FeatureSet, **fields: Any) -> dict[str, Any]:
+    return {"feature_set": fs.name, "version": fs.version, **fields}
+
+
+def _ranked(found: Neighbours, key: str) -> list[dict[str, Any]]:
+    return [{"rank": n, key: i, "score": s}
+            for n, (i, s) in enumerate(zip(found.ids.tolist(), found.scores.tolist()), start=1)]
+
+
+def _id(ids, value: str) -> Any:
+    """A URL id as the store types it (42, not "42", for integer ids)."""
+    return int(value) if ids.dtype.kind in "iu" else value
+
+
+def _batch(fs: FeatureSet, body) -> Response:
+    users = list(dict.fromkeys(body.users))  # a user asked for twice is answered once
+    recs = fs.recommend_batch(users, body.k, exclude_seen=body.exclude_seen, exclude=body.exclude,
+                              skip_unknown=body.skip_unknown)
+    results: dict[Any, list] = {}
+    for user, item, rank, score in zip(*(recs.get_column(c).to_list() for c in ("user_id", "item_id", "rank", "score"))):
+        results.setdefault(user, []).append({"rank": rank, "item_id": item, "score": score})
+    found = fs.has_users(users).tolist()
+    known = [_typed(fs.user_ids, u) for u, f in zip(users, found) if f]
+    return _json(_answer(fs, results=[{"user": u, "items": results.get(u, [])} for u in known],
+                         not_found=[u for u, f in zip(users, found) if not f]))
+
+
+def _embeddings(fs: FeatureSet, users: Sequence[Any] | None, items: Sequence[Any] | None) -> Response:
+    kind, ids = ("user", users) if users is not None else ("item", items)
+    vectors = fs.user_embeddings(ids) if kind == "user" else fs.item_embeddings(ids)
+    known = fs.user_ids if kind == "user" else fs.item_ids
+    rows = [{f"{kind}_id": _typed(known, i), "embedding": v} for i, v in zip(ids, vectors.tolist())]
+    return _json(_answer(fs, dim=fs.dim, **{f"{kind}s": rows}))
+
+
+def _typed(ids, value: Any) -> Any:
+    return int(value) if ids.dtype.kind in "iu" else str(value)
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    # Encoded here: FastAPI's generic encoder walks every value and costs more than the lookup.
+    return Response(json.dumps(body, separators=(",", ":")), status_code=status, media_type="application/json")
+
+
+# --- errors: always JSON, never a traceback --------------------------------------------------------
+
+def _error(status: int, code: str, message: str) -> Response:
+    return _json({"error": {"status": status, "code": code, "message": message}}, status)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(errors.NotFoundError)
+    async def not_found(request: Request, exc: errors.NotFoundError) -> Response:
+        return _error(404, "not_found", str(exc))
+
+    @app.exception_handler(errors.StoreError)
+    async def no_feature_set(request: Request, exc: errors.StoreError) -> Response:
+        return _error(404, "no_feature_set", str(exc))
+
+    @app.exception_handler(errors.BadInputError)
+    async def bad_input(request: Request, exc: errors.BadInputError) -> Response:
+        return _error(400, "bad_request", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        problems: dict[str, str] = {}
+        for e in exc.errors():
+            loc = [str(p) for p in e.get("loc", ())]
+            if loc and loc[-1] in ("int", "str"):  # an id must be one of the two: say so once
+                loc, msg = loc[:-1], "an id must be an integer or a string"
+            else:
+                msg = e.get("msg", "invalid")
+            problems.setdefault(_where(loc), msg)
+        shown = [f"{where}: {msg}" for where, msg in list(problems.items())[:5]]
+        return _error(422, "invalid_request", "; ".join(shown) + ". See /openapi.json for the parameters.")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        code = {404: "no_such_endpoint", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def fault(request: Request, exc: Exception) -> Response:
+        log.exception("fault answering %s %s", request.method, request.url.path)
+        return _error(500, "internal_error", "the service failed to answer; the fault is logged.")
+
+
+def _where(parts: Sequence[str]) -> str:
+    if parts and parts[0] in ("query", "path", "body"):
+        return f"{parts[0]} `{'.'.join(parts[1:]) or '(whole)'}`"
+    return "`" + ".".join(parts) + "`"
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over ``max_bytes`` with 413 before anything parses
+    them (by Content-Length when given, else by counting while reading)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._refuse(send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay([message]), send)
+            chunks.append(message)
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self._refuse(send)
+        return await self.app(scope, _replay(chunks, receive), send)
+
+    async def _refuse(self, send) -> None:
+        response = _error(413, "body_too_large", f"request body over {self.max_bytes:,} bytes; send fewer ids per request.")
+        await response({"type": "http"}, None, send)
+
+
+def _replay(messages: list[dict], then=None):
+    queue = list(messages)
+
+    async def receive():
+        if queue:
+            return queue.pop(0)
+        return await then() if then is not None else {"type": "http.disconnect"}
+
+    return receive
+
+
+
+
+# --- running it -------------------------------------------------------------------------------------
+
+SETTINGS_ENV = "AEFEATURES_SERVE_SETTINGS"  # how worker processes learn what to serve
+
+
+def app_from_environment() -> FastAPI:
+    """App factory for worker processes (``--workers`` > 1): settings come from the parent."""
+    settings = json.loads(os.environ[SETTINGS_ENV])
+    live = LiveStore(settings["store"], poll_seconds=settings["poll_seconds"])
+    return create_app(live, Limits(**settings["limits"]))
+
+
+def serve(store_dir: str, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
+          poll_seconds: float = 1.0, limits: Limits = Limits(), access_log: bool = False,
+          announce=print) -> None:
+    """Serve the store until SIGINT/SIGTERM, then shut down gracefully (in-flight requests
+    finish). ``port=0`` picks a free port; ``announce`` gets one line with the address once
+    the service accepts requests."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    live = LiveStore(store_dir, poll_seconds=poll_seconds)  # a missing store fails here, not per request
+    sock = _bind(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    served = ", ".join(f"{n} {v}" for n, v in live.versions().items()) or "no feature set yet"
+    ready = lambda: announce(f"serving {served} from {store_dir} on http://{bound_host}:{bound_port} "  # noqa: E731
+                             f"({workers} worker{'s' * (workers > 1)}); following LATEST")
+    options = dict(access_log=access_log, log_config=None, timeout_graceful_shutdown=5, server_header=False)
+    if workers == 1:
+        server = uvicorn.Server(uvicorn.Config(create_app(live, limits, on_ready=ready), **options))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            # uvicorn shuts down gracefully, then re-raises the signal into the handler it found:
+            # finding this one, the service exits 0 as with several workers.
+            signal.signal(sig, lambda *_: None)
+        server.run(sockets=[sock])
+        return
+    os.environ[SETTINGS_ENV] = json.dumps({"store": str(store_dir), "poll_seconds": poll_seconds,
+                                           "limits": asdict(limits)})
+    config = uvicorn.Config(f"{__name__}:app_from_environment", factory=True, workers=workers, **options)
+    ready()
+    if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn before 0.31
+        Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
+    else:
+        Multiprocess(config, sockets=[sock]).run()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise errors.BadInputError(f"cannot listen on {host}:{port} ({exc.strerror}). "
+                                   "Pass another --port (0 picks a free one) or --host.") from None
+    sock.listen(2048)  # connections queue from now on, even before the first accept
+    sock.set_inheritable(True)
+    return sock
