@@ -1,0 +1,100 @@
+"""The stage benchmark at its smallest scale: the harness runs and reports every stage with a
+floor and a ratio. Checks the harness's correctness only, never how fast anything is."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+STAGES = ["read_csr", "train_epoch", "embed", "write", "index_build", "lookup_single", "lookup_batch"]
+
+
+def load(name: str):
+    """A module of benchmarks/ (scripts, not a package) under a name of its own."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "pipeline.py"), "--scale", "0.005", "--data-dir", str(out / "data"),
+         "--work-dir", str(out / "work"), "--json-out", str(out / "result.json"),
+         "--markdown-out", str(out / "result.md"), "--lookups", "50", "--batch-lookups", "300"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads((out / "result.json").read_text()), (out / "result.md").read_text()
+
+
+def test_every_stage_has_a_time_a_floor_and_a_ratio(smoke):
+    result, _ = smoke
+    (run,) = result["runs"]
+    assert [row["stage"] for row in run["stages"]] == STAGES
+    for row in run["stages"]:
+        assert row["seconds"] > 0, row["stage"]
+        assert row["floor"]["seconds"] > 0 and row["floor"]["what"], row["stage"]
+        assert row["ratio"] == pytest.approx(row["seconds"] / row["floor"]["seconds"]), row["stage"]
+
+
+def test_memory_and_conditions_are_recorded(smoke):
+    result, _ = smoke
+    (run,) = result["runs"]
+    assert run["job_peak_rss_mb"] >= max(row["peak_rss_mb"] for row in run["stages"]) > 0
+    assert all(row["peak_rss_mb"] >= row["rss_before_mb"] * 0.5 for row in run["stages"])
+    train = run["stages"][STAGES.index("train_epoch")]
+    assert train["floor"]["gflops"] > 0 and train["floor"]["bf16"]["gflops"] > 0
+    assert run["matrix"]["nnz"] == run["data"]["rows"]  # the generator writes distinct pairs
+    assert result["machine"]["cores"] >= 1 and result["versions"]["torch"]
+
+
+def test_markdown_has_a_row_per_stage(smoke):
+    result, table = smoke
+    labels = [row["label"] for row in result["runs"][0]["stages"]]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith(("| stage", "| ---"))]
+    assert len(rows) == len(STAGES)
+    assert all(label in row for label, row in zip(labels, rows))
+
+
+def test_data_is_ml20m_shaped_and_cached_by_its_parameters(tmp_path):
+    mlshape = load("mlshape")
+    shape = mlshape.shape_for(0.002, seed=3)
+    folder, facts = mlshape.ensure(shape, tmp_path)
+    assert not facts["cached"] and facts["files"] >= 2
+    frame = pl.read_parquet(mlshape.part_files(folder))
+    assert frame.columns == ["user_id", "item_id", "rating", "timestamp"]
+    assert frame.height == facts["rows"] == frame.n_unique(["user_id", "item_id"])
+    assert abs(frame.height - shape.interactions) < 0.02 * shape.interactions
+    assert frame.get_column("user_id").n_unique() == shape.users
+    assert frame.group_by("user_id").len().get_column("len").min() >= mlshape.MIN_PER_USER
+    assert frame.get_column("timestamp").is_sorted()  # logs arrive in time order
+
+    again, facts_again = mlshape.ensure(shape, tmp_path)
+    assert again == folder and facts_again["cached"]
+    other, _ = mlshape.ensure(mlshape.shape_for(0.002, seed=4), tmp_path)
+    assert other != folder
+
+
+def test_plot_draws_every_scale(smoke, tmp_path):
+    pytest.importorskip("matplotlib")
+    report = load("report")
+    result, _ = smoke
+    bigger = copy.deepcopy(result["runs"][0])
+    bigger["matrix"]["nnz"] *= 10
+    for row in bigger["stages"]:
+        row["seconds"] *= 10
+    report.plot({**result, "runs": [result["runs"][0], bigger]}, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Time per stage" in report.markdown({**result, "runs": [result["runs"][0], bigger]})
