@@ -25,6 +25,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_]+")
 MODEL_KINDS = ("dae", "vae")
+PRECISIONS = ("auto", "fp32", "bf16")
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 
 
@@ -60,6 +61,10 @@ class ModelConfig:
     patience: int = 10  # stop after this many epochs without a better validation NDCG@100; 0 = never
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when available) | "cpu" | "cuda" | "cuda:N"
+    precision: str = "auto"  # "fp32" | "bf16" (autocast) | "auto": bf16 on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the model (pays off on GPUs, for long runs)
+    full_softmax_max_items: int = 200_000  # above this many items train with a sampled softmax
+    sampled_negatives: int = 8192  # sampled softmax: shared negatives per batch
 
 
 @dataclass(frozen=True)
@@ -242,6 +247,10 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
         ("evaluation.holdout", cfg.evaluation.holdout, 0 < cfg.evaluation.holdout < 1, "it must be in (0, 1)"),
         ("retention.keep", cfg.retention.keep, cfg.retention.keep >= 0, "it must be 0 (keep all) or more"),
         ("gate.min_ratio", cfg.gate.min_ratio, cfg.gate.min_ratio >= 0, "it must be 0 or more"),
+        ("model.precision", m.precision, m.precision in PRECISIONS, f"choose one of {', '.join(PRECISIONS)}"),
+        ("model.full_softmax_max_items", m.full_softmax_max_items, m.full_softmax_max_items >= 1,
+         "it must be at least 1"),
+        ("model.sampled_negatives", m.sampled_negatives, m.sampled_negatives >= 1, "it must be at least 1"),
         ("model.device", m.device, re.fullmatch(r"auto|cpu|cuda(:\d+)?", m.device),
          "use auto, cpu, cuda or cuda:N"),
         ("index.min_recall", cfg.index.min_recall, 0 <= cfg.index.min_recall <= 1, "it must be in [0, 1]"),

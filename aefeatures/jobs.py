@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from aefeatures import __version__, errors, gate, report, runlog, schema, store
+from aefeatures import __version__, distributed, errors, gate, report, runlog, schema, store
 from aefeatures.config import JobConfig
 from aefeatures.embed import embed, encode
 from aefeatures.evaluate import KS, Split, evaluate_embeddings, popularity_ranking, ranking_metrics, split_users
@@ -64,15 +64,37 @@ def run_job(cfg: JobConfig, *, force: bool = False, progress: bool | None = None
     version's: when they match nothing is done (``status == "up_to_date"``) unless ``force``.
     Otherwise it builds and publishes a version and applies `[retention]`.
 
+    Under torchrun (``torchrun --nproc_per_node=N -m aefeatures run JOB.toml``) every rank
+    trains its share (:mod:`aefeatures.distributed`); rank 0 alone takes the lock, writes and
+    publishes, and the other ranks end with ``SystemExit(0)`` once training is over.
+
     Raises
     ------
     BadInputError, GateRefusedError, LockHeldError, Interrupted
         Each recorded in the run log with its exit code.
     """
-    def work(fingerprint: str, live: dict[str, Any] | None) -> RunResult:
-        return _build_and_publish(cfg, fingerprint, progress)
+    with distributed.process_group(cfg.model.device) as group:
+        signal = distributed.TrainSignal(group)
+        if group is not None and not group.is_leader:
+            _follow(cfg, signal)
+            raise SystemExit(0)  # rank 0 writes, publishes and reports
 
-    return scheduled(cfg, "run", "fingerprint", work, force=force)
+        def work(fingerprint: str, live: dict[str, Any] | None) -> RunResult:
+            signal.start()
+            return _build_and_publish(cfg, fingerprint, progress)
+
+        try:
+            return scheduled(cfg, "run", "fingerprint", work, force=force)
+        finally:
+            signal.cancel()  # up to date, locked or failed before training: the other ranks stop too
+
+
+def _follow(cfg: JobConfig, signal: "distributed.TrainSignal") -> None:
+    """A rank other than 0: train alongside rank 0 if it says so, then leave the group."""
+    if signal.wait():
+        matrix = build_matrix(read_interactions(cfg.input), binarize=cfg.input.binarize)
+        _train_and_evaluate(matrix, cfg, progress=False)
+    distributed.leave()
 
 
 def scheduled(cfg: JobConfig, command: str, key: str,
@@ -233,6 +255,8 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig,
         return {k: round(v, 5) for k, v in metrics.items() if k != "users"}
 
     trained = train(matrix, cfg.model, rows=split.train_rows, validate=validate, progress=progress)
+    if not distributed.is_leader():
+        return trained, None
     final = validate(trained.model)  # the restored best weights (or untrained, with 0 epochs)
     trained.model.eval()
     return trained, {

@@ -10,6 +10,7 @@ own top-k. (RecVAE made the same choice and found no loss from dropping decoder 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +45,15 @@ class SparseBatch:
         return len(self.offsets)
 
 
+@dataclass
+class Noise:
+    """The random draws of one training batch, made by the caller so that the ranks of a
+    distributed run can each take their slice of one draw for the whole global batch."""
+
+    uniform: torch.Tensor  # (nnz,) in [0, 1): an entry is dropped where it is below the dropout rate
+    normal: torch.Tensor  # (batch, dim) standard normal: the vae's reparameterisation noise
+
+
 class Autoencoder(nn.Module):
     def __init__(self, shape: AutoencoderShape):
         super().__init__()
@@ -59,13 +69,14 @@ class Autoencoder(nn.Module):
             nn.init.normal_(layer.bias, std=0.001)
         nn.init.xavier_uniform_(self.input_layer.weight)
 
-    def encode(self, batch: SparseBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(self, batch: SparseBatch, noise: Noise | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mean (batch, dim), log-variance or None): the bottleneck of each user's vector."""
         # L2-normalise each user's vector, then drop entries (the denoising corruption).
         norms = torch.zeros(batch.size, device=batch.values.device).index_add_(0, batch.rows, batch.values**2)
         weights = batch.values / norms.sqrt().clamp_min(1e-12)[batch.rows]
         if self.training and self.shape.dropout > 0:
-            keep = torch.rand_like(weights) >= self.shape.dropout
+            uniform = torch.rand_like(weights) if noise is None else noise.uniform
+            keep = uniform >= self.shape.dropout
             weights = weights * keep / (1 - self.shape.dropout)
         h = self.input_layer(batch.indices, batch.offsets, per_sample_weights=weights) + self.input_bias
         for layer in self.encoder:
@@ -75,20 +86,74 @@ class Autoencoder(nn.Module):
             return mean, logvar
         return h, None
 
-    def forward(self, batch: SparseBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(item logits (batch, n_items), mean, log-variance) — sampling z when a vae trains."""
-        mean, logvar = self.encode(batch)
+    def forward(self, batch: SparseBatch, noise: Noise | None = None, *, decode: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(item logits (batch, n_items), mean, log-variance) — sampling z when a vae trains.
+
+        ``decode=False`` returns z (batch, dim) in place of the logits, for losses that score
+        only some items (a sampled softmax).
+        """
+        mean, logvar = self.encode(batch, noise)
         z = mean
         if logvar is not None and self.training:
-            z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
-        return self.decoder(z), mean, logvar
+            normal = torch.randn_like(mean) if noise is None else noise.normal
+            z = mean + normal * torch.exp(0.5 * logvar)
+        return (self.decoder(z) if decode else z), mean, logvar
 
 
 def multinomial_nll(logits: torch.Tensor, batch: SparseBatch) -> torch.Tensor:
-    """(batch,) negative multinomial log-likelihood of each user's observed items."""
-    log_probs = F.log_softmax(logits, dim=1)
-    picked = log_probs[batch.rows, batch.indices] * batch.values
-    return -torch.zeros(batch.size, device=logits.device, dtype=picked.dtype).index_add_(0, batch.rows, picked)
+    """(batch,) negative multinomial log-likelihood of each user's observed items.
+
+    ``nll[u] = sum_i v[u,i] * (logsumexp(logits[u]) - logits[u,i])``, computed in float32 with a
+    fused backward: one pass over the (batch, n_items) logits each way, where autograd through
+    ``log_softmax`` and a gather makes about three.
+    """
+    return _MultinomialNLL.apply(logits, batch.rows, batch.indices, batch.values, batch.size)
+
+
+class _MultinomialNLL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, rows, indices, values, size):
+        wide = _at_least_float32(logits)
+        values = values.to(wide.dtype)
+        lse = torch.logsumexp(wide, dim=1)  # (batch,)
+        picked = wide[rows, indices] * values  # (nnz,)
+        zeros = torch.zeros(size, device=logits.device, dtype=wide.dtype)
+        total_weight = zeros.index_add(0, rows, values)
+        nll = total_weight * lse - zeros.index_add(0, rows, picked)
+        ctx.save_for_backward(logits, lse, total_weight, rows, indices, values)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        logits, lse, total_weight, rows, indices, values = ctx.saved_tensors
+        # d nll[u] / d logits[u, j] = total_weight[u] * softmax[u, j] - v[u, j]
+        grad = torch.exp(_at_least_float32(logits) - lse[:, None]).mul_((grad_nll * total_weight)[:, None])
+        grad.index_put_((rows, indices), -(grad_nll[rows] * values), accumulate=True)
+        return grad.to(logits.dtype), None, None, None, None
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def sampled_multinomial_nll(z: torch.Tensor, decoder: nn.Linear, batch: SparseBatch,
+                            negatives: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """(batch,) multinomial NLL with the softmax normaliser estimated from shared samples.
+
+    ``negatives`` (k,) are items drawn for the whole batch with probabilities ``exp(log_q)``
+    (k,). Each user's log-normaliser is a log-sum-exp over their own observed items and the
+    negatives with the logQ correction ``logit - log(k q)`` (an importance-sampling estimate of
+    the sum over all items), so no (batch, n_items) logits are ever formed.
+    """
+    pos = (z[batch.rows] * decoder.weight[batch.indices]).sum(dim=1) + decoder.bias[batch.indices]  # (nnz,)
+    neg = z @ decoder.weight[negatives].T + decoder.bias[negatives]  # (batch, k)
+    pos, neg = pos.float(), neg.float() - (log_q + math.log(len(negatives)))
+    peak = torch.maximum(neg.detach().amax(dim=1), torch.full_like(neg[:, 0], -torch.inf).scatter_reduce(
+        0, batch.rows, pos.detach(), "amax"))  # (batch,) for a stable exp
+    mass = torch.exp(neg - peak[:, None]).sum(dim=1).index_add(0, batch.rows, torch.exp(pos - peak[batch.rows]))
+    log_norm = peak + torch.log(mass)  # (batch,)
+    return torch.zeros_like(log_norm).index_add(0, batch.rows, batch.values * (log_norm[batch.rows] - pos))
 
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
