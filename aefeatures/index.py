@@ -19,6 +19,7 @@ from aefeatures import errors
 HNSW_EF_SEARCH = 128
 IVF_NPROBE = 16
 AUTO_EXACT_UP_TO = 100_000  # items; exact search stays fast enough below this
+AUTO_FULL_VECTORS_UP_TO = 4 << 30  # bytes of float32 vectors; beyond, `auto` compresses them
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,19 @@ def item_queries(item_vectors: np.ndarray) -> np.ndarray:
 
 
 def factory_string(kind: str, n_items: int, width: int) -> str:
-    """Translate the job file's `index.kind` into a FAISS factory string."""
+    """Translate the job file's `index.kind` into a FAISS factory string.
+
+    ``auto`` follows FAISS's own guidance: exact search up to 100k items; HNSW (fast, high
+    recall, vectors kept whole) while the vectors fit in 4 GiB; beyond that IVF with product
+    quantization: about ``width / 8`` bytes per item (one byte per sub-quantizer) instead of
+    ``4 * width``. The build measures recall either way and `index.min_recall` refuses a poor one.
+    """
     nlist = max(1, min(int(4 * math.sqrt(n_items)), n_items // 39))
     if kind == "auto":
-        kind = "flat" if n_items <= AUTO_EXACT_UP_TO else "hnsw"
+        if n_items <= AUTO_EXACT_UP_TO:
+            kind = "flat"
+        else:
+            kind = "hnsw" if n_items * width * 4 <= AUTO_FULL_VECTORS_UP_TO else "ivfpq"
     if kind == "flat":
         return "Flat"
     if kind == "hnsw":
