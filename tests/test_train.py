@@ -70,3 +70,34 @@ def test_training_without_evaluation_has_no_metrics(tmp_path):
     result = run_job(load_job_config(job), progress=False)
     assert result.manifest["evaluation"] is None and result.manifest["gate"]["passed"]
     assert aefeatures.open_store(tmp_path / "store")["movies"].n_users == 2030
+
+
+def test_a_sampled_softmax_above_the_item_threshold_beats_popularity(tmp_path, caplog):
+    # The fixture's ~500 items are above a lowered threshold: training scores 64 shared
+    # negatives per batch instead of the whole catalogue.
+    model = {"epochs": 30, "full_softmax_max_items": 100, "sampled_negatives": 64}
+    with caplog.at_level("INFO", logger="aefeatures.train"):
+        result = run_job(load_job_config(write_job(tmp_path, model=model)), progress=False)
+    assert "training with a sampled softmax over 64 shared negatives" in caplog.text
+    ev = result.manifest["evaluation"]
+    assert ev["model"]["ndcg@10"] > 2 * ev["popularity"]["ndcg@10"]
+    assert ev["model"]["recall@20"] > ev["popularity"]["recall@20"] + 0.1
+
+
+def test_the_fused_multinomial_nll_matches_log_softmax_and_its_gradient():
+    from aefeatures.model import SparseBatch, multinomial_nll
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 30, dtype=torch.float64, generator=generator, requires_grad=True)
+    rows, items = torch.tensor([0, 0, 1, 2, 2, 2, 4]), torch.tensor([1, 5, 3, 0, 2, 29, 7])
+    values = torch.rand(7, dtype=torch.float64, generator=generator)
+    batch = SparseBatch(items, torch.tensor([0, 2, 3, 3, 6]), values, rows)
+    upstream = torch.randn(5, dtype=torch.float64, generator=generator)
+
+    fused = multinomial_nll(logits, batch)
+    (grad,) = torch.autograd.grad((fused * upstream).sum(), logits)
+    log_probs = torch.log_softmax(logits, dim=1)
+    reference = -torch.zeros(5, dtype=torch.float64).index_add(0, rows, log_probs[rows, items] * values)
+    (expected,) = torch.autograd.grad((reference * upstream).sum(), logits)
+    torch.testing.assert_close(fused, reference)
+    torch.testing.assert_close(grad, expected)
