@@ -366,6 +366,7 @@ SETTINGS_ENV = "AEFEATURES_SERVE_SETTINGS"  # how worker processes learn what to
 def app_from_environment() -> FastAPI:
     """App factory for worker processes (``--workers`` > 1): settings come from the parent."""
     settings = json.loads(os.environ[SETTINGS_ENV])
+    _search_on_one_thread()
     live = LiveStore(settings["store"], poll_seconds=settings["poll_seconds"])
     return create_app(live, Limits(**settings["limits"]))
 
@@ -380,6 +381,7 @@ def serve(store_dir: str, *, host: str = "127.0.0.1", port: int = 8000, workers:
     from uvicorn.supervisors import Multiprocess
 
     live = LiveStore(store_dir, poll_seconds=poll_seconds)  # a missing store fails here, not per request
+    _search_on_one_thread()
     sock = _bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     served = ", ".join(f"{n} {v}" for n, v in live.versions().items()) or "no feature set yet"
@@ -402,6 +404,15 @@ def serve(store_dir: str, *, host: str = "127.0.0.1", port: int = 8000, workers:
         Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
     else:
         Multiprocess(config, sockets=[sock]).run()
+
+
+def _search_on_one_thread() -> None:
+    """One FAISS thread per search: a service's parallelism is its concurrent requests (and
+    workers); OpenMP threads splitting a single query contend with them, and on a busy
+    machine one query then waits for scheduler slices (measured: 60× slower on 2 cores)."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -1,0 +1,143 @@
+"""Each FAISS index kind on a large catalogue: build time, size, opening time, recall, speed.
+
+    python benchmarks/faiss_kinds.py                          # 1M items x 64 dims (minutes)
+    python benchmarks/faiss_kinds.py --items 20000 --json-out /tmp/f.json   # smoke run
+
+Item rows are ``[w, b]`` and queries ``[z, 1]``, exactly as the store indexes them. The data is
+clustered (a mixture of Gaussians, users mixing a few clusters) because on unclustered random
+vectors approximate search loses its recall and the numbers would say nothing. Recall@20 is
+against exact search over the same rows; the exact (Flat) index is the floor for speed.
+Prints a Markdown table; ``--json-out`` writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import faiss
+import numpy as np
+import psutil
+
+from aefeatures.index import build_index, item_rows, load_index, save_index, user_queries
+
+K = 20
+
+
+def clustered(n_items: int, n_users: int, dim: int, seed: int = 0):
+    """(item rows (n_items, dim+1), user queries (n_users, dim+1)) with cluster structure."""
+    rng = np.random.default_rng(seed)
+    n_clusters = max(16, int(np.sqrt(n_items)))
+    centers = rng.normal(size=(n_clusters, dim)).astype(np.float32)
+    items = np.empty((n_items, dim), np.float32)
+    for start in range(0, n_items, 100_000):  # in chunks: no full-size float64 temporaries
+        stop = min(start + 100_000, n_items)
+        items[start:stop] = centers[rng.integers(n_clusters, size=stop - start)]
+        items[start:stop] += rng.standard_normal((stop - start, dim), dtype=np.float32)
+    bias = (0.5 * rng.standard_normal(n_items)).astype(np.float32)
+    mix = rng.integers(n_clusters, size=(n_users, 2))
+    users = centers[mix].mean(axis=1) + 0.5 * rng.standard_normal((n_users, dim), dtype=np.float32)
+    return item_rows(items, bias), user_queries(users.astype(np.float32))
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found.tolist(), truth.tolist())]))
+
+
+def qps_single(index, queries: np.ndarray, seconds: float = 3.0) -> float:
+    """Queries a second, one query per call on one thread (as the service answers one user:
+    its parallelism comes from concurrent requests, not from splitting one search)."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        index.search(queries[done % len(queries)][None, :], K)
+        done += 1
+    faiss.omp_set_num_threads(threads)
+    return done / (time.perf_counter() - start)
+
+
+def qps_batch(index, queries: np.ndarray) -> float:
+    start = time.perf_counter()
+    index.search(queries, K)
+    return len(queries) / (time.perf_counter() - start)
+
+
+def measure(kind: str, rows: np.ndarray, queries: np.ndarray, truth: np.ndarray, folder: Path) -> dict:
+    start = time.perf_counter()
+    built = build_index(rows, kind)
+    build_s = time.perf_counter() - start
+    path = folder / f"{kind}.faiss"
+    save_index(built.index, path)
+    del built
+    process = psutil.Process()
+    rss_before = process.memory_info().rss
+    start = time.perf_counter()
+    index = load_index(path)
+    open_ms = (time.perf_counter() - start) * 1000
+    rss_open = process.memory_info().rss - rss_before
+    _, found = index.search(queries, K)
+    result = {
+        "kind": kind, "factory": faiss_factory(index), "build_s": round(build_s, 2),
+        "file_mb": round(path.stat().st_size / 2**20, 1), "open_ms": round(open_ms, 1),
+        "rss_after_open_mb": round(rss_open / 2**20, 1), f"recall@{K}": round(recall(found, truth), 4),
+        "single_qps": round(qps_single(index, queries)), "batch_qps": round(qps_batch(index, queries)),
+        "rss_after_search_mb": round((process.memory_info().rss - rss_before) / 2**20, 1),
+    }
+    del index
+    path.unlink()
+    return result
+
+
+def faiss_factory(index) -> str:
+    return type(faiss.downcast_index(index)).__name__
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--queries", type=int, default=2000, help="user queries for recall and batch speed")
+    parser.add_argument("--kinds", default="flat,hnsw,ivf,ivfpq")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+    faiss.omp_set_num_threads(args.threads)
+
+    rows, queries = clustered(args.items, args.queries, args.dim)
+    exact = faiss.IndexFlatIP(rows.shape[1])
+    exact.add(rows)
+    _, truth = exact.search(queries, K)
+    del exact
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in args.kinds.split(","):
+            results.append(measure(kind, rows, queries, truth, Path(tmp)))
+            print(json.dumps(results[-1]), flush=True)
+
+    flat = next((r for r in results if r["kind"] == "flat"), None)
+    report = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {psutil.cpu_count()} cores",
+              "faiss": faiss.__version__, "items": args.items, "dim": args.dim, "threads": args.threads,
+              "results": results}
+    print(f"\n{args.items:,} items x {args.dim} dims (+ bias), {args.threads} threads, "
+          f"{args.queries} user queries, {report['date']}, {report['machine']}\n")
+    print("| kind | FAISS index | build s | file MB | open ms | RSS at open MB | recall@20 | single q/s | "
+          "× Flat | batch q/s | × Flat |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        single = f"{r['single_qps'] / flat['single_qps']:.0f}×" if flat else "–"
+        batch = f"{r['batch_qps'] / flat['batch_qps']:.1f}×" if flat else "–"
+        print(f"| {r['kind']} | {r['factory']} | {r['build_s']} | {r['file_mb']} | {r['open_ms']} | "
+              f"{r['rss_after_open_mb']} | {r[f'recall@{K}']:.3f} | {r['single_qps']:,} | {single} | "
+              f"{r['batch_qps']:,} | {batch} |")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
