@@ -419,3 +419,13 @@ def test_a_publish_under_traffic_switches_versions_without_failing_or_mixing(tra
             for result in payload["results"]:
                 assert ranked(result["items"]) == fs.recommend(result["user"], 5).ids.tolist()
     assert by_version[old.version] > 0 and by_version[new.version] > 0
+
+
+def test_the_readme_lists_exactly_the_served_endpoints(service):
+    svc, _ = service
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## HTTP lookup service", 1)[1].split("\n## ", 1)[0]
+    listed = {(m.lower(), p.replace("NAME", "{name}")) for m, p in re.findall(r"\| `(GET|POST) (/[^?` ]*)", section)}
+    _, spec = svc.get("/openapi.json")
+    served = {(method, path) for path, methods in spec["paths"].items() for method in methods}
+    assert listed - {("get", "/openapi.json")} == served
