@@ -109,9 +109,10 @@ class FeatureSet:
         return pl.read_parquet(self.path / store.USERS, columns=columns).sort("anomaly_score", descending=True)
 
     def load(self) -> "FeatureSet":
-        """Load every table and the index now, so that no later call reads a file. Returns self."""
-        for name in ("_users", "_items", "_seen", "index", "_index_rows", "_unit_users", "_unit_items",
-                     "_anomaly_table"):
+        """Read every table and open the index now, so that no later call reads a file (what
+        is derived from them, such as normalised vectors for cosine, is computed on first use,
+        from memory). Returns self."""
+        for name in ("_users", "_items", "_seen", "index", "_anomaly_table"):
             getattr(self, name)
         return self
 
