@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import resource
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -34,15 +35,16 @@ import torch
 import aefeatures
 from aefeatures import store
 from aefeatures.config import InputConfig, ModelConfig
-from aefeatures.embed import embed
+from aefeatures.embed import Embeddings, embed
 from aefeatures.index import build_index, item_rows, save_index, user_queries
-from aefeatures.matrix import build_matrix
-from aefeatures.model import save_model
+from aefeatures.matrix import InteractionMatrix, build_matrix
+from aefeatures.model import Autoencoder, save_model
 from aefeatures.read import read_interactions
 from aefeatures.train import train
 from floors import lookup_rows
 
 NAME = "bench"
+STAGES = ("read_csr", "train_epoch", "embed", "write", "index_build", "lookup_single", "lookup_batch")
 RECALL_QUERIES = 1000  # what a run measures an approximate index's recall on
 PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -61,7 +63,7 @@ class MemoryWatch:
             self.peak_mb = max(self.peak_mb, current_rss_mb())
 
     @contextmanager
-    def stage(self, record: dict[str, Any]) -> Iterator[None]:
+    def stage(self, name: str, record: dict[str, Any]) -> Iterator[None]:
         """Time the block and store seconds, rss_before_mb and peak_rss_mb in ``record``."""
         before, high_water = current_rss_mb(), high_water_mb()
         self.peak_mb = before
@@ -71,6 +73,8 @@ class MemoryWatch:
         raised = high_water_mb()
         record["rss_before_mb"] = round(before, 1)
         record["peak_rss_mb"] = round(raised if raised > high_water else max(self.peak_mb, current_rss_mb()), 1)
+        print(f"    {name}: {record['seconds']:.3f} s, peak RSS {record['peak_rss_mb']:,.0f} MB",
+              file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self._stop.set()
@@ -87,12 +91,11 @@ def high_water_mb() -> float:
 
 def run_stages(data_dir: Path, work: Path, model: ModelConfig, *, single: int, batch: int, k: int) -> dict[str, Any]:
     """Every stage once, in job order; returns the facts the report and the floors need."""
-    watch, stages = MemoryWatch(), {}
+    watch = MemoryWatch()
     rss_at_start = current_rss_mb()
-    for name in ("read_csr", "train_epoch", "embed", "write", "index_build", "lookup_single", "lookup_batch"):
-        stages[name] = {}
+    stages: dict[str, dict] = {name: {} for name in STAGES}
 
-    with watch.stage(stages["read_csr"]):
+    with watch.stage("read_csr", stages["read_csr"]):
         read_started = time.perf_counter()
         interactions = read_interactions(InputConfig(str(data_dir), weight_col="rating", timestamp_col="timestamp"))
         read_seconds = time.perf_counter() - read_started
@@ -100,39 +103,24 @@ def run_stages(data_dir: Path, work: Path, model: ModelConfig, *, single: int, b
     stages["read_csr"]["detail"] = {"read_seconds": read_seconds,
                                     "matrix_seconds": stages["read_csr"]["seconds"] - read_seconds,
                                     "rows_read": interactions.n_rows_read}
-    with watch.stage(stages["train_epoch"]):
+    with watch.stage("train_epoch", stages["train_epoch"]):
         trained = train(matrix, model, progress=False)
     stages["train_epoch"]["detail"] = {"steps": trained.steps, "device": trained.device,
                                        "loss": trained.epoch_losses[-1]}
-    with watch.stage(stages["embed"]):
+    with watch.stage("embed", stages["embed"]):
         emb = embed(trained.model, matrix)
-
-    root, version = work / "store", datetime.now(timezone.utc).strftime(store.VERSION_FORMAT)
-    staging = store.start_version(root, NAME, version)
-    with watch.stage(stages["write"]):
-        counts = store.write_tables(staging, matrix, emb, name=NAME, version=version,
-                                    created=datetime.now(timezone.utc))
-        save_model(trained.model, staging / store.MODEL_DIR)
-    with watch.stage(stages["index_build"]):
-        sample = np.random.default_rng(model.seed).choice(matrix.shape[0], min(RECALL_QUERIES, matrix.shape[0]),
-                                                          replace=False)
-        built = build_index(item_rows(emb.item_vectors, emb.item_bias), "auto",
-                            sample_queries=user_queries(emb.user_vectors[sample]))
-        save_index(built.index, staging / store.INDEX)
-    stages["index_build"]["detail"] = {"factory": built.factory, "recall_at_10": built.recall_at_10}
-    store.write_manifest(staging, {"feature_set": NAME, "version": version, "dim": emb.dim, "counts": counts,
-                                   "index": {"kind": "auto", "factory": built.factory}})
-    final = store.publish(root, NAME, staging)
+    root = work / "store"
+    version_dir = write_version(watch, stages, root, matrix, emb, trained.model, seed=model.seed)
 
     shape, nnz, user_ids = matrix.shape, matrix.nnz, matrix.user_ids
-    del interactions, matrix, emb, trained, built  # a lookup service holds none of these
+    del interactions, matrix, emb, trained  # a lookup service holds none of these
     gc.collect()
     lookups = measure_lookups(watch, stages, root, user_ids, single=single, batch=batch, k=k)
     watch.close()
     return {
         "matrix": {"users": shape[0], "items": shape[1], "nnz": nnz},
         "model": {**asdict(model), "hidden": list(model.hidden)},
-        "version_dir": str(final),
+        "version_dir": str(version_dir),
         "lookups": lookups,
         "stages": stages,
         "rss_at_start_mb": round(rss_at_start, 1),
@@ -140,6 +128,28 @@ def run_stages(data_dir: Path, work: Path, model: ModelConfig, *, single: int, b
         "torch_threads": torch.get_num_threads(),
         "aefeatures_version": aefeatures.__version__,
     }
+
+
+def write_version(watch: MemoryWatch, stages: dict, root: Path, matrix: InteractionMatrix, emb: Embeddings,
+                  model: Autoencoder, *, seed: int) -> Path:
+    """Time writing the tables and model, then building and saving the index; publish the
+    version (untimed) so lookups open it like any store."""
+    version = datetime.now(timezone.utc).strftime(store.VERSION_FORMAT)
+    staging = store.start_version(root, NAME, version)
+    with watch.stage("write", stages["write"]):
+        counts = store.write_tables(staging, matrix, emb, name=NAME, version=version,
+                                    created=datetime.now(timezone.utc))
+        save_model(model, staging / store.MODEL_DIR)
+    with watch.stage("index_build", stages["index_build"]):
+        n_users = matrix.shape[0]
+        sample = np.random.default_rng(seed).choice(n_users, min(RECALL_QUERIES, n_users), replace=False)
+        built = build_index(item_rows(emb.item_vectors, emb.item_bias), "auto",
+                            sample_queries=user_queries(emb.user_vectors[sample]))
+        save_index(built.index, staging / store.INDEX)
+    stages["index_build"]["detail"] = {"factory": built.factory, "recall_at_10": built.recall_at_10}
+    store.write_manifest(staging, {"feature_set": NAME, "version": version, "dim": emb.dim, "counts": counts,
+                                   "index": {"kind": "auto", "factory": built.factory}})
+    return store.publish(root, NAME, staging)
 
 
 def measure_lookups(watch: MemoryWatch, stages: dict, root: Path, user_ids, *,
@@ -151,13 +161,13 @@ def measure_lookups(watch: MemoryWatch, stages: dict, root: Path, user_ids, *,
     features = aefeatures.open_store(root)[NAME]
     features.recommend(single_ids[0], k=k)  # loads users, items, interactions and the index
     open_seconds = time.perf_counter() - opened
-    with watch.stage(stages["lookup_single"]):
+    with watch.stage("lookup_single", stages["lookup_single"]):
         for user in single_ids:
             features.recommend(user, k=k)
     stages["lookup_single"]["detail"] = {"calls": len(single_ids), "k": k,
                                          "total_seconds": stages["lookup_single"]["seconds"]}
     stages["lookup_single"]["seconds"] /= len(single_ids)  # per call
-    with watch.stage(stages["lookup_batch"]):
+    with watch.stage("lookup_batch", stages["lookup_batch"]):
         recs = features.recommend_batch(batch_ids, k=k)
     stages["lookup_batch"]["detail"] = {"users": len(batch_ids), "k": k, "rows": recs.height}
     return {"open_seconds": open_seconds, "single": len(single_ids), "batch": len(batch_ids), "k": k}
