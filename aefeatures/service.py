@@ -17,14 +17,15 @@ import signal
 import socket
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal, Sequence, Union
+from typing import Annotated, Any, Callable, Literal, Sequence, Union
 
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from aefeatures import __version__, errors
 from aefeatures.evaluate import KEY_METRIC
@@ -34,6 +35,15 @@ from aefeatures.lookup import FeatureSet, Neighbours
 log = logging.getLogger(__name__)
 
 Id = Union[StrictInt, StrictStr]
+
+
+def _whole_number(value: Any) -> Any:
+    if isinstance(value, (bool, str)):  # JSON true or "10" is not a count; 10.0 is
+        raise ValueError("must be a JSON number")
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_whole_number)]
 
 
 @dataclass(frozen=True)
@@ -122,16 +132,23 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
     class BatchRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
         users: list[Id] = Field(min_length=1, max_length=limits.max_batch)
-        k: StrictInt = Field(10, ge=1, le=limits.max_k)
+        k: Count = Field(10, ge=1, le=limits.max_k)
         exclude_seen: StrictBool = True
         exclude: list[Id] = Field([], max_length=limits.max_exclude)
         skip_unknown: StrictBool = Field(False, description="Leave unknown users out (listed in `not_found`) "
                                                             "instead of answering 404.")
 
     class EmbeddingsRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        users: list[Id] | None = Field(None, min_length=1, max_length=limits.max_batch)
-        items: list[Id] | None = Field(None, min_length=1, max_length=limits.max_batch)
+        model_config = ConfigDict(extra="forbid", json_schema_extra={
+            "oneOf": [{"required": ["users"]}, {"required": ["items"]}]})
+        users: list[Id] = Field(None, min_length=1, max_length=limits.max_batch)  # null is not a list
+        items: list[Id] = Field(None, min_length=1, max_length=limits.max_batch)
+
+        @model_validator(mode="after")
+        def _one_kind(self):
+            if (self.users is None) == (self.items is None):
+                raise ValueError('send exactly one of "users" or "items"')
+            return self
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -206,8 +223,6 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
     @app.post("/v1/{name}/embeddings", response_model=Embeddings, responses=ERRORS,
               summary="Embeddings of users or of items (one of the two per request)")
     async def embeddings(body: EmbeddingsRequest, name: str = name_path) -> Response:
-        if (body.users is None) == (body.items is None):
-            raise errors.BadInputError('send exactly one of "users" or "items".')
         fs = live.get(name)
         return await run_in_threadpool(_embeddings, fs, body.users, body.items)
 
@@ -301,7 +316,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
         code = {404: "no_such_endpoint", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "error")
-        return _error(exc.status_code, code, str(exc.detail))
+        response = _error(exc.status_code, code, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # Allow lists every method of the path, not just one route's
+            routes = [r for r in request.app.routes if r.matches(request.scope)[0] != Match.NONE]
+            response.headers["allow"] = ", ".join(sorted({m for r in routes for m in getattr(r, "methods", ())}))
+        return response
 
     @app.exception_handler(Exception)
     async def fault(request: Request, exc: Exception) -> Response:

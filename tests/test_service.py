@@ -240,6 +240,7 @@ BODIES = [
     ({"users": [1], "k": -1}, 422),
     ({"users": [1], "k": 10**6}, 422),
     ({"users": [1], "k": "10"}, 422),
+    ({"users": [1], "k": True}, 422),
     ({"users": [1.5]}, 422),
     ({"users": [True]}, 422),
     ({"users": [[1]]}, 422),
@@ -272,10 +273,19 @@ def test_broken_json_and_wrong_media_type(service):
     svc, _ = service
     status, body = svc.request("POST", "/v1/movies/recommend", raw=b'{"users": [1,')
     assert status == 422 and body["error"]["code"] == "invalid_request"
-    status, body = svc.request("POST", "/v1/movies/embeddings", {"users": [1], "items": [1]})
-    assert status == 400 and "exactly one" in body["error"]["message"]
-    status, body = svc.request("POST", "/v1/movies/embeddings", {})
-    assert status == 400
+    for both_or_neither in ({"users": [1], "items": [1]}, {}, {"users": None}):
+        status, body = svc.request("POST", "/v1/movies/embeddings", both_or_neither)
+        assert status == 422 and ("exactly one" in body["error"]["message"] or "list" in body["error"]["message"])
+    status, body = svc.request("POST", "/v1/movies/recommend", {"users": [1], "k": 3.0})  # a JSON integer
+    assert status in (200, 404)
+    conn = http.client.HTTPConnection(svc.host, svc.port, timeout=60)
+    try:
+        conn.request("OPTIONS", "/v1/movies/recommend")
+        response = conn.getresponse()
+        assert response.status == 405 and response.getheader("allow") == "GET, POST"
+        response.read()
+    finally:
+        conn.close()
 
 
 def test_oversized_bodies_are_refused_before_parsing(service):
