@@ -91,7 +91,16 @@ def run_conditions(result: dict, run: dict) -> str:
         f"{data['bytes'] / 2**20:.0f} MiB. Model: `{model['kind']}`, hidden {model['hidden']}, dim {model['dim']}, "
         f"batch {model['batch_size']}, {train['floor']['precision']}. Job peak RSS {run['job_peak_rss_mb']:,.0f} MB "
         f"(the process that runs every stage, from import to lookups; {run['rss_at_start_mb']:,.0f} MB after imports)."
+        + load_note(run)
     )
+
+
+def load_note(run: dict) -> str:
+    """The 1-minute load average around the run: above the core count, other work shared the CPUs."""
+    load = run.get("load_average")
+    if not load:
+        return ""
+    return f" Load average {load['before']:.1f} before, {load['after']:.1f} after."
 
 
 def stage_table(run: dict) -> str:
