@@ -1,7 +1,9 @@
 """Stage 1: read interactions from Parquet with Polars, validate them, collapse duplicates.
 
-The result has canonical columns (`user_id`, `item_id`, `weight` float32, `timestamp` UTC or
-null) whatever the input calls them, one row per distinct (user, item) pair.
+The input is read once and checked in memory. The result is one row per distinct (user, item)
+pair, held coded in CSR order (see :mod:`aefeatures.matrix`) and shown as a frame with canonical
+columns (`user_id`, `item_id`, `weight` float32, `timestamp` UTC or null) whatever the input
+calls them.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import glob as globlib
 import inspect
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -18,6 +21,7 @@ import pyarrow.parquet as pq
 
 from aefeatures import errors
 from aefeatures.config import InputConfig
+from aefeatures.matrix import Pairs, collapse_pairs, pairs_of_frame
 from aefeatures.schema import ITEM, TIMESTAMP, USER, WEIGHT
 
 log = logging.getLogger(__name__)
@@ -39,15 +43,34 @@ class InputFile:
     mtime_ns: int
 
 
-@dataclass(frozen=True)
 class Interactions:
-    """Validated interactions: one row per distinct (user, item) pair."""
+    """Validated interactions: one row per distinct (user, item) pair.
 
-    frame: pl.DataFrame  # columns user_id, item_id, weight (f32), timestamp (datetime UTC)
-    files: tuple[InputFile, ...]  # what was read: the input's fingerprint
-    n_rows_read: int  # rows in the input before filtering
-    n_rows_kept: int  # rows after `min_weight`, before collapsing duplicates
-    has_timestamps: bool
+    :func:`read_interactions` holds them as coded :class:`Pairs` and makes the ``frame`` (columns
+    user_id, item_id, weight (f32), timestamp (datetime UTC), in CSR order) only when asked. A
+    caller may pass a frame with those columns instead; it is coded on first use.
+    """
+
+    def __init__(self, frame: pl.DataFrame | None, files: tuple[InputFile, ...], n_rows_read: int,
+                 n_rows_kept: int, has_timestamps: bool, *, pairs: Pairs | None = None):
+        if (frame is None) == (pairs is None):
+            raise TypeError("Interactions takes either a frame or pairs")
+        self.files = files  # what was read: the input's fingerprint
+        self.n_rows_read = n_rows_read  # rows in the input before filtering
+        self.n_rows_kept = n_rows_kept  # rows after `min_weight`, before collapsing duplicates
+        self.has_timestamps = has_timestamps
+        if frame is not None:
+            self.__dict__["frame"] = frame
+        if pairs is not None:
+            self.__dict__["pairs"] = pairs
+
+    @cached_property
+    def frame(self) -> pl.DataFrame:
+        return self.pairs.frame()
+
+    @cached_property
+    def pairs(self) -> Pairs:
+        return pairs_of_frame(self.frame)
 
 
 def read_interactions(cfg: InputConfig) -> Interactions:
@@ -69,21 +92,22 @@ def read_interactions(cfg: InputConfig) -> Interactions:
                            **_SCAN_OPTIONS)
     schema = _blaming_files(lazy.collect_schema, files)
     _check_columns(cfg, schema)
-    lazy = lazy.select(_canonical_columns(cfg, schema))
-    n_rows_read = _check_values(lazy, cfg, files)
+    rows = _blaming_files(lazy.select(_canonical_columns(cfg, schema)).collect, files)
+    n_rows_read = _check_values(rows, cfg, files)
     if cfg.min_weight is not None:
-        lazy = lazy.filter(pl.col(WEIGHT) >= cfg.min_weight)
-    kept = _blaming_files(lazy.collect, files)
-    if kept.height == 0:
+        rows = rows.filter(pl.col(WEIGHT) >= cfg.min_weight)
+    if rows.height == 0:
         why = f"none has `{cfg.weight_col}` >= {cfg.min_weight}" if cfg.min_weight is not None else "they are empty"
         raise errors.EmptyInputError(cfg.path, len(files), n_rows_read, why)
-    frame = kept.group_by(USER, ITEM).agg(pl.col(WEIGHT).max().cast(pl.Float32), pl.col(TIMESTAMP).max())
-    n_items = frame.get_column(ITEM).n_unique()
-    if n_items < 2:
-        raise errors.TooFewItemsError(cfg.path, n_items)
+    pairs = collapse_pairs(rows.get_column(USER), rows.get_column(ITEM),
+                           weights=rows.get_column(WEIGHT) if cfg.weight_col else None,
+                           timestamps=rows.get_column(TIMESTAMP) if cfg.timestamp_col else None)
+    if len(pairs.item_ids) < 2:
+        raise errors.TooFewItemsError(cfg.path, len(pairs.item_ids))
     log.info("read %d rows from %d file(s); %d kept, %d distinct pairs",
-             n_rows_read, len(files), kept.height, frame.height)
-    return Interactions(frame, _describe(files), n_rows_read, kept.height, cfg.timestamp_col is not None)
+             n_rows_read, len(files), rows.height, len(pairs))
+    return Interactions(None, _describe(files), n_rows_read, rows.height, cfg.timestamp_col is not None,
+                        pairs=pairs)
 
 
 def input_files(path: str) -> tuple[InputFile, ...]:
@@ -192,17 +216,17 @@ def _timestamp(cfg: InputConfig, schema: pl.Schema) -> pl.Expr:
     return col.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")  # naive: taken as UTC
 
 
-def _check_values(lazy: pl.LazyFrame, cfg: InputConfig, files: list[Path]) -> int:
-    """Null ids, null/NaN/negative weights: count in one pass, then locate the first offender."""
+def _check_values(rows: pl.DataFrame, cfg: InputConfig, files: list[Path]) -> int:
+    """Null ids, null/NaN/negative weights: count in memory, then locate the first offender."""
     w = pl.col(WEIGHT)
-    counts = _blaming_files(lazy.select(
+    counts = rows.select(
         pl.len().alias("rows"),
         pl.col(USER).null_count().alias(cfg.user_col),
         pl.col(ITEM).null_count().alias(cfg.item_col),
         w.null_count().alias("weight_null"),
         w.is_nan().sum().alias("weight_nan"),
         (w < 0).sum().alias("weight_negative"),
-    ).collect, files).row(0, named=True)
+    ).row(0, named=True)
     for col, name in ((cfg.user_col, USER), (cfg.item_col, ITEM)):
         if counts[col]:
             file, row, _ = _first_offender(files, cfg, name, pl.col(name).is_null())
