@@ -111,7 +111,7 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
 
     # --- training loop: one shuffled pass over the users per epoch, then validation
     bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch",
-               disable=_bar_off(progress) or not distributed.is_leader())
+               disable=_bar_off(progress) if distributed.is_leader() else True)
     for epoch in bar:
         model.train()
         loss, beta = step.epoch(rng.permutation(rows), result)

@@ -101,3 +101,23 @@ def test_the_fused_multinomial_nll_matches_log_softmax_and_its_gradient():
     (expected,) = torch.autograd.grad((reference * upstream).sum(), logits)
     torch.testing.assert_close(fused, reference)
     torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize("key, value, rule", [
+    ("precision", "fp16", "choose one of auto, fp32, bf16"),
+    ("full_softmax_max_items", 0, "it must be at least 1"),
+    ("sampled_negatives", 0, "it must be at least 1"),
+])
+def test_training_options_are_checked_when_the_job_loads(tmp_path, key, value, rule):
+    from aefeatures.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"`model.{key}` = {value!r} is not allowed: {rule}"):
+        load_job_config(write_job(tmp_path, model={key: value}))
+
+
+def test_bf16_autocast_is_chosen_only_where_asked_or_on_cuda():
+    from aefeatures.train import autocast_dtype
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype("fp32", cpu) is None and autocast_dtype("auto", cpu) is None
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16
