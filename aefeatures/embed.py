@@ -3,11 +3,15 @@ reconstruction error, computed batch by batch without gradients.
 
 :func:`encode` embeds any interaction vectors — users of the training data or users the model
 never saw — which is how held-out users are evaluated and new users embedded without retraining.
+:func:`embed` keeps only a scalar per user in memory: the users' vectors are computed again, a
+slice at a time, when they are written (the encoder is a small part of a forward pass), so
+memory does not grow with the number of users.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -19,9 +23,36 @@ from aefeatures.train import to_batch
 LOGITS_PER_BATCH = 64 * 2**20  # float32 scores held at once while embedding
 
 
+class UserVectors:
+    """The (n_users, dim) float32 embeddings of the rows of ``vectors``, computed when indexed.
+
+    ``user_vectors[start:stop]`` or ``user_vectors[rows]`` runs the encoder on those users only,
+    in eval mode (no dropout, a vae's mean), like :func:`encode`.
+    """
+
+    def __init__(self, model: Autoencoder, vectors: CSR):
+        self._model, self._vectors = model, vectors
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._vectors.n_rows, self._model.shape.dim
+
+    def __len__(self) -> int:
+        return self._vectors.n_rows
+
+    def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
+        if isinstance(rows, slice):
+            picked = range(len(self))[rows]
+            rows = np.arange(picked.start, picked.stop, picked.step, dtype=np.int64)
+        out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
+        for where, vectors, _ in _encoded_batches(self._model, self._vectors, np.asarray(rows), errors=False):
+            out[where] = vectors
+        return out
+
+
 @dataclass(frozen=True)
 class Embeddings:
-    user_vectors: np.ndarray  # (n_users, dim) float32: the bottleneck (the mean for a vae)
+    user_vectors: np.ndarray | UserVectors  # (n_users, dim) float32: the bottleneck (the mean for a vae)
     reconstruction_error: np.ndarray  # (n_users,) float32: multinomial NLL per unit of weight
     item_vectors: np.ndarray  # (n_items, dim) float32: decoder weights
     item_bias: np.ndarray  # (n_items,) float32: decoder bias
@@ -36,38 +67,56 @@ def batch_size_for(n_items: int) -> int:
     return max(1, min(4096, LOGITS_PER_BATCH // n_items))
 
 
-@torch.no_grad()
 def encode(model: Autoencoder, vectors: CSR) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings (n, dim), reconstruction errors (n,)) of the rows of ``vectors``.
 
     The model is put in eval mode: no dropout, and a vae's mean instead of a sample.
     """
-    model.eval()
-    device = next(model.parameters()).device
-    n, batch_size = vectors.n_rows, batch_size_for(model.shape.n_items)
+    n = vectors.n_rows
     out = np.empty((n, model.shape.dim), dtype=np.float32)
     errors = np.empty(n, dtype=np.float32)
-    for start in range(0, n, batch_size):
-        rows = np.arange(start, min(start + batch_size, n))
-        batch = to_batch(vectors, rows, device)
-        mean, _ = model.encode(batch)
-        nll = multinomial_nll(model.decoder(mean), batch)
-        weight = torch.zeros(batch.size, device=device).index_add_(0, batch.rows, batch.values)
-        out[rows] = mean.float().cpu().numpy()
-        errors[rows] = (nll / weight.clamp_min(1e-12)).float().cpu().numpy()
+    for where, mean, error in _encoded_batches(model, vectors, np.arange(n), errors=True):
+        out[where], errors[where] = mean, error
     return out, errors
+
+
+def reconstruction_errors(model: Autoencoder, vectors: CSR) -> np.ndarray:
+    """(n,) float32 reconstruction error of every row of ``vectors``, as :func:`encode` gives it."""
+    errors = np.empty(vectors.n_rows, dtype=np.float32)
+    for where, _, error in _encoded_batches(model, vectors, np.arange(vectors.n_rows), errors=True):
+        errors[where] = error
+    return errors
+
+
+@torch.no_grad()
+def _encoded_batches(model: Autoencoder, vectors: CSR, rows: np.ndarray, *,
+                     errors: bool) -> Iterator[tuple[slice, np.ndarray, np.ndarray | None]]:
+    """(positions in ``rows``, embeddings, reconstruction errors or None) a batch at a time."""
+    model.eval()
+    device = next(model.parameters()).device
+    batch_size = batch_size_for(model.shape.n_items)
+    for start in range(0, len(rows), batch_size):
+        where = slice(start, min(start + batch_size, len(rows)))
+        batch = to_batch(vectors, rows[where], device)
+        mean, _ = model.encode(batch)
+        error = None
+        if errors:
+            nll = multinomial_nll(model.decoder(mean), batch)
+            weight = torch.zeros(batch.size, device=device).index_add_(0, batch.rows, batch.values)
+            error = (nll / weight.clamp_min(1e-12)).float().cpu().numpy()
+        yield where, mean.float().cpu().numpy(), error
 
 
 def embed(model: Autoencoder, matrix: InteractionMatrix) -> Embeddings:
     """Embed every user of ``matrix`` with ``model``.
 
-    The model's score of item j for user u equals
+    The reconstruction errors are computed now; the user vectors when ``user_vectors`` is
+    indexed (see :class:`UserVectors`). The model's score of item j for user u equals
     ``user_vectors[u] @ item_vectors[j] + item_bias[j]``.
     """
-    users, errors = encode(model, matrix.csr)
     return Embeddings(
-        user_vectors=users,
-        reconstruction_error=errors,
+        user_vectors=UserVectors(model, matrix.csr),
+        reconstruction_error=reconstruction_errors(model, matrix.csr),
         item_vectors=model.decoder.weight.detach().float().cpu().numpy().copy(),
         item_bias=model.decoder.bias.detach().float().cpu().numpy().copy(),
     )

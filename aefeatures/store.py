@@ -44,6 +44,8 @@ USERS, ITEMS, INTERACTIONS = "users.parquet", "items.parquet", "interactions.par
 INDEX = "items.faiss"
 MODEL_DIR = "model"
 VERSION_FORMAT = "%Y%m%dT%H%M%S.%fZ"
+USERS_PER_ROW_GROUP = 65_536  # users.parquet row groups: 16 MiB of 64-dim vectors
+PAIRS_PER_ROW_GROUP = 1 << 20  # interactions.parquet row groups (whole users each)
 
 
 # --- reading the layout ---------------------------------------------------------------------
@@ -137,21 +139,17 @@ def start_version(store: Path, name: str, version: str) -> Path:
 
 def write_tables(folder: Path, matrix: InteractionMatrix, emb: Embeddings, *,
                  name: str, version: str, created: datetime) -> dict[str, int]:
-    """Write users, items and interactions Parquet files; return their row counts."""
+    """Write users, items and interactions Parquet files; return their row counts.
+
+    Users and interactions are written a row group at a time, and user vectors are taken from
+    ``emb`` a row group at a time (:func:`aefeatures.embed.embed` computes them then), so
+    memory holds one row group's vectors and pairs whatever the number of users.
+    """
     meta = schema.table_metadata(name, version, emb.dim)
     created_us = np.datetime64(created.astimezone(timezone.utc).replace(tzinfo=None), "us")
     user_ids, item_ids = _ids(matrix.user_ids), _ids(matrix.item_ids)
-    user_type, item_type = user_ids.type, item_ids.type
-
-    users = pa.Table.from_arrays([
-        user_ids,
-        _fixed_list(emb.user_vectors),
-        pa.array(matrix.row_lengths().astype(np.int32)),
-        pa.array(emb.reconstruction_error),
-        pa.array(anomaly_scores(emb.reconstruction_error, matrix.row_lengths())),
-        _timestamps(matrix.user_last_seen, created_us),
-        _timestamps(np.full(matrix.shape[0], created_us), created_us),
-    ], schema=schema.users_schema(user_type, emb.dim).with_metadata(meta))
+    _write_users(folder / USERS, matrix, emb, user_ids,
+                 schema.users_schema(user_ids.type, emb.dim).with_metadata(meta), created_us)
     items = pa.Table.from_arrays([
         item_ids,
         _fixed_list(emb.item_vectors),
@@ -159,18 +157,54 @@ def write_tables(folder: Path, matrix: InteractionMatrix, emb: Embeddings, *,
         pa.array(matrix.item_popularity()),
         _timestamps(matrix.item_last_seen, created_us),
         _timestamps(np.full(matrix.shape[1], created_us), created_us),
-    ], schema=schema.items_schema(item_type, emb.dim).with_metadata(meta))
-    user_rows = np.repeat(np.arange(matrix.shape[0], dtype=np.int32), matrix.row_lengths())
-    pairs = pa.Table.from_arrays([
-        user_ids.take(pa.array(user_rows)),
-        item_ids.take(pa.array(matrix.indices)),
-        pa.array(user_rows),
-        pa.array(matrix.indices),
-        pa.array(matrix.values),
-    ], schema=schema.interactions_schema(user_type, item_type).with_metadata(meta))
-    for table, file in ((users, USERS), (items, ITEMS), (pairs, INTERACTIONS)):
-        pq.write_table(table, folder / file, compression="zstd")
-    return {"users": users.num_rows, "items": items.num_rows, "interactions": pairs.num_rows}
+    ], schema=schema.items_schema(item_ids.type, emb.dim).with_metadata(meta))
+    pq.write_table(items, folder / ITEMS, compression="zstd")
+    _write_interactions(folder / INTERACTIONS, matrix, user_ids, item_ids,
+                        schema.interactions_schema(user_ids.type, item_ids.type).with_metadata(meta))
+    return {"users": matrix.shape[0], "items": matrix.shape[1], "interactions": matrix.nnz}
+
+
+def _write_users(path: Path, matrix: InteractionMatrix, emb: Embeddings, user_ids: pa.Array,
+                 table_schema: pa.Schema, created_us: np.datetime64) -> None:
+    n_interactions = matrix.row_lengths().astype(np.int32)
+    anomaly = anomaly_scores(emb.reconstruction_error, n_interactions)
+    last_seen = _timestamps(matrix.user_last_seen, created_us)
+    with pq.ParquetWriter(path, table_schema, compression="zstd") as writer:
+        for start in range(0, matrix.shape[0], USERS_PER_ROW_GROUP):
+            stop = min(start + USERS_PER_ROW_GROUP, matrix.shape[0])
+            writer.write_table(pa.Table.from_arrays([
+                user_ids[start:stop],
+                _fixed_list(emb.user_vectors[start:stop]),
+                pa.array(n_interactions[start:stop]),
+                pa.array(emb.reconstruction_error[start:stop]),
+                pa.array(anomaly[start:stop]),
+                last_seen[start:stop],
+                _timestamps(np.full(stop - start, created_us), created_us),
+            ], schema=table_schema))
+
+
+def _write_interactions(path: Path, matrix: InteractionMatrix, user_ids: pa.Array, item_ids: pa.Array,
+                        table_schema: pa.Schema) -> None:
+    """The pairs in CSR order, a row group of whole users at a time."""
+    lengths = matrix.row_lengths()
+    with pq.ParquetWriter(path, table_schema, compression="zstd") as writer:
+        for start, stop in _user_ranges(matrix.indptr, PAIRS_PER_ROW_GROUP):
+            user_rows = pa.array(np.repeat(np.arange(start, stop, dtype=np.int32), lengths[start:stop]))
+            item_rows = pa.array(matrix.indices[matrix.indptr[start]:matrix.indptr[stop]])
+            writer.write_table(pa.Table.from_arrays([
+                user_ids.take(user_rows),
+                item_ids.take(item_rows),
+                user_rows,
+                item_rows,
+                pa.array(matrix.values[matrix.indptr[start]:matrix.indptr[stop]]),
+            ], schema=table_schema))
+
+
+def _user_ranges(indptr: np.ndarray, pairs_per_range: int) -> list[tuple[int, int]]:
+    """Consecutive user ranges [start, stop) of about ``pairs_per_range`` pairs each."""
+    cuts = np.searchsorted(indptr, np.arange(pairs_per_range, indptr[-1], pairs_per_range))
+    bounds = np.unique(np.concatenate([[0], cuts, [len(indptr) - 1]]))
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
 
 
 def _ids(series) -> pa.Array:
