@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -79,7 +78,7 @@ class Autoencoder(nn.Module):
             uniform = torch.rand_like(weights) if noise is None else noise.uniform
             keep = uniform >= self.shape.dropout
             weights = weights * keep / (1 - self.shape.dropout)
-        h = sparse_input(self.input_layer.weight, batch, weights) + self.input_bias
+        h = self.input_layer(batch.indices, batch.offsets, per_sample_weights=weights) + self.input_bias
         for layer in self.encoder:
             h = layer(torch.tanh(h))
         if self.shape.kind == "vae":
@@ -100,36 +99,6 @@ class Autoencoder(nn.Module):
             normal = torch.randn_like(mean) if noise is None else noise.normal
             z = mean + normal * torch.exp(0.5 * logvar)
         return (self.decoder(z) if decode else z), mean, logvar
-
-
-def sparse_input(weight: torch.Tensor, batch: SparseBatch, entry_weights: torch.Tensor) -> torch.Tensor:
-    """(batch, width) = X @ weight, with X the (batch, n_items) sparse matrix of ``entry_weights``
-    at the batch's entries: the input layer, never densified.
-
-    On the CPU the gradient is X^T @ grad as one sparse matrix product (MKL), which avoids the
-    sort that ``embedding_bag``'s own backward spends most of its time on.
-    """
-    if weight.device.type != "cpu" or not torch.is_grad_enabled() or not weight.requires_grad:
-        return F.embedding_bag(batch.indices, weight, batch.offsets, mode="sum", per_sample_weights=entry_weights)
-    return _SparseInput.apply(weight, batch.indices, batch.offsets, entry_weights.detach())
-
-
-class _SparseInput(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, indices, offsets, entry_weights):
-        ctx.save_for_backward(indices, offsets, entry_weights)
-        ctx.n_items = weight.shape[0]
-        return F.embedding_bag(indices, weight, offsets, mode="sum", per_sample_weights=entry_weights)
-
-    @staticmethod
-    def backward(ctx, grad_h):
-        indices, offsets, entry_weights = ctx.saved_tensors
-        row_starts = torch.cat([offsets, offsets.new_tensor([len(indices)])])
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            x = torch.sparse_csr_tensor(row_starts, indices, entry_weights.to(grad_h.dtype),
-                                        (len(offsets), ctx.n_items), check_invariants=False)
-            return torch.mm(x.t(), grad_h), None, None, None
 
 
 def multinomial_nll(logits: torch.Tensor, batch: SparseBatch) -> torch.Tensor:

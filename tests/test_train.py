@@ -122,21 +122,3 @@ def test_bf16_autocast_is_chosen_only_where_asked_or_on_cuda():
     assert autocast_dtype("fp32", cpu) is None and autocast_dtype("auto", cpu) is None
     assert autocast_dtype("bf16", cpu) is torch.bfloat16
 
-
-def test_the_sparse_input_layer_matches_embedding_bag_and_its_gradient():
-    from aefeatures.model import SparseBatch, sparse_input
-
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(30, 7, dtype=torch.float64, generator=generator, requires_grad=True)
-    batch = SparseBatch(torch.tensor([1, 5, 3, 0, 2, 29, 7]), torch.tensor([0, 2, 3, 3, 6]), None,
-                        torch.tensor([0, 0, 1, 2, 2, 2, 4]))
-    entry_weights = torch.rand(7, dtype=torch.float64, generator=generator)
-    upstream = torch.randn(5, 7, dtype=torch.float64, generator=generator)
-
-    out = sparse_input(weight, batch, entry_weights)
-    (grad,) = torch.autograd.grad((out * upstream).sum(), weight)
-    reference = torch.nn.functional.embedding_bag(batch.indices, weight, batch.offsets, mode="sum",
-                                                  per_sample_weights=entry_weights)
-    (expected,) = torch.autograd.grad((reference * upstream).sum(), weight)
-    torch.testing.assert_close(out, reference)
-    torch.testing.assert_close(grad, expected)
