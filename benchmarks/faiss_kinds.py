@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import date
@@ -90,8 +93,57 @@ def measure(kind: str, rows: np.ndarray, queries: np.ndarray, truth: np.ndarray,
         "rss_after_search_mb": round((process.memory_info().rss - rss_before) / 2**20, 1),
     }
     del index
-    path.unlink()
     return result
+
+
+OPEN_SCRIPT = """
+import json, sys, time, psutil
+import aefeatures
+process = psutil.Process()
+before = process.memory_info().rss
+start = time.perf_counter()
+fs = aefeatures.open_store(sys.argv[1])["bench"].load()
+opened = time.perf_counter() - start
+after = process.memory_info().rss
+start = time.perf_counter()
+fs.recommend(fs.user_ids[0], 10)
+first = time.perf_counter() - start
+print(json.dumps({"open_s": round(opened, 3), "rss_mb": round(after / 2**20), "rss_added_mb": round((after - before) / 2**20),
+                  "first_recommend_ms": round(first * 1000, 2), "items": fs.n_items, "users": fs.n_users}))
+"""
+
+
+def version_open(rows: np.ndarray, index_file: Path, folder: Path, n_users: int = 100_000) -> dict:
+    """Write a store version over these item rows (and synthetic users with 20 items each)
+    through the package's own writer, then time how long a service takes to open it whole,
+    in a fresh process (so its RSS is the service's)."""
+    from datetime import datetime, timezone
+
+    import polars as pl
+
+    from aefeatures import store
+    from aefeatures.embed import Embeddings
+    from aefeatures.matrix import build_matrix
+    from aefeatures.read import Interactions
+
+    n_items, dim = rows.shape[0], rows.shape[1] - 1
+    rng = np.random.default_rng(1)
+    users = np.repeat(np.arange(n_users), 20)
+    items = rng.permutation(np.arange(len(users)) % n_items)  # every item appears
+    frame = pl.DataFrame({"user_id": users, "item_id": items, "weight": np.ones(len(users), np.float32),
+                          "timestamp": pl.Series([None] * len(users), dtype=pl.Datetime("us", "UTC"))}
+                         ).unique(["user_id", "item_id"])
+    matrix = build_matrix(Interactions(frame, (), frame.height, frame.height, False))
+    emb = Embeddings(rng.standard_normal((n_users, dim), dtype=np.float32), np.zeros(n_users, np.float32),
+                     np.ascontiguousarray(rows[:, :dim]), np.ascontiguousarray(rows[:, dim]))
+    root = folder / "store"
+    with store.staged_version(root, "bench", "v1") as staging:
+        store.write_tables(staging, matrix, emb, name="bench", version="v1", created=datetime.now(timezone.utc))
+        shutil.copy(index_file, staging / store.INDEX)
+        store.write_manifest(staging, {"dim": dim, "counts": {}, "version": "v1"})
+        store.publish(root, "bench", staging)
+    done = subprocess.run([sys.executable, "-c", OPEN_SCRIPT, str(root)], capture_output=True, text=True, check=True)
+    return {"index_file": index_file.name, **json.loads(done.stdout)}
 
 
 def faiss_factory(index) -> str:
@@ -115,26 +167,33 @@ def main() -> None:
     _, truth = exact.search(queries, K)
     del exact
     results = []
+    opened = None
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds.split(","):
             results.append(measure(kind, rows, queries, truth, Path(tmp)))
             print(json.dumps(results[-1]), flush=True)
+        served = "hnsw" if "hnsw" in args.kinds.split(",") else args.kinds.split(",")[0]
+        opened = version_open(rows, Path(tmp) / f"{served}.faiss", Path(tmp))
+        print(json.dumps(opened), flush=True)
 
     flat = next((r for r in results if r["kind"] == "flat"), None)
     report = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {psutil.cpu_count()} cores",
               "faiss": faiss.__version__, "items": args.items, "dim": args.dim, "threads": args.threads,
-              "results": results}
+              "results": results, "version_open": opened}
     print(f"\n{args.items:,} items x {args.dim} dims (+ bias), {args.threads} threads, "
           f"{args.queries} user queries, {report['date']}, {report['machine']}\n")
     print("| kind | FAISS index | build s | file MB | open ms | RSS at open MB | recall@20 | single q/s | "
           "× Flat | batch q/s | × Flat |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        single = f"{r['single_qps'] / flat['single_qps']:.0f}×" if flat else "–"
+        single = f"{r['single_qps'] / flat['single_qps']:.1f}×" if flat else "–"
         batch = f"{r['batch_qps'] / flat['batch_qps']:.1f}×" if flat else "–"
         print(f"| {r['kind']} | {r['factory']} | {r['build_s']} | {r['file_mb']} | {r['open_ms']} | "
               f"{r['rss_after_open_mb']} | {r[f'recall@{K}']:.3f} | {r['single_qps']:,} | {single} | "
               f"{r['batch_qps']:,} | {batch} |")
+    print(f"\nOpening a whole version ({opened['items']:,} items, {opened['users']:,} users, "
+          f"{opened['index_file']} index) in a fresh process: {opened['open_s']} s, RSS {opened['rss_mb']:,} MiB "
+          f"({opened['rss_added_mb']:,} MiB for the version); first recommend {opened['first_recommend_ms']} ms")
     if args.json_out:
         args.json_out.write_text(json.dumps(report, indent=2))
 
