@@ -102,39 +102,11 @@ class Autoencoder(nn.Module):
 
 
 def multinomial_nll(logits: torch.Tensor, batch: SparseBatch) -> torch.Tensor:
-    """(batch,) negative multinomial log-likelihood of each user's observed items.
-
-    ``nll[u] = sum_i v[u,i] * (logsumexp(logits[u]) - logits[u,i])``, computed in float32 with a
-    fused backward: one pass over the (batch, n_items) logits each way, where autograd through
-    ``log_softmax`` and a gather makes about three.
-    """
-    return _MultinomialNLL.apply(logits, batch.rows, batch.indices, batch.values, batch.size)
-
-
-class _MultinomialNLL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, rows, indices, values, size):
-        wide = _at_least_float32(logits)
-        values = values.to(wide.dtype)
-        lse = torch.logsumexp(wide, dim=1)  # (batch,)
-        picked = wide[rows, indices] * values  # (nnz,)
-        zeros = torch.zeros(size, device=logits.device, dtype=wide.dtype)
-        total_weight = zeros.index_add(0, rows, values)
-        nll = total_weight * lse - zeros.index_add(0, rows, picked)
-        ctx.save_for_backward(logits, lse, total_weight, rows, indices, values)
-        return nll
-
-    @staticmethod
-    def backward(ctx, grad_nll):
-        logits, lse, total_weight, rows, indices, values = ctx.saved_tensors
-        # d nll[u] / d logits[u, j] = total_weight[u] * softmax[u, j] - v[u, j]
-        grad = torch.exp(_at_least_float32(logits) - lse[:, None]).mul_((grad_nll * total_weight)[:, None])
-        grad.index_put_((rows, indices), -(grad_nll[rows] * values), accumulate=True)
-        return grad.to(logits.dtype), None, None, None, None
-
-
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 else x.float()
+    """(batch,) negative multinomial log-likelihood of each user's observed items (in float32
+    even for bf16 logits: CPU autocast would keep the log-softmax over the catalogue in bf16)."""
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    picked = log_probs[batch.rows, batch.indices] * batch.values
+    return -torch.zeros(batch.size, device=logits.device, dtype=picked.dtype).index_add_(0, batch.rows, picked)
 
 
 def sampled_multinomial_nll(z: torch.Tensor, decoder: nn.Linear, batch: SparseBatch,

@@ -84,25 +84,6 @@ def test_a_sampled_softmax_above_the_item_threshold_beats_popularity(tmp_path, c
     assert ev["model"]["recall@20"] > ev["popularity"]["recall@20"] + 0.1
 
 
-def test_the_fused_multinomial_nll_matches_log_softmax_and_its_gradient():
-    from aefeatures.model import SparseBatch, multinomial_nll
-
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(5, 30, dtype=torch.float64, generator=generator, requires_grad=True)
-    rows, items = torch.tensor([0, 0, 1, 2, 2, 2, 4]), torch.tensor([1, 5, 3, 0, 2, 29, 7])
-    values = torch.rand(7, dtype=torch.float64, generator=generator)
-    batch = SparseBatch(items, torch.tensor([0, 2, 3, 3, 6]), values, rows)
-    upstream = torch.randn(5, dtype=torch.float64, generator=generator)
-
-    fused = multinomial_nll(logits, batch)
-    (grad,) = torch.autograd.grad((fused * upstream).sum(), logits)
-    log_probs = torch.log_softmax(logits, dim=1)
-    reference = -torch.zeros(5, dtype=torch.float64).index_add(0, rows, log_probs[rows, items] * values)
-    (expected,) = torch.autograd.grad((reference * upstream).sum(), logits)
-    torch.testing.assert_close(fused, reference)
-    torch.testing.assert_close(grad, expected)
-
-
 @pytest.mark.parametrize("key, value, rule", [
     ("precision", "fp16", "choose one of auto, fp32, bf16"),
     ("full_softmax_max_items", 0, "it must be at least 1"),
