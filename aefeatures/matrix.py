@@ -14,6 +14,8 @@ neither), and the latest interaction per user and per item needs no order at all
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, NamedTuple
@@ -32,6 +34,7 @@ UTC_MICROS = pl.Datetime("us", "UTC")
 # lookup table over their range; wider ids (hashes, say) go through a hash table.
 _TABLE_SLOTS_PER_ROW = 2
 _TABLE_MIN_SLOTS = 1 << 20
+_PARALLEL_SORT_MIN_KEYS = 1 << 20  # below, one thread sorts faster than cutting into parts
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,7 @@ def collapse_pairs(users: pl.Series, items: pl.Series, *, weights: pl.Series | N
     item_ids, item_codes = code_ids(items)
     n_users, n_items = len(user_ids), len(item_ids)
     keys = _pair_keys(user_codes, item_codes, n_items, key_type=_key_type(n_users, n_items))
-    distinct = keys if _is_sorted(keys) else np.sort(keys)  # inputs written in user order need no sort
+    distinct = keys if _is_sorted(keys) else _sorted(keys)  # inputs written in user order need no sort
     distinct = distinct[_first_of_runs(distinct)]
     row_starts = np.arange(n_users, dtype=keys.dtype) * keys.dtype.type(n_items)  # key of (u, item 0)
     indptr = np.empty(n_users + 1, dtype=np.int64)
@@ -181,8 +184,9 @@ def collapse_pairs(users: pl.Series, items: pl.Series, *, weights: pl.Series | N
     indptr[-1] = len(distinct)
     distinct -= np.repeat(row_starts, np.diff(indptr))  # each key minus its row's first: the item
     pair_items = distinct.astype(np.int32, copy=False) if distinct.dtype == np.uint64 else distinct.view(np.int32)
+    micros = None if timestamps is None else epoch_micros(timestamps)
     return Pairs(user_ids, item_ids, indptr, pair_items,
-                 _latest(user_codes, timestamps, n_users), _latest(item_codes, timestamps, n_items),
+                 _latest(user_codes, micros, n_users), _latest(item_codes, micros, n_items),
                  keys, weights, timestamps)
 
 
@@ -248,6 +252,29 @@ def _is_sorted(keys: np.ndarray) -> bool:
     return bool(np.all(keys[1:] >= keys[:-1]))
 
 
+def _sorted(keys: np.ndarray) -> np.ndarray:
+    """A sorted copy of ``keys``. A large array is cut by value into one part per core (at most
+    four) and the parts are sorted at once: NumPy sorts without holding the GIL."""
+    parts = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 4)
+    if parts < 2 or len(keys) < _PARALLEL_SORT_MIN_KEYS:
+        return np.sort(keys)
+    sample = np.sort(keys[:: len(keys) // 4096])
+    pivots = [None, *sample[np.arange(1, parts) * len(sample) // parts], None]
+    out = np.empty_like(keys)
+    start, pieces = 0, []
+    for low, high in zip(pivots[:-1], pivots[1:]):
+        inside = np.ones(len(keys), dtype=bool) if low is None else keys >= low
+        if high is not None:
+            inside &= keys < high
+        stop = start + int(np.count_nonzero(inside))
+        np.compress(inside, keys, out=out[start:stop])
+        pieces.append(out[start:stop])
+        start = stop
+    with ThreadPoolExecutor(parts) as pool:
+        list(pool.map(np.ndarray.sort, pieces))
+    return out
+
+
 def _first_of_runs(sorted_keys: np.ndarray) -> np.ndarray:
     """(n,) bool: True where a run of equal keys starts."""
     first = np.ones(len(sorted_keys), dtype=bool)
@@ -274,11 +301,11 @@ def _sorting_order(keys: np.ndarray) -> np.ndarray:
     return packed.view(np.int64)
 
 
-def _latest(codes: np.ndarray, times: pl.Series | None, n: int) -> np.ndarray:
-    """(n,) datetime64[us]: the latest of ``times`` per code, NaT where there is none."""
+def _latest(codes: np.ndarray, micros: np.ndarray | None, n: int) -> np.ndarray:
+    """(n,) datetime64[us]: the latest of ``micros`` (epoch microseconds) per code, NaT where there is none."""
     latest = np.full(n, NAT, dtype=np.int64)
-    if times is not None:
-        np.maximum.at(latest, codes, epoch_micros(times))
+    if micros is not None:
+        np.maximum.at(latest, codes, micros)
     return latest.view("datetime64[us]")
 
 

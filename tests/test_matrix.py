@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aefeatures.config import InputConfig
-from aefeatures.matrix import _sorting_order, build_matrix, code_ids, collapse_pairs
+from aefeatures.matrix import _sorted, _sorting_order, build_matrix, code_ids, collapse_pairs
 from aefeatures.read import Interactions, read_interactions
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "interactions.parquet"
@@ -145,3 +145,12 @@ def test_without_weights_or_timestamps_pairs_weigh_one_and_have_no_time():
     assert pairs.weights.tolist() == [1.0, 1.0] and pairs.weights.dtype == np.float32
     assert np.isnat(pairs.timestamps).all() and np.isnat(pairs.user_last_seen).all()
     assert pairs.frame()["timestamp"].null_count() == 2
+
+
+@pytest.mark.parametrize("keys", [
+    np.random.default_rng(2).integers(0, 2**32, 1_500_000).astype(np.uint32),
+    np.random.default_rng(3).integers(0, 3, 1_500_000).astype(np.uint64),  # parts of equal keys
+    np.full(1_200_000, 9, dtype=np.uint32),
+])
+def test_large_key_arrays_sorted_in_parts_are_sorted(keys):
+    np.testing.assert_array_equal(_sorted(keys), np.sort(keys))
