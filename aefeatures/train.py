@@ -57,7 +57,8 @@ def select_device(requested: str) -> torch.device:
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 for autocast, or None for plain fp32. ``auto`` picks bf16 on CUDA devices that have
-    it; on CPUs it stays fp32 (bf16 there is measured no faster for this model's shapes)."""
+    it. On CPUs it stays fp32: with bf16 matrix units, bf16 measured only 1-13% faster per step
+    for this model (the dense per-step parameter updates dominate), same validation NDCG."""
     if precision == "bf16":
         return torch.bfloat16
     if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
