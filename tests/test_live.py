@@ -1,0 +1,68 @@
+"""LiveStore: what a service serves while jobs publish (without HTTP in the way)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+from aefeatures import errors, store
+from aefeatures.live import LiveStore
+
+
+@pytest.fixture
+def store_copy(trained, tmp_path):
+    store_dir, _ = trained
+    shutil.copytree(store_dir, tmp_path / "store")
+    return tmp_path / "store"
+
+
+def test_a_moved_latest_switches_and_old_objects_keep_answering(store_copy):
+    live = LiveStore(store_copy)
+    old = live.get("movies")
+    user = old.user_ids[0]
+    before = old.recommend(user, 5).ids.tolist()
+    version = old.version
+    copy = "29991231T000000.000000Z"  # a later version id: same content, other name
+    shutil.copytree(store_copy / "movies" / store.VERSIONS / version, store_copy / "movies" / store.VERSIONS / copy)
+    store.atomic_write(store_copy / "movies" / store.LATEST, copy + "\n")
+    assert live.refresh() == ["movies"] and live.get("movies").version == copy
+    shutil.rmtree(store_copy / "movies" / store.VERSIONS / version)  # retention, say
+    assert old.recommend(user, 5).ids.tolist() == before  # a request holding the old one finishes
+    assert live.refresh() == []
+
+
+def test_a_version_that_cannot_load_leaves_the_previous_one_serving(store_copy, caplog):
+    live = LiveStore(store_copy)
+    version = live.get("movies").version
+    store.atomic_write(store_copy / "movies" / store.LATEST, "29991231T000000.000000Z\n")  # no such folder
+    assert live.refresh() == []
+    assert live.get("movies").version == version
+    assert "could not load feature set movies" in caplog.text
+
+
+def test_unknown_names_and_missing_stores(store_copy, tmp_path):
+    live = LiveStore(store_copy)
+    assert live.versions() == {"movies": live.get("movies").version}
+    with pytest.raises(errors.StoreError, match="no feature set `nope`"):
+        live.get("nope")
+    with pytest.raises(errors.StoreError, match="does not exist"):
+        LiveStore(tmp_path / "missing")
+
+
+def test_the_follower_thread_picks_up_a_publish(store_copy):
+    live = LiveStore(store_copy, poll_seconds=0.05)
+    live.start()
+    try:
+        version = live.get("movies").version
+        copy = "29991231T000000.000000Z"
+        shutil.copytree(store_copy / "movies" / store.VERSIONS / version, store_copy / "movies" / store.VERSIONS / copy)
+        store.atomic_write(store_copy / "movies" / store.LATEST, copy + "\n")
+        for _ in range(600):
+            if live.get("movies").version == copy:
+                break
+            time.sleep(0.05)
+        assert live.get("movies").version == copy
+    finally:
+        live.stop()
