@@ -38,7 +38,7 @@ ENDPOINTS = {"recommend": "/v1/{name}/recommend?user={id}&k=10", "similar": "/v1
 
 def build_store(cache: Path, n_users: int, n_items: int, epochs: int) -> Path:
     """A store with one published version trained on planted synthetic data (cached)."""
-    folder = cache / f"service_{n_users}u_{n_items}i_{epochs}e"
+    folder = cache / f"service_{n_users}u_{n_items}i_{epochs}e_h128"
     store = folder / "store"
     if (store / NAME / "LATEST").is_file():
         return store
@@ -62,6 +62,7 @@ timestamp_col = "timestamp"
 [model]
 kind = "dae"
 dim = 64
+hidden = [128]
 epochs = {epochs}
 batch_size = 512
 [index]
@@ -144,7 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=30_000)
     parser.add_argument("--items", type=int, default=100_000)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--workers", default="1,2")
