@@ -115,7 +115,7 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
                disable=_bar_off(progress) if distributed.is_leader() else True)
     for epoch in bar:
         model.train()
-        loss, beta = step.epoch(rng.permutation(rows), result)
+        loss, beta = _epoch(step, rng.permutation(rows), result)
         record = {"epoch": epoch, "loss": round(loss, 5), "beta": round(beta, 5)}
         if validate is not None:
             record.update(_validated(model, validate, group))
@@ -140,6 +140,20 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     log.info("trained %d epochs (%d steps) on %s in %.1fs; best epoch %d", len(result.history),
              result.steps, device, result.seconds, result.best_epoch)
     return result
+
+
+def _epoch(step: "_Step", order: np.ndarray, result: TrainResult) -> tuple[float, float]:
+    """One pass over the users in ``order``: (mean loss per user, last KL weight)."""
+    cfg = step.cfg
+    total, beta = torch.zeros((), device=step.device), 0.0
+    for start in range(0, len(order), cfg.batch_size):
+        if cfg.kind == "vae":
+            beta = kl_weight(result.steps, cfg)
+        total += step(order[start : start + cfg.batch_size], beta)
+        result.steps += 1
+    if step.group is not None:
+        total = step.group.total(total)
+    return float(total) / max(len(order), 1), beta  # the epoch's one host sync
 
 
 def _validated(model: Autoencoder, validate: Validator, group: distributed.Group | None) -> dict[str, float]:
@@ -171,19 +185,7 @@ class _Step:
                      "%d shared negatives per batch", matrix.shape[1], cfg.full_softmax_max_items,
                      cfg.sampled_negatives)
 
-    def epoch(self, order: np.ndarray, result: TrainResult) -> tuple[float, float]:
-        """One pass over the users in ``order``: (mean loss per user, last KL weight)."""
-        total, beta = torch.zeros((), device=self.device), 0.0
-        for start in range(0, len(order), self.cfg.batch_size):
-            if self.model.shape.kind == "vae":
-                beta = kl_weight(result.steps, self.cfg)
-            total += self.step(order[start : start + self.cfg.batch_size], beta)
-            result.steps += 1
-        if self.group is not None:
-            total = self.group.total(total)
-        return float(total) / max(len(order), 1), beta  # the epoch's one host sync
-
-    def step(self, users: np.ndarray, beta: float) -> torch.Tensor:
+    def __call__(self, users: np.ndarray, beta: float) -> torch.Tensor:
         """Train on the global batch ``users``; returns this rank's summed loss (no host sync)."""
         mine = self.group.my_slice(len(users)) if self.group else slice(0, len(users))
         batch = to_batch(self.matrix, users[mine], self.device)
