@@ -35,6 +35,7 @@ UTC_MICROS = pl.Datetime("us", "UTC")
 _TABLE_SLOTS_PER_ROW = 2
 _TABLE_MIN_SLOTS = 1 << 20
 _PARALLEL_SORT_MIN_KEYS = 1 << 20  # below, one thread sorts faster than cutting into parts
+_COUNT_CHUNK = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,10 @@ class InteractionMatrix:
 
     def item_popularity(self) -> np.ndarray:
         """(n_items,) number of users per item."""
-        return np.bincount(self.indices, minlength=self.shape[1]).astype(np.int32)
+        counts = np.zeros(self.shape[1], dtype=np.int64)
+        for start in range(0, self.nnz, _COUNT_CHUNK):  # bincount copies its input to int64
+            counts += np.bincount(self.indices[start:start + _COUNT_CHUNK], minlength=self.shape[1])
+        return counts.astype(np.int32)
 
     @property
     def csr(self) -> "CSR":
