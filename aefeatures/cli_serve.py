@@ -1,4 +1,4 @@
-"""`aefeatures serve`: the HTTP lookup service (see :mod:`aefeatures.service`)."""
+"""`aefeatures serve`: the HTTP lookup service (see :mod:`aefeatures.service` and :mod:`aefeatures.server`)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def serve(store_dir: Path, host: str, port: int, workers: int, poll_seconds: flo
     When a job publishes, the service switches to the new version without a restart; a request
     in flight finishes on the version it started with. Unknown ids answer 404, bad requests 4xx.
     """
-    from aefeatures.service import Limits, serve as run_service
+    from aefeatures.server import serve as run_service
+    from aefeatures.service import Limits
 
     limits = Limits(max_k=max_k, max_batch=max_batch, max_exclude=max_batch, max_body_bytes=max_body_bytes)
     run_service(str(store_dir), host=host, port=port, workers=workers, poll_seconds=poll_seconds, limits=limits,

@@ -16,8 +16,9 @@ import numpy as np
 
 from aefeatures import errors
 
-HNSW_EF_SEARCH = 128
+HNSW_EF_SEARCH = 128  # starting search effort; raised until the recall target is met
 IVF_NPROBE = 16
+MAX_EF_SEARCH = 4096
 AUTO_EXACT_UP_TO = 100_000  # items; exact search stays fast enough below this
 AUTO_FULL_VECTORS_UP_TO = 4 << 30  # bytes of float32 vectors; beyond, `auto` compresses them
 
@@ -27,6 +28,7 @@ class BuiltIndex:
     index: faiss.Index
     factory: str  # the FAISS factory string that built it
     recall_at_10: float  # against exact search on sampled user queries (1.0 for exact)
+    search: dict[str, int]  # the search effort it was saved with, e.g. {"efSearch": 256}
 
 
 def item_rows(item_vectors: np.ndarray, item_bias: np.ndarray) -> np.ndarray:
@@ -72,8 +74,14 @@ def factory_string(kind: str, n_items: int, width: int) -> str:
     return kind  # a FAISS factory string given verbatim
 
 
-def build_index(rows: np.ndarray, kind: str, *, sample_queries: np.ndarray | None = None) -> BuiltIndex:
+def build_index(rows: np.ndarray, kind: str, *, sample_queries: np.ndarray | None = None,
+                target_recall: float | None = None) -> BuiltIndex:
     """Build an inner-product index over ``rows`` (n_items, width).
+
+    With ``sample_queries``, recall@10 against exact search is measured on them; with
+    ``target_recall`` as well, the search effort (HNSW efSearch, IVF nprobe) is raised step by
+    step until that recall is met or the effort reaches its ceiling. The index is saved with
+    its effort, so every later search runs at it.
 
     Raises
     ------
@@ -99,29 +107,84 @@ def build_index(rows: np.ndarray, kind: str, *, sample_queries: np.ndarray | Non
             f"`index.kind` = {kind!r} ({factory}) cannot be built over {n} items ({reason}). "
             'Use index.kind = "flat" for a catalogue this small, or a factory string with fewer lists.'
         ) from None
-    _tune(index)
-    recall = 1.0 if factory == "Flat" or sample_queries is None else measure_recall(index, rows, sample_queries)
-    return BuiltIndex(index, factory, recall)
+    _set_effort(index, HNSW_EF_SEARCH, IVF_NPROBE)
+    if factory == "Flat" or sample_queries is None:
+        return BuiltIndex(index, factory, 1.0, search_effort(index))
+    truth = exact_neighbours(rows, sample_queries)
+    recall = (tune_search(index, sample_queries, truth, target_recall) if target_recall
+              else measure_recall(index, sample_queries, truth))
+    return BuiltIndex(index, factory, recall, search_effort(index))
 
 
-def _tune(index: faiss.Index) -> None:
-    if isinstance(index, faiss.IndexHNSW):
-        index.hnsw.efSearch = HNSW_EF_SEARCH
+def tune_search(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, target: float) -> float:
+    """Double the index's search effort until recall@k on ``queries`` reaches ``target`` (or
+    the effort its ceiling); returns the recall reached. A no-op for exact indexes."""
+    recall = measure_recall(index, queries, truth)
+    while recall < target:
+        effort = search_effort(index)
+        ef, nprobe = effort.get("efSearch", 0), effort.get("nprobe", 0)
+        nlist = faiss.extract_index_ivf(index).nlist if nprobe else 0
+        if (not ef or ef >= MAX_EF_SEARCH) and (not nprobe or nprobe >= nlist):
+            break
+        _set_effort(index, min(2 * ef, MAX_EF_SEARCH), min(2 * nprobe, nlist))
+        recall = measure_recall(index, queries, truth)
+    return recall
+
+
+def search_effort(index: faiss.Index) -> dict[str, int]:
+    effort = {}
+    hnsw = _hnsw(index)
+    if hnsw is not None:
+        effort["efSearch"] = int(hnsw.hnsw.efSearch)
     try:
-        faiss.extract_index_ivf(index).nprobe = IVF_NPROBE
+        effort["nprobe"] = int(faiss.extract_index_ivf(index).nprobe)
+    except RuntimeError:
+        pass  # not an IVF index
+    return effort
+
+
+def _set_effort(index: faiss.Index, ef_search: int, nprobe: int) -> None:
+    hnsw = _hnsw(index)
+    if hnsw is not None and ef_search:
+        hnsw.hnsw.efSearch = ef_search
+    try:
+        if nprobe:
+            faiss.extract_index_ivf(index).nprobe = nprobe
     except RuntimeError:
         pass  # not an IVF index
 
 
-def measure_recall(index: faiss.Index, rows: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
-    """Mean recall@k of ``index`` against exact inner-product search on ``queries``."""
-    k = min(k, len(rows))
+def _hnsw(index: faiss.Index):
+    index = faiss.downcast_index(index)
+    return index if isinstance(index, faiss.IndexHNSW) else None
+
+
+def exact_neighbours(rows: np.ndarray, queries: np.ndarray, k: int = 10) -> np.ndarray:
+    """(n_queries, min(k, n_items)) the true top-k item rows of each query."""
     exact = faiss.IndexFlatIP(rows.shape[1])
     exact.add(rows)
-    _, truth = exact.search(queries, k)
-    _, found = index.search(queries, k)
+    return exact.search(queries, min(k, len(rows)))[1]
+
+
+def measure_recall(index: faiss.Index, queries: np.ndarray, truth: np.ndarray) -> float:
+    """Mean recall@k of ``index`` on ``queries`` against their exact top-k ``truth``."""
+    _, found = index.search(queries, truth.shape[1])
     hits = [len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist())]
-    return float(np.mean(hits)) / k
+    return float(np.mean(hits)) / truth.shape[1]
+
+
+def stored_rows(index: faiss.Index) -> np.ndarray | None:
+    """(n_items, width) read-only view of the rows an index stores whole (Flat, or HNSW over
+    Flat storage), straight on its (memory-mapped) memory; None for compressed or IVF layouts.
+    The view is valid while ``index`` lives: copy what must outlive it."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexHNSW):
+        index = faiss.downcast_index(index.storage)
+    if not isinstance(index, faiss.IndexFlat) or index.ntotal == 0:
+        return None
+    rows = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+    rows.flags.writeable = False  # the mapping is read-only: a write would crash the process
+    return rows
 
 
 def save_index(index: faiss.Index, path: Path) -> None:

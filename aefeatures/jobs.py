@@ -192,7 +192,8 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None) 
             rng = np.random.default_rng(cfg.model.seed)
             sample = rng.choice(matrix.shape[0], min(RECALL_SAMPLE, matrix.shape[0]), replace=False)
             built = build_index(item_rows(emb.item_vectors, emb.item_bias), cfg.index.kind,
-                                sample_queries=user_queries(emb.user_vectors[sample]))
+                                sample_queries=user_queries(emb.user_vectors[sample]),
+                                target_recall=cfg.index.min_recall)
             save_index(built.index, staging / store.INDEX)
         verdict = gate.check(cfg.gate, evaluation, previous, index_recall=built.recall_at_10,
                              min_recall=cfg.index.min_recall)
@@ -216,7 +217,8 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None) 
             "training": _training_summary(trained),
             "evaluation": evaluation,
             "gate": verdict.to_dict(),
-            "index": {"kind": cfg.index.kind, "factory": built.factory, "recall_at_10": built.recall_at_10},
+            "index": {"kind": cfg.index.kind, "factory": built.factory, "recall_at_10": built.recall_at_10,
+                      "search": built.search},
             "timings": timings,
         }
         with _timed(timings, "publish"):

@@ -27,7 +27,8 @@ import faiss
 import numpy as np
 import psutil
 
-from aefeatures.index import build_index, item_rows, load_index, save_index, user_queries
+from aefeatures.index import (build_index, exact_neighbours, item_rows, load_index, save_index, search_effort,
+                              tune_search, user_queries)
 
 K = 20
 
@@ -71,7 +72,10 @@ def qps_batch(index, queries: np.ndarray) -> float:
     return len(queries) / (time.perf_counter() - start)
 
 
-def measure(kind: str, rows: np.ndarray, queries: np.ndarray, truth: np.ndarray, folder: Path) -> dict:
+def measure(kind: str, rows: np.ndarray, queries: np.ndarray, truth: np.ndarray, folder: Path,
+            tuning: tuple[np.ndarray, np.ndarray], target: float) -> list[dict]:
+    """One row at the package's starting search effort and, for approximate kinds, one after
+    raising the effort to ``target`` recall@10 on separate tuning queries (as a run does)."""
     start = time.perf_counter()
     built = build_index(rows, kind)
     build_s = time.perf_counter() - start
@@ -91,9 +95,18 @@ def measure(kind: str, rows: np.ndarray, queries: np.ndarray, truth: np.ndarray,
         "rss_after_open_mb": round(rss_open / 2**20, 1), f"recall@{K}": round(recall(found, truth), 4),
         "single_qps": round(qps_single(index, queries)), "batch_qps": round(qps_batch(index, queries)),
         "rss_after_search_mb": round((process.memory_info().rss - rss_before) / 2**20, 1),
+        "search": search_effort(index),
     }
+    rows_out = [result]
+    if search_effort(index):
+        start = time.perf_counter()
+        tune_search(index, *tuning, target)
+        _, found = index.search(queries, K)
+        rows_out.append({**result, "kind": f"{kind} tuned", "build_s": round(build_s + time.perf_counter() - start, 2),
+                         f"recall@{K}": round(recall(found, truth), 4), "search": search_effort(index),
+                         "single_qps": round(qps_single(index, queries)), "batch_qps": round(qps_batch(index, queries))})
     del index
-    return result
+    return rows_out
 
 
 OPEN_SCRIPT = """
@@ -157,11 +170,14 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=2000, help="user queries for recall and batch speed")
     parser.add_argument("--kinds", default="flat,hnsw,ivf,ivfpq")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--target-recall", type=float, default=0.95, help="as `index.min_recall`")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)
 
-    rows, queries = clustered(args.items, args.queries, args.dim)
+    rows, queries = clustered(args.items, args.queries + 1000, args.dim)
+    queries, tuning_queries = queries[: args.queries], queries[args.queries:]  # the same users' mixture
+    tuning = (tuning_queries, exact_neighbours(rows, tuning_queries))
     exact = faiss.IndexFlatIP(rows.shape[1])
     exact.add(rows)
     _, truth = exact.search(queries, K)
@@ -170,8 +186,9 @@ def main() -> None:
     opened = None
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds.split(","):
-            results.append(measure(kind, rows, queries, truth, Path(tmp)))
-            print(json.dumps(results[-1]), flush=True)
+            for row in measure(kind, rows, queries, truth, Path(tmp), tuning, args.target_recall):
+                results.append(row)
+                print(json.dumps(row), flush=True)
         served = "hnsw" if "hnsw" in args.kinds.split(",") else args.kinds.split(",")[0]
         opened = version_open(rows, Path(tmp) / f"{served}.faiss", Path(tmp))
         print(json.dumps(opened), flush=True)
@@ -182,13 +199,14 @@ def main() -> None:
               "results": results, "version_open": opened}
     print(f"\n{args.items:,} items x {args.dim} dims (+ bias), {args.threads} threads, "
           f"{args.queries} user queries, {report['date']}, {report['machine']}\n")
-    print("| kind | FAISS index | build s | file MB | open ms | RSS at open MB | recall@20 | single q/s | "
+    print("| kind | FAISS index | search | build s | file MB | open ms | RSS at open MB | recall@20 | single q/s | "
           "× Flat | batch q/s | × Flat |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         single = f"{r['single_qps'] / flat['single_qps']:.1f}×" if flat else "–"
         batch = f"{r['batch_qps'] / flat['batch_qps']:.1f}×" if flat else "–"
-        print(f"| {r['kind']} | {r['factory']} | {r['build_s']} | {r['file_mb']} | {r['open_ms']} | "
+        effort = " ".join(f"{k}={v}" for k, v in r["search"].items()) or "exact"
+        print(f"| {r['kind']} | {r['factory']} | {effort} | {r['build_s']} | {r['file_mb']} | {r['open_ms']} | "
               f"{r['rss_after_open_mb']} | {r[f'recall@{K}']:.3f} | {r['single_qps']:,} | {single} | "
               f"{r['batch_qps']:,} | {batch} |")
     print(f"\nOpening a whole version ({opened['items']:,} items, {opened['users']:,} users, "

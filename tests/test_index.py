@@ -38,3 +38,21 @@ def test_every_kind_reopens_memory_mapped_with_the_same_answers(tmp_path, kind):
     save_index(built.index, tmp_path / "index.faiss")
     reopened = load_index(tmp_path / "index.faiss")
     np.testing.assert_array_equal(reopened.search(queries, 10)[1], built.index.search(queries, 10)[1])
+
+
+def test_search_effort_rises_until_the_recall_target_is_met(tmp_path):
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(30, 15)).astype(np.float32)
+    vectors = centers[rng.integers(30, size=20000)] + rng.normal(size=(20000, 15)).astype(np.float32)
+    rows = item_rows(vectors, rng.normal(size=20000).astype(np.float32))
+    queries = user_queries(centers[rng.integers(30, size=200)] + rng.normal(size=(200, 15)).astype(np.float32))
+    for kind, knob in (("HNSW8,Flat", "efSearch"), ("IVF256,Flat", "nprobe")):
+        plain = build_index(rows, kind, sample_queries=queries)
+        tuned = build_index(rows, kind, sample_queries=queries, target_recall=0.99)
+        assert tuned.recall_at_10 >= min(0.99, plain.recall_at_10)
+        assert tuned.search[knob] >= plain.search[knob]
+        if plain.recall_at_10 < 0.99:
+            assert tuned.search[knob] > plain.search[knob] and tuned.recall_at_10 > plain.recall_at_10
+        save_index(tuned.index, tmp_path / "index.faiss")
+        from aefeatures.index import search_effort
+        assert search_effort(load_index(tmp_path / "index.faiss")) == tuned.search  # saved with it
