@@ -19,13 +19,19 @@ from aefeatures.lookup import FeatureSet
 log = logging.getLogger(__name__)
 
 
+def pointed_versions(root: Path) -> dict[str, str]:
+    """``{name: version}`` the LATEST pointers of the store at ``root`` name (nothing loaded)."""
+    if not root.is_dir():
+        raise errors.StoreError(f"store `{root}` does not exist. Run a job first or pass an existing `--store`.")
+    return {name: store.live_version(root, name) for name in store.feature_sets(root)}
+
+
 class LiveStore:
     """Every feature set of the store at ``root``, each pinned to its newest loaded version."""
 
     def __init__(self, root: Path | str, *, poll_seconds: float = 1.0):
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise errors.StoreError(f"store `{self.root}` does not exist. Run a job first or pass an existing `--store`.")
+        pointed_versions(self.root)  # a missing store fails here
         self.poll_seconds = poll_seconds
         self._sets: dict[str, FeatureSet] = {}
         self._stop = threading.Event()

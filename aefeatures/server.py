@@ -6,11 +6,12 @@ import os
 import signal
 import socket
 from dataclasses import asdict
+from pathlib import Path
 
 from fastapi import FastAPI
 
 from aefeatures import errors
-from aefeatures.live import LiveStore
+from aefeatures.live import LiveStore, pointed_versions
 from aefeatures.service import Limits, create_app
 
 SETTINGS_ENV = "AEFEATURES_SERVE_SETTINGS"  # how worker processes learn what to serve
@@ -33,11 +34,14 @@ def serve(store_dir: str, *, host: str = "127.0.0.1", port: int = 8000, workers:
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
-    live = LiveStore(store_dir, poll_seconds=poll_seconds)  # a missing store fails here, not per request
+    # A missing store fails here, not per request. With several workers each loads the store
+    # itself; the parent only supervises and loads nothing.
+    live = LiveStore(store_dir, poll_seconds=poll_seconds) if workers == 1 else None
+    versions = live.versions() if live else pointed_versions(Path(store_dir))
     _search_on_one_thread()
     sock = _bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
-    served = ", ".join(f"{n} {v}" for n, v in live.versions().items()) or "no feature set yet"
+    served = ", ".join(f"{n} {v}" for n, v in versions.items()) or "no feature set yet"
     ready = lambda: announce(f"serving {served} from {store_dir} on http://{bound_host}:{bound_port} "  # noqa: E731
                              f"({workers} worker{'s' * (workers > 1)}); following LATEST")
     options = dict(access_log=access_log, log_config=None, timeout_graceful_shutdown=5, server_header=False)

@@ -137,6 +137,12 @@ def start_version(store: Path, name: str, version: str) -> Path:
     return staging
 
 
+def _compression(table_schema: pa.Schema) -> dict[str, str]:
+    """zstd, but for embeddings: float vectors gain ~10% from it, and decoding it made opening
+    a 1M-item version 2.8× slower (1.09 s against 0.39 s to read the vectors)."""
+    return {name: "none" if name == "embedding" else "zstd" for name in table_schema.names}
+
+
 def write_tables(folder: Path, matrix: InteractionMatrix, emb: Embeddings, *,
                  name: str, version: str, created: datetime) -> dict[str, int]:
     """Write users, items and interactions Parquet files; return their row counts.
@@ -158,7 +164,7 @@ def write_tables(folder: Path, matrix: InteractionMatrix, emb: Embeddings, *,
         _timestamps(matrix.item_last_seen, created_us),
         _timestamps(np.full(matrix.shape[1], created_us), created_us),
     ], schema=schema.items_schema(item_ids.type, emb.dim).with_metadata(meta))
-    pq.write_table(items, folder / ITEMS, compression="zstd")
+    pq.write_table(items, folder / ITEMS, compression=_compression(items.schema))
     _write_interactions(folder / INTERACTIONS, matrix, user_ids, item_ids,
                         schema.interactions_schema(user_ids.type, item_ids.type).with_metadata(meta))
     return {"users": matrix.shape[0], "items": matrix.shape[1], "interactions": matrix.nnz}
@@ -169,7 +175,7 @@ def _write_users(path: Path, matrix: InteractionMatrix, emb: Embeddings, user_id
     n_interactions = matrix.row_lengths().astype(np.int32)
     anomaly = anomaly_scores(emb.reconstruction_error, n_interactions)
     last_seen = _timestamps(matrix.user_last_seen, created_us)
-    with pq.ParquetWriter(path, table_schema, compression="zstd") as writer:
+    with pq.ParquetWriter(path, table_schema, compression=_compression(table_schema)) as writer:
         for start in range(0, matrix.shape[0], USERS_PER_ROW_GROUP):
             stop = min(start + USERS_PER_ROW_GROUP, matrix.shape[0])
             writer.write_table(pa.Table.from_arrays([

@@ -11,11 +11,11 @@ from aefeatures.index import build_index, factory_string, item_rows, load_index,
 @pytest.mark.parametrize("n_items,width,expected", [
     (500, 65, "Flat"),
     (100_000, 65, "Flat"),
-    (100_001, 65, "HNSW32,Flat"),
-    (16_000_000, 65, "HNSW32,Flat"),  # 4.16e9 bytes of vectors: within 4 GiB
+    (100_001, 65, "IVF1264,Flat"),
+    (16_000_000, 65, "IVF16000,Flat"),  # 4.16e9 bytes of vectors: within 4 GiB
     (20_000_000, 65, "IVF17888,PQ13"),  # 5.2e9 bytes: compressed to 13 bytes an item
 ])
-def test_auto_is_exact_for_small_catalogues_then_hnsw_then_compressed(n_items, width, expected):
+def test_auto_is_exact_for_small_catalogues_then_ivf_then_compressed(n_items, width, expected):
     assert factory_string("auto", n_items, width) == expected
 
 
