@@ -19,6 +19,7 @@ from aefeatures import errors
 HNSW_EF_SEARCH = 128  # starting search effort; raised until the recall target is met
 IVF_NPROBE = 16
 MAX_EF_SEARCH = 4096
+SATURATED = 0.002  # recall gained by doubling the effort below which tuning stops
 AUTO_EXACT_UP_TO = 100_000  # items; exact search stays fast enough below this
 AUTO_FULL_VECTORS_UP_TO = 4 << 30  # bytes of float32 vectors; beyond, `auto` compresses them
 
@@ -111,6 +112,7 @@ def build_index(rows: np.ndarray, kind: str, *, sample_queries: np.ndarray | Non
             'Use index.kind = "flat" for a catalogue this small, or a factory string with fewer lists.'
         ) from None
     _set_effort(index, HNSW_EF_SEARCH, IVF_NPROBE)
+    _keep_item_positions(index)
     if factory == "Flat" or sample_queries is None:
         return BuiltIndex(index, factory, 1.0, search_effort(index))
     truth = exact_neighbours(rows, sample_queries)
@@ -120,8 +122,10 @@ def build_index(rows: np.ndarray, kind: str, *, sample_queries: np.ndarray | Non
 
 
 def tune_search(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, target: float) -> float:
-    """Double the index's search effort until recall@k on ``queries`` reaches ``target`` (or
-    the effort its ceiling); returns the recall reached. A no-op for exact indexes."""
+    """Double the index's search effort until recall@k on ``queries`` reaches ``target``; stop
+    early at the effort's ceiling or once doubling no longer helps (compressed codes cap the
+    recall whatever the effort), keeping the last effort that did. Returns the recall reached.
+    A no-op for exact indexes."""
     recall = measure_recall(index, queries, truth)
     while recall < target:
         effort = search_effort(index)
@@ -130,7 +134,11 @@ def tune_search(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, targ
         if (not ef or ef >= MAX_EF_SEARCH) and (not nprobe or nprobe >= nlist):
             break
         _set_effort(index, min(2 * ef, MAX_EF_SEARCH), min(2 * nprobe, nlist))
-        recall = measure_recall(index, queries, truth)
+        better = measure_recall(index, queries, truth)
+        if better < recall + SATURATED:
+            _set_effort(index, ef, nprobe)
+            break
+        recall = better
     return recall
 
 
@@ -176,11 +184,23 @@ def measure_recall(index: faiss.Index, queries: np.ndarray, truth: np.ndarray) -
     return float(np.mean(hits)) / truth.shape[1]
 
 
-def stored_rows(index: faiss.Index) -> np.ndarray | None:
-    """(n_items, width) read-only view of the rows an index stores whole (Flat, or HNSW over
-    Flat storage), straight on its (memory-mapped) memory; None for compressed or IVF layouts.
-    The view is valid while ``index`` lives: copy what must outlive it."""
+def _keep_item_positions(index: faiss.Index) -> None:
+    """An IVF index with full vectors keeps where each item sits (saved with it), so item
+    vectors can be copied out of it rather than decoded from Parquet (see :func:`stored_rows`)."""
     index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIVFFlat):
+        index.make_direct_map()
+
+
+def stored_rows(index: faiss.Index) -> np.ndarray | None:
+    """(n_items, width) read-only rows an index stores whole: a view of its (memory-mapped)
+    storage for Flat or HNSW over Flat, a copy out of the lists for IVF-Flat; None for
+    compressed codes. A view is valid while ``index`` lives: copy what must outlive it."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIVFFlat) and index.direct_map.type != faiss.DirectMap.NoMap and index.ntotal:
+        rows = index.reconstruct_n(0, index.ntotal)  # a copy: IVF lists hold items out of order
+        rows.flags.writeable = False
+        return rows
     if isinstance(index, faiss.IndexHNSW):
         index = faiss.downcast_index(index.storage)
     if not isinstance(index, faiss.IndexFlat) or index.ntotal == 0:

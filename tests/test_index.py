@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aefeatures.index import build_index, factory_string, item_rows, load_index, save_index, user_queries
+from aefeatures.index import (build_index, factory_string, item_rows, load_index, save_index, stored_rows,
+                              user_queries)
 
 
 @pytest.mark.parametrize("n_items,width,expected", [
@@ -38,6 +39,10 @@ def test_every_kind_reopens_memory_mapped_with_the_same_answers(tmp_path, kind):
     save_index(built.index, tmp_path / "index.faiss")
     reopened = load_index(tmp_path / "index.faiss")
     np.testing.assert_array_equal(reopened.search(queries, 10)[1], built.index.search(queries, 10)[1])
+    if kind == "ivfpq":  # compressed: the exact rows are not in the index
+        assert stored_rows(reopened) is None
+    else:  # item vectors come straight from the index, in item-row order
+        np.testing.assert_array_equal(stored_rows(reopened), rows)
 
 
 def test_search_effort_rises_until_the_recall_target_is_met(tmp_path):
