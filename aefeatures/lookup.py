@@ -12,6 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
+import faiss
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
@@ -80,16 +81,27 @@ class FeatureSet:
         return IdIndex(_ids(table.column("user_id"))), _matrix(table.column("embedding"), self.dim)
 
     @cached_property
-    def _items(self) -> tuple[IdIndex, np.ndarray, np.ndarray]:
-        """(ids, vectors, bias). Where the index stores the rows whole (Flat, HNSW-Flat,
-        IVF-Flat), vectors and bias come from it, read-only, instead of being decoded from
-        Parquet (nested columns decode slowly: 2 s and 0.8 GB for 1M items)."""
-        ids = IdIndex(_ids(pq.read_table(self.path / store.ITEMS, columns=["item_id"]).column("item_id")))
+    def _item_ids(self) -> IdIndex:
+        return IdIndex(_ids(pq.read_table(self.path / store.ITEMS, columns=["item_id"]).column("item_id")))
+
+    @cached_property
+    def _item_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors, bias). Where the index holds the rows whole (Flat, HNSW-Flat, IVF-Flat)
+        they come from it, read-only, instead of being decoded from Parquet (nested columns
+        decode slowly: 2 s and 0.8 GB for 1M items)."""
         rows = self._stored_rows
-        if rows is not None and rows.shape == (len(ids), self.dim + 1):
-            return ids, rows[:, : self.dim], rows[:, self.dim]
+        if rows is not None and rows.shape == (self.n_items, self.dim + 1):
+            return rows[:, : self.dim], rows[:, self.dim]
         table = pq.read_table(self.path / store.ITEMS, columns=["embedding", "bias"])
-        return ids, _matrix(table.column("embedding"), self.dim), table.column("bias").to_numpy()
+        return _matrix(table.column("embedding"), self.dim), table.column("bias").to_numpy()
+
+    def _index_holds_items(self) -> bool:
+        """Whether item vectors can come from the (memory-mapped) index at any later time."""
+        index = faiss.downcast_index(self.index)
+        if isinstance(index, faiss.IndexHNSW):
+            index = faiss.downcast_index(index.storage)
+        return isinstance(index, faiss.IndexFlat) or (
+            isinstance(index, faiss.IndexIVFFlat) and index.direct_map.type != faiss.DirectMap.NoMap)
 
     @cached_property
     def _seen(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -118,8 +130,10 @@ class FeatureSet:
         """Read every table and open the index now, so that no later call reads a file (what
         is derived from them, such as normalised vectors for cosine, is computed on first use,
         from memory). Returns self."""
-        for name in ("_users", "_items", "_seen", "index", "_anomaly_table"):
+        for name in ("_users", "_item_ids", "_seen", "index", "_anomaly_table"):
             getattr(self, name)
+        if not self._index_holds_items():  # else copied out of the mapped index when first needed
+            getattr(self, "_item_vectors")
         return self
 
     @property
@@ -130,7 +144,7 @@ class FeatureSet:
     @property
     def item_ids(self) -> np.ndarray:
         """(n_items,) every item id, sorted (row order of `items.parquet` = FAISS ids)."""
-        return self._items[0].ids
+        return self._item_ids.ids
 
     @property
     def n_users(self) -> int:
@@ -138,7 +152,7 @@ class FeatureSet:
 
     @property
     def n_items(self) -> int:
-        return len(self._items[0])
+        return len(self._item_ids)
 
     # --- lookups -----------------------------------------------------------------------------
 
@@ -148,7 +162,7 @@ class FeatureSet:
 
     def item_embedding(self, item: Any) -> np.ndarray:
         """(dim,) float32 vector of ``item`` (its decoder row); raises :class:`NotFoundError`."""
-        return self._items[1][self._item_rows([item])[0]].copy()  # never a view of the index's memory
+        return self._item_vectors[0][self._item_rows([item])[0]].copy()  # never a view of the index's memory
 
     def user_embeddings(self, users: Sequence[Any]) -> np.ndarray:
         """(n, dim) embeddings of ``users``, in order; raises :class:`NotFoundError` naming
@@ -157,7 +171,7 @@ class FeatureSet:
 
     def item_embeddings(self, items: Sequence[Any]) -> np.ndarray:
         """(n, dim) vectors of ``items``, in order; raises :class:`NotFoundError`."""
-        return self._items[1][self._item_rows(items)]
+        return self._item_vectors[0][self._item_rows(items)]
 
     def has_users(self, users: Sequence[Any]) -> np.ndarray:
         """(n,) bool: whether each of ``users`` has an embedding in this version."""
@@ -206,17 +220,17 @@ class FeatureSet:
         row = self._item_rows([item])[0]
         skip = np.union1d([row], self._known_item_rows(exclude))
         if metric == "cosine":
-            return self._cosine_neighbours(self._unit_items, self._items[0].ids, skip, k)
+            return self._cosine_neighbours(self._unit_items, self._item_ids.ids, skip, k)
         if metric != "ip":
             raise errors.BadInputError(f"`metric` must be \"ip\" or \"cosine\", got {metric!r}.")
-        queries = item_queries(self._items[1][[row]])
+        queries = item_queries(self._item_vectors[0][[row]])
         k = min(k, self.n_items - len(skip))
         scores, found = self.index.search(queries, max(min(k + len(skip), self.n_items), 1))
         keep = ~np.isin(found[0], skip) & (found[0] >= 0)
         rows, scores = found[0][keep][:k], scores[0][keep][:k]
         if len(rows) < k:  # an approximate index came back short: score exactly
             rows, scores = self._exact_top(queries[0], skip, k)
-        return Neighbours(self._items[0].ids[rows], scores.astype(np.float32))
+        return Neighbours(self._item_ids.ids[rows], scores.astype(np.float32))
 
     def similar_users(self, user: Any, k: int = 10) -> Neighbours:
         """The ``k`` users whose embeddings are closest to ``user``'s by cosine similarity
@@ -231,7 +245,7 @@ class FeatureSet:
 
     @cached_property
     def _unit_items(self) -> np.ndarray:
-        return _normalised(self._items[1])
+        return _normalised(self._item_vectors[0])
 
     @staticmethod
     def _cosine_neighbours(unit: np.ndarray, ids: np.ndarray, skip: np.ndarray, k: int) -> Neighbours:
@@ -265,11 +279,11 @@ class FeatureSet:
         """Sorted unique rows of the ``items`` that exist; unknown ids are dropped."""
         if not len(items):
             return np.zeros(0, np.int64)
-        rows, found = self._items[0].rows(items)
+        rows, found = self._item_ids.rows(items)
         return np.unique(rows[found])
 
     def _item_rows(self, items: Sequence[Any]) -> np.ndarray:
-        rows, found = self._items[0].rows(items)
+        rows, found = self._item_ids.rows(items)
         if not found.all():
             raise errors.NotFoundError("item", [i for i, f in zip(items, found) if not f], self.name, self.version)
         return rows
@@ -302,7 +316,7 @@ class FeatureSet:
             self._top_from_index(queries[part], rows[part], want[part], int(min(fetch, self.n_items)),
                                  exclude_seen, excluded, sub_rows, sub_scores)
             out_rows[part], out_scores[part] = sub_rows, sub_scores
-        return self._items[0].ids[out_rows], out_scores, want
+        return self._item_ids.ids[out_rows], out_scores, want
 
     def _top_from_index(self, queries, rows, want, fetch: int, exclude_seen: bool, excluded,
                         out_rows, out_scores) -> None:
@@ -328,7 +342,7 @@ class FeatureSet:
     def _index_rows(self) -> np.ndarray:
         """(n_items, dim + 1) what the index holds, for exact scoring when it comes back short."""
         rows = self._stored_rows
-        return rows if rows is not None and len(rows) == self.n_items else item_rows(*self._items[1:])
+        return rows if rows is not None and len(rows) == self.n_items else item_rows(*self._item_vectors)
 
     @cached_property
     def _stored_rows(self) -> np.ndarray | None:

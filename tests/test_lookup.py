@@ -143,7 +143,8 @@ def test_similar_users_share_the_planted_community(fs, planted):
 
 def test_similar_items_by_cosine(fs):
     found = fs.similar_items(7, k=10, metric="cosine")
-    unit = fs._items[1] / np.linalg.norm(fs._items[1], axis=1, keepdims=True)
+    vectors = fs.item_embeddings(fs.item_ids)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     row = int(np.searchsorted(fs.item_ids, 7))
     scores = unit @ unit[row]
     np.testing.assert_allclose(found.scores, np.sort(np.delete(scores, row))[::-1][:10], rtol=1e-5)
