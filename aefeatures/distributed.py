@@ -1,18 +1,15 @@
-"""Training on several processes or machines under `torchrun`, with one writer.
+"""Training on several processes or machines under `torchrun`; rank 0 publishes.
 
 ``torchrun --nproc_per_node=N -m aefeatures run JOB.toml`` starts N copies of the run. Each
-joins torch's process group (NCCL on GPUs, gloo on CPUs) and reads the input; rank 0 alone
-takes the feature set's lock and decides whether to train (the input may be up to date). If it
-does, every rank trains a DistributedDataParallel copy of the model on its slice of each global
-batch, gradients are averaged across ranks, and rank 0 validates and shares the metrics so every
-rank makes the same early-stopping decision. When training ends the group is left; rank 0 alone
-embeds, writes, indexes and publishes, and the other ranks exit quietly with code 0.
-
-One global batch is ``model.batch_size`` users, split into contiguous per-rank slices, and the
-random draws (input dropout, vae noise) are made for the whole global batch on every rank from
-the same seed. With each rank's loss scaled by ``world_size / global batch`` the averaged
-gradient is that of one process on the whole batch: N ranks train the same model as one
-process, up to floating-point summation order.
+joins torch's process group (NCCL on GPUs, gloo on CPUs); rank 0 alone takes the feature set's
+lock and decides whether to train (the input may be up to date) and tells the others
+(:class:`TrainSignal`). If it trains, each rank reads only its own contiguous range of users
+(``read_interactions(shard=...)``) with the union of all ranks' items, and trains a
+DistributedDataParallel copy of the model on batches of its own users, gradients averaged over
+the ranks. Validation totals are summed over all ranks' held-out users, so every rank makes the
+same early-stopping decision. Each rank then embeds its users and writes their part files into
+the version rank 0 staged; rank 0 joins the parts and publishes, and the other ranks exit
+quietly with code 0.
 """
 
 from __future__ import annotations
@@ -24,6 +21,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -46,18 +44,25 @@ class Group:
     def is_leader(self) -> bool:
         return self.rank == 0
 
-    def my_slice(self, n: int) -> slice:
-        """This rank's contiguous part of ``n`` items split as evenly as possible (the first
-        ``n % world_size`` ranks take one more)."""
-        base, extra = divmod(n, self.world_size)
-        start = self.rank * base + min(self.rank, extra)
-        return slice(start, start + base + (self.rank < extra))
-
     def from_leader(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (the other ranks' ``value`` is ignored)."""
         box = [value if self.is_leader else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def reduce_array(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
+        """The element-wise ``op`` ("sum" or "max") of ``values`` over all ranks."""
+        tensor = torch.from_numpy(np.ascontiguousarray(values)).clone()
+        if dist.get_backend() == "nccl":
+            tensor = tensor.cuda()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return tensor.cpu().numpy()
 
     def total(self, value: torch.Tensor) -> torch.Tensor:
         """The sum of ``value`` over all ranks (a new tensor; NCCL needs it on the rank's GPU)."""

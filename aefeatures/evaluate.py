@@ -95,6 +95,25 @@ def ranking_metrics(ranked: np.ndarray, held_out: tuple[np.ndarray, np.ndarray],
         CSR (indptr (n_users + 1,), item rows) of each user's relevant items. Users with no
         held-out items are skipped.
     """
+    return metrics_of_totals(ranking_totals(ranked, held_out, n_items, ks), ks)
+
+
+@dataclass(frozen=True)
+class RankingTotals:
+    """What :func:`ranking_metrics` averages, kept as sums so that the totals of several groups
+    of users (the ranks of a distributed run) add up to those of all of them."""
+
+    users: np.ndarray  # (1,) float64: users with held-out items
+    sums: np.ndarray  # (2, len(ks)) float64: summed recall@k and NDCG@k
+    covered: np.ndarray  # (len(ks), n_items) int32: 1 where an item is in someone's top k
+
+    def as_arrays(self) -> list[np.ndarray]:
+        return [self.users, self.sums, self.covered]
+
+
+def ranking_totals(ranked: np.ndarray, held_out: tuple[np.ndarray, np.ndarray], n_items: int,
+                   ks: tuple[int, ...] = KS) -> RankingTotals:
+    """The sums behind :func:`ranking_metrics` (same parameters)."""
     indptr, items = held_out
     sizes = np.diff(indptr)
     keep = sizes > 0
@@ -105,22 +124,34 @@ def ranking_metrics(ranked: np.ndarray, held_out: tuple[np.ndarray, np.ndarray],
     hits = (codes[pos] == asked) if len(codes) else np.zeros(ranked.shape, bool)
     hits, sizes, ranked_kept = hits[keep], sizes[keep], ranked[keep]
     discounts = 1.0 / np.log2(np.arange(2, ranked.shape[1] + 2))
-    out: dict[str, float] = {"users": int(keep.sum())}
-    for k in ks:
+    sums = np.zeros((2, len(ks)))
+    covered = np.zeros((len(ks), n_items), np.int32)
+    for i, k in enumerate(ks):
         kk = min(k, ranked.shape[1])
         found = hits[:, :kk]
         dcg = (found * discounts[:kk]).sum(axis=1)
         ideal = np.cumsum(discounts)[np.minimum(sizes, kk) - 1]
-        out[f"recall@{k}"] = float(np.mean(found.sum(axis=1) / np.minimum(sizes, k))) if len(sizes) else 0.0
-        out[f"ndcg@{k}"] = float(np.mean(dcg / ideal)) if len(sizes) else 0.0
-        out[f"coverage@{k}"] = float(len(np.unique(ranked_kept[:, :kk])) / n_items) if len(sizes) else 0.0
+        sums[0, i] = (found.sum(axis=1) / np.minimum(sizes, k)).sum()
+        sums[1, i] = (dcg / ideal).sum()
+        covered[i, ranked_kept[:, :kk].ravel()] = 1
+    return RankingTotals(np.array([float(keep.sum())]), sums, covered)
+
+
+def metrics_of_totals(totals: RankingTotals, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """Mean recall@k and NDCG@k per user and coverage@k of ``totals``."""
+    users = int(totals.users[0])
+    out: dict[str, float] = {"users": users}
+    for i, k in enumerate(ks):
+        out[f"recall@{k}"] = float(totals.sums[0, i] / users) if users else 0.0
+        out[f"ndcg@{k}"] = float(totals.sums[1, i] / users) if users else 0.0
+        out[f"coverage@{k}"] = float(np.count_nonzero(totals.covered[i]) / totals.covered.shape[1]) if users else 0.0
     return out
 
 
-def popularity_ranking(train_indices: np.ndarray, n_items: int, split: Split, k: int) -> np.ndarray:
-    """(n_valid, k) the most popular training items each validation user has not seen."""
-    counts = np.bincount(train_indices, minlength=n_items).astype(np.float64)
-    scores = np.broadcast_to(counts, (len(split.valid_rows), n_items)).copy()
+def popularity_ranking(item_counts: np.ndarray, split: Split, k: int) -> np.ndarray:
+    """(n_valid, k) the items with the most training users (``item_counts`` (n_items,)) that
+    each validation user has not seen."""
+    scores = np.broadcast_to(item_counts.astype(np.float64), (len(split.valid_rows), len(item_counts))).copy()
     return top_k(scores, split.fold_in, k)
 
 
@@ -145,5 +176,11 @@ def evaluate_embeddings(user_vectors: np.ndarray, item_vectors: np.ndarray, item
                         split: Split, ks: tuple[int, ...] = KS) -> dict[str, float]:
     """Metrics of validation users embedded from their fold-in items (``user_vectors`` rows
     follow ``split.valid_rows``)."""
+    return metrics_of_totals(embedding_totals(user_vectors, item_vectors, item_bias, split, ks), ks)
+
+
+def embedding_totals(user_vectors: np.ndarray, item_vectors: np.ndarray, item_bias: np.ndarray,
+                     split: Split, ks: tuple[int, ...] = KS) -> RankingTotals:
+    """The sums behind :func:`evaluate_embeddings` (same parameters)."""
     ranked = rank_by_embeddings(user_vectors, item_vectors, item_bias, split.fold_in, max(ks))
-    return ranking_metrics(ranked, split.held_out, len(item_vectors), ks)
+    return ranking_totals(ranked, split.held_out, len(item_vectors), ks)

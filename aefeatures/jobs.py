@@ -20,16 +20,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import polars as pl
 
 from aefeatures import __version__, distributed, errors, gate, report, runlog, schema, store
 from aefeatures.config import JobConfig
-from aefeatures.embed import embed, encode
-from aefeatures.evaluate import KS, Split, evaluate_embeddings, popularity_ranking, ranking_metrics, split_users
+from aefeatures.anomaly import anomaly_scores
+from aefeatures.embed import Embeddings, embed, encode
+from aefeatures.evaluate import (KS, RankingTotals, Split, embedding_totals, metrics_of_totals, popularity_ranking,
+                                 ranking_totals, split_users)
 from aefeatures.index import build_index, item_rows, save_index, user_queries
 from aefeatures.matrix import InteractionMatrix, build_matrix
 from aefeatures.model import Autoencoder, save_model
 from aefeatures.lock import feature_set_lock
-from aefeatures.read import input_files, read_interactions
+from aefeatures.read import Interactions, input_files, read_interactions
 from aefeatures.train import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -65,8 +68,9 @@ def run_job(cfg: JobConfig, *, force: bool = False, progress: bool | None = None
     Otherwise it builds and publishes a version and applies `[retention]`.
 
     Under torchrun (``torchrun --nproc_per_node=N -m aefeatures run JOB.toml``) every rank
-    trains its share (:mod:`aefeatures.distributed`); rank 0 alone takes the lock, writes and
-    publishes, and the other ranks end with ``SystemExit(0)`` once training is over.
+    reads, trains on and writes its share of users (:mod:`aefeatures.distributed`); rank 0 alone
+    takes the lock and publishes, and the other ranks end with ``SystemExit(0)`` once their
+    part is written.
 
     Raises
     ------
@@ -76,12 +80,12 @@ def run_job(cfg: JobConfig, *, force: bool = False, progress: bool | None = None
     with distributed.process_group(cfg.model.device) as group:
         signal = distributed.TrainSignal(group)
         if group is not None and not group.is_leader:
-            _follow(cfg, signal)
-            raise SystemExit(0)  # rank 0 writes, publishes and reports
+            _follow(cfg, signal, group)
+            raise SystemExit(0)  # rank 0 publishes and reports
 
         def work(fingerprint: str, live: dict[str, Any] | None) -> RunResult:
             signal.start()
-            return _build_and_publish(cfg, fingerprint, progress)
+            return _build_and_publish(cfg, fingerprint, progress, group)
 
         try:
             return scheduled(cfg, "run", "fingerprint", work, force=force)
@@ -89,12 +93,69 @@ def run_job(cfg: JobConfig, *, force: bool = False, progress: bool | None = None
             signal.cancel()  # up to date, locked or failed before training: the other ranks stop too
 
 
-def _follow(cfg: JobConfig, signal: "distributed.TrainSignal") -> None:
-    """A rank other than 0: train alongside rank 0 if it says so, then leave the group."""
+def _follow(cfg: JobConfig, signal: "distributed.TrainSignal", group: distributed.Group) -> None:
+    """A rank other than 0: if rank 0 says the run trains, read, train, embed and write this
+    rank's share of users into the version rank 0 stages; then leave the group."""
     if signal.wait():
-        matrix = build_matrix(read_interactions(cfg.input), binarize=cfg.input.binarize)
-        _train_and_evaluate(matrix, cfg, progress=False)
+        built = _build_shard(cfg, False, group)
+        staging, version, created = group.from_leader(None)
+        _write_shard(built, Path(staging), cfg.job.name, version, created, group)
     distributed.leave()
+
+
+@dataclass
+class _Built:
+    """What one process made of the input: its users' matrix (all of them, or its shard),
+    the trained model with its evaluation, and the embeddings."""
+
+    interactions: Interactions
+    matrix: InteractionMatrix
+    trained: TrainResult
+    evaluation: dict[str, Any] | None
+    emb: Embeddings
+    timings: dict[str, float]
+
+
+def _build_shard(cfg: JobConfig, progress: bool | None, group: distributed.Group | None) -> _Built:
+    """Read, build the matrix, train and evaluate, embed: the whole input in one process, or
+    under torchrun this rank's users (with every rank's items, so all share one model)."""
+    timings: dict[str, float] = {}
+    with _timed(timings, "read"):
+        interactions = read_interactions(cfg.input, shard=group and (group.rank, group.world_size))
+    with _timed(timings, "matrix"):
+        matrix = build_matrix(interactions, binarize=cfg.input.binarize, item_ids=_all_items(interactions, group))
+    with _timed(timings, "train"):
+        trained, evaluation = _train_and_evaluate(matrix, cfg, progress, group)
+    with _timed(timings, "embed"):
+        emb = embed(trained.model, matrix)
+    return _Built(interactions, matrix, trained, evaluation, emb, timings)
+
+
+def _all_items(interactions: Interactions, group: distributed.Group | None) -> pl.Series | None:
+    """Under torchrun the sorted union of every rank's items; None (the input's own) otherwise."""
+    if group is None:
+        return None
+    return pl.concat(group.gather(interactions.pairs.item_ids)).unique().sort()
+
+
+def _write_shard(built: _Built, staging: Path, name: str, version: str, created: datetime,
+                 group: distributed.Group) -> dict[str, int]:
+    """Write this rank's users and interactions as part files of the staged version (rank 0 also
+    writes the items); returns every rank's counts, in rank order, once all parts are written.
+    Anomaly scores, item popularity and last-seen times are computed over all ranks' users."""
+    matrix, emb = built.matrix, built.emb
+    errors_and_lengths = group.gather((emb.reconstruction_error, matrix.row_lengths()))
+    sizes = [len(e) for e, _ in errors_and_lengths]
+    first_user_row = sum(sizes[: group.rank])
+    anomaly = anomaly_scores(np.concatenate([e for e, _ in errors_and_lengths]),
+                             np.concatenate([n for _, n in errors_and_lengths]))
+    last_seen = group.reduce_array(matrix.item_last_seen.view(np.int64), "max").view("datetime64[us]")
+    shard = store.Shard(group.rank, group.world_size, first_user_row,
+                        anomaly[first_user_row:first_user_row + matrix.shape[0]],
+                        group.reduce_array(matrix.item_popularity().astype(np.int64)), last_seen)
+    counts = store.write_tables(staging, matrix, emb, name=name, version=version, created=created, shard=shard)
+    input_counts = {"rows_read": built.interactions.n_rows_read, "rows_kept": built.interactions.n_rows_kept}
+    return group.gather({**counts, **input_counts})
 
 
 def scheduled(cfg: JobConfig, command: str, key: str,
@@ -167,26 +228,30 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None) -> RunResult:
-    """Build a version from scratch and publish it (the caller holds the lock)."""
+def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
+                       group: distributed.Group | None) -> RunResult:
+    """Build a version from scratch and publish it (the caller holds the lock). Under torchrun
+    every rank builds and writes its share of users; rank 0 joins the parts and publishes."""
     created = datetime.now(timezone.utc)
-    timings: dict[str, float] = {}
     name, root = cfg.job.name, cfg.job.store
-
-    with _timed(timings, "read"):
-        interactions = read_interactions(cfg.input)
-    with _timed(timings, "matrix"):
-        matrix = build_matrix(interactions, binarize=cfg.input.binarize)
-    with _timed(timings, "train"):
-        trained, evaluation = _train_and_evaluate(matrix, cfg, progress)
-    with _timed(timings, "embed"):
-        emb = embed(trained.model, matrix)
+    built = _build_shard(cfg, progress, group)
+    interactions, matrix, trained, evaluation, emb, timings = (
+        built.interactions, built.matrix, built.trained, built.evaluation, built.emb, built.timings)
 
     previous = _live_manifest(root, name)
     version = store.new_version_id(root, name, created)
     with store.staged_version(root, name, version) as staging:
         with _timed(timings, "write"):
-            counts = store.write_tables(staging, matrix, emb, name=name, version=version, created=created)
+            if group is None:
+                counts = store.write_tables(staging, matrix, emb, name=name, version=version, created=created)
+                read_counts = {"rows_read": interactions.n_rows_read, "rows_kept": interactions.n_rows_kept}
+            else:
+                group.from_leader((str(staging), version, created))
+                per_rank = _write_shard(built, staging, name, version, created, group)
+                store.join_parts(staging, group.world_size)
+                counts = {key: sum(c[key] for c in per_rank) if key != "items" else per_rank[0][key]
+                          for key in ("users", "items", "interactions")}
+                read_counts = {key: sum(c[key] for c in per_rank) for key in ("rows_read", "rows_kept")}
             save_model(trained.model, staging / store.MODEL_DIR)
         with _timed(timings, "index"):
             rng = np.random.default_rng(cfg.model.seed)
@@ -205,12 +270,7 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None) 
             "created_at": created.isoformat(),
             "config": cfg.to_dict(),
             "fingerprint": fingerprint,
-            "input": {
-                "files": [vars(f) for f in interactions.files],
-                "rows_read": interactions.n_rows_read,
-                "rows_kept": interactions.n_rows_kept,
-                "pairs": matrix.nnz,
-            },
+            "input": {"files": [vars(f) for f in interactions.files], **read_counts, "pairs": counts["interactions"]},
             "counts": counts,
             "dim": emb.dim,
             "id_types": {"user": str(matrix.user_ids.dtype), "item": str(matrix.item_ids.dtype)},
@@ -234,46 +294,61 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None) 
     return RunResult(name, version, final, manifest, timings)
 
 
-def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig,
-                        progress: bool | None) -> tuple[TrainResult, dict[str, Any] | None]:
+def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: bool | None,
+                        group: distributed.Group | None = None) -> tuple[TrainResult, dict[str, Any] | None]:
     """Train with validation users held out (if evaluation is on) and early stopping.
 
     The published model is the best epoch's, trained without the validation users; they get
     their embeddings like any user the model never saw, from their full interaction vector.
+    Under torchrun each rank holds out its share of its own users and the metrics are those of
+    all ranks' validation users together.
     """
     ev = cfg.evaluation
-    if ev.valid_share == 0:
-        return train(matrix, cfg.model, progress=progress), None
-    split = split_users(matrix.indptr, matrix.indices, share=ev.valid_share, max_users=ev.max_valid_users,
+    world = group.world_size if group else 1
+    split = split_users(matrix.indptr, matrix.indices, share=ev.valid_share, max_users=-(-ev.max_valid_users // world),
                         holdout=ev.holdout, seed=cfg.model.seed)
-    if len(split.valid_rows) == 0:
-        log.warning("too few users to hold any out for validation; training without evaluation")
+    n_valid = len(split.valid_rows) if group is None else int(group.reduce_array(np.array([len(split.valid_rows)]))[0])
+    if n_valid == 0:
+        if ev.valid_share > 0:
+            log.warning("too few users to hold any out for validation; training without evaluation")
         return train(matrix, cfg.model, progress=progress), None
+
     def validate(model: Autoencoder) -> dict[str, float]:
         vectors, _ = encode(model, split.fold_in)
-        metrics = evaluate_embeddings(vectors, model.decoder.weight.detach().cpu().numpy(),
-                                      model.decoder.bias.detach().cpu().numpy(), split)
+        totals = embedding_totals(vectors, model.decoder.weight.detach().float().cpu().numpy(),
+                                  model.decoder.bias.detach().float().cpu().numpy(), split)
         model.train()
-        return {k: round(v, 5) for k, v in metrics.items() if k != "users"}
+        return _rounded(metrics_of_totals(_summed(totals, group)))
 
     trained = train(matrix, cfg.model, rows=split.train_rows, validate=validate, progress=progress)
-    if not distributed.is_leader():
-        return trained, None
     final = validate(trained.model)  # the restored best weights (or untrained, with 0 epochs)
     trained.model.eval()
     return trained, {
         "protocol": "held-out users",
-        "valid_users": int(len(split.valid_rows)),
+        "valid_users": n_valid,
         "holdout": ev.holdout,
         "model": final,
-        "popularity": _popularity(matrix, split),
+        "popularity": _popularity(matrix, split, group),
     }
 
 
-def _popularity(matrix: InteractionMatrix, split: Split) -> dict[str, float]:
-    train_items = matrix.csr.gather(split.train_rows)[1]
-    ranked = popularity_ranking(train_items, matrix.shape[1], split, max(KS))
-    metrics = ranking_metrics(ranked, split.held_out, matrix.shape[1])
+def _popularity(matrix: InteractionMatrix, split: Split, group: distributed.Group | None) -> dict[str, float]:
+    counts = np.bincount(matrix.csr.gather(split.train_rows)[1], minlength=matrix.shape[1])
+    if group is not None:
+        counts = group.reduce_array(counts.astype(np.int64))
+    ranked = popularity_ranking(counts, split, max(KS))
+    return _rounded(metrics_of_totals(_summed(ranking_totals(ranked, split.held_out, matrix.shape[1]), group)))
+
+
+def _summed(totals: RankingTotals, group: distributed.Group | None) -> RankingTotals:
+    """``totals`` over every rank's validation users (under torchrun)."""
+    if group is None:
+        return totals
+    return RankingTotals(group.reduce_array(totals.users), group.reduce_array(totals.sums),
+                         group.reduce_array(totals.covered, "max"))
+
+
+def _rounded(metrics: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 5) for k, v in metrics.items() if k != "users"}
 
 

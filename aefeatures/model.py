@@ -47,8 +47,7 @@ class SparseBatch:
 
 @dataclass
 class Noise:
-    """The random draws of one training batch, made by the caller so that the ranks of a
-    distributed run can each take their slice of one draw for the whole global batch."""
+    """The random draws of one training batch, made by the caller from its seeded generator."""
 
     uniform: torch.Tensor  # (nnz,) in [0, 1): an entry is dropped where it is below the dropout rate
     normal: torch.Tensor  # (batch, dim) standard normal: the vae's reparameterisation noise
@@ -110,16 +109,24 @@ def multinomial_nll(logits: torch.Tensor, batch: SparseBatch) -> torch.Tensor:
 
 
 def sampled_multinomial_nll(z: torch.Tensor, decoder: nn.Linear, batch: SparseBatch,
-                            negatives: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+                            negatives: torch.Tensor, log_q: torch.Tensor, *,
+                            sparse_grad: bool = False) -> torch.Tensor:
     """(batch,) multinomial NLL with the softmax normaliser estimated from shared samples.
 
     ``negatives`` (k,) are items drawn for the whole batch with probabilities ``exp(log_q)``
     (k,). Each user's log-normaliser is a log-sum-exp over their own observed items and the
     negatives with the logQ correction ``logit - log(k q)`` (an importance-sampling estimate of
-    the sum over all items), so no (batch, n_items) logits are ever formed.
+    the sum over all items), so no (batch, n_items) logits are ever formed. With
+    ``sparse_grad`` the decoder's weight and bias get sparse gradients holding only the rows read.
     """
-    pos = (z[batch.rows] * decoder.weight[batch.indices]).sum(dim=1) + decoder.bias[batch.indices]  # (nnz,)
-    neg = z @ decoder.weight[negatives].T + decoder.bias[negatives]  # (batch, k)
+    def weights(items: torch.Tensor) -> torch.Tensor:  # (len(items), dim)
+        return F.embedding(items, decoder.weight, sparse=sparse_grad)
+
+    def biases(items: torch.Tensor) -> torch.Tensor:  # (len(items),)
+        return torch.gather(decoder.bias, 0, items, sparse_grad=sparse_grad)
+
+    pos = (z[batch.rows] * weights(batch.indices)).sum(dim=1) + biases(batch.indices)  # (nnz,)
+    neg = z @ weights(negatives).T + biases(negatives)  # (batch, k)
     pos, neg = pos.float(), neg.float() - (log_q + math.log(len(negatives)))
     peak = torch.maximum(neg.detach().amax(dim=1), torch.full_like(neg[:, 0], -torch.inf).scatter_reduce(
         0, batch.rows, pos.detach(), "amax"))  # (batch,) for a stable exp

@@ -16,6 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
@@ -73,11 +74,16 @@ class Interactions:
         return pairs_of_frame(self.frame)
 
 
-def read_interactions(cfg: InputConfig) -> Interactions:
+def read_interactions(cfg: InputConfig, *, shard: tuple[int, int] | None = None) -> Interactions:
     """Read, validate and deduplicate the interactions that ``cfg`` points at.
 
     Duplicated (user, item) rows collapse to one with the largest weight and the latest
     timestamp. Rows whose weight is below ``cfg.min_weight`` are dropped first.
+
+    ``shard = (rank, world_size)`` keeps only that rank's users: the sorted distinct users cut
+    into ``world_size`` contiguous ranges of about equal interaction counts (a first pass reads
+    the user column alone), so the shards of all ranks, in rank order, are the whole input in
+    user order and each rank holds only its own share in memory.
 
     Raises
     ------
@@ -92,7 +98,10 @@ def read_interactions(cfg: InputConfig) -> Interactions:
                            **_SCAN_OPTIONS)
     schema = _blaming_files(lazy.collect_schema, files)
     _check_columns(cfg, schema)
-    rows = _blaming_files(lazy.select(_canonical_columns(cfg, schema)).collect, files)
+    canonical = lazy.select(_canonical_columns(cfg, schema))
+    if shard is not None and shard[1] > 1:
+        canonical = canonical.filter(_users_of_shard(canonical, files, *shard))
+    rows = _blaming_files(canonical.collect, files)
     n_rows_read = _check_values(rows, cfg, files)
     if cfg.min_weight is not None:
         rows = rows.filter(pl.col(WEIGHT) >= cfg.min_weight)
@@ -108,6 +117,23 @@ def read_interactions(cfg: InputConfig) -> Interactions:
              n_rows_read, len(files), rows.height, len(pairs))
     return Interactions(None, _describe(files), n_rows_read, rows.height, cfg.timestamp_col is not None,
                         pairs=pairs)
+
+
+def _users_of_shard(canonical: pl.LazyFrame, files: list[Path], rank: int, world: int) -> pl.Expr:
+    """The predicate of rank ``rank``'s users: a contiguous range of the sorted distinct users
+    holding about 1/``world`` of the rows. Null ids are left in every shard, to be reported."""
+    counts = _blaming_files(canonical.group_by(USER).len().drop_nulls(USER).sort(USER).collect, files)
+    ids, cumulative = counts.get_column(USER), counts.get_column("len").cum_sum().to_numpy()
+    total = int(cumulative[-1]) if len(cumulative) else 0
+    bounds = np.searchsorted(cumulative, np.arange(world + 1) * total / world, side="right")
+    first, stop = int(bounds[rank]), int(bounds[rank + 1])  # this rank: users first .. stop-1
+    user = pl.col(USER)
+    if first == stop:
+        return user.is_null()
+    inside = user >= ids[first]
+    if stop < len(ids):
+        inside = inside & (user < ids[stop])
+    return inside | user.is_null()
 
 
 def input_files(path: str) -> tuple[InputFile, ...]:

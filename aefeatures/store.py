@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from datetime import datetime, timedelta, timezone
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -46,6 +47,7 @@ MODEL_DIR = "model"
 VERSION_FORMAT = "%Y%m%dT%H%M%S.%fZ"
 USERS_PER_ROW_GROUP = 65_536  # users.parquet row groups: 16 MiB of 64-dim vectors
 PAIRS_PER_ROW_GROUP = 1 << 20  # interactions.parquet row groups (whole users each)
+_PARTS = ".parts"  # a version's part files while several ranks write it
 
 
 # --- reading the layout ---------------------------------------------------------------------
@@ -143,37 +145,77 @@ def _compression(table_schema: pa.Schema) -> dict[str, str]:
     return {name: "none" if name == "embedding" else "zstd" for name in table_schema.names}
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One rank's share of a version that several processes write (a torchrun run): its users
+    are a contiguous range of all users, written to part files that :func:`join_parts` joins."""
+
+    rank: int
+    world_size: int
+    first_user_row: int  # the row of the shard's first user among all users
+    anomaly: np.ndarray  # (shard users,) anomaly scores against all users
+    item_popularity: np.ndarray  # (n_items,) users per item, over all shards
+    item_last_seen: np.ndarray  # (n_items,) datetime64[us], over all shards
+
+
 def write_tables(folder: Path, matrix: InteractionMatrix, emb: Embeddings, *,
-                 name: str, version: str, created: datetime) -> dict[str, int]:
+                 name: str, version: str, created: datetime, shard: Shard | None = None) -> dict[str, int]:
     """Write users, items and interactions Parquet files; return their row counts.
 
     Users and interactions are written a row group at a time, and user vectors are taken from
     ``emb`` a row group at a time (:func:`aefeatures.embed.embed` computes them then), so
     memory holds one row group's vectors and pairs whatever the number of users.
+
+    With ``shard`` the users and interactions go to this rank's part files (the counts are the
+    shard's), and rank 0 alone writes the items.
     """
     meta = schema.table_metadata(name, version, emb.dim)
     created_us = np.datetime64(created.astimezone(timezone.utc).replace(tzinfo=None), "us")
     user_ids, item_ids = _ids(matrix.user_ids), _ids(matrix.item_ids)
-    _write_users(folder / USERS, matrix, emb, user_ids,
+    users_path, interactions_path = (folder / USERS, folder / INTERACTIONS) if shard is None else \
+        _part_paths(folder, shard.rank)
+    anomaly = anomaly_scores(emb.reconstruction_error, matrix.row_lengths()) if shard is None else shard.anomaly
+    _write_users(users_path, matrix, emb, user_ids, anomaly,
                  schema.users_schema(user_ids.type, emb.dim).with_metadata(meta), created_us)
-    items = pa.Table.from_arrays([
-        item_ids,
-        _fixed_list(emb.item_vectors),
-        pa.array(emb.item_bias),
-        pa.array(matrix.item_popularity()),
-        _timestamps(matrix.item_last_seen, created_us),
-        _timestamps(np.full(matrix.shape[1], created_us), created_us),
-    ], schema=schema.items_schema(item_ids.type, emb.dim).with_metadata(meta))
-    pq.write_table(items, folder / ITEMS, compression=_compression(items.schema))
-    _write_interactions(folder / INTERACTIONS, matrix, user_ids, item_ids,
+    _write_interactions(interactions_path, matrix, user_ids, item_ids, 0 if shard is None else shard.first_user_row,
                         schema.interactions_schema(user_ids.type, item_ids.type).with_metadata(meta))
+    if shard is None or shard.rank == 0:
+        popularity = matrix.item_popularity() if shard is None else shard.item_popularity
+        last_seen = matrix.item_last_seen if shard is None else shard.item_last_seen
+        items = pa.Table.from_arrays([
+            item_ids,
+            _fixed_list(emb.item_vectors),
+            pa.array(emb.item_bias),
+            pa.array(popularity.astype(np.int32)),
+            _timestamps(last_seen, created_us),
+            _timestamps(np.full(matrix.shape[1], created_us), created_us),
+        ], schema=schema.items_schema(item_ids.type, emb.dim).with_metadata(meta))
+        pq.write_table(items, folder / ITEMS, compression=_compression(items.schema))
     return {"users": matrix.shape[0], "items": matrix.shape[1], "interactions": matrix.nnz}
 
 
+def join_parts(folder: Path, world_size: int) -> None:
+    """Join the ranks' user and interaction part files, in rank order (which is user order),
+    into the version's single tables, a row group at a time, and remove the parts."""
+    for rank_paths, final in zip(zip(*(_part_paths(folder, r) for r in range(world_size))), (USERS, INTERACTIONS)):
+        first = pq.ParquetFile(rank_paths[0])
+        with pq.ParquetWriter(folder / final, first.schema_arrow, compression=_compression(first.schema_arrow)) as writer:
+            for path in rank_paths:
+                part = pq.ParquetFile(path)
+                for group in range(part.num_row_groups):
+                    writer.write_table(part.read_row_group(group))
+    shutil.rmtree(folder / _PARTS)
+
+
+def _part_paths(folder: Path, rank: int) -> tuple[Path, Path]:
+    parts = folder / _PARTS
+    parts.mkdir(exist_ok=True)
+    return parts / f"users-{rank:05d}.parquet", parts / f"interactions-{rank:05d}.parquet"
+
+
 def _write_users(path: Path, matrix: InteractionMatrix, emb: Embeddings, user_ids: pa.Array,
-                 table_schema: pa.Schema, created_us: np.datetime64) -> None:
+                 anomaly: np.ndarray, table_schema: pa.Schema, created_us: np.datetime64) -> None:
     n_interactions = matrix.row_lengths().astype(np.int32)
-    anomaly = anomaly_scores(emb.reconstruction_error, n_interactions)
     last_seen = _timestamps(matrix.user_last_seen, created_us)
     with pq.ParquetWriter(path, table_schema, compression=_compression(table_schema)) as writer:
         for start in range(0, matrix.shape[0], USERS_PER_ROW_GROUP):
@@ -190,17 +232,17 @@ def _write_users(path: Path, matrix: InteractionMatrix, emb: Embeddings, user_id
 
 
 def _write_interactions(path: Path, matrix: InteractionMatrix, user_ids: pa.Array, item_ids: pa.Array,
-                        table_schema: pa.Schema) -> None:
+                        first_user_row: int, table_schema: pa.Schema) -> None:
     """The pairs in CSR order, a row group of whole users at a time."""
     lengths = matrix.row_lengths()
     with pq.ParquetWriter(path, table_schema, compression="zstd") as writer:
         for start, stop in _user_ranges(matrix.indptr, PAIRS_PER_ROW_GROUP):
-            user_rows = pa.array(np.repeat(np.arange(start, stop, dtype=np.int32), lengths[start:stop]))
+            user_rows = np.repeat(np.arange(start, stop, dtype=np.int32), lengths[start:stop])
             item_rows = pa.array(matrix.indices[matrix.indptr[start]:matrix.indptr[stop]])
             writer.write_table(pa.Table.from_arrays([
-                user_ids.take(user_rows),
+                user_ids.take(pa.array(user_rows)),
                 item_ids.take(item_rows),
-                user_rows,
+                pa.array(user_rows + np.int32(first_user_row)),
                 item_rows,
                 pa.array(matrix.values[matrix.indptr[start]:matrix.indptr[stop]]),
             ], schema=table_schema))

@@ -91,10 +91,11 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     best epoch's weights are restored. Seeded: the same matrix and config give the same
     weights on the same device. ``progress=None`` shows a bar only on a terminal.
 
-    In a torchrun process group (:mod:`aefeatures.distributed`) every rank calls this with the
-    same arguments: each trains on its slice of every global batch of ``cfg.batch_size`` users,
-    rank 0 alone runs ``validate`` and shares the result, and all ranks leave the group when
-    training ends.
+    In a torchrun process group (:mod:`aefeatures.distributed`) every rank calls this with its
+    own shard of users (the same items): each step every rank trains on ``cfg.batch_size /
+    world_size`` of its users and the gradients are averaged, so one step sees a global batch of
+    ``cfg.batch_size`` users. Every rank runs ``validate``, which must combine all ranks'
+    results, so all ranks decide alike when to stop. The group stays joined.
     """
     # --- setup: seed, device, precision, model, optimizer, fixed once here
     torch.manual_seed(cfg.seed)
@@ -114,7 +115,7 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
                disable=_bar_off(progress) if distributed.is_leader() else True)
     for epoch in bar:
         model.train()
-        loss, beta = _epoch(step, rng.permutation(rows), result)
+        loss, beta = _epoch(step, _epoch_order(rng, rows, step), result)
         record = {"epoch": epoch, "loss": round(loss, 5), "beta": round(beta, 5)}
         if validate is not None:
             record.update(_validated(model, validate, group))
@@ -135,49 +136,71 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
         model.load_state_dict(best_state)
     result.seconds = time.perf_counter() - started
     model.eval()
-    distributed.leave()  # only rank 0 goes on: it embeds, writes and publishes
     log.info("trained %d epochs (%d steps) on %s in %.1fs; best epoch %d", len(result.history),
              result.steps, device, result.seconds, result.best_epoch)
     return result
+
+
+def _epoch_order(rng: np.random.Generator, rows: np.ndarray, step: "_Step") -> np.ndarray:
+    """This rank's users for one epoch, shuffled. Under torchrun every rank must take the same
+    number of steps: a rank with fewer users than the largest shard goes round its users again
+    (reshuffled) to make up the difference."""
+    order = rng.permutation(rows)
+    if step.group is None:
+        return order
+    longest = int(step.group.reduce_array(np.array([len(rows)]), "max")[0])
+    while len(order) < longest:
+        order = np.concatenate([order, rng.permutation(rows)])
+    return order[:longest]
 
 
 def _epoch(step: "_Step", order: np.ndarray, result: TrainResult) -> tuple[float, float]:
     """One pass over the users in ``order``: (mean loss per user, last KL weight)."""
     cfg = step.cfg
     total, beta = torch.zeros((), device=step.device), 0.0
-    for start in range(0, len(order), cfg.batch_size):
+    for start in range(0, len(order), step.batch_size):
         if cfg.kind == "vae":
             beta = kl_weight(result.steps, cfg)
-        total += step(order[start : start + cfg.batch_size], beta)
+        total += step(order[start : start + step.batch_size], beta)
         result.steps += 1
+    users = len(order)
     if step.group is not None:
         total = step.group.total(total)
-    return float(total) / max(len(order), 1), beta  # the epoch's one host sync
+        users *= step.world
+    return float(total) / max(users, 1), beta  # the epoch's one host sync
 
 
 def _validated(model: Autoencoder, validate: Validator, group: distributed.Group | None) -> dict[str, float]:
-    """``validate(model)``, computed on rank 0 and shared, so every rank decides alike."""
-    if group is None:
-        return validate(model)
-    return group.from_leader(validate(model) if group.is_leader else None)
+    """``validate(model)``; under torchrun rank 0's result, shared, so every rank decides alike
+    even if floating-point sums differed in the last bit."""
+    metrics = validate(model)
+    return metrics if group is None else group.from_leader(metrics)
 
 
 class _Step:
-    """One optimizer step per global batch, on this rank's slice of it."""
+    """One optimizer step per batch of this rank's users (under torchrun, gradients averaged
+    over the ranks' batches)."""
 
     def __init__(self, model: Autoencoder, matrix: InteractionMatrix, cfg: ModelConfig,
                  device: torch.device, group: distributed.Group | None):
         self.model, self.matrix, self.cfg, self.device, self.group = model, matrix, cfg, device, group
         self.world = group.world_size if group else 1
+        self.batch_size = max(1, cfg.batch_size // self.world)  # users per rank and step
         self.net: torch.nn.Module = model
         if group is not None:
             self.net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         if cfg.compile:
             self.net = torch.compile(self.net, dynamic=True)
-        self.optimizer = _adam(model, cfg)
+        # Sparse updates: the input layer, and with the sampled softmax the decoder, get sparse
+        # gradients, and a lazy Adam moves only the rows a batch read.
+        sampled = matrix.shape[1] > cfg.full_softmax_max_items
+        self.sparse = sparse_updates(cfg, sampled=sampled, under_torchrun=group is not None)
+        model.input_layer.sparse = self.sparse  # embedding_bag's backward returns the rows it read
+        lazy = [model.input_layer.weight, *([model.decoder.weight, model.decoder.bias] if sampled else [])]
+        self.optimizer = _adam(model, cfg, sparse=lazy if self.sparse else [])
         self.autocast = autocast_dtype(cfg.precision, device)
-        # One stream of random draws for whole global batches, the same on every rank.
-        self.generator = torch.Generator(device).manual_seed(cfg.seed)
+        # Every rank draws its own dropout masks and vae noise, from a seed of its own.
+        self.generator = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * (group.rank if group else 0))
         self.sampler = NegativeSampler(matrix, cfg, device) if matrix.shape[1] > cfg.full_softmax_max_items else None
         if self.sampler is not None:
             log.info("%d items > model.full_softmax_max_items = %d: training with a sampled softmax over "
@@ -185,14 +208,12 @@ class _Step:
                      cfg.sampled_negatives)
 
     def __call__(self, users: np.ndarray, beta: float) -> torch.Tensor:
-        """Train on the global batch ``users``; returns this rank's summed loss (no host sync)."""
-        mine = self.group.my_slice(len(users)) if self.group else slice(0, len(users))
-        batch = to_batch(self.matrix, users[mine], self.device)
-        noise = self._noise(users, mine)
+        """Train on the rows ``users``; returns their summed loss (no host sync)."""
+        batch = to_batch(self.matrix, users, self.device)
+        noise = self._noise(batch)
         with _autocast(self.device, self.autocast):
             losses = self._losses(batch, noise, beta)
-        # Scaled so that the gradient averaged over ranks is that of the global batch's mean loss.
-        loss = losses.sum() * (self.world / len(users))
+        loss = losses.sum() / len(users)  # DDP averages it over the ranks' batches
         self.optimizer.zero_grad(set_to_none=False)  # zero the gradient buffers, not reallocate them
         loss.backward()
         self.optimizer.step()
@@ -206,19 +227,17 @@ class _Step:
         else:
             z, mean, logvar = self.net(batch, noise, decode=False)
             negatives, log_q = self.sampler.draw(self.generator)
-            losses = sampled_multinomial_nll(z, self.model.decoder, batch, negatives, log_q)
+            losses = sampled_multinomial_nll(z, self.model.decoder, batch, negatives, log_q,
+                                             sparse_grad=self.sparse)
         if logvar is not None:
             losses = losses + beta * kl_divergence(mean.float(), logvar.float())
         return losses
 
-    def _noise(self, users: np.ndarray, mine: slice) -> Noise:
-        """This rank's slice of the global batch's random draws."""
-        lengths = self.matrix.indptr[users + 1] - self.matrix.indptr[users]
-        first = int(lengths[: mine.start].sum())
-        last = first + int(lengths[mine].sum())
-        uniform = torch.rand(int(lengths.sum()), generator=self.generator, device=self.device)
-        normal = torch.randn(len(users), self.cfg.dim, generator=self.generator, device=self.device)
-        return Noise(uniform[first:last], normal[mine])
+    def _noise(self, batch: SparseBatch) -> Noise:
+        """The batch's random draws, from this rank's generator."""
+        uniform = torch.rand(len(batch.indices), generator=self.generator, device=self.device)
+        normal = torch.randn(batch.size, self.cfg.dim, generator=self.generator, device=self.device)
+        return Noise(uniform, normal)
 
 
 class NegativeSampler:
@@ -242,14 +261,64 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def _adam(model: Autoencoder, cfg: ModelConfig) -> torch.optim.Optimizer:
+def sparse_updates(cfg: ModelConfig, *, sampled: bool, under_torchrun: bool) -> bool:
+    """Whether to train with sparse gradients and a lazy Adam: ``cfg.sparse_updates``, where
+    ``auto`` means with the sampled softmax. Never under torchrun: DistributedDataParallel
+    all-reduces the decoder's gradient as a dense one and fails on a sparse one.
+
+    Raises
+    ------
+    BadInputError
+        ``cfg.sparse_updates`` is ``on`` in a torchrun process group.
+    """
+    if cfg.sparse_updates == "off":
+        return False
+    if under_torchrun:
+        if cfg.sparse_updates == "on":
+            raise errors.sparse_updates_under_torchrun()
+        return False
+    return cfg.sparse_updates == "on" or sampled
+
+
+class _LazyAdam:
+    """Adam over the dense parameters and torch's lazy Adam (``SparseAdam``) over those with
+    sparse gradients: a row's moments and value change only in steps whose batch read it."""
+
+    def __init__(self, dense: torch.optim.Optimizer, lazy: torch.optim.SparseAdam):
+        self.dense, self.lazy = dense, lazy
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.dense.zero_grad(set_to_none=set_to_none)
+        self.lazy.zero_grad(set_to_none=True)  # a sparse gradient is new every step: no buffer to keep
+
+    def step(self) -> None:
+        self.dense.step()
+        self.lazy.step()
+
+
+def _adam(model: Autoencoder, cfg: ModelConfig, *,
+          sparse: list[torch.nn.Parameter]) -> torch.optim.Optimizer | _LazyAdam:
+    """Adam over ``model``'s parameters, lazy over those in ``sparse`` (see :class:`_LazyAdam`)."""
+    dense = [p for p in model.parameters() if not any(p is q for q in sparse)]
+    if not sparse:
+        return _fused_adam(dense, cfg)
+    if cfg.weight_decay > 0:
+        log.warning("model.weight_decay = %g decays the encoder layers only: with sparse updates the "
+                    "input layer and the decoder are not decayed (lazy Adam has no weight decay). "
+                    'Set model.sparse_updates = "off" to decay every parameter.', cfg.weight_decay)
+    log.info("sparse updates: lazy Adam over %s, Adam over the rest",
+             ", ".join(f"{n} {tuple(p.shape)}" for n, p in model.named_parameters() if any(p is q for q in sparse)))
+    return _LazyAdam(_fused_adam(dense, cfg), torch.optim.SparseAdam(sparse, lr=cfg.lr))
+
+
+def _fused_adam(params: list[torch.nn.Parameter], cfg: ModelConfig) -> torch.optim.Optimizer:
     # The fused kernel updates every parameter in one pass: on this model's large input and
     # output layers ~10x faster on the CPU than the default per-tensor loop (27k items: 31 vs
     # 336 ms per step). Torch before 2.4 has it for CUDA only.
     try:
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     except RuntimeError:
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
 
 def kl_weight(step: int, cfg: ModelConfig) -> float:

@@ -90,7 +90,8 @@ def main() -> None:
 
     rows: dict[str, dict] = {}
     start = time.perf_counter()
-    ranked = popularity_ranking(matrix.gather(split.train_rows)[1], matrix.shape[1], split, max(KS))
+    ranked = popularity_ranking(np.bincount(matrix.gather(split.train_rows)[1], minlength=matrix.shape[1]), split,
+                                max(KS))
     rows["popularity"] = {**ranking_metrics(ranked, split.held_out, matrix.shape[1]),
                           "seconds": time.perf_counter() - start}
     best = None

@@ -20,7 +20,7 @@ def pause(point):
 def main(job, point):
     if point == "read":
         real_read = jobs.read_interactions
-        jobs.read_interactions = lambda cfg: (pause(point), real_read(cfg))[1]
+        jobs.read_interactions = lambda cfg, **kw: (pause(point), real_read(cfg, **kw))[1]
     elif point == "train":
         real_epoch, seen = train._epoch, []
 

@@ -1,5 +1,5 @@
-"""Training under torchrun: 2 CPU processes (gloo) train the same model as one process, and
-only rank 0 publishes."""
+"""Training under torchrun: each rank reads its own users, 2 CPU processes (gloo) train a model
+as good as one process's, and the version they write together is the one a process writes."""
 
 from __future__ import annotations
 
@@ -12,21 +12,28 @@ import numpy as np
 import polars as pl
 import pytest
 
-from aefeatures.config import load_job_config
-from aefeatures.distributed import Group
+import aefeatures
+from aefeatures.config import InputConfig, load_job_config
 from aefeatures.jobs import run_job
-from tests.conftest import REPO, write_job
+from aefeatures.read import read_interactions
+from tests.conftest import FIXTURES, REPO, write_job
 
 # Few epochs keep the test fast; dropout stays on, so the shared random draws are exercised.
 MODEL = {"epochs": 6, "batch_size": 200, "patience": 0}
 
 
-@pytest.mark.parametrize("n, world, expected", [(10, 2, [5, 5]), (7, 2, [4, 3]), (2, 3, [1, 1, 0])])
-def test_a_global_batch_splits_into_contiguous_rank_slices(n, world, expected):
-    slices = [Group(rank, world, 0).my_slice(n) for rank in range(world)]
-    assert [s.stop - s.start for s in slices] == expected
-    assert slices[0].start == 0 and slices[-1].stop == n
-    assert all(a.stop == b.start for a, b in zip(slices, slices[1:]))
+@pytest.mark.parametrize("fixture, world", [("interactions.parquet", 2), ("interactions.parquet", 3),
+                                            ("interactions_str.parquet", 2), ("interactions.parquet", 7)])
+def test_each_rank_reads_a_contiguous_range_of_users_and_the_shards_make_the_whole_input(fixture, world):
+    cfg = InputConfig(str(FIXTURES / fixture), weight_col="rating", timestamp_col="timestamp")
+    whole = read_interactions(cfg).frame
+    shards = [read_interactions(cfg, shard=(rank, world)).frame for rank in range(world)]
+
+    assert pl.concat(shards).equals(whole)  # in rank order: every pair once, in user order
+    users = [set(s.get_column("user_id").to_list()) for s in shards]
+    assert all(not (a & b) for i, a in enumerate(users) for b in users[i + 1:])  # a user lives on one rank
+    sizes = np.array([s.height for s in shards])
+    assert sizes.max() - sizes.min() <= 0.05 * whole.height  # balanced by interactions
 
 
 def _torchrun(job, *args: str) -> subprocess.CompletedProcess:
@@ -36,7 +43,7 @@ def _torchrun(job, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_two_gloo_ranks_train_the_model_one_process_trains_and_rank_0_alone_publishes(tmp_path):
+def test_two_gloo_ranks_each_train_on_their_users_and_publish_one_version_like_one_process(tmp_path):
     for folder in ("one", "two"):
         (tmp_path / folder).mkdir()
     single = run_job(load_job_config(write_job(tmp_path / "one", model=MODEL)), progress=False)
@@ -48,18 +55,33 @@ def test_two_gloo_ranks_train_the_model_one_process_trains_and_rank_0_alone_publ
     folder = tmp_path / "two" / "store" / "movies"
     runs = [json.loads(line) for line in (folder / "runs.jsonl").read_text().splitlines()]
     assert [r["status"] for r in runs] == ["published"]  # one run, logged by rank 0 alone
-    manifest = json.loads((folder / "versions" / runs[0]["version"] / "manifest.json").read_text())
+    version = folder / "versions" / runs[0]["version"]
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert sorted(p.name for p in version.iterdir()) == sorted(p.name for p in single.path.iterdir())  # no parts left
 
-    # Same global batches and random draws: the same model, up to summation order (measured:
-    # equal metrics, losses within 2e-7 relative, embeddings within 1.2e-6).
+    # Each rank wrote its users' rows; joined, the tables are those of one process.
+    assert manifest["counts"] == single.manifest["counts"]
+    assert manifest["input"] == single.manifest["input"]
+    for table, columns in (("interactions.parquet", None), ("users.parquet", ["user_id", "n_interactions", "event_timestamp"]),
+                           ("items.parquet", ["item_id", "popularity", "event_timestamp"])):
+        assert pl.read_parquet(version / table, columns=columns).equals(
+            pl.read_parquet(single.path / table, columns=columns)), table
+    users = pl.read_parquet(version / "users.parquet")
+    assert users.get_column("anomaly_score").is_finite().all()
+
+    # Different shards, dropout draws and validation users: the same quality within noise, measured
+    # on about as many validation users.
+    assert abs(manifest["evaluation"]["valid_users"] - single.manifest["evaluation"]["valid_users"]) <= 2
+    for key in ("recall@20", "ndcg@100"):
+        assert manifest["evaluation"]["model"][key] == pytest.approx(single.manifest["evaluation"]["model"][key],
+                                                                      abs=0.04), key
     losses = np.array(manifest["training"]["epoch_losses"])
-    np.testing.assert_allclose(losses, single.manifest["training"]["epoch_losses"], rtol=1e-5)
-    for key, value in single.manifest["evaluation"]["model"].items():
-        assert manifest["evaluation"]["model"][key] == pytest.approx(value, abs=1e-4), key
-    two = pl.read_parquet(folder / "versions" / runs[0]["version"] / "users.parquet")
-    one = pl.read_parquet(single.path / "users.parquet")
-    np.testing.assert_allclose(np.stack(two["embedding"].to_numpy()), np.stack(one["embedding"].to_numpy()),
-                               atol=1e-4)
+    np.testing.assert_allclose(losses, single.manifest["training"]["epoch_losses"], rtol=0.05)
+    assert np.all(np.diff(losses) < 0)
+
+    store = aefeatures.open_store(tmp_path / "two" / "store")["movies"]
+    first_user = users.get_column("user_id")[0]
+    assert len(store.recommend(first_user, k=5).ids) == 5
 
     again = _torchrun(job)  # up to date: rank 0 says so, rank 1 stops without training
     assert again.returncode == 0, again.stderr[-3000:]

@@ -75,7 +75,7 @@ def test_popularity_ranks_training_counts_without_the_users_items():
     indptr, indices = csr([[0, 1], [0, 2], [0, 1], [3, 4]])
     split = split_users(indptr, indices, share=0.25, max_users=1, holdout=0.5, seed=1)
     train_items = np.concatenate([indices[indptr[r]:indptr[r + 1]] for r in split.train_rows])
-    ranked = popularity_ranking(train_items, 5, split, 3)
+    ranked = popularity_ranking(np.bincount(train_items, minlength=5), split, 3)
     shown = set(split.fold_in[1].tolist())
     assert not set(ranked[0].tolist()) & shown
     counts = np.bincount(train_items, minlength=5)
