@@ -26,6 +26,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_]+")
 MODEL_KINDS = ("dae", "vae")
 PRECISIONS = ("auto", "fp32", "bf16")
+SPARSE_UPDATES = ("auto", "on", "off")
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 
 
@@ -65,6 +66,10 @@ class ModelConfig:
     compile: bool = False  # torch.compile the model (pays off on GPUs, for long runs)
     full_softmax_max_items: int = 200_000  # above this many items train with a sampled softmax
     sampled_negatives: int = 8192  # sampled softmax: shared negatives per batch
+    # "auto": on with the sampled softmax, off with the full one | "on" | "off". On: the input
+    # layer and the sampled decoder rows get sparse gradients and a lazy Adam (only the rows a
+    # batch touches move), and weight_decay reaches the encoder layers only.
+    sparse_updates: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -251,6 +256,8 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
         ("model.full_softmax_max_items", m.full_softmax_max_items, m.full_softmax_max_items >= 1,
          "it must be at least 1"),
         ("model.sampled_negatives", m.sampled_negatives, m.sampled_negatives >= 1, "it must be at least 1"),
+        ("model.sparse_updates", m.sparse_updates, m.sparse_updates in SPARSE_UPDATES,
+         f"choose one of {', '.join(SPARSE_UPDATES)}"),
         ("model.device", m.device, re.fullmatch(r"auto|cpu|cuda(:\d+)?", m.device),
          "use auto, cpu, cuda or cuda:N"),
         ("index.min_recall", cfg.index.min_recall, 0 <= cfg.index.min_recall <= 1, "it must be in [0, 1]"),

@@ -73,6 +73,14 @@ def bad_value(path: Path | str, key: str, value: object, rule: str) -> ConfigErr
     return ConfigError(path, f"`{key}` = {value!r} is not allowed: {rule}.")
 
 
+def sparse_updates_under_torchrun() -> BadInputError:
+    return BadInputError(
+        '`model.sparse_updates` = "on" does not work under torchrun: DistributedDataParallel '
+        "all-reduces dense gradients only. Set it to \"auto\" (dense updates under torchrun) or train "
+        "in one process."
+    )
+
+
 # --- interactions input ---------------------------------------------------------------------
 
 
