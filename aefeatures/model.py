@@ -77,7 +77,11 @@ class Autoencoder(nn.Module):
             uniform = torch.rand_like(weights) if noise is None else noise.uniform
             keep = uniform >= self.shape.dropout
             weights = weights * keep / (1 - self.shape.dropout)
-        h = self.input_layer(batch.indices, batch.offsets, per_sample_weights=weights) + self.input_bias
+        if self.input_layer.sparse:  # training with sparse updates: the same sum, a faster sparse gradient
+            h = _BagSum.apply(self.input_layer.weight, batch.indices, batch.offsets, batch.rows, weights)
+        else:
+            h = self.input_layer(batch.indices, batch.offsets, per_sample_weights=weights)
+        h = h + self.input_bias
         for layer in self.encoder:
             h = layer(torch.tanh(h))
         if self.shape.kind == "vae":
@@ -98,6 +102,36 @@ class Autoencoder(nn.Module):
             normal = torch.randn_like(mean) if noise is None else noise.normal
             z = mean + normal * torch.exp(0.5 * logvar)
         return (self.decoder(z) if decode else z), mean, logvar
+
+
+class _BagSum(torch.autograd.Function):
+    """The input layer's weighted sum of each user's item rows (``embedding_bag``, mode sum),
+    with a sparse gradient holding one row per item that a nonzero weight read.
+
+    The gradient is (items read × users) @ grad: on 2 CPU cores ~10x faster than embedding_bag's
+    own sparse backward, whose one row per entry (nnz × width) must then be summed into rows
+    (750k items, batch 512: 11 vs 110 ms). The per-entry weights get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor,
+                entry_weights: torch.Tensor) -> torch.Tensor:  # -> (batch, width)
+        keep = entry_weights != 0  # entries the dropout removed read nothing
+        ctx.save_for_backward(indices[keep], rows[keep], entry_weights[keep])
+        ctx.shape = (weight.shape, len(offsets))
+        return F.embedding_bag(indices, weight, offsets, mode="sum", per_sample_weights=entry_weights)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # grad: (batch, width)
+        indices, rows, entry_weights = ctx.saved_tensors
+        weight_shape, n_users = ctx.shape
+        items, position = torch.unique(indices, return_inverse=True)  # sorted: a coalesced gradient
+        by_item = torch.sparse_coo_tensor(torch.stack([position, rows]), entry_weights, (len(items), n_users),
+                                          check_invariants=False)
+        values = torch.sparse.mm(by_item, grad.to(entry_weights.dtype))  # (items read, width)
+        weight_grad = torch.sparse_coo_tensor(items[None], values, weight_shape, is_coalesced=True,
+                                              check_invariants=False)
+        return weight_grad, None, None, None, None
 
 
 def multinomial_nll(logits: torch.Tensor, batch: SparseBatch) -> torch.Tensor:

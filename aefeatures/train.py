@@ -19,6 +19,7 @@ from aefeatures.evaluate import KEY_METRIC
 from aefeatures.matrix import CSR, InteractionMatrix
 from aefeatures.model import (Autoencoder, AutoencoderShape, Noise, SparseBatch, kl_divergence,
                               multinomial_nll, sampled_multinomial_nll)
+from aefeatures.optim import DenseAndLazyAdam, LazyAdam
 
 log = logging.getLogger(__name__)
 
@@ -280,25 +281,9 @@ def sparse_updates(cfg: ModelConfig, *, sampled: bool, under_torchrun: bool) -> 
     return cfg.sparse_updates == "on" or sampled
 
 
-class _LazyAdam:
-    """Adam over the dense parameters and torch's lazy Adam (``SparseAdam``) over those with
-    sparse gradients: a row's moments and value change only in steps whose batch read it."""
-
-    def __init__(self, dense: torch.optim.Optimizer, lazy: torch.optim.SparseAdam):
-        self.dense, self.lazy = dense, lazy
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.dense.zero_grad(set_to_none=set_to_none)
-        self.lazy.zero_grad(set_to_none=True)  # a sparse gradient is new every step: no buffer to keep
-
-    def step(self) -> None:
-        self.dense.step()
-        self.lazy.step()
-
-
 def _adam(model: Autoencoder, cfg: ModelConfig, *,
-          sparse: list[torch.nn.Parameter]) -> torch.optim.Optimizer | _LazyAdam:
-    """Adam over ``model``'s parameters, lazy over those in ``sparse`` (see :class:`_LazyAdam`)."""
+          sparse: list[torch.nn.Parameter]) -> torch.optim.Optimizer | DenseAndLazyAdam:
+    """Adam over ``model``'s parameters, lazy over those in ``sparse`` (:mod:`aefeatures.optim`)."""
     dense = [p for p in model.parameters() if not any(p is q for q in sparse)]
     if not sparse:
         return _fused_adam(dense, cfg)
@@ -308,7 +293,7 @@ def _adam(model: Autoencoder, cfg: ModelConfig, *,
                     'Set model.sparse_updates = "off" to decay every parameter.', cfg.weight_decay)
     log.info("sparse updates: lazy Adam over %s, Adam over the rest",
              ", ".join(f"{n} {tuple(p.shape)}" for n, p in model.named_parameters() if any(p is q for q in sparse)))
-    return _LazyAdam(_fused_adam(dense, cfg), torch.optim.SparseAdam(sparse, lr=cfg.lr))
+    return DenseAndLazyAdam(_fused_adam(dense, cfg), LazyAdam(sparse, lr=cfg.lr))
 
 
 def _fused_adam(params: list[torch.nn.Parameter], cfg: ModelConfig) -> torch.optim.Optimizer:
