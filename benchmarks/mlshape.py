@@ -47,21 +47,27 @@ class Shape:
     communities: int = 40
     in_cluster: float = 0.6  # share of a user's items drawn from their community's cluster
     seed: int = 0
+    # Lower is a longer tail: at 2.0 only ~13% of a 1M catalogue gets an interaction from 20M
+    # draws, at 1.0 (Zipf's law) ~98%.
+    popularity_exponent: float = POPULARITY_EXPONENT
 
     @property
     def cache_name(self) -> str:
+        tail = "" if self.popularity_exponent == POPULARITY_EXPONENT else f"-pe{self.popularity_exponent:g}"
         return (f"ml20m-shape-v{GENERATOR_VERSION}-{self.users}u-{self.items}i-{self.interactions}n"
-                f"-c{self.communities}-in{self.in_cluster:g}-seed{self.seed}")
+                f"-c{self.communities}-in{self.in_cluster:g}-seed{self.seed}{tail}")
 
 
-def shape_for(scale: float, *, items: int | None = None, seed: int = 0) -> Shape:
+def shape_for(scale: float, *, items: int | None = None, seed: int = 0,
+              popularity_exponent: float = POPULARITY_EXPONENT) -> Shape:
     """ML-20M's shape at ``scale``: users and interactions scale, the catalogue stays 26,744
     items unless ``items`` is given (a user never has more than half the catalogue)."""
     n_items = items or ML20M_ITEMS
     users = max(2, round(ML20M_USERS * scale))
     interactions = max(round(ML20M_INTERACTIONS * scale), users * min(MIN_PER_USER, n_items // 2))
     return Shape(users=users, items=n_items, interactions=interactions,
-                 communities=min(40, max(1, n_items // 10)), seed=seed)
+                 communities=min(40, max(1, n_items // 10)), seed=seed,
+                 popularity_exponent=popularity_exponent)
 
 
 def ensure(shape: Shape, cache_dir: Path) -> tuple[Path, dict]:
@@ -118,7 +124,7 @@ def generate_pairs(shape: Shape, rng: np.random.Generator) -> tuple[np.ndarray, 
     """(user rows, item rows, ratings) of distinct pairs, sorted by user then item."""
     community = rng.integers(0, shape.communities, shape.users).astype(np.int32)
     cluster = (rng.permutation(shape.items) % shape.communities).astype(np.int32)
-    popularity = 1.0 / (np.arange(shape.items) + POPULARITY_OFFSET) ** POPULARITY_EXPONENT
+    popularity = 1.0 / (np.arange(shape.items) + POPULARITY_OFFSET) ** shape.popularity_exponent
     popularity = popularity[rng.permutation(shape.items)]  # which item is popular is random
     wanted = user_activity(shape, rng)
 

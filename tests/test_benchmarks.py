@@ -98,3 +98,37 @@ def test_plot_draws_every_scale(smoke, tmp_path):
     report.plot({**result, "runs": [result["runs"][0], bigger]}, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Time per stage" in report.markdown({**result, "runs": [result["runs"][0], bigger]})
+
+
+def test_a_longer_tail_reaches_more_of_a_large_catalogue(tmp_path):
+    mlshape = load("mlshape")
+    default, zipf = mlshape.shape_for(0.01, items=50_000), mlshape.shape_for(0.01, items=50_000, popularity_exponent=1.0)
+    assert default.cache_name != zipf.cache_name and "-pe" not in default.cache_name  # old caches stay valid
+    seen = {}
+    for shape in (default, zipf):
+        folder, _ = mlshape.ensure(shape, tmp_path)
+        seen[shape.popularity_exponent] = pl.read_parquet(mlshape.part_files(folder)).get_column("item_id").n_unique()
+    assert seen[1.0] > 2 * seen[mlshape.POPULARITY_EXPONENT]
+
+
+def test_the_large_catalogue_benchmark_times_sparse_training_and_compares_the_softmaxes(tmp_path):
+    # Tiny shapes; the large part's threshold lowered so that it takes the sampled, sparse path.
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "large_catalogue.py"), "--large-items", "20000", "--large-scale", "0.02",
+         "--full-softmax-max-items", "1000", "--compare-items", "2000", "--compare-scale", "0.01", "--epochs", "2",
+         "--compare-epochs", "2", "--valid-users", "100", "--data-dir", str(tmp_path / "data"),
+         "--json-out", str(tmp_path / "result.json"), "--markdown-out", str(tmp_path / "result.md")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    large, compare = result["large"], result["compare"]
+    assert large["sparse_updates"] and large["valid_users"] == 100
+    assert [len(large["result"]["epochs"]), large["peak_rss_mb"] > 0] == [2, True]
+    for epoch in large["result"]["epochs"]:
+        assert epoch["seconds_per_step"] > 0 and 0 <= epoch["ndcg@100"] <= 1
+    assert 0 < large["popularity"]["recall@20"] < 1
+    assert list(compare["arms"]) == ["full softmax, dense Adam", "sampled softmax, dense updates",
+                                     "sampled softmax, sparse updates"]
+    table = (tmp_path / "result.md").read_text()
+    assert "| popularity |" in table and "| sampled softmax, sparse updates |" in table
