@@ -196,7 +196,7 @@ class _Step:
         # gradients, and a lazy Adam moves only the rows a batch read.
         sampled = matrix.shape[1] > cfg.full_softmax_max_items
         self.sparse = sparse_updates(cfg, sampled=sampled, under_torchrun=group is not None)
-        model.input_layer.sparse = self.sparse  # embedding_bag's backward returns the rows it read
+        model.input_layer.sparse = self.sparse  # encode() then sums through model._BagSum
         lazy = [model.input_layer.weight, *([model.decoder.weight, model.decoder.bias] if sampled else [])]
         self.optimizer = _adam(model, cfg, sparse=lazy if self.sparse else [])
         self.autocast = autocast_dtype(cfg.precision, device)
