@@ -148,11 +148,21 @@ def metrics_of_totals(totals: RankingTotals, ks: tuple[int, ...] = KS) -> dict[s
     return out
 
 
-def popularity_ranking(item_counts: np.ndarray, split: Split, k: int) -> np.ndarray:
+def popularity_ranking(item_counts: np.ndarray, split: Split, k: int, *,
+                       chunk_scores: int = 32 * 2**20) -> np.ndarray:
     """(n_valid, k) the items with the most training users (``item_counts`` (n_items,)) that
-    each validation user has not seen."""
-    scores = np.broadcast_to(item_counts.astype(np.float64), (len(split.valid_rows), len(item_counts))).copy()
-    return top_k(scores, split.fold_in, k)
+    each validation user has not seen. Scores in chunks of users, so memory stays bounded
+    whatever the catalogue."""
+    n_items = len(item_counts)
+    counts = item_counts.astype(np.float64)
+    step = max(1, chunk_scores // max(n_items, 1))
+    indptr, items = split.fold_in[0], split.fold_in[1]
+    out = []
+    for start in range(0, len(split.valid_rows), step):
+        stop = min(start + step, len(split.valid_rows))
+        scores = np.broadcast_to(counts, (stop - start, n_items)).copy()
+        out.append(top_k(scores, (indptr[start:stop + 1] - indptr[start], items[indptr[start]:indptr[stop]]), k))
+    return np.concatenate(out) if out else np.zeros((0, min(k, n_items)), np.int64)
 
 
 def rank_by_embeddings(user_vectors: np.ndarray, item_vectors: np.ndarray, item_bias: np.ndarray,

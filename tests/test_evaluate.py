@@ -80,3 +80,15 @@ def test_popularity_ranks_training_counts_without_the_users_items():
     assert not set(ranked[0].tolist()) & shown
     counts = np.bincount(train_items, minlength=5)
     assert list(counts[ranked[0]]) == sorted(counts[ranked[0]], reverse=True)
+
+
+def test_popularity_ranking_in_chunks_equals_one_pass():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(2, 12, 300)
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    indices = np.concatenate([np.sort(rng.choice(50, n, replace=False)) for n in lengths]).astype(np.int32)
+    split = split_users(indptr, indices, share=0.3, max_users=1000, holdout=0.3, seed=0)
+    counts = np.bincount(indices, minlength=50)
+    whole = popularity_ranking(counts, split, 10)
+    assert whole.shape == (len(split.valid_rows), 10)
+    np.testing.assert_array_equal(popularity_ranking(counts, split, 10, chunk_scores=120), whole)
