@@ -122,7 +122,7 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
             record.update(_validated(model, validate, group))
             if record[KEY_METRIC] > best_score:
                 best_score, result.best_epoch = record[KEY_METRIC], epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_state = _kept_copy(model, best_state)
             elif cfg.patience and epoch - result.best_epoch >= cfg.patience:
                 result.stopped_early = True
         else:
@@ -140,6 +140,16 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     log.info("trained %d epochs (%d steps) on %s in %.1fs; best epoch %d", len(result.history),
              result.steps, device, result.seconds, result.best_epoch)
     return result
+
+
+def _kept_copy(model: Autoencoder, kept: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The model's weights, copied into ``kept``'s buffers when there are some: two copies of a
+    large catalogue's item layers (2.6 GB at 1M items) are never held at once."""
+    if kept is None:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for key, value in model.state_dict().items():
+        kept[key].copy_(value)
+    return kept
 
 
 def _epoch_order(rng: np.random.Generator, rows: np.ndarray, step: "_Step") -> np.ndarray:
