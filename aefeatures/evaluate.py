@@ -107,9 +107,6 @@ class RankingTotals:
     sums: np.ndarray  # (2, len(ks)) float64: summed recall@k and NDCG@k
     covered: np.ndarray  # (len(ks), n_items) int32: 1 where an item is in someone's top k
 
-    def as_arrays(self) -> list[np.ndarray]:
-        return [self.users, self.sums, self.covered]
-
 
 def ranking_totals(ranked: np.ndarray, held_out: tuple[np.ndarray, np.ndarray], n_items: int,
                    ks: tuple[int, ...] = KS) -> RankingTotals:

@@ -234,9 +234,8 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
     every rank builds and writes its share of users; rank 0 joins the parts and publishes."""
     created = datetime.now(timezone.utc)
     name, root = cfg.job.name, cfg.job.store
-    built = _build_shard(cfg, progress, group)
-    interactions, matrix, trained, evaluation, emb, timings = (
-        built.interactions, built.matrix, built.trained, built.evaluation, built.emb, built.timings)
+    made = _build_shard(cfg, progress, group)
+    interactions, matrix, emb, timings = made.interactions, made.matrix, made.emb, made.timings
 
     previous = _live_manifest(root, name)
     version = store.new_version_id(root, name, created)
@@ -247,12 +246,12 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
                 read_counts = {"rows_read": interactions.n_rows_read, "rows_kept": interactions.n_rows_kept}
             else:
                 group.from_leader((str(staging), version, created))
-                per_rank = _write_shard(built, staging, name, version, created, group)
+                per_rank = _write_shard(made, staging, name, version, created, group)
                 store.join_parts(staging, group.world_size)
-                counts = {key: sum(c[key] for c in per_rank) if key != "items" else per_rank[0][key]
-                          for key in ("users", "items", "interactions")}
-                read_counts = {key: sum(c[key] for c in per_rank) for key in ("rows_read", "rows_kept")}
-            save_model(trained.model, staging / store.MODEL_DIR)
+                total = {key: sum(c[key] for c in per_rank) for key in per_rank[0]}
+                counts = {"users": total["users"], "items": matrix.shape[1], "interactions": total["interactions"]}
+                read_counts = {key: total[key] for key in ("rows_read", "rows_kept")}
+            save_model(made.trained.model, staging / store.MODEL_DIR)
         with _timed(timings, "index"):
             rng = np.random.default_rng(cfg.model.seed)
             sample = rng.choice(matrix.shape[0], min(RECALL_SAMPLE, matrix.shape[0]), replace=False)
@@ -260,7 +259,7 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
                                 sample_queries=user_queries(emb.user_vectors[sample]),
                                 target_recall=cfg.index.min_recall)
             save_index(built.index, staging / store.INDEX)
-        verdict = gate.check(cfg.gate, evaluation, previous, index_recall=built.recall_at_10,
+        verdict = gate.check(cfg.gate, made.evaluation, previous, index_recall=built.recall_at_10,
                              min_recall=cfg.index.min_recall)
         manifest = {
             "schema_version": schema.SCHEMA_VERSION,
@@ -274,8 +273,8 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
             "counts": counts,
             "dim": emb.dim,
             "id_types": {"user": str(matrix.user_ids.dtype), "item": str(matrix.item_ids.dtype)},
-            "training": _training_summary(trained),
-            "evaluation": evaluation,
+            "training": _training_summary(made.trained),
+            "evaluation": made.evaluation,
             "gate": verdict.to_dict(),
             "index": {"kind": cfg.index.kind, "factory": built.factory, "recall_at_10": built.recall_at_10,
                       "search": built.search},

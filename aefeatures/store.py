@@ -147,8 +147,9 @@ def _compression(table_schema: pa.Schema) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Shard:
-    """One rank's share of a version that several processes write (a torchrun run): its users
-    are a contiguous range of all users, written to part files that :func:`join_parts` joins."""
+    """The users a process writes: all of them, or under torchrun one rank's contiguous range,
+    written to part files that :func:`join_parts` joins. Item statistics and anomaly scores are
+    always over all users."""
 
     rank: int
     world_size: int
@@ -156,6 +157,12 @@ class Shard:
     anomaly: np.ndarray  # (shard users,) anomaly scores against all users
     item_popularity: np.ndarray  # (n_items,) users per item, over all shards
     item_last_seen: np.ndarray  # (n_items,) datetime64[us], over all shards
+
+    @classmethod
+    def whole(cls, matrix: InteractionMatrix, emb: Embeddings) -> "Shard":
+        """Every user, written by one process."""
+        return cls(0, 1, 0, anomaly_scores(emb.reconstruction_error, matrix.row_lengths()),
+                   matrix.item_popularity(), matrix.item_last_seen)
 
 
 def write_tables(folder: Path, matrix: InteractionMatrix, emb: Embeddings, *,
@@ -166,28 +173,26 @@ def write_tables(folder: Path, matrix: InteractionMatrix, emb: Embeddings, *,
     ``emb`` a row group at a time (:func:`aefeatures.embed.embed` computes them then), so
     memory holds one row group's vectors and pairs whatever the number of users.
 
-    With ``shard`` the users and interactions go to this rank's part files (the counts are the
-    shard's), and rank 0 alone writes the items.
+    With a ``shard`` of several the users and interactions go to this rank's part files (the
+    counts are the shard's), and rank 0 alone writes the items.
     """
+    shard = shard or Shard.whole(matrix, emb)
     meta = schema.table_metadata(name, version, emb.dim)
     created_us = np.datetime64(created.astimezone(timezone.utc).replace(tzinfo=None), "us")
     user_ids, item_ids = _ids(matrix.user_ids), _ids(matrix.item_ids)
-    users_path, interactions_path = (folder / USERS, folder / INTERACTIONS) if shard is None else \
-        _part_paths(folder, shard.rank)
-    anomaly = anomaly_scores(emb.reconstruction_error, matrix.row_lengths()) if shard is None else shard.anomaly
-    _write_users(users_path, matrix, emb, user_ids, anomaly,
+    users_path, interactions_path = (folder / USERS, folder / INTERACTIONS) if shard.world_size == 1 else \
+        _part_paths(folder, shard.rank, create=True)
+    _write_users(users_path, matrix, emb, user_ids, shard.anomaly,
                  schema.users_schema(user_ids.type, emb.dim).with_metadata(meta), created_us)
-    _write_interactions(interactions_path, matrix, user_ids, item_ids, 0 if shard is None else shard.first_user_row,
+    _write_interactions(interactions_path, matrix, user_ids, item_ids, shard.first_user_row,
                         schema.interactions_schema(user_ids.type, item_ids.type).with_metadata(meta))
-    if shard is None or shard.rank == 0:
-        popularity = matrix.item_popularity() if shard is None else shard.item_popularity
-        last_seen = matrix.item_last_seen if shard is None else shard.item_last_seen
+    if shard.rank == 0:
         items = pa.Table.from_arrays([
             item_ids,
             _fixed_list(emb.item_vectors),
             pa.array(emb.item_bias),
-            pa.array(popularity.astype(np.int32)),
-            _timestamps(last_seen, created_us),
+            pa.array(shard.item_popularity.astype(np.int32)),
+            _timestamps(shard.item_last_seen, created_us),
             _timestamps(np.full(matrix.shape[1], created_us), created_us),
         ], schema=schema.items_schema(item_ids.type, emb.dim).with_metadata(meta))
         pq.write_table(items, folder / ITEMS, compression=_compression(items.schema))
@@ -197,19 +202,21 @@ def write_tables(folder: Path, matrix: InteractionMatrix, emb: Embeddings, *,
 def join_parts(folder: Path, world_size: int) -> None:
     """Join the ranks' user and interaction part files, in rank order (which is user order),
     into the version's single tables, a row group at a time, and remove the parts."""
-    for rank_paths, final in zip(zip(*(_part_paths(folder, r) for r in range(world_size))), (USERS, INTERACTIONS)):
-        first = pq.ParquetFile(rank_paths[0])
-        with pq.ParquetWriter(folder / final, first.schema_arrow, compression=_compression(first.schema_arrow)) as writer:
-            for path in rank_paths:
-                part = pq.ParquetFile(path)
+    for table, final in enumerate((USERS, INTERACTIONS)):
+        parts = [pq.ParquetFile(_part_paths(folder, rank)[table]) for rank in range(world_size)]
+        with pq.ParquetWriter(folder / final, parts[0].schema_arrow,
+                              compression=_compression(parts[0].schema_arrow)) as writer:
+            for part in parts:
                 for group in range(part.num_row_groups):
                     writer.write_table(part.read_row_group(group))
     shutil.rmtree(folder / _PARTS)
 
 
-def _part_paths(folder: Path, rank: int) -> tuple[Path, Path]:
+def _part_paths(folder: Path, rank: int, *, create: bool = False) -> tuple[Path, Path]:
+    """(users part, interactions part) of ``rank``."""
     parts = folder / _PARTS
-    parts.mkdir(exist_ok=True)
+    if create:
+        parts.mkdir(exist_ok=True)
     return parts / f"users-{rank:05d}.parquet", parts / f"interactions-{rank:05d}.parquet"
 
 

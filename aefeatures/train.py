@@ -109,6 +109,8 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     result = TrainResult(model=model, device=str(device))
     rows = np.arange(matrix.shape[0]) if rows is None else rows
     best_score, best_state = -np.inf, None
+    # Under torchrun every rank must take the same number of steps: those of the largest shard.
+    users_per_epoch = len(rows) if group is None else int(group.reduce_array(np.array([len(rows)]), "max")[0])
     started = time.perf_counter()
 
     # --- training loop: one shuffled pass over the users per epoch, then validation
@@ -116,7 +118,7 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
                disable=_bar_off(progress) if distributed.is_leader() else True)
     for epoch in bar:
         model.train()
-        loss, beta = _epoch(step, _epoch_order(rng, rows, step), result)
+        loss, beta = _epoch(step, _epoch_order(rng, rows, users_per_epoch), result)
         record = {"epoch": epoch, "loss": round(loss, 5), "beta": round(beta, 5)}
         if validate is not None:
             record.update(_validated(model, validate, group))
@@ -152,17 +154,13 @@ def _kept_copy(model: Autoencoder, kept: dict[str, torch.Tensor] | None) -> dict
     return kept
 
 
-def _epoch_order(rng: np.random.Generator, rows: np.ndarray, step: "_Step") -> np.ndarray:
-    """This rank's users for one epoch, shuffled. Under torchrun every rank must take the same
-    number of steps: a rank with fewer users than the largest shard goes round its users again
-    (reshuffled) to make up the difference."""
+def _epoch_order(rng: np.random.Generator, rows: np.ndarray, users: int) -> np.ndarray:
+    """``users`` of this rank's ``rows`` for one epoch, shuffled: a rank with fewer rows (a
+    smaller shard under torchrun) goes round them again, reshuffled."""
     order = rng.permutation(rows)
-    if step.group is None:
-        return order
-    longest = int(step.group.reduce_array(np.array([len(rows)]), "max")[0])
-    while len(order) < longest:
+    while len(order) < users:
         order = np.concatenate([order, rng.permutation(rows)])
-    return order[:longest]
+    return order[:users]
 
 
 def _epoch(step: "_Step", order: np.ndarray, result: TrainResult) -> tuple[float, float]:
@@ -212,7 +210,7 @@ class _Step:
         self.autocast = autocast_dtype(cfg.precision, device)
         # Every rank draws its own dropout masks and vae noise, from a seed of its own.
         self.generator = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * (group.rank if group else 0))
-        self.sampler = NegativeSampler(matrix, cfg, device) if matrix.shape[1] > cfg.full_softmax_max_items else None
+        self.sampler = NegativeSampler(matrix, cfg, device) if sampled else None
         if self.sampler is not None:
             log.info("%d items > model.full_softmax_max_items = %d: training with a sampled softmax over "
                      "%d shared negatives per batch", matrix.shape[1], cfg.full_softmax_max_items,
