@@ -21,6 +21,7 @@ from aefeatures.model import Autoencoder, multinomial_nll
 from aefeatures.train import to_batch
 
 LOGITS_PER_BATCH = 64 * 2**20  # float32 scores held at once while embedding
+MAX_USERS_PER_BATCH = 4096
 
 
 class UserVectors:
@@ -64,7 +65,7 @@ class Embeddings:
 
 def batch_size_for(n_items: int) -> int:
     """Users per batch that keep one batch's dense item scores near 256 MB."""
-    return max(1, min(4096, LOGITS_PER_BATCH // n_items))
+    return max(1, min(MAX_USERS_PER_BATCH, LOGITS_PER_BATCH // n_items))
 
 
 def encode(model: Autoencoder, vectors: CSR) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +95,8 @@ def _encoded_batches(model: Autoencoder, vectors: CSR, rows: np.ndarray, *,
     """(positions in ``rows``, embeddings, reconstruction errors or None) a batch at a time."""
     model.eval()
     device = next(model.parameters()).device
-    batch_size = batch_size_for(model.shape.n_items)
+    # Only the reconstruction errors score every item; embeddings alone take full-size batches.
+    batch_size = batch_size_for(model.shape.n_items) if errors else MAX_USERS_PER_BATCH
     for start in range(0, len(rows), batch_size):
         where = slice(start, min(start + batch_size, len(rows)))
         batch = to_batch(vectors, rows[where], device)
