@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aefeatures import fused
+
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.json"
 
@@ -63,6 +65,8 @@ class Autoencoder(nn.Module):
         self.input_bias = nn.Parameter(torch.zeros(widths[0]))
         self.encoder = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.decoder = nn.Linear(shape.dim, shape.n_items)
+        # Set by training on a CPU: the input layer's gradient is then written into a kept buffer.
+        self.workspace: fused.Workspace | None = None
         for layer in [*self.encoder, self.decoder]:
             nn.init.xavier_uniform_(layer.weight)
             nn.init.normal_(layer.bias, std=0.001)
@@ -79,6 +83,8 @@ class Autoencoder(nn.Module):
             weights = weights * keep / (1 - self.shape.dropout)
         if self.input_layer.sparse:  # training with sparse updates: the same sum, a faster sparse gradient
             h = _BagSum.apply(self.input_layer.weight, batch.indices, batch.offsets, batch.rows, weights)
+        elif self.workspace is not None and self.training and torch.is_grad_enabled():
+            h = fused.bag_sum(self.input_layer.weight, batch, weights, self.workspace)
         else:
             h = self.input_layer(batch.indices, batch.offsets, per_sample_weights=weights)
         h = h + self.input_bias

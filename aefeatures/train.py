@@ -13,7 +13,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from aefeatures import distributed, errors
+from aefeatures import distributed, errors, fused
 from aefeatures.config import ModelConfig
 from aefeatures.evaluate import KEY_METRIC
 from aefeatures.matrix import CSR, InteractionMatrix
@@ -137,6 +137,7 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
 
     if best_state is not None:
         model.load_state_dict(best_state)
+    model.workspace = None  # the step's buffers go with the step
     result.seconds = time.perf_counter() - started
     model.eval()
     log.info("trained %d epochs (%d steps) on %s in %.1fs; best epoch %d", len(result.history),
@@ -208,6 +209,11 @@ class _Step:
         lazy = [model.input_layer.weight, *([model.decoder.weight, model.decoder.bias] if sampled else [])]
         self.optimizer = _adam(model, cfg, sparse=lazy if self.sparse else [])
         self.autocast = autocast_dtype(cfg.precision, device)
+        # On a CPU in fp32 the step's largest intermediates go into buffers kept from step to
+        # step (aefeatures.fused). GPUs keep torch's own kernels, with bf16 autocast and compile.
+        on_cpu = device.type == "cpu" and self.autocast is None and not cfg.compile
+        self.workspace = fused.Workspace() if on_cpu else None
+        model.workspace = None if self.sparse else self.workspace
         # Every rank draws its own dropout masks and vae noise, from a seed of its own.
         self.generator = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * (group.rank if group else 0))
         self.sampler = NegativeSampler(matrix, cfg, device) if sampled else None
@@ -230,7 +236,10 @@ class _Step:
 
     def _losses(self, batch: SparseBatch, noise: Noise, beta: float) -> torch.Tensor:
         """(users,) loss of each user of this rank's slice."""
-        if self.sampler is None:
+        if self.sampler is None and self.workspace is not None:
+            z, mean, logvar = self.net(batch, noise, decode=False)
+            losses = fused.decoded_multinomial_nll(z, self.model.decoder, batch, self.workspace)
+        elif self.sampler is None:
             logits, mean, logvar = self.net(batch, noise)
             losses = multinomial_nll(logits, batch)
         else:
