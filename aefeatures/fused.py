@@ -1,4 +1,4 @@
-"""Training kernels that write their large intermediates into buffers kept from step to step.
+"""Kernels that write their large intermediates into buffers kept from batch to batch.
 
 On a CPU a fresh (batch x items) or (items x width) tensor every step costs more than the
 arithmetic done on it: buffers this large are handed back to the kernel when freed, and every
@@ -9,7 +9,8 @@ of a :class:`Workspace` instead, and the decoder's kernel reads its (batch x ite
 fewer times than ``log_softmax`` and its backward do.
 
 Each kernel's backward reads the workspace its forward wrote: a graph may use each kernel once
-per backward (one training step), which is how the training step uses them.
+per backward (one training step), which is how the training step uses them. Embedding computes
+the reconstruction errors with the decoder's kernel too, without gradients.
 """
 
 from __future__ import annotations

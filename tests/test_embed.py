@@ -16,7 +16,8 @@ from aefeatures.anomaly import anomaly_scores
 from aefeatures.config import InputConfig
 from aefeatures.embed import UserVectors, embed, encode
 from aefeatures.matrix import build_matrix
-from aefeatures.model import Autoencoder, AutoencoderShape
+from aefeatures.model import Autoencoder, AutoencoderShape, multinomial_nll
+from aefeatures.train import to_batch
 from aefeatures.read import read_interactions
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "interactions.parquet"
@@ -47,6 +48,16 @@ def test_embed_keeps_the_errors_of_a_whole_pass(model, matrix, whole):
     assert isinstance(emb.user_vectors, UserVectors)
     assert emb.user_vectors.shape == (2030, 8) == whole[0].shape and emb.dim == 8
     assert emb.item_vectors.shape == (500, 8) and emb.item_bias.shape == (500,)
+
+
+def test_the_reconstruction_error_is_the_models_nll_per_unit_of_weight(model, matrix, whole):
+    model.eval()
+    with torch.no_grad():
+        batch = to_batch(matrix.csr, np.arange(matrix.shape[0]), torch.device("cpu"))
+        mean, _ = model.encode(batch)
+        nll = multinomial_nll(model.decoder(mean), batch).numpy()
+    totals = np.add.reduceat(matrix.values, matrix.indptr[:-1])  # every user has items
+    np.testing.assert_allclose(whole[1], nll / totals, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [slice(0, 2030), slice(5, 9), slice(2000, None), slice(None, None, 7),
