@@ -7,16 +7,22 @@ it has not seen. Metrics compare that ranking with the hidden items. Holding out
 share of every user's items, measures what the product does for users it never trained on and
 keeps every training user's full history in training.
 
-Ranking ties are broken by item row (lower first), so metrics are deterministic.
+The popularity baseline breaks ties by item row (lower first); the model's rankings come from
+torch's top-k, which orders equal scores the same way every run on a machine. Metrics are
+deterministic either way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from aefeatures.matrix import CSR
+
+if TYPE_CHECKING:
+    import torch
 
 KS = (10, 20, 100)
 KEY_METRIC = "ndcg@100"
@@ -166,17 +172,36 @@ def rank_by_embeddings(user_vectors: np.ndarray, item_vectors: np.ndarray, item_
                        exclude: tuple[np.ndarray, np.ndarray], k: int, *,
                        chunk_scores: int = 32 * 2**20) -> np.ndarray:
     """(n_users, k) item rows ranked by the model's score ``u · W[j] + b[j]``, best first,
-    ``exclude`` CSR items (what each user showed) left out. Scores in chunks of users."""
+    ``exclude`` CSR items (what each user showed) left out; equal scores in any order.
+
+    Scores a chunk of users at a time into one kept buffer, and takes each row's top k with
+    torch on every core: validation ranks every item for up to 10,000 users after each epoch,
+    and NumPy's one-core ``argpartition`` took 5.5 s of it at 27k items (torch: 1.5 s) and
+    about 250 s at 1M items.
+    """
+    import torch  # here, not above: lookups import this module and never need torch
+
     n_items = len(item_vectors)
-    step = max(1, chunk_scores // n_items)
+    k = min(k, n_items)
+    step = max(1, chunk_scores // max(n_items, 1))
     indptr, items = exclude[0], exclude[1]
+    vectors, bias = _tensor(item_vectors), _tensor(item_bias)
+    scores = torch.empty(min(step, len(user_vectors)), n_items)
     out = []
     for start in range(0, len(user_vectors), step):
         stop = min(start + step, len(user_vectors))
-        scores = user_vectors[start:stop] @ item_vectors.T + item_bias
-        part = (indptr[start:stop + 1] - indptr[start], items[indptr[start]:indptr[stop]])
-        out.append(top_k(scores, part, k))
-    return np.concatenate(out) if out else np.zeros((0, min(k, n_items)), np.int64)
+        chunk = torch.addmm(bias, _tensor(user_vectors[start:stop]), vectors.t(), out=scores[:stop - start])
+        rows = np.repeat(np.arange(stop - start), np.diff(indptr[start:stop + 1]))
+        chunk[torch.from_numpy(rows), torch.from_numpy(items[indptr[start]:indptr[stop]].astype(np.int64))] = -np.inf
+        out.append(torch.topk(chunk, k, dim=1).indices.numpy())
+    return np.concatenate(out) if out else np.zeros((0, k), np.int64)
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    import torch
+
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def evaluate_embeddings(user_vectors: np.ndarray, item_vectors: np.ndarray, item_bias: np.ndarray,

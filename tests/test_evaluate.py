@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from aefeatures.evaluate import popularity_ranking, ranking_metrics, split_users, top_k
+from aefeatures.evaluate import popularity_ranking, rank_by_embeddings, ranking_metrics, split_users, top_k
 
 
 def csr(rows):
@@ -92,3 +92,24 @@ def test_popularity_ranking_in_chunks_equals_one_pass():
     whole = popularity_ranking(counts, split, 10)
     assert whole.shape == (len(split.valid_rows), 10)
     np.testing.assert_array_equal(popularity_ranking(counts, split, 10, chunk_scores=120), whole)
+
+
+@pytest.mark.parametrize("chunk_scores", [32 * 2**20, 700])  # one chunk; chunks of 7 users, the last shorter
+def test_rank_by_embeddings_is_the_full_sort_of_scores_without_the_excluded(chunk_scores):
+    rng = np.random.default_rng(3)
+    users, items = rng.standard_normal((40, 8), dtype=np.float32), rng.standard_normal((100, 8), dtype=np.float32)
+    bias = rng.standard_normal(100, dtype=np.float32)
+    exclude = csr([rng.choice(100, rng.integers(0, 30), replace=False).tolist() for _ in range(40)])
+    got = rank_by_embeddings(users, items, bias, exclude, 20, chunk_scores=chunk_scores)
+    scores = users.astype(np.float64) @ items.T.astype(np.float64) + bias
+    for u in range(40):
+        seen = set(exclude[1][exclude[0][u]:exclude[0][u + 1]].tolist())
+        expected = [i for i in np.argsort(-scores[u], kind="stable") if i not in seen][:20]
+        assert got[u].tolist() == expected
+
+
+def test_rank_by_embeddings_ranks_the_whole_catalogue_when_k_exceeds_it():
+    got = rank_by_embeddings(np.ones((2, 1), np.float32), np.arange(5, dtype=np.float32)[:, None],
+                             np.zeros(5, np.float32), csr([[4], []]), 100)
+    assert got.shape == (2, 5)
+    assert got[0].tolist()[:4] == [3, 2, 1, 0] and got[1].tolist() == [4, 3, 2, 1, 0]  # excluded: last
