@@ -7,7 +7,7 @@ from typing import Any
 
 # stage key -> (label, what its floor is)
 STAGES: dict[str, tuple[str, str]] = {
-    "read_csr": ("read + validate + CSR", "raw `pl.read_parquet` of the same files"),
+    "read_csr": ("read + validate + CSR", "raw `pl.read_parquet` of the same files, first read of a fresh process"),
     "train_epoch": ("train, one epoch", "FLOPs at the rate of the model's matmuls"),
     "embed": ("embed all users", "fp32 forward matmuls of the model's shapes"),
     "write": ("write Parquet + model", "raw `pq.write_table` of the same tables, raw write of the model"),
