@@ -15,7 +15,8 @@ the model only knows items that have one.
    popularity baseline on the same held-out users. Peak RSS of the whole process.
 2. ``compare``: a catalogue small enough for the full softmax (50k items, a quarter of the users),
    one held-out-user split, the same epochs for full softmax (dense Adam), sampled softmax with
-   dense updates, and sampled softmax with sparse updates.
+   dense updates, and sampled softmax with sparse updates, each with ``--compare-seeds`` model
+   seeds (initialisation, dropout, negatives), so a gap between them can be told from noise.
 
 Validation uses ``--valid-users`` held-out users (ranking 1M items per user costs ~10 ms), with the
 split and metrics of every ``aefeatures run``. Writes JSON and Markdown to benchmarks/results/.
@@ -41,7 +42,7 @@ from stages import high_water_mb
 
 from aefeatures.config import InputConfig, ModelConfig
 from aefeatures.embed import encode
-from aefeatures.evaluate import KS, Split, evaluate_embeddings, rank_by_embeddings, ranking_metrics, split_users
+from aefeatures.evaluate import KS, Split, evaluate_embeddings, popularity_ranking, ranking_metrics, split_users
 from aefeatures.matrix import InteractionMatrix, build_matrix
 from aefeatures.read import read_interactions
 from aefeatures.train import sparse_updates, train
@@ -65,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compare-items", type=int, default=50_000)
     parser.add_argument("--compare-scale", type=float, default=0.25)
     parser.add_argument("--compare-epochs", type=int, default=10)
+    parser.add_argument("--compare-seeds", type=int, default=3,
+                        help="model seeds per compared training (the same held-out users for all)")
     parser.add_argument("--valid-users", type=int, default=1000, help="held-out validation users per part")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--json-out", type=Path, default=RESULTS / "large-catalogue.json")
@@ -114,14 +117,9 @@ def trained(matrix: InteractionMatrix, split: Split, cfg: ModelConfig) -> dict[s
 
 
 def popularity(matrix: InteractionMatrix, split: Split) -> dict[str, float]:
-    """The popularity baseline of every run, ranked in chunks of users: a score of 0 · u + count
-    per item ranks like the package's popularity ranking (ties to the lower item row) without
-    a (validation users × items) array, 16 GB at 1M items."""
-    n_items = matrix.shape[1]
-    counts = np.bincount(matrix.gather(split.train_rows)[1], minlength=n_items).astype(np.float32)
-    ranked = rank_by_embeddings(np.zeros((len(split.valid_rows), 1), np.float32), np.zeros((n_items, 1), np.float32),
-                                counts, split.fold_in, max(KS))
-    metrics = ranking_metrics(ranked, split.held_out, n_items)
+    """The popularity baseline of every run (the package's, ranked in chunks of users)."""
+    counts = np.bincount(matrix.gather(split.train_rows)[1], minlength=matrix.shape[1])
+    metrics = ranking_metrics(popularity_ranking(counts, split, max(KS)), split.held_out, matrix.shape[1])
     return {k: round(metrics[k], 5) for k in REPORTED}
 
 
@@ -143,14 +141,19 @@ def large_part(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def compare_part(args: argparse.Namespace) -> dict[str, Any]:
-    say(f"compare: {args.compare_items:,} items, scale {args.compare_scale:g}")
+    say(f"compare: {args.compare_items:,} items, scale {args.compare_scale:g}, {args.compare_seeds} seed(s)")
     matrix, data = load(args.compare_scale, args.compare_items, args.data_dir)
     split = held_out(matrix, args.valid_users)
     arms = {}
     for name, overrides in ARMS.items():
-        arms[name] = trained(matrix, split, ModelConfig(epochs=args.compare_epochs, patience=0, **overrides))
-        say(f"  {name}: {json.dumps({k: arms[name][k] for k in (*REPORTED, 'best_epoch')})}")
-    return {"data": data, "valid_users": len(split.valid_rows), "arms": arms, "popularity": popularity(matrix, split)}
+        runs = [trained(matrix, split, ModelConfig(epochs=args.compare_epochs, patience=0, seed=seed, **overrides))
+                for seed in range(args.compare_seeds)]
+        arms[name] = {"runs": runs, **{k: float(np.mean([r[k] for r in runs])) for k in REPORTED},
+                      **{f"{k} range": [min(r[k] for r in runs), max(r[k] for r in runs)] for k in REPORTED},
+                      "seconds_per_step": float(np.median([e["seconds_per_step"] for r in runs for e in r["epochs"]]))}
+        say(f"  {name}: {json.dumps({k: arms[name][k] for k in (*REPORTED, 'seconds_per_step')})}")
+    return {"data": data, "valid_users": len(split.valid_rows), "seeds": args.compare_seeds, "arms": arms,
+            "popularity": popularity(matrix, split)}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -181,14 +184,15 @@ def markdown(result: dict[str, Any]) -> str:
               f"## Against the full softmax: {compare['data']['items']:,} items × {compare['data']['users']:,} users, "
               f"{compare['data']['nnz']:,} interactions", "",
               f"{compare['valid_users']:,} validation users; metrics of the best epoch of "
-              f"{len(next(iter(compare['arms'].values()))['epochs'])}.", "",
-              "| training | recall@20 | ndcg@100 | best epoch | s / step (median epoch) |",
-              "| --- | ---: | ---: | ---: | ---: |"]
+              f"{len(next(iter(compare['arms'].values()))['runs'][0]['epochs'])}, mean (lowest–highest) over "
+              f"{compare['seeds']} model seed(s).", "",
+              "| training | recall@20 | ndcg@100 | s / step (median) |",
+              "| --- | ---: | ---: | ---: |"]
     for name, arm in compare["arms"].items():
-        per_step = float(np.median([e["seconds_per_step"] for e in arm["epochs"]]))
-        lines.append(f"| {name} | {arm['recall@20']:.4f} | {arm['ndcg@100']:.4f} | {arm['best_epoch']} | {per_step:.3f} |")
+        cells = [f"{arm[k]:.4f} ({arm[k + ' range'][0]:.4f}–{arm[k + ' range'][1]:.4f})" for k in REPORTED]
+        lines.append(f"| {name} | {' | '.join(cells)} | {arm['seconds_per_step']:.3f} |")
     pop = compare["popularity"]
-    lines.append(f"| popularity | {pop['recall@20']:.4f} | {pop['ndcg@100']:.4f} | | |")
+    lines.append(f"| popularity | {pop['recall@20']:.4f} | {pop['ndcg@100']:.4f} | |")
     return "\n".join(lines) + "\n"
 
 

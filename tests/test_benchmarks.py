@@ -116,7 +116,7 @@ def test_the_large_catalogue_benchmark_times_sparse_training_and_compares_the_so
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "large_catalogue.py"), "--large-items", "20000", "--large-scale", "0.02",
          "--full-softmax-max-items", "1000", "--compare-items", "2000", "--compare-scale", "0.01", "--epochs", "2",
-         "--compare-epochs", "2", "--valid-users", "100", "--data-dir", str(tmp_path / "data"),
+         "--compare-epochs", "2", "--compare-seeds", "2", "--valid-users", "100", "--data-dir", str(tmp_path / "data"),
          "--json-out", str(tmp_path / "result.json"), "--markdown-out", str(tmp_path / "result.md")],
         capture_output=True, text=True, timeout=600,
     )
@@ -130,5 +130,7 @@ def test_the_large_catalogue_benchmark_times_sparse_training_and_compares_the_so
     assert 0 < large["popularity"]["recall@20"] < 1
     assert list(compare["arms"]) == ["full softmax, dense Adam", "sampled softmax, dense updates",
                                      "sampled softmax, sparse updates"]
+    for arm in compare["arms"].values():  # one training per seed, the mean between the extremes
+        assert len(arm["runs"]) == 2 and arm["recall@20 range"][0] <= arm["recall@20"] <= arm["recall@20 range"][1]
     table = (tmp_path / "result.md").read_text()
     assert "| popularity |" in table and "| sampled softmax, sparse updates |" in table
