@@ -155,8 +155,10 @@ def sampled_multinomial_nll(z: torch.Tensor, decoder: nn.Linear, batch: SparseBa
 
     ``negatives`` (k,) are items drawn for the whole batch with probabilities ``exp(log_q)``
     (k,). Each user's log-normaliser is a log-sum-exp over their own observed items and the
-    negatives with the logQ correction ``logit - log(k q)`` (an importance-sampling estimate of
-    the sum over all items), so no (batch, n_items) logits are ever formed. With
+    negatives with the logQ correction ``logit - log(k q)``, so no (batch, n_items) logits are
+    ever formed. A negative that is one of the user's own items (an accidental hit) is left out
+    of that user's sum: the negatives then estimate the sum over the items the user did not
+    show, and the observed items add theirs exactly, instead of being counted twice. With
     ``sparse_grad`` the decoder's weight and bias get sparse gradients holding only the rows read.
     """
     def weights(items: torch.Tensor) -> torch.Tensor:  # (len(items), dim)
@@ -168,11 +170,41 @@ def sampled_multinomial_nll(z: torch.Tensor, decoder: nn.Linear, batch: SparseBa
     pos = (z[batch.rows] * weights(batch.indices)).sum(dim=1) + biases(batch.indices)  # (nnz,)
     neg = z @ weights(negatives).T + biases(negatives)  # (batch, k)
     pos, neg = pos.float(), neg.float() - (log_q + math.log(len(negatives)))
+    neg = neg.masked_fill(_accidental_hits(batch, negatives, n_items=decoder.out_features), -torch.inf)
     peak = torch.maximum(neg.detach().amax(dim=1), torch.full_like(neg[:, 0], -torch.inf).scatter_reduce(
         0, batch.rows, pos.detach(), "amax"))  # (batch,) for a stable exp
     mass = torch.exp(neg - peak[:, None]).sum(dim=1).index_add(0, batch.rows, torch.exp(pos - peak[batch.rows]))
     log_norm = peak + torch.log(mass)  # (batch,)
     return torch.zeros_like(log_norm).index_add(0, batch.rows, batch.values * (log_norm[batch.rows] - pos))
+
+
+def _accidental_hits(batch: SparseBatch, negatives: torch.Tensor, *, n_items: int) -> torch.Tensor:
+    """(batch, k) bool: True where negative j is one of user u's observed items."""
+    return _hits_by_pairs(batch, negatives, n_items) if negatives.is_cuda else _hits_by_entries(batch, negatives)
+
+
+def _hits_by_pairs(batch: SparseBatch, negatives: torch.Tensor, n_items: int) -> torch.Tensor:
+    """One binary search per (user, negative) pair among the batch's (row, item) keys, which
+    are sorted as the entries are in CSR order: no sync with the host."""
+    keys = batch.rows * n_items + batch.indices  # (nnz,) ascending
+    asked = torch.arange(batch.size, device=keys.device)[:, None] * n_items + negatives[None, :]
+    found = torch.searchsorted(keys, asked).clamp_max(max(len(keys) - 1, 0))
+    return keys[found] == asked if len(keys) else torch.zeros_like(asked, dtype=torch.bool)
+
+
+def _hits_by_entries(batch: SparseBatch, negatives: torch.Tensor) -> torch.Tensor:
+    """One binary search per entry among the sorted negatives (on a CPU ~20x cheaper than one
+    per pair); each entry marks every copy of its item (negatives are drawn with replacement)."""
+    order = torch.argsort(negatives)
+    drawn = negatives[order]
+    first = torch.searchsorted(drawn, batch.indices)
+    copies = torch.searchsorted(drawn, batch.indices, right=True) - first  # (nnz,) mostly 0
+    entry = torch.repeat_interleave(copies)
+    nth = torch.arange(len(entry), device=entry.device) - torch.repeat_interleave(torch.cumsum(copies, 0) - copies,
+                                                                                   copies)
+    hits = torch.zeros(batch.size, len(negatives), dtype=torch.bool, device=negatives.device)
+    hits[batch.rows[entry], order[first[entry] + nth]] = True
+    return hits
 
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@ and a lazy Adam moves only the rows a batch read; the trained model is the same 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -15,7 +17,8 @@ from aefeatures.config import InputConfig, ModelConfig, load_job_config
 from aefeatures.embed import encode
 from aefeatures.jobs import run_job
 from aefeatures.matrix import build_matrix
-from aefeatures.model import Autoencoder, AutoencoderShape, _BagSum, load_model, save_model
+from aefeatures.model import (Autoencoder, AutoencoderShape, _BagSum, _hits_by_entries, _hits_by_pairs, load_model,
+                              multinomial_nll, sampled_multinomial_nll, save_model)
 from aefeatures.read import read_interactions
 from aefeatures.train import _Step, sparse_updates, to_batch, train
 from tests.conftest import FIXTURES, write_job
@@ -185,3 +188,28 @@ def test_published_embeddings_are_the_loaded_models_encoding(runs, matrix):
     published = np.stack(users.to_numpy(zero_copy_only=False)).astype(np.float32)
     vectors, _ = encode(model, matrix.csr)
     np.testing.assert_allclose(published, vectors, rtol=1e-5, atol=1e-6)
+
+
+def test_accidental_hits_mark_each_users_own_items_among_the_negatives(matrix):
+    batch = to_batch(matrix, np.arange(0, 300, 3), CPU)
+    # negatives drawn with replacement: some of the users' items, some twice, and others
+    negatives = torch.cat([batch.indices[::7], batch.indices[::11], torch.arange(matrix.shape[1])[::5]])
+    own = [set(batch.indices[batch.rows == u].tolist()) for u in range(batch.size)]
+    expected = torch.tensor([[item in own[u] for item in negatives.tolist()] for u in range(batch.size)])
+    assert expected.any(dim=1).all() and not expected.all()  # the case is not trivial
+    assert torch.equal(_hits_by_entries(batch, negatives), expected)
+    assert torch.equal(_hits_by_pairs(batch, negatives, matrix.shape[1]), expected)
+
+
+def test_the_sampled_nll_with_the_whole_catalogue_as_negatives_is_the_full_nll(matrix):
+    """Each item drawn once with q = 1/n: the logQ correction is 0, and with the users' own
+    items left out of the negatives every item counts once in the normaliser, as in the full
+    softmax."""
+    torch.manual_seed(0)
+    n_items = matrix.shape[1]
+    decoder = torch.nn.Linear(8, n_items)
+    batch = to_batch(matrix, np.arange(40), CPU)
+    z = torch.randn(batch.size, 8)
+    everything = torch.randperm(n_items)
+    sampled = sampled_multinomial_nll(z, decoder, batch, everything, torch.full((n_items,), -math.log(n_items)))
+    torch.testing.assert_close(sampled, multinomial_nll(decoder(z), batch), rtol=1e-5, atol=1e-3)
