@@ -37,6 +37,28 @@ def item_rows(item_vectors: np.ndarray, item_bias: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.hstack([item_vectors, item_bias[:, None]]), dtype=np.float32)
 
 
+def on_sphere(rows: np.ndarray) -> np.ndarray:
+    """(n, width + 1) ``rows`` with a last column ``sqrt(M² - |row|²)``, M the largest norm.
+
+    Every row then has norm M, and a query padded with 0 scores each row exactly as before, so
+    inner-product search on these rows is search by angle, which IVF lists and HNSW graphs
+    partition well. On the raw rows they do not: an item's bias is part of its row, and for
+    weakly trained models whose item vectors are small next to their biases, IVF over the raw
+    rows found none of the exact top 10 (recall@10 0.000 at 983k items) where the same index
+    over these rows found all of them (after Bachrach et al. 2014, Xbox recommender)."""
+    squares = np.einsum("ij,ij->i", rows, rows, dtype=np.float64)
+    lift = np.sqrt(np.maximum(squares.max(initial=0.0) - squares, 0.0)).astype(np.float32)
+    return np.ascontiguousarray(np.hstack([rows, lift[:, None]]), dtype=np.float32)
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, item rows) of ``index.search``, the queries padded with zeros to the index's
+    width (indexes built over :func:`on_sphere` rows have one more column than the queries)."""
+    if queries.shape[1] < index.d:
+        queries = np.hstack([queries, np.zeros((len(queries), index.d - queries.shape[1]), np.float32)])
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
 def user_queries(user_vectors: np.ndarray) -> np.ndarray:
     """(n_users, dim + 1) float32: the query that scores items as the model does."""
     ones = np.ones((len(user_vectors), 1), dtype=np.float32)
@@ -94,8 +116,12 @@ def build_index(rows: np.ndarray, kind: str, *, sample_queries: np.ndarray | Non
     """
     n, width = rows.shape
     factory = factory_string(kind, n, width)
+    exact_rows = rows
+    if factory != "Flat" and kind in ("auto", "hnsw", "ivf", "ivfpq"):  # verbatim factory strings: rows as they are
+        rows = on_sphere(rows)
+        factory = factory_string(kind, n, width + 1)
     try:
-        index = faiss.index_factory(width, factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(rows.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise errors.BadInputError(
             f"`index.kind` = {kind!r} is not a FAISS index FAISS can build ({str(exc).splitlines()[0][:120]}). "
@@ -115,7 +141,7 @@ def build_index(rows: np.ndarray, kind: str, *, sample_queries: np.ndarray | Non
     _keep_item_positions(index)
     if factory == "Flat" or sample_queries is None:
         return BuiltIndex(index, factory, 1.0, search_effort(index))
-    truth = exact_neighbours(rows, sample_queries)
+    truth = exact_neighbours(exact_rows, sample_queries)
     recall = (tune_search(index, sample_queries, truth, target_recall) if target_recall
               else measure_recall(index, sample_queries, truth))
     return BuiltIndex(index, factory, recall, search_effort(index))
@@ -179,7 +205,7 @@ def exact_neighbours(rows: np.ndarray, queries: np.ndarray, k: int = 10) -> np.n
 
 def measure_recall(index: faiss.Index, queries: np.ndarray, truth: np.ndarray) -> float:
     """Mean recall@k of ``index`` on ``queries`` against their exact top-k ``truth``."""
-    _, found = index.search(queries, truth.shape[1])
+    _, found = search(index, queries, truth.shape[1])
     hits = [len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist())]
     return float(np.mean(hits)) / truth.shape[1]
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from aefeatures import errors, store
 from aefeatures.evaluate import KEY_METRIC
-from aefeatures.index import item_queries, item_rows, load_index, stored_rows, user_queries
+from aefeatures.index import item_queries, item_rows, load_index, search, stored_rows, user_queries
 
 
 class Neighbours(NamedTuple):
@@ -225,7 +225,7 @@ class FeatureSet:
             raise errors.BadInputError(f"`metric` must be \"ip\" or \"cosine\", got {metric!r}.")
         queries = item_queries(self._item_vectors[0][[row]])
         k = min(k, self.n_items - len(skip))
-        scores, found = self.index.search(queries, max(min(k + len(skip), self.n_items), 1))
+        scores, found = search(self.index, queries, max(min(k + len(skip), self.n_items), 1))
         keep = ~np.isin(found[0], skip) & (found[0] >= 0)
         rows, scores = found[0][keep][:k], scores[0][keep][:k]
         if len(rows) < k:  # an approximate index came back short: score exactly
@@ -323,7 +323,7 @@ class FeatureSet:
         """Fill out_rows/out_scores from one index search of ``fetch`` candidates per user,
         scoring exactly any user the approximate search left short."""
         indptr, seen_items, seen_codes = self._seen
-        scores, found = self.index.search(queries, max(fetch, 1))
+        scores, found = search(self.index, queries, max(fetch, 1))
         valid = found >= 0
         if exclude_seen:
             valid &= ~_is_seen(seen_codes, self.n_items, rows, found)
@@ -346,7 +346,10 @@ class FeatureSet:
 
     @cached_property
     def _stored_rows(self) -> np.ndarray | None:
-        return stored_rows(self.index)
+        """(n_items, dim + 1) the index's rows, without the last column an approximate index's
+        rows on a sphere add (see :func:`aefeatures.index.on_sphere`)."""
+        rows = stored_rows(self.index)
+        return None if rows is None else rows[:, : self.dim + 1]
 
     def _exact_top(self, query: np.ndarray, skip, n: int) -> tuple[np.ndarray, np.ndarray]:
         scores = self._index_rows @ query

@@ -53,6 +53,13 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found.tolist(), truth.tolist())]))
 
 
+def padded(queries: np.ndarray, width: int) -> np.ndarray:
+    """``queries`` with zeros up to the index's width: the package's approximate indexes hold
+    the rows on a sphere, one column wider (``aefeatures.index.on_sphere``)."""
+    extra = np.zeros((len(queries), width - queries.shape[1]), np.float32)
+    return np.ascontiguousarray(np.hstack([queries, extra]), dtype=np.float32)
+
+
 def qps_single(index, queries: np.ndarray, seconds: float = 3.0) -> float:
     """Queries a second, one query per call on one thread (as the service answers one user:
     its parallelism comes from concurrent requests, not from splitting one search)."""
@@ -88,6 +95,7 @@ def measure(kind: str, rows: np.ndarray, queries: np.ndarray, truth: np.ndarray,
     index = load_index(path)
     open_ms = (time.perf_counter() - start) * 1000
     rss_open = process.memory_info().rss - rss_before
+    queries = padded(queries, index.d)
     _, found = index.search(queries, K)
     result = {
         "kind": kind, "factory": faiss_factory(index), "build_s": round(build_s, 2),
@@ -100,7 +108,7 @@ def measure(kind: str, rows: np.ndarray, queries: np.ndarray, truth: np.ndarray,
     rows_out = [result]
     if search_effort(index):
         start = time.perf_counter()
-        tune_search(index, *tuning, target)
+        tune_search(index, *tuning, target)  # pads its own queries
         _, found = index.search(queries, K)
         rows_out.append({**result, "kind": f"{kind} tuned", "build_s": round(build_s + time.perf_counter() - start, 2),
                          f"recall@{K}": round(recall(found, truth), 4), "search": search_effort(index),

@@ -134,3 +134,16 @@ def test_the_large_catalogue_benchmark_times_sparse_training_and_compares_the_so
         assert len(arm["runs"]) == 2 and arm["recall@20 range"][0] <= arm["recall@20"] <= arm["recall@20 range"][1]
     table = (tmp_path / "result.md").read_text()
     assert "| popularity |" in table and "| sampled softmax, sparse updates |" in table
+
+
+def test_the_faiss_kinds_benchmark_searches_every_kind_as_lookups_do(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "faiss_kinds.py"), "--items", "5000", "--queries", "100",
+         "--json-out", str(tmp_path / "kinds.json")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = {row["kind"]: row for row in json.loads((tmp_path / "kinds.json").read_text())["results"]}
+    assert results["flat"]["recall@20"] == 1.0
+    for kind in ("hnsw", "ivf", "ivfpq"):  # approximate, over rows on a sphere one column wider than the queries
+        assert 0 < results[kind]["recall@20"] <= 1 and results[kind]["single_qps"] > 0

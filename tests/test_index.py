@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aefeatures.index import (build_index, factory_string, item_rows, load_index, save_index, stored_rows,
-                              user_queries)
+from aefeatures.index import (build_index, factory_string, item_queries, item_rows, load_index, on_sphere,
+                              save_index, search, stored_rows, user_queries)
 
 
 @pytest.mark.parametrize("n_items,width,expected", [
@@ -38,11 +38,37 @@ def test_every_kind_reopens_memory_mapped_with_the_same_answers(tmp_path, kind):
     assert 0.0 < built.recall_at_10 <= 1.0
     save_index(built.index, tmp_path / "index.faiss")
     reopened = load_index(tmp_path / "index.faiss")
-    np.testing.assert_array_equal(reopened.search(queries, 10)[1], built.index.search(queries, 10)[1])
+    np.testing.assert_array_equal(search(reopened, queries, 10)[1], search(built.index, queries, 10)[1])
     if kind == "ivfpq":  # compressed: the exact rows are not in the index
         assert stored_rows(reopened) is None
-    else:  # item vectors come straight from the index, in item-row order
-        np.testing.assert_array_equal(stored_rows(reopened), rows)
+    else:  # item vectors come straight from the index, in item-row order (approximate kinds: on a sphere)
+        np.testing.assert_array_equal(stored_rows(reopened), rows if kind == "flat" else on_sphere(rows))
+
+
+def test_rows_on_a_sphere_keep_every_score_and_share_one_norm():
+    rng = np.random.default_rng(1)
+    rows = item_rows(rng.normal(size=(300, 8)).astype(np.float32) * rng.uniform(0.01, 3, size=(300, 1)),
+                     rng.normal(size=300).astype(np.float32))
+    lifted = on_sphere(rows)
+    assert lifted.shape == (300, 10) and lifted.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(lifted, axis=1), np.linalg.norm(rows, axis=1).max(), rtol=1e-5)
+    for queries in (user_queries(rng.normal(size=(20, 8)).astype(np.float32)), item_queries(rows[:20, :8])):
+        padded = np.hstack([queries, np.zeros((20, 1), np.float32)])
+        np.testing.assert_allclose(padded @ lifted.T, queries @ rows.T, rtol=1e-5, atol=1e-5)
+
+
+def test_ivf_over_rows_whose_bias_decides_finds_the_exact_top_items():
+    """Small item vectors next to their biases, as a weakly trained model leaves them: the
+    index is built over the rows on a sphere and search returns the exact top items."""
+    rng = np.random.default_rng(2)
+    rows = item_rows((0.05 * rng.normal(size=(20_000, 16))).astype(np.float32),
+                     (0.01 * rng.standard_t(2, size=20_000)).astype(np.float32))
+    queries = user_queries((16 / 4 * rng.normal(size=(200, 16))).astype(np.float32))
+    built = build_index(rows, "ivf", sample_queries=queries, target_recall=0.95)
+    assert built.index.d == rows.shape[1] + 1 and built.recall_at_10 >= 0.95
+    exact = np.argsort(-(queries @ rows.T), axis=1)[:, :10]
+    found = search(built.index, queries, 10)[1]
+    assert np.mean([len(set(a) & set(b)) for a, b in zip(exact.tolist(), found.tolist())]) / 10 >= 0.95
 
 
 def test_search_effort_rises_until_the_recall_target_is_met(tmp_path):

@@ -15,7 +15,7 @@ import torch
 import aefeatures
 from aefeatures import store as store_mod
 from aefeatures.config import load_job_config
-from aefeatures.index import load_index, user_queries
+from aefeatures.index import load_index, search, user_queries
 from aefeatures.jobs import run_job
 from aefeatures.matrix import build_matrix
 from aefeatures.model import load_model
@@ -59,7 +59,7 @@ def test_exact_faiss_top10_equals_the_models_own_top10(trained):
         logits = model.decoder(model.encode(batch)[0]).numpy()
     users = pq.read_table(result.path / "users.parquet").column("embedding")
     vectors = np.stack(users.to_numpy(zero_copy_only=False))[rows].astype(np.float32)
-    scores, found = load_index(result.path / store_mod.INDEX).search(user_queries(vectors), 10)
+    scores, found = search(load_index(result.path / store_mod.INDEX), user_queries(vectors), 10)
     model_top = np.argsort(-logits, axis=1, kind="stable")[:, :10]
     for r in range(len(rows)):
         if set(found[r]) != set(model_top[r]):  # only a float tie at the 10th place may differ
