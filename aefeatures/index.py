@@ -79,8 +79,8 @@ def factory_string(kind: str, n_items: int, width: int) -> str:
     ``4 * width``. IVF rather than HNSW because the search is by inner product with the bias
     folded in, where an HNSW graph finds the best items poorly: at 1M clustered items HNSW32
     needed efSearch 1024 for recall@20 0.97 at 530 queries/s, IVF reached 0.985 at nprobe 16
-    and 6,400 queries/s (BENCHMARKS.md). The build measures recall and raises the search
-    effort to `index.min_recall`.
+    and 6,400 queries/s (BENCHMARKS.md; both over the raw rows, before :func:`on_sphere`). The
+    build measures recall and raises the search effort to `index.min_recall`.
     """
     nlist = max(1, min(int(4 * math.sqrt(n_items)), n_items // 39))
     if kind == "auto":
