@@ -19,7 +19,6 @@ import warnings
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
@@ -83,38 +82,18 @@ class _DecodedNLL(torch.autograd.Function):
         return grad_z, grad_weight, grad_bias, None, None, None, None
 
 
-def bag_sum(weight: torch.Tensor, batch: SparseBatch, entry_weights: torch.Tensor,
-            workspace: Workspace) -> torch.Tensor:
-    """(batch, width) ``embedding_bag`` sum of each user's weighted item rows, whose dense
-    gradient for ``weight`` is written into a buffer of ``workspace``."""
-    return _BagSumDense.apply(weight, batch.indices, batch.offsets, batch.rows, entry_weights, workspace)
-
-
-class _BagSumDense(torch.autograd.Function):
-    """The gradient is (items x users) @ grad, with the batch transposed to a CSR matrix:
-    one sparse-dense product into the kept buffer (at the ML-20M shape ~5 ms, against ~30 ms
-    for ``embedding_bag``'s dense backward into a fresh tensor). The per-entry weights get no
-    gradient."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor,
-                entry_weights: torch.Tensor, workspace: Workspace) -> torch.Tensor:
-        keep = entry_weights != 0  # entries the dropout removed read nothing
-        ctx.save_for_backward(indices[keep], rows[keep], entry_weights[keep])
-        ctx.shape, ctx.users, ctx.workspace = weight.shape, len(offsets), workspace
-        return F.embedding_bag(indices, weight, offsets, mode="sum", per_sample_weights=entry_weights)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # grad: (batch, width)
-        indices, rows, entry_weights = ctx.saved_tensors
-        n_items, width = ctx.shape
-        order = torch.argsort(indices)
-        starts = torch.zeros(n_items + 1, dtype=torch.int64, device=indices.device)
-        torch.cumsum(torch.bincount(indices, minlength=n_items), 0, out=starts[1:])
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            by_item = torch.sparse_csr_tensor(starts, rows[order], entry_weights[order], (n_items, ctx.users),
-                                              check_invariants=False)
-        weight_grad = ctx.workspace.take("input_grad", n_items, width, grad)
-        torch.addmm(weight_grad, by_item, grad.to(entry_weights.dtype), beta=0, out=weight_grad)
-        return weight_grad, None, None, None, None, None
+def dense_bag_gradient(workspace: Workspace, indices: torch.Tensor, rows: torch.Tensor, entry_weights: torch.Tensor,
+                       grad: torch.Tensor, *, n_items: int) -> torch.Tensor:
+    """(n_items, width) the input layer's gradient (items × users) @ ``grad`` (users, width),
+    the entries (item ``indices``, user ``rows``, ``entry_weights``) transposed into a CSR matrix:
+    one sparse-dense product into the workspace's kept buffer (at the ML-20M shape ~5 ms, against
+    ~30 ms for ``embedding_bag``'s dense backward into a fresh tensor)."""
+    order = torch.argsort(indices)
+    starts = torch.zeros(n_items + 1, dtype=torch.int64, device=indices.device)
+    torch.cumsum(torch.bincount(indices, minlength=n_items), 0, out=starts[1:])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        by_item = torch.sparse_csr_tensor(starts, rows[order], entry_weights[order], (n_items, len(grad)),
+                                          check_invariants=False)
+    weight_grad = workspace.take("input_grad", n_items, grad.shape[1], grad)
+    return torch.addmm(weight_grad, by_item, grad, beta=0, out=weight_grad)

@@ -15,6 +15,7 @@ import faiss
 import numpy as np
 
 from aefeatures import errors
+from aefeatures.config import INDEX_KINDS
 
 HNSW_EF_SEARCH = 128  # starting search effort; raised until the recall target is met
 IVF_NPROBE = 16
@@ -52,11 +53,16 @@ def on_sphere(rows: np.ndarray) -> np.ndarray:
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, item rows) of ``index.search``, the queries padded with zeros to the index's
-    width (indexes built over :func:`on_sphere` rows have one more column than the queries)."""
-    if queries.shape[1] < index.d:
-        queries = np.hstack([queries, np.zeros((len(queries), index.d - queries.shape[1]), np.float32)])
-    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    """(scores, item rows) of ``index.search`` for queries of any width up to the index's."""
+    return index.search(padded(queries, index.d), k)
+
+
+def padded(queries: np.ndarray, width: int) -> np.ndarray:
+    """(n, width) float32 ``queries`` with zeros after their own columns: indexes built over
+    :func:`on_sphere` rows are one column wider than the queries."""
+    if queries.shape[1] < width:
+        queries = np.hstack([queries, np.zeros((len(queries), width - queries.shape[1]), np.float32)])
+    return np.ascontiguousarray(queries, dtype=np.float32)
 
 
 def user_queries(user_vectors: np.ndarray) -> np.ndarray:
@@ -117,7 +123,7 @@ def build_index(rows: np.ndarray, kind: str, *, sample_queries: np.ndarray | Non
     n, width = rows.shape
     factory = factory_string(kind, n, width)
     exact_rows = rows
-    if factory != "Flat" and kind in ("auto", "hnsw", "ivf", "ivfpq"):  # verbatim factory strings: rows as they are
+    if factory != "Flat" and kind in INDEX_KINDS:  # a verbatim factory string indexes the rows as they are
         rows = on_sphere(rows)
         factory = factory_string(kind, n, width + 1)
     try:

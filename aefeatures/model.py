@@ -81,10 +81,10 @@ class Autoencoder(nn.Module):
             uniform = torch.rand_like(weights) if noise is None else noise.uniform
             keep = uniform >= self.shape.dropout
             weights = weights * keep / (1 - self.shape.dropout)
-        if self.input_layer.sparse:  # training with sparse updates: the same sum, a faster sparse gradient
-            h = _BagSum.apply(self.input_layer.weight, batch.indices, batch.offsets, batch.rows, weights)
-        elif self.workspace is not None and self.training and torch.is_grad_enabled():
-            h = fused.bag_sum(self.input_layer.weight, batch, weights, self.workspace)
+        if self.input_layer.sparse or (self.workspace is not None and self.training and torch.is_grad_enabled()):
+            # training: the same sum, with a sparse gradient or a dense one into a kept buffer
+            h = _BagSum.apply(self.input_layer.weight, batch.indices, batch.offsets, batch.rows, weights,
+                              None if self.input_layer.sparse else self.workspace)
         else:
             h = self.input_layer(batch.indices, batch.offsets, per_sample_weights=weights)
         h = h + self.input_bias
@@ -112,32 +112,39 @@ class Autoencoder(nn.Module):
 
 class _BagSum(torch.autograd.Function):
     """The input layer's weighted sum of each user's item rows (``embedding_bag``, mode sum),
-    with a sparse gradient holding one row per item that a nonzero weight read.
+    whose gradient is (items × users) @ grad, the batch transposed. The per-entry weights get
+    no gradient.
 
-    The gradient is (items read × users) @ grad: on 2 CPU cores ~10x faster than embedding_bag's
-    own sparse backward, whose one row per entry (nnz × width) must then be summed into rows
-    (750k items, batch 512: 11 vs 110 ms). The per-entry weights get no gradient.
+    Without a ``workspace`` the gradient is sparse, one row per item that a nonzero weight
+    read: on 2 CPU cores ~10x faster than embedding_bag's own sparse backward, whose one row per
+    entry (nnz × width) must then be summed into rows (750k items, batch 512: 11 vs 110 ms).
+    With one it is dense, written into the workspace's kept buffer
+    (:func:`aefeatures.fused.dense_bag_gradient`).
     """
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor,
-                entry_weights: torch.Tensor) -> torch.Tensor:  # -> (batch, width)
+                entry_weights: torch.Tensor, workspace: fused.Workspace | None = None) -> torch.Tensor:
         keep = entry_weights != 0  # entries the dropout removed read nothing
         ctx.save_for_backward(indices[keep], rows[keep], entry_weights[keep])
-        ctx.shape = (weight.shape, len(offsets))
+        ctx.shape, ctx.workspace = (weight.shape, len(offsets)), workspace
         return F.embedding_bag(indices, weight, offsets, mode="sum", per_sample_weights=entry_weights)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # grad: (batch, width)
         indices, rows, entry_weights = ctx.saved_tensors
         weight_shape, n_users = ctx.shape
+        grad = grad.to(entry_weights.dtype)
+        if ctx.workspace is not None:
+            return fused.dense_bag_gradient(ctx.workspace, indices, rows, entry_weights, grad,
+                                            n_items=weight_shape[0]), None, None, None, None, None
         items, position = torch.unique(indices, return_inverse=True)  # sorted: a coalesced gradient
         by_item = torch.sparse_coo_tensor(torch.stack([position, rows]), entry_weights, (len(items), n_users),
                                           check_invariants=False)
-        values = torch.sparse.mm(by_item, grad.to(entry_weights.dtype))  # (items read, width)
+        values = torch.sparse.mm(by_item, grad)  # (items read, width)
         weight_grad = torch.sparse_coo_tensor(items[None], values, weight_shape, is_coalesced=True,
                                               check_invariants=False)
-        return weight_grad, None, None, None, None
+        return weight_grad, None, None, None, None, None
 
 
 def multinomial_nll(logits: torch.Tensor, batch: SparseBatch) -> torch.Tensor:

@@ -27,8 +27,8 @@ import faiss
 import numpy as np
 import psutil
 
-from aefeatures.index import (build_index, exact_neighbours, item_rows, load_index, save_index, search_effort,
-                              tune_search, user_queries)
+from aefeatures.index import (build_index, exact_neighbours, item_rows, load_index, padded, save_index,
+                              search_effort, tune_search, user_queries)
 
 K = 20
 
@@ -51,13 +51,6 @@ def clustered(n_items: int, n_users: int, dim: int, seed: int = 0):
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found.tolist(), truth.tolist())]))
-
-
-def padded(queries: np.ndarray, width: int) -> np.ndarray:
-    """``queries`` with zeros up to the index's width: the package's approximate indexes hold
-    the rows on a sphere, one column wider (``aefeatures.index.on_sphere``)."""
-    extra = np.zeros((len(queries), width - queries.shape[1]), np.float32)
-    return np.ascontiguousarray(np.hstack([queries, extra]), dtype=np.float32)
 
 
 def qps_single(index, queries: np.ndarray, seconds: float = 3.0) -> float:
@@ -95,7 +88,7 @@ def measure(kind: str, rows: np.ndarray, queries: np.ndarray, truth: np.ndarray,
     index = load_index(path)
     open_ms = (time.perf_counter() - start) * 1000
     rss_open = process.memory_info().rss - rss_before
-    queries = padded(queries, index.d)
+    queries = padded(queries, index.d)  # searched as lookups search it
     _, found = index.search(queries, K)
     result = {
         "kind": kind, "factory": faiss_factory(index), "build_s": round(build_s, 2),
