@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,8 @@ from aefeatures.jobs import run_job
 from aefeatures.matrix import build_matrix
 from aefeatures.read import read_interactions
 from aefeatures.config import InputConfig
-from aefeatures.train import kl_weight, train
+from aefeatures.matrix import CSR
+from aefeatures.train import DeviceCSR, kl_weight, to_batch, train
 from tests.conftest import FIXTURES, write_job
 
 
@@ -103,3 +105,22 @@ def test_bf16_autocast_is_chosen_only_where_asked_or_on_cuda():
     assert autocast_dtype("fp32", cpu) is None and autocast_dtype("auto", cpu) is None
     assert autocast_dtype("bf16", cpu) is torch.bfloat16
 
+
+
+def test_batches_cut_from_a_device_copy_equal_those_cut_on_the_host(matrix):
+    """The GPU's batch cutting, run on CPU tensors: same entries, offsets and rows as the host's,
+    for shuffled users with repeats and users without interactions."""
+    csr = matrix.csr
+    lengths = np.diff(csr.indptr)
+    lengths[::7] = 0  # every 7th user empty
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    keep = np.concatenate([np.arange(a, a + n) for a, n in zip(csr.indptr[:-1], lengths)])
+    sparse = CSR(indptr, csr.indices[keep], csr.values[keep])
+    cpu = torch.device("cpu")
+    on_device = DeviceCSR(sparse, cpu)
+    rng = np.random.default_rng(0)
+    for rows in (rng.permutation(sparse.n_rows)[:300], np.array([0, 7, 7, 3, 0]), np.array([14])):
+        expected, got = to_batch(sparse, rows, cpu), on_device.batch(rows)
+        for field in ("indices", "offsets", "values", "rows"):
+            assert torch.equal(getattr(got, field), getattr(expected, field)), field
+    assert not DeviceCSR.fits(sparse, cpu)  # on a CPU the batches are the host's own
