@@ -3,15 +3,23 @@
     python benchmarks/gpu_check.py --json-out gpu_check.json
 
 1. The same small planted job (3,000 users × 800 items) trains on the CPU in fp32 and on the
-   GPU (fp32 and bf16 autocast); validation metrics on the same held-out users must agree
-   within ``--tolerance`` (exit 1 when they do not).
+   GPU (fp32 and bf16 autocast), with the full softmax and with the sampled one (its threshold
+   lowered below 800 items); validation metrics on the same held-out users must agree with the
+   CPU's within ``--tolerance`` (exit 1 when they do not).
 2. One epoch at the ML-20M shape (138k users × 27k items, ~20M interactions: 13.8k planted
-   synthetic users repeated 10 times) is timed on the GPU in fp32, bf16, and bf16 with ``torch.compile``, next to a few CPU
-   steps extrapolated to an epoch.
+   synthetic users repeated 10 times) is timed on the GPU in fp32, bf16 (also with the batches
+   cut on the host instead of from the CSR's copy on the GPU), and bf16 with
+   ``torch.compile``, next to a few CPU steps extrapolated to an epoch.
+3. One epoch at ~1M items (the same number of users and interactions: 3.5k planted users
+   repeated 40 times, each copy on its own block of items) is timed on the GPU with the
+   sampled softmax, with sparse updates (lazy Adam) and with dense ones.
+4. Host syncs per training step are counted with ``torch.cuda.set_sync_debug_mode``: the
+   difference between a short and a longer epoch, so the epoch's one final sync cancels out.
 
-Runs in under 5 minutes on one GPU. Without a GPU it runs the CPU parts (at ``--scale`` of the
-ML-20M shape) and says that the GPU parts were skipped. Prints and writes JSON with the card,
-the date and every number.
+Each epoch is reported with its FLOP floor, measured on the same device. Runs in about a minute
+on an H200. Without a GPU it runs the CPU parts (at ``--scale`` of the ML-20M shape) and says
+that the GPU parts were skipped. Prints and writes JSON with the card, the date and every
+number, saved after each measurement; a measurement that fails is recorded and the rest run.
 """
 
 from __future__ import annotations
@@ -23,9 +31,12 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
 from datetime import date
 from pathlib import Path
+from typing import Callable
 
+import floors
 import numpy as np
 import polars as pl
 import torch
@@ -36,14 +47,17 @@ from aefeatures.evaluate import evaluate_embeddings, split_users
 from aefeatures.matrix import InteractionMatrix, build_matrix
 from aefeatures.read import read_interactions
 from aefeatures.synthetic import generate
-from aefeatures.train import train
+from aefeatures.train import DeviceCSR, train
 
 SMALL = {"n_users": 3000, "n_items": 800, "mean_items": 30}
 SMALL_MODEL = ModelConfig(dim=32, hidden=(128,), epochs=20, batch_size=256, patience=0, seed=0)
 ML20M = {"n_users": 138_000, "n_items": 27_000, "mean_items": 145}
 METRICS = ("ndcg@10", "ndcg@100", "recall@20")
+SAMPLED = {"full_softmax_max_items": 400, "sampled_negatives": 256}  # the small job, sampled
 CPU_TIMED_STEPS = 8
 TILES = 10  # the timing data is 1/10 of the users, planted, repeated 10 times
+WIDE_TILES = 40  # the 1M-item timing data: 1/40 of the users, repeated on 40 blocks of items
+SYNC_STEPS = (4, 12)
 
 
 def planted_matrix(n_users: int, n_items: int, mean_items: float, seed: int = 1) -> InteractionMatrix:
@@ -55,14 +69,21 @@ def planted_matrix(n_users: int, n_items: int, mean_items: float, seed: int = 1)
         return build_matrix(read_interactions(InputConfig(str(path), timestamp_col="timestamp")))
 
 
-def tiled(matrix: InteractionMatrix, times: int) -> InteractionMatrix:
-    """``matrix``'s users repeated ``times`` times as new users: the full shape in a tenth of
-    the generator's time (it draws users one by one)."""
+def tiled(matrix: InteractionMatrix, times: int, *, widen: bool = False) -> InteractionMatrix:
+    """``matrix``'s users repeated ``times`` times as new users: the full shape in a fraction of
+    the generator's time (it draws users one by one). With ``widen`` each copy reads its own
+    block of items, so the catalogue is ``times`` as large."""
     lengths = np.tile(matrix.row_lengths(), times)
     indptr = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=indptr[1:])
+    indices = np.tile(matrix.indices, times)
+    item_ids = matrix.item_ids
+    if widen:
+        n_items = matrix.shape[1]
+        indices = indices + np.repeat(np.arange(times, dtype=indices.dtype) * n_items, matrix.nnz)
+        item_ids = pl.Series("item_id", np.arange(n_items * times))
     return dataclasses.replace(matrix, user_ids=pl.Series("user_id", np.arange(len(lengths))), indptr=indptr,
-                               indices=np.tile(matrix.indices, times), values=np.tile(matrix.values, times),
+                               indices=indices, values=np.tile(matrix.values, times), item_ids=item_ids,
                                user_last_seen=np.tile(matrix.user_last_seen, times))
 
 
@@ -77,15 +98,21 @@ def validation_metrics(matrix: InteractionMatrix, cfg: ModelConfig) -> dict[str,
 
 
 def compare_devices(gpu: bool, tolerance: float) -> dict:
+    """Each softmax's GPU runs against its CPU fp32 run."""
     matrix = planted_matrix(**SMALL)
-    runs = {"cpu fp32": validation_metrics(matrix, dataclasses.replace(SMALL_MODEL, device="cpu", precision="fp32"))}
-    if gpu:
-        for precision in ("fp32", "bf16"):
-            cfg = dataclasses.replace(SMALL_MODEL, device="cuda", precision=precision)
-            runs[f"cuda {precision}"] = validation_metrics(matrix, cfg)
-    reference = runs["cpu fp32"]
-    worst = max((abs(m[k] - reference[k]) for m in runs.values() for k in METRICS), default=0.0)
-    return {"job": {**SMALL, "model": dataclasses.asdict(SMALL_MODEL)}, "metrics": runs,
+    families = {"full softmax": {}, "sampled softmax": SAMPLED}
+    runs, worst = {}, 0.0
+    for family, settings in families.items():
+        base = dataclasses.replace(SMALL_MODEL, **settings)
+        reference = runs[f"{family}: cpu fp32"] = validation_metrics(
+            matrix, dataclasses.replace(base, device="cpu", precision="fp32"))
+        variants = [("fp32", "auto"), ("bf16", "auto")] + ([("bf16", "off")] if settings else [])
+        for precision, sparse in variants if gpu else ():
+            label = f"{family}: cuda {precision}" + (f", sparse_updates={sparse}" if sparse != "auto" else "")
+            metrics = runs[label] = validation_metrics(
+                matrix, dataclasses.replace(base, device="cuda", precision=precision, sparse_updates=sparse))
+            worst = max([worst, *(abs(metrics[k] - reference[k]) for k in METRICS)])
+    return {"job": {**SMALL, "model": dataclasses.asdict(SMALL_MODEL), "sampled": SAMPLED}, "metrics": runs,
             "max_abs_difference": round(worst, 5), "tolerance": tolerance, "passed": worst <= tolerance}
 
 
@@ -95,6 +122,7 @@ def time_epoch(matrix: InteractionMatrix, cfg: ModelConfig, *, steps: int | None
     warm = np.arange(min(matrix.shape[0], 3 * cfg.batch_size))
     train(matrix, dataclasses.replace(cfg, epochs=1), rows=warm, progress=False)
     rows = np.arange(matrix.shape[0] if steps is None else min(matrix.shape[0], steps * cfg.batch_size))
+    cut_on = "device" if DeviceCSR.fits(matrix.csr, torch.device(cfg.device)) else "host"
     if cfg.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -103,12 +131,46 @@ def time_epoch(matrix: InteractionMatrix, cfg: ModelConfig, *, steps: int | None
     seconds = time.perf_counter() - started  # train ends with a host sync on the epoch's loss
     per_step = seconds / result.steps
     out = {"device": cfg.device, "precision": cfg.precision, "compile": cfg.compile, "batch_size": cfg.batch_size,
-           "steps_timed": result.steps, "ms_per_step": round(per_step * 1000, 2),
+           "items": matrix.shape[1], "sampled": matrix.shape[1] > cfg.full_softmax_max_items,
+           "sparse_updates": cfg.sparse_updates, "batches_cut_on": cut_on, "steps_timed": result.steps,
+           "ms_per_step": round(per_step * 1000, 2),
            "epoch_seconds": round(per_step * -(-matrix.shape[0] // cfg.batch_size), 2),
            "extrapolated": steps is not None}
     if cfg.device.startswith("cuda"):
         out["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    return out
+    return {**out, **flop_floor(matrix, cfg, out["epoch_seconds"])}
+
+
+def flop_floor(matrix: InteractionMatrix, cfg: ModelConfig, epoch_seconds: float) -> dict:
+    """The epoch's FLOPs at the rate this device runs the step's matmuls (BENCHMARKS.md's floor)."""
+    model = dataclasses.asdict(cfg)
+    shapes = floors.step_matmuls(cfg.batch_size, model, floors.decoder_width(model, matrix.shape[1]))
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    _, gflops = floors.time_matmuls(shapes, dtype, cfg.device)
+    seconds = floors.epoch_flops(matrix.shape[0], matrix.shape[1], matrix.nnz, model) / (gflops * 1e9)
+    return {"floor_seconds": round(seconds, 3), "matmul_gflops": round(gflops), "ratio_to_floor":
+            round(epoch_seconds / seconds, 1)}
+
+
+def host_syncs_per_step(matrix: InteractionMatrix, cfg: ModelConfig) -> dict:
+    """Synchronizing CUDA calls per training step, and the lines that made them."""
+    counts, lines = [], set()
+    for steps in SYNC_STEPS:
+        rows = np.arange(min(matrix.shape[0], steps * cfg.batch_size))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train(matrix, dataclasses.replace(cfg, epochs=1), rows=rows, progress=False)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        counts.append(len(syncs))
+        lines |= {f"{Path(w.filename).name}:{w.lineno}" for w in syncs}
+    per_step = (counts[1] - counts[0]) / (SYNC_STEPS[1] - SYNC_STEPS[0])
+    return {"precision": cfg.precision, "items": matrix.shape[1], "sparse_updates": cfg.sparse_updates,
+            "syncs_per_step": per_step, "syncs_by_epoch_length": dict(zip(map(str, SYNC_STEPS), counts)),
+            "lines": sorted(lines)}
 
 
 def main() -> int:
@@ -124,15 +186,34 @@ def main() -> int:
     gpu = torch.cuda.is_available()
     report = {"date": date.today().isoformat(), "torch": torch.__version__, "cpu": platform.processor() or
               platform.machine(), "cpu_threads": torch.get_num_threads(),
-              "gpu": torch.cuda.get_device_name(0) if gpu else None, "cuda": torch.version.cuda if gpu else None}
+              "gpu": torch.cuda.get_device_name(0) if gpu else None, "cuda": torch.version.cuda if gpu else None,
+              "epochs": [], "host_syncs": [], "failed": []}
     if not gpu:
         print("no CUDA device: skipping the GPU comparison and the GPU epoch timing (CPU parts only)")
-
     started = time.perf_counter()
+
+    def save() -> None:
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        if args.json_out:
+            args.json_out.write_text(json.dumps(report, indent=2))
+
+    def measured(what: str, run: Callable[[], dict], into: str) -> None:
+        """Run one measurement; a failure is recorded and the next measurement still runs."""
+        try:
+            result = run()
+        except Exception as error:  # noqa: BLE001 - every other measurement is still worth having
+            report["failed"].append({"what": what, "error": f"{type(error).__name__}: {error}"})
+            print(f"  {what}: FAILED {type(error).__name__}: {error}")
+        else:
+            report[into].append(result)
+            print(f"  {what}: {json.dumps(result)}")
+        save()
+
     report["comparison"] = compare_devices(gpu, args.tolerance)
     print(f"validation metrics, small job: {json.dumps(report['comparison']['metrics'])}; max difference "
           f"{report['comparison']['max_abs_difference']} (tolerance {args.tolerance}): "
           f"{'ok' if report['comparison']['passed'] else 'MISMATCH'}")
+    save()
 
     scale = args.scale if args.scale is not None else (1.0 if gpu else 0.05)
     shape = {**ML20M, "n_users": int(ML20M["n_users"] * scale)}
@@ -142,22 +223,43 @@ def main() -> int:
                              "generate_seconds": round(time.perf_counter() - made, 1)}
     print(f"timing data: {matrix.shape[0]:,} users × {matrix.shape[1]:,} items, {matrix.nnz:,} interactions")
     base = ModelConfig(dim=64, hidden=(600,), batch_size=args.batch_size, seed=0)
-    timings = [time_epoch(matrix, dataclasses.replace(base, device="cpu", precision="fp32"), steps=CPU_TIMED_STEPS)]
+    cpu = dataclasses.replace(base, device="cpu", precision="fp32")
+    measured("cpu fp32 epoch", lambda: time_epoch(matrix, cpu, steps=CPU_TIMED_STEPS), "epochs")
     if gpu:
-        for precision, compiled in (("fp32", False), ("bf16", False), ("bf16", True)):
-            if compiled and args.no_compile:
-                continue
-            cfg = dataclasses.replace(base, device="cuda", precision=precision, compile=compiled)
-            timings.append(time_epoch(matrix, cfg))
-    report["epochs"] = timings
-    for t in timings:
-        print(f"  {t['device']:5s} {t['precision']} compile={t['compile']!s:5s}: {t['ms_per_step']:8.2f} ms/step, "
-              f"epoch {t['epoch_seconds']:8.2f} s{' (extrapolated)' if t['extrapolated'] else ''}")
-    report["seconds"] = round(time.perf_counter() - started, 1)
+        for precision in ("fp32", "bf16"):
+            cfg = dataclasses.replace(base, device="cuda", precision=precision)
+            measured(f"cuda {precision} epoch", lambda: time_epoch(matrix, cfg), "epochs")
+        bf16 = dataclasses.replace(base, device="cuda", precision="bf16")
+        share, DeviceCSR.SHARE_OF_FREE_MEMORY = DeviceCSR.SHARE_OF_FREE_MEMORY, 0.0  # batches cut on the host
+        measured("cuda bf16 epoch, batches cut on the host", lambda: time_epoch(matrix, bf16), "epochs")
+        DeviceCSR.SHARE_OF_FREE_MEMORY = share
+        measured("cuda bf16 host syncs", lambda: host_syncs_per_step(matrix, bf16), "host_syncs")
+
+        block = planted_matrix(**{**shape, "n_users": -(-shape["n_users"] // WIDE_TILES)})
+        wide = tiled(block, WIDE_TILES, widen=True)
+        report["wide_timing_data"] = {"users": wide.shape[0], "items": wide.shape[1], "interactions": wide.nnz}
+        print(f"1M-item timing data: {wide.shape[0]:,} users × {wide.shape[1]:,} items, {wide.nnz:,} interactions")
+        for sparse in ("on", "off"):
+            cfg = dataclasses.replace(bf16, sparse_updates=sparse)
+            measured(f"cuda bf16 1M items, sparse_updates={sparse} epoch", lambda: time_epoch(wide, cfg), "epochs")
+            measured(f"cuda bf16 1M items, sparse_updates={sparse} host syncs",
+                     lambda: host_syncs_per_step(wide, cfg), "host_syncs")
+        del wide
+        if not args.no_compile:  # last: compiling takes the longest, and is the likeliest to fail
+            compiled = dataclasses.replace(bf16, compile=True)
+            measured("cuda bf16 compile epoch", lambda: time_epoch(matrix, compiled), "epochs")
+
+    for t in report["epochs"]:
+        print(f"  {t['device']:5s} {t['precision']} compile={t['compile']!s:5s} items={t['items']:>9,} "
+              f"sparse_updates={t['sparse_updates']}: {t['ms_per_step']:8.2f} ms/step, "
+              f"epoch {t['epoch_seconds']:8.2f} s{' (extrapolated)' if t['extrapolated'] else ''}, "
+              f"{t['ratio_to_floor']}x its FLOP floor ({t['floor_seconds']} s)")
+    for h in report["host_syncs"]:
+        print(f"  host syncs per step, {h['precision']} items={h['items']:,} sparse_updates={h['sparse_updates']}: "
+              f"{h['syncs_per_step']:g} ({', '.join(h['lines']) or 'none'})")
+    save()
     print(json.dumps(report, indent=2))
-    if args.json_out:
-        args.json_out.write_text(json.dumps(report, indent=2))
-    return 0 if report["comparison"]["passed"] else 1
+    return 0 if report["comparison"]["passed"] and not report["failed"] else 1
 
 
 if __name__ == "__main__":

@@ -147,3 +147,35 @@ def test_the_faiss_kinds_benchmark_searches_every_kind_as_lookups_do(tmp_path):
     assert results["flat"]["recall@20"] == 1.0
     for kind in ("hnsw", "ivf", "ivfpq"):  # approximate, over rows on a sphere one column wider than the queries
         assert 0 < results[kind]["recall@20"] <= 1 and results[kind]["single_qps"] > 0
+
+
+def test_the_gpu_check_runs_its_cpu_parts_without_a_gpu(tmp_path):
+    """CI has no GPU: the check still trains the small job on the CPU with both softmaxes and
+    times CPU steps against their floor, and says the GPU parts were skipped."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu_check.py"), "--scale", "0.01", "--json-out", str(tmp_path / "gpu.json")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "skipping the GPU comparison" in done.stdout
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["gpu"] is None and report["failed"] == [] and report["comparison"]["passed"]
+    assert list(report["comparison"]["metrics"]) == ["full softmax: cpu fp32", "sampled softmax: cpu fp32"]
+    [epoch] = report["epochs"]
+    assert epoch["device"] == "cpu" and epoch["batches_cut_on"] == "host" and epoch["extrapolated"]
+    assert epoch["floor_seconds"] > 0 and epoch["ratio_to_floor"] > 0
+
+
+def test_the_gpu_checks_wide_data_puts_each_copy_on_its_own_items(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # gpu_check imports floors as a script does
+    gpu_check = load("gpu_check")
+    block = gpu_check.planted_matrix(n_users=60, n_items=40, mean_items=6)
+    wide, tall = gpu_check.tiled(block, 3, widen=True), gpu_check.tiled(block, 3)
+    n_users, n_items = block.shape
+    assert wide.shape == (3 * n_users, 3 * n_items) and tall.shape == (3 * n_users, n_items)
+    for copy_ in range(3):
+        for user in (0, n_users // 2, n_users - 1):
+            row = copy_ * n_users + user
+            original = block.indices[block.indptr[user]:block.indptr[user + 1]]
+            assert list(wide.indices[wide.indptr[row]:wide.indptr[row + 1]]) == list(original + copy_ * n_items)
+            assert list(tall.indices[tall.indptr[row]:tall.indptr[row + 1]]) == list(original)
