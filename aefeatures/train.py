@@ -268,6 +268,8 @@ class _Step:
         with _autocast(self.device, self.autocast):
             losses = self._losses(batch, noise, beta)
         loss = losses.sum() / len(users)  # DDP averages it over the ranks' batches
+        if self.workspace is not None:  # the input layer's gradient is handed over, not accumulated
+            self.workspace.reclaim("input_grad", self.model.input_layer.weight)
         self.optimizer.zero_grad(set_to_none=False)  # zero the gradient buffers, not reallocate them
         loss.backward()
         self.optimizer.step()

@@ -102,6 +102,34 @@ def test_training_steps_with_the_workspace_follow_the_plain_steps(matrix, kind):
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_the_input_layers_gradient_is_handed_over_each_step_not_accumulated(matrix):
+    """With the learning rate at 0 the weights stay put, so every step's gradient must equal a
+    plain step's: a lent buffer that was accumulated into, or kept stale, would show. Its address
+    stays the same from step to step: autograd adopts the lent buffer as ``.grad`` (a copy would
+    be made while the lent buffer is alive, at another address)."""
+    def run(with_workspace: bool) -> tuple[list[torch.Tensor], set[int]]:
+        cfg = ModelConfig(dim=16, hidden=(32,), batch_size=128)
+        torch.manual_seed(cfg.seed)
+        model = Autoencoder(AutoencoderShape(matrix.shape[1], cfg.dim, cfg.hidden, cfg.kind, cfg.dropout)).train()
+        step = _Step(model, matrix, cfg, CPU, None)
+        if not with_workspace:
+            step.workspace = model.workspace = None
+        for group in step.optimizer.param_groups:
+            group["lr"] = 0.0
+        grads, addresses = [], set()
+        for start in (0, 128, 256, 0):
+            step(np.arange(start, start + 128), 0.0)
+            grads.append(model.input_layer.weight.grad.clone())
+            addresses.add(model.input_layer.weight.grad.data_ptr())
+        return grads, addresses
+
+    plain, _ = run(False)
+    lent, addresses = run(True)
+    for got, want in zip(lent, plain):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert len(addresses) == 1
+
+
 def test_gpus_and_bf16_keep_torchs_own_kernels(matrix):
     cfg = ModelConfig(dim=16, hidden=(32,), batch_size=128, precision="bf16")
     model = Autoencoder(AutoencoderShape(matrix.shape[1], cfg.dim, cfg.hidden, cfg.kind, cfg.dropout))
