@@ -62,7 +62,7 @@ class ModelConfig:
     patience: int = 10  # stop after this many epochs without a better validation NDCG@100; 0 = never
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when available) | "cpu" | "cuda" | "cuda:N"
-    precision: str = "auto"  # "fp32" | "bf16" (autocast) | "auto": bf16 on CUDA, fp32 on CPU
+    precision: str = "auto"  # "fp32" | "bf16" | "auto": bf16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model (measured no faster on an H200 at the ML-20M shape)
     full_softmax_max_items: int = 200_000  # above this many items train with a sampled softmax
     sampled_negatives: int = 8192  # sampled softmax: shared negatives per batch

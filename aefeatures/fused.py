@@ -26,11 +26,16 @@ if TYPE_CHECKING:
 
 
 class Workspace:
-    """One reusable buffer per role, grown when a step needs more rows than it holds."""
+    """One reusable buffer per role, grown when a step needs more rows than it holds.
 
-    def __init__(self) -> None:
+    ``matmul_dtype`` bfloat16 runs the decoder's three (batch x items) matrix products in bf16
+    (fp32 accumulation inside, as autocast does); the softmax and its gradient stay fp32.
+    """
+
+    def __init__(self, matmul_dtype: torch.dtype = torch.float32) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
         self._lent: set[str] = set()
+        self.matmul_dtype = matmul_dtype
 
     def take(self, role: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
         """A (rows, cols) tensor with ``like``'s dtype and device, contents undefined."""
@@ -63,7 +68,11 @@ def decoded_multinomial_nll(z: torch.Tensor, decoder: nn.Linear, batch: SparseBa
     """(batch,) ``multinomial_nll(decoder(z), batch)``, the same values and gradients, computed in
     one (batch x items) buffer of ``workspace``."""
     scores = workspace.take("scores", len(z), decoder.out_features, z)
-    return _DecodedNLL.apply(z, decoder.weight, decoder.bias, batch.rows, batch.indices, batch.values, scores)
+    low = None  # bf16 products: the scores and their gradient pass through a bf16 buffer
+    if workspace.matmul_dtype != torch.float32:
+        like = torch.empty(0, dtype=workspace.matmul_dtype, device=z.device)
+        low = workspace.take("scores_low", len(z), decoder.out_features, like)
+    return _DecodedNLL.apply(z, decoder.weight, decoder.bias, batch.rows, batch.indices, batch.values, scores, low)
 
 
 class _DecodedNLL(torch.autograd.Function):
@@ -74,8 +83,13 @@ class _DecodedNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, rows: torch.Tensor,
-                indices: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        torch.addmm(bias, z, weight.t(), out=scores)
+                indices: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
+                low: torch.Tensor | None) -> torch.Tensor:
+        if low is None:
+            torch.addmm(bias, z, weight.t(), out=scores)
+        else:
+            torch.addmm(bias.to(low.dtype), z.to(low.dtype), weight.t().to(low.dtype), out=low)
+            scores.copy_(low)
         observed = scores[rows, indices]  # (nnz,) the scores of each user's items
         peak = scores.amax(dim=1, keepdim=True)
         scores.sub_(peak).exp_()
@@ -84,20 +98,23 @@ class _DecodedNLL(torch.autograd.Function):
         totals = torch.zeros_like(mass).index_add_(0, rows, values)
         losses = totals * log_norm - torch.zeros_like(mass).index_add_(0, rows, values * observed)
         ctx.save_for_backward(z, weight, rows, indices, values, totals, mass)
-        ctx.scores = scores
+        ctx.scores, ctx.low = scores, low
         return losses
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # grad: (batch,)
         z, weight, rows, indices, values, totals, mass = ctx.saved_tensors
-        scores = ctx.scores
+        scores, low = ctx.scores, ctx.low
         scores.mul_((grad * totals / mass)[:, None])  # grad · total · softmax(s)
         scores.index_put_((rows, indices), -(grad[rows] * values), accumulate=True)
         needs = ctx.needs_input_grad
-        grad_z = torch.mm(scores, weight) if needs[0] else None
-        grad_weight = torch.mm(scores.t(), z) if needs[1] else None
         grad_bias = scores.sum(dim=0) if needs[2] else None
-        return grad_z, grad_weight, grad_bias, None, None, None, None
+        if low is not None:  # the products in bf16, from a bf16 copy of the gradient
+            low.copy_(scores)
+            scores, weight, z = low, weight.to(low.dtype), z.to(low.dtype)
+        grad_z = torch.mm(scores, weight).float() if needs[0] else None
+        grad_weight = torch.mm(scores.t(), z).float() if needs[1] else None
+        return grad_z, grad_weight, grad_bias, None, None, None, None, None
 
 
 def dense_bag_gradient(workspace: Workspace, indices: torch.Tensor, rows: torch.Tensor, entry_weights: torch.Tensor,

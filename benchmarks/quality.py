@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py                       # 20k users × 5k items, ~1M interactions
     python benchmarks/quality.py --users 4000 --items 1000 --epochs 20   # quick look
+    python benchmarks/quality.py --precisions fp32,bf16 --seeds 0,1      # bf16 against fp32
 
 Compares, on one held-out-user split (the protocol of every `aefeatures run`): popularity,
 EASE (Steck 2019, closed form, λ picked on the validation users from a small grid), and the
@@ -77,6 +78,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=ModelConfig.epochs, help="cap; early stopping decides")
     parser.add_argument("--dim", type=int, default=ModelConfig.dim)
     parser.add_argument("--kinds", default="dae,vae", help="comma-separated model kinds to train")
+    parser.add_argument("--precisions", default="fp32",
+                        help="comma-separated `model.precision` values to train each kind in, e.g. fp32,bf16")
+    parser.add_argument("--seeds", default="0", help="comma-separated model seeds (the data and split stay)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
@@ -101,10 +105,15 @@ def main() -> None:
         if best is None or metrics["ndcg@100"] > best[0]["ndcg@100"]:
             best = (metrics, time.perf_counter() - start, lam)
     rows[f"EASE (λ={best[2]:g})"] = {**best[0], "seconds": best[1]}
+    seeds, precisions = [int(x) for x in args.seeds.split(",")], args.precisions.split(",")
     for kind in args.kinds.split(","):
-        cfg = replace(ModelConfig(kind=kind), epochs=args.epochs, dim=args.dim)
-        metrics, seconds, best_epoch = model_metrics(matrix, split, cfg)
-        rows[f"{kind}, dim {args.dim} (best epoch {best_epoch})"] = {**metrics, "seconds": seconds}
+        for precision in precisions:
+            for seed in seeds:
+                cfg = replace(ModelConfig(kind=kind), epochs=args.epochs, dim=args.dim, precision=precision, seed=seed)
+                metrics, seconds, best_epoch = model_metrics(matrix, split, cfg)
+                name = f"{kind}, dim {args.dim}" + (f", {precision}" if len(precisions) > 1 else "") + \
+                    (f", seed {seed}" if len(seeds) > 1 else "") + f" (best epoch {best_epoch})"
+                rows[name] = {**metrics, "seconds": seconds}
 
     print(f"{matrix.shape[0]:,} users × {matrix.shape[1]:,} items, {matrix.nnz:,} interactions; "
           f"{len(split.valid_rows):,} held-out users, 20% of their items hidden; "

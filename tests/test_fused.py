@@ -130,8 +130,29 @@ def test_the_input_layers_gradient_is_handed_over_each_step_not_accumulated(matr
     assert len(addresses) == 1
 
 
-def test_gpus_and_bf16_keep_torchs_own_kernels(matrix):
+def test_bf16_on_a_cpu_runs_the_decoders_products_in_bf16_inside_the_fused_kernel(matrix):
+    """bf16 on a CPU keeps the kept buffers and runs the decoder's three products in bf16 there,
+    not under autocast, whose unfused kernels took twice as long per step."""
     cfg = ModelConfig(dim=16, hidden=(32,), batch_size=128, precision="bf16")
     model = Autoencoder(AutoencoderShape(matrix.shape[1], cfg.dim, cfg.hidden, cfg.kind, cfg.dropout))
     step = _Step(model, matrix, cfg, CPU, None)
-    assert step.workspace is None and model.workspace is None
+    assert step.workspace.matmul_dtype is torch.bfloat16 and step.autocast is None
+    assert model.workspace is step.workspace
+
+
+def test_the_decoded_nll_with_bf16_products_stays_within_bf16_rounding_of_fp32(matrix):
+    torch.manual_seed(0)
+    decoder = torch.nn.Linear(16, matrix.shape[1])
+    batch = to_batch(matrix, np.arange(64), CPU)
+    z = torch.randn(64, 16, requires_grad=True)
+    params = [z, decoder.weight, decoder.bias]
+    expected = multinomial_nll(decoder(z), batch)
+    expected_grads = torch.autograd.grad(expected.sum(), params)
+    workspace = fused.Workspace(torch.bfloat16)
+    for _ in range(2):  # the second time through kept buffers
+        losses = fused.decoded_multinomial_nll(z, decoder, batch, workspace)
+        grads = torch.autograd.grad(losses.sum(), params)
+        assert losses.dtype is torch.float32 and all(g.dtype is torch.float32 for g in grads)
+        torch.testing.assert_close(losses, expected, rtol=5e-3, atol=0.0)
+        for got, want in zip(grads, expected_grads):
+            assert float((got - want).norm() / want.norm()) < 1e-2  # bf16 keeps ~3 significant digits
