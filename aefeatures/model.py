@@ -59,7 +59,7 @@ class Noise:
 class Autoencoder(nn.Module):
     def __init__(self, shape: AutoencoderShape, device: str | torch.device = "cpu"):
         """The layers are made on ``device`` and initialised once, there: torch's own default
-        initialisation, overwritten below, drew every weight twice on the CPU (~5 s at 1M items
+        initialisation, overwritten below, drew every weight twice on the CPU (~9 s at 1M items
         before a GPU run could start)."""
         super().__init__()
         self.shape = shape
