@@ -15,6 +15,8 @@
    sampled softmax, with sparse updates (lazy Adam) and with dense ones.
 4. Host syncs per training step are counted with ``torch.cuda.set_sync_debug_mode``: the
    difference between a short and a longer epoch, so the epoch's one final sync cancels out.
+5. A fresh process's start-up on the CPU and the GPU: imports, the device's context, and the
+   small job's first epoch against its second (what a job's first epoch pays once).
 
 Each epoch is reported with its FLOP floor, measured on the same device. Runs in about a minute
 on an H200. Without a GPU it runs the CPU parts (at ``--scale`` of the ML-20M shape) and says
@@ -28,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -173,6 +176,42 @@ def host_syncs_per_step(matrix: InteractionMatrix, cfg: ModelConfig) -> dict:
             "lines": sorted(lines)}
 
 
+_START_UP = """
+import json, sys, time
+started = time.perf_counter()
+import torch
+from aefeatures.config import ModelConfig
+sys.path.insert(0, sys.argv[2])
+from gpu_check import SMALL, planted_matrix
+from aefeatures.train import train
+imported = time.perf_counter()
+matrix = planted_matrix(**SMALL)
+made = time.perf_counter()
+if sys.argv[1].startswith("cuda"):
+    torch.zeros(1, device=sys.argv[1])
+    torch.cuda.synchronize()
+context = time.perf_counter()
+cfg = ModelConfig(dim=64, hidden=(600,), epochs=1, batch_size=256, device=sys.argv[1])
+seconds = []
+for _ in range(2):
+    began = time.perf_counter()
+    train(matrix, cfg, progress=False)
+    seconds.append(time.perf_counter() - began)
+print(json.dumps({"device": sys.argv[1], "import_seconds": round(imported - started, 2),
+                  "device_context_seconds": round(context - made, 2), "first_epoch_seconds": round(seconds[0], 2),
+                  "second_epoch_seconds": round(seconds[1], 2)}))
+"""
+
+
+def start_up(device: str) -> dict:
+    """A fresh process's start-up on ``device``: imports, the device's context, and the small
+    job's first epoch against its second (the difference is what first use costs: libraries
+    and kernels loaded), as a job's first epoch pays it."""
+    done = subprocess.run([sys.executable, "-c", _START_UP, device, str(Path(__file__).parent)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=None,
@@ -187,7 +226,7 @@ def main() -> int:
     report = {"date": date.today().isoformat(), "torch": torch.__version__, "cpu": platform.processor() or
               platform.machine(), "cpu_threads": torch.get_num_threads(),
               "gpu": torch.cuda.get_device_name(0) if gpu else None, "cuda": torch.version.cuda if gpu else None,
-              "epochs": [], "host_syncs": [], "failed": []}
+              "epochs": [], "host_syncs": [], "start_up": [], "failed": []}
     if not gpu:
         print("no CUDA device: skipping the GPU comparison and the GPU epoch timing (CPU parts only)")
     started = time.perf_counter()
@@ -225,11 +264,13 @@ def main() -> int:
     base = ModelConfig(dim=64, hidden=(600,), batch_size=args.batch_size, seed=0)
     cpu = dataclasses.replace(base, device="cpu", precision="fp32")
     measured("cpu fp32 epoch", lambda: time_epoch(matrix, cpu, steps=CPU_TIMED_STEPS), "epochs")
+    measured("cpu start-up in a fresh process", lambda: start_up("cpu"), "start_up")
     if gpu:
         for precision in ("fp32", "bf16"):
             cfg = dataclasses.replace(base, device="cuda", precision=precision)
             measured(f"cuda {precision} epoch", lambda: time_epoch(matrix, cfg), "epochs")
         bf16 = dataclasses.replace(base, device="cuda", precision="bf16")
+        measured("cuda start-up in a fresh process", lambda: start_up("cuda"), "start_up")
         share, DeviceCSR.SHARE_OF_FREE_MEMORY = DeviceCSR.SHARE_OF_FREE_MEMORY, 0.0  # batches cut on the host
         measured("cuda bf16 epoch, batches cut on the host", lambda: time_epoch(matrix, bf16), "epochs")
         DeviceCSR.SHARE_OF_FREE_MEMORY = share

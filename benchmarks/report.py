@@ -91,8 +91,17 @@ def run_conditions(result: dict, run: dict) -> str:
         f"{data['bytes'] / 2**20:.0f} MiB. Model: `{model['kind']}`, hidden {model['hidden']}, dim {model['dim']}, "
         f"batch {model['batch_size']}, {train['floor']['precision']}. Job peak RSS {run['job_peak_rss_mb']:,.0f} MB "
         f"(the process that runs every stage, from import to lookups; {run['rss_at_start_mb']:,.0f} MB after imports)."
-        + load_note(run)
+        + start_up_note(train) + load_note(run)
     )
+
+
+def start_up_note(train: dict) -> str:
+    """What the process paid once before its first step (runs from before this note have none)."""
+    seconds = train["detail"].get("start_up_seconds")
+    if seconds is None:
+        return ""
+    return (f" Before the epoch, {format_time(seconds)} of one-time start-up (torch.optim's first import of "
+            f"torch._dynamo, the device's context), not in the epoch.")
 
 
 def load_note(run: dict) -> str:

@@ -40,7 +40,7 @@ from aefeatures.index import build_index, item_rows, save_index, user_queries
 from aefeatures.matrix import InteractionMatrix, build_matrix
 from aefeatures.model import Autoencoder, save_model
 from aefeatures.read import read_interactions
-from aefeatures.train import train
+from aefeatures.train import select_device, train
 from floors import lookup_rows
 
 NAME = "bench"
@@ -89,6 +89,19 @@ def high_water_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def process_start_up(device: str) -> float:
+    """Seconds of what a process pays once before its first training step, kept out of the
+    epoch: torch.optim's first use imports torch._dynamo (~1 s), and a GPU's context is made."""
+    started = time.perf_counter()
+    import torch._dynamo  # noqa: F401 - what the first torch.optim optimizer would import
+
+    chosen = select_device(device)
+    if chosen.type == "cuda":
+        torch.zeros(1, device=chosen)
+        torch.cuda.synchronize(chosen)
+    return time.perf_counter() - started
+
+
 def run_stages(data_dir: Path, work: Path, model: ModelConfig, *, single: int, batch: int, k: int) -> dict[str, Any]:
     """Every stage once, in job order; returns the facts the report and the floors need."""
     watch = MemoryWatch()
@@ -103,10 +116,11 @@ def run_stages(data_dir: Path, work: Path, model: ModelConfig, *, single: int, b
     stages["read_csr"]["detail"] = {"read_seconds": read_seconds,
                                     "matrix_seconds": stages["read_csr"]["seconds"] - read_seconds,
                                     "rows_read": interactions.n_rows_read}
+    start_up = process_start_up(model.device)
     with watch.stage("train_epoch", stages["train_epoch"]):
         trained = train(matrix, model, progress=False)
     stages["train_epoch"]["detail"] = {"steps": trained.steps, "device": trained.device,
-                                       "loss": trained.epoch_losses[-1]}
+                                       "loss": trained.epoch_losses[-1], "start_up_seconds": start_up}
     with watch.stage("embed", stages["embed"]):
         emb = embed(trained.model, matrix)
     root = work / "store"

@@ -56,6 +56,7 @@ def test_memory_and_conditions_are_recorded(smoke):
     assert all(row["peak_rss_mb"] >= row["rss_before_mb"] * 0.5 for row in run["stages"])
     train = run["stages"][STAGES.index("train_epoch")]
     assert train["floor"]["gflops"] > 0 and train["floor"]["bf16"]["gflops"] > 0
+    assert train["detail"]["start_up_seconds"] > 0  # paid before the epoch, reported apart
     assert run["matrix"]["nnz"] == run["data"]["rows"]  # the generator writes distinct pairs
     assert result["machine"]["cores"] >= 1 and result["versions"]["torch"]
 
@@ -66,6 +67,7 @@ def test_markdown_has_a_row_per_stage(smoke):
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith(("| stage", "| ---"))]
     assert len(rows) == len(STAGES)
     assert all(label in row for label, row in zip(labels, rows))
+    assert "of one-time start-up" in table
 
 
 def test_data_is_ml20m_shaped_and_cached_by_its_parameters(tmp_path):
