@@ -37,12 +37,15 @@ class Workspace:
         self._lent: set[str] = set()
         self.matmul_dtype = matmul_dtype
 
-    def take(self, role: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-        """A (rows, cols) tensor with ``like``'s dtype and device, contents undefined."""
+    def take(self, role: str, rows: int, cols: int, like: torch.Tensor, dtype: torch.dtype | None = None
+             ) -> torch.Tensor:
+        """A (rows, cols) tensor on ``like``'s device, of ``like``'s dtype unless ``dtype`` is
+        given, contents undefined."""
+        dtype = dtype or like.dtype
         kept = self._buffers.get(role)
         if (kept is None or kept.shape[0] < rows or kept.shape[1] != cols
-                or kept.dtype != like.dtype or kept.device != like.device):
-            kept = self._buffers[role] = torch.empty(rows, cols, dtype=like.dtype, device=like.device)
+                or kept.dtype != dtype or kept.device != like.device):
+            kept = self._buffers[role] = torch.empty(rows, cols, dtype=dtype, device=like.device)
         return kept[:rows]
 
     def lend(self, role: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
@@ -70,8 +73,7 @@ def decoded_multinomial_nll(z: torch.Tensor, decoder: nn.Linear, batch: SparseBa
     scores = workspace.take("scores", len(z), decoder.out_features, z)
     low = None  # bf16 products: the scores and their gradient pass through a bf16 buffer
     if workspace.matmul_dtype != torch.float32:
-        like = torch.empty(0, dtype=workspace.matmul_dtype, device=z.device)
-        low = workspace.take("scores_low", len(z), decoder.out_features, like)
+        low = workspace.take("scores_low", len(z), decoder.out_features, z, dtype=workspace.matmul_dtype)
     return _DecodedNLL.apply(z, decoder.weight, decoder.bias, batch.rows, batch.indices, batch.values, scores, low)
 
 

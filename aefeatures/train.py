@@ -233,8 +233,11 @@ class _Step:
 
     def __init__(self, model: Autoencoder, matrix: InteractionMatrix, cfg: ModelConfig,
                  device: torch.device, group: distributed.Group | None):
-        self.model, self.matrix, self.cfg, self.device, self.group = model, matrix, cfg, device, group
-        self.on_device = DeviceCSR(matrix.csr, device) if DeviceCSR.fits(matrix.csr, device) else None
+        self.model, self.cfg, self.device, self.group = model, cfg, device, group
+        if DeviceCSR.fits(matrix.csr, device):
+            self.cut: Callable[[np.ndarray], SparseBatch] = DeviceCSR(matrix.csr, device).batch
+        else:
+            self.cut = lambda users: to_batch(matrix, users, device)
         self.world = group.world_size if group else 1
         self.batch_size = max(1, cfg.batch_size // self.world)  # users per rank and step
         self.net: torch.nn.Module = model
@@ -249,18 +252,18 @@ class _Step:
         model.input_layer.sparse = self.sparse  # encode() then sums through model._BagSum
         lazy = [model.input_layer.weight, *([model.decoder.weight, model.decoder.bias] if sampled else [])]
         self.optimizer = _adam(model, cfg, sparse=lazy if self.sparse else [])
-        self.autocast = autocast_dtype(cfg.precision, device)
+        low_precision = autocast_dtype(cfg.precision, device)
         # On a CPU the step's largest intermediates go into buffers kept from step to step
-        # (aefeatures.fused), and with bf16 the decoder's products run in bf16 there. GPUs keep
-        # torch's own kernels, with bf16 autocast and compile.
+        # (aefeatures.fused), and with bf16 the decoder's products run in bf16 there; only the
+        # sampled softmax, which does not use them, keeps autocast. GPUs keep torch's own
+        # kernels, with bf16 autocast and compile.
         on_cpu = device.type == "cpu" and not cfg.compile
-        self.workspace = fused.Workspace(self.autocast or torch.float32) if on_cpu else None
+        self.workspace = fused.Workspace(low_precision or torch.float32) if on_cpu else None
+        self.autocast = None if self.workspace is not None and not sampled else low_precision
         model.workspace = None if self.sparse else self.workspace
         # Every rank draws its own dropout masks and vae noise, from a seed of its own.
         self.generator = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * (group.rank if group else 0))
         self.sampler = NegativeSampler(matrix, cfg, device) if sampled else None
-        if self.workspace is not None and self.sampler is None:
-            self.autocast = None  # the fused decoder runs its products in the workspace's dtype itself
         if self.sampler is not None:
             log.info("%d items > model.full_softmax_max_items = %d: training with a sampled softmax over "
                      "%d shared negatives per batch", matrix.shape[1], cfg.full_softmax_max_items,
@@ -268,7 +271,7 @@ class _Step:
 
     def __call__(self, users: np.ndarray, beta: float) -> torch.Tensor:
         """Train on the rows ``users``; returns their summed loss (no host sync)."""
-        batch = to_batch(self.matrix, users, self.device) if self.on_device is None else self.on_device.batch(users)
+        batch = self.cut(users)
         noise = self._noise(batch)
         with _autocast(self.device, self.autocast):
             losses = self._losses(batch, noise, beta)
