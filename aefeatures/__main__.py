@@ -1,5 +1,5 @@
 """`python -m aefeatures` = the `aefeatures` command."""
 
-from aefeatures.cli import main
+from aefeatures.cli.app import main
 
 main()

@@ -27,7 +27,7 @@ import faiss
 import numpy as np
 import psutil
 
-from aefeatures.index import (build_index, exact_neighbours, item_rows, load_index, padded, save_index,
+from aefeatures.store.index import (build_index, exact_neighbours, item_rows, load_index, padded, save_index,
                               search_effort, tune_search, user_queries)
 
 K = 20
@@ -135,10 +135,10 @@ def version_open(rows: np.ndarray, index_file: Path, folder: Path, n_users: int 
 
     import polars as pl
 
-    from aefeatures import store
-    from aefeatures.embed import Embeddings
-    from aefeatures.matrix import build_matrix
-    from aefeatures.read import Interactions
+    from aefeatures.store import layout, publish, tables
+    from aefeatures.model.embed import Embeddings
+    from aefeatures.data.matrix import build_matrix
+    from aefeatures.data.read import Interactions
 
     n_items, dim = rows.shape[0], rows.shape[1] - 1
     rng = np.random.default_rng(1)
@@ -151,11 +151,11 @@ def version_open(rows: np.ndarray, index_file: Path, folder: Path, n_users: int 
     emb = Embeddings(rng.standard_normal((n_users, dim), dtype=np.float32), np.zeros(n_users, np.float32),
                      np.ascontiguousarray(rows[:, :dim]), np.ascontiguousarray(rows[:, dim]))
     root = folder / "store"
-    with store.staged_version(root, "bench", "v1") as staging:
-        store.write_tables(staging, matrix, emb, name="bench", version="v1", created=datetime.now(timezone.utc))
-        shutil.copy(index_file, staging / store.INDEX)
-        store.write_manifest(staging, {"dim": dim, "counts": {}, "version": "v1"})
-        store.publish(root, "bench", staging)
+    with publish.staged_version(root, "bench", "v1") as staging:
+        tables.write_tables(staging, matrix, emb, name="bench", version="v1", created=datetime.now(timezone.utc))
+        shutil.copy(index_file, staging / layout.INDEX)
+        publish.write_manifest(staging, {"dim": dim, "counts": {}, "version": "v1"})
+        publish.publish(root, "bench", staging)
     done = subprocess.run([sys.executable, "-c", OPEN_SCRIPT, str(root)], capture_output=True, text=True, check=True)
     return {"index_file": index_file.name, **json.loads(done.stdout)}
 

@@ -45,12 +45,12 @@ import polars as pl
 import torch
 
 from aefeatures.config import InputConfig, ModelConfig
-from aefeatures.embed import encode
-from aefeatures.evaluate import evaluate_embeddings, split_users
-from aefeatures.matrix import InteractionMatrix, build_matrix
-from aefeatures.read import read_interactions
-from aefeatures.synthetic import generate
-from aefeatures.train import DeviceCSR, train
+from aefeatures.model.embed import encode
+from aefeatures.quality.evaluate import evaluate_embeddings, split_users
+from aefeatures.data.matrix import InteractionMatrix, build_matrix
+from aefeatures.data.read import read_interactions
+from aefeatures.data.synthetic import generate
+from aefeatures.model.train import DeviceCSR, train
 
 SMALL = {"n_users": 3000, "n_items": 800, "mean_items": 30}
 SMALL_MODEL = ModelConfig(dim=32, hidden=(128,), epochs=20, batch_size=256, patience=0, seed=0)
@@ -183,7 +183,7 @@ import torch
 from aefeatures.config import ModelConfig
 sys.path.insert(0, sys.argv[2])
 from gpu_check import SMALL, planted_matrix
-from aefeatures.train import train
+from aefeatures.model.train import train
 imported = time.perf_counter()
 matrix = planted_matrix(**SMALL)
 made = time.perf_counter()

@@ -33,14 +33,14 @@ import numpy as np
 import torch
 
 import aefeatures
-from aefeatures import store
+from aefeatures.store import layout, publish, tables
 from aefeatures.config import InputConfig, ModelConfig
-from aefeatures.embed import Embeddings, embed
-from aefeatures.index import build_index, item_rows, save_index, user_queries
-from aefeatures.matrix import InteractionMatrix, build_matrix
-from aefeatures.model import Autoencoder, save_model
-from aefeatures.read import read_interactions
-from aefeatures.train import select_device, train
+from aefeatures.model.embed import Embeddings, embed
+from aefeatures.store.index import build_index, item_rows, save_index, user_queries
+from aefeatures.data.matrix import InteractionMatrix, build_matrix
+from aefeatures.model.autoencoder import Autoencoder, save_model
+from aefeatures.data.read import read_interactions
+from aefeatures.model.train import select_device, train
 from floors import lookup_rows
 
 NAME = "bench"
@@ -148,22 +148,22 @@ def write_version(watch: MemoryWatch, stages: dict, root: Path, matrix: Interact
                   model: Autoencoder, *, seed: int) -> Path:
     """Time writing the tables and model, then building and saving the index; publish the
     version (untimed) so lookups open it like any store."""
-    version = datetime.now(timezone.utc).strftime(store.VERSION_FORMAT)
-    staging = store.start_version(root, NAME, version)
+    version = datetime.now(timezone.utc).strftime(layout.VERSION_FORMAT)
+    staging = publish.start_version(root, NAME, version)
     with watch.stage("write", stages["write"]):
-        counts = store.write_tables(staging, matrix, emb, name=NAME, version=version,
+        counts = tables.write_tables(staging, matrix, emb, name=NAME, version=version,
                                     created=datetime.now(timezone.utc))
-        save_model(model, staging / store.MODEL_DIR)
+        save_model(model, staging / layout.MODEL_DIR)
     with watch.stage("index_build", stages["index_build"]):
         n_users = matrix.shape[0]
         sample = np.random.default_rng(seed).choice(n_users, min(RECALL_QUERIES, n_users), replace=False)
         built = build_index(item_rows(emb.item_vectors, emb.item_bias), "auto",
                             sample_queries=user_queries(emb.user_vectors[sample]))
-        save_index(built.index, staging / store.INDEX)
+        save_index(built.index, staging / layout.INDEX)
     stages["index_build"]["detail"] = {"factory": built.factory, "recall_at_10": built.recall_at_10}
-    store.write_manifest(staging, {"feature_set": NAME, "version": version, "dim": emb.dim, "counts": counts,
+    publish.write_manifest(staging, {"feature_set": NAME, "version": version, "dim": emb.dim, "counts": counts,
                                    "index": {"kind": "auto", "factory": built.factory}})
-    return store.publish(root, NAME, staging)
+    return publish.publish(root, NAME, staging)
 
 
 def measure_lookups(watch: MemoryWatch, stages: dict, root: Path, user_ids, *,

@@ -72,7 +72,7 @@ def planted() -> tuple[dict[int, int], dict[int, int]]:
 def trained(tmp_path_factory):
     """One real run of the pipeline on the committed fixture: (store dir, RunResult)."""
     from aefeatures.config import load_job_config
-    from aefeatures.jobs import run_job
+    from aefeatures.jobs.run import run_job
 
     folder = tmp_path_factory.mktemp("trained")
     result = run_job(load_job_config(write_job(folder)), progress=False)

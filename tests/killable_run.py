@@ -8,7 +8,9 @@ Prints `PAUSED AT <POINT>` when it gets there, then sleeps until killed.
 import sys
 import time
 
-from aefeatures import jobs, store, train
+from aefeatures.jobs import run
+from aefeatures.store import layout, publish, tables
+from aefeatures.model import train
 from aefeatures.config import load_job_config
 
 
@@ -19,8 +21,8 @@ def pause(point):
 
 def main(job, point):
     if point == "read":
-        real_read = jobs.read_interactions
-        jobs.read_interactions = lambda cfg, **kw: (pause(point), real_read(cfg, **kw))[1]
+        real_read = run.read_interactions
+        run.read_interactions = lambda cfg, **kw: (pause(point), real_read(cfg, **kw))[1]
     elif point == "train":
         real_epoch, seen = train._epoch, []
 
@@ -31,22 +33,22 @@ def main(job, point):
             return real_epoch(*args)
         train._epoch = epoch
     elif point == "write":
-        real_write = store.write_tables
+        real_write = tables.write_tables
 
         def write(folder, *args, **kwargs):
             out = real_write(folder, *args, **kwargs)
             pause(point)  # tables written, model and index not yet
             return out
-        store.write_tables = write
+        tables.write_tables = write
     elif point == "publish":
-        real_atomic = store.atomic_write
+        real_atomic = publish.atomic_write
 
         def atomic(path, text):
-            if path.name == store.LATEST:
+            if path.name == layout.LATEST:
                 pause(point)  # the version is renamed into versions/, LATEST not yet moved
             return real_atomic(path, text)
-        store.atomic_write = atomic
-    jobs.run_job(load_job_config(job), force=True, progress=False)
+        publish.atomic_write = atomic
+    run.run_job(load_job_config(job), force=True, progress=False)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from aefeatures.cli import cli
+from aefeatures.cli.app import cli
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "interactions.parquet"
 NAME = "movies"

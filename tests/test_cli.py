@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from aefeatures.cli import cli
+from aefeatures.cli.app import cli
 from tests.conftest import write_job
 
 

@@ -14,8 +14,8 @@ import pytest
 
 import aefeatures
 from aefeatures.config import InputConfig, load_job_config
-from aefeatures.jobs import run_job
-from aefeatures.read import read_interactions
+from aefeatures.jobs.run import run_job
+from aefeatures.data.read import read_interactions
 from tests.conftest import FIXTURES, REPO, write_job
 
 # Few epochs keep the test fast; dropout stays on, so the shared random draws are exercised.

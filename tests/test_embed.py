@@ -11,14 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from aefeatures import store
-from aefeatures.anomaly import anomaly_scores
+from aefeatures.store import layout, tables
+from aefeatures.quality.anomaly import anomaly_scores
 from aefeatures.config import InputConfig
-from aefeatures.embed import UserVectors, embed, encode
-from aefeatures.matrix import build_matrix
-from aefeatures.model import Autoencoder, AutoencoderShape, multinomial_nll
-from aefeatures.train import to_batch
-from aefeatures.read import read_interactions
+from aefeatures.model.embed import UserVectors, embed, encode
+from aefeatures.data.matrix import build_matrix
+from aefeatures.model.autoencoder import Autoencoder, AutoencoderShape, multinomial_nll
+from aefeatures.model.train import to_batch
+from aefeatures.data.read import read_interactions
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "interactions.parquet"
 
@@ -88,17 +88,17 @@ class RecordingVectors:
 
 
 def test_tables_written_in_row_groups_equal_the_whole_tables(tmp_path, monkeypatch, model, matrix, whole):
-    monkeypatch.setattr(store, "USERS_PER_ROW_GROUP", 300)
-    monkeypatch.setattr(store, "PAIRS_PER_ROW_GROUP", 5000)
+    monkeypatch.setattr(tables, "USERS_PER_ROW_GROUP", 300)
+    monkeypatch.setattr(tables, "PAIRS_PER_ROW_GROUP", 5000)
     emb = embed(model, matrix)
     recorded = RecordingVectors(whole[0])
     emb = type(emb)(recorded, emb.reconstruction_error, emb.item_vectors, emb.item_bias)
     created = datetime(2026, 5, 1, tzinfo=timezone.utc)
-    counts = store.write_tables(tmp_path, matrix, emb, name="m", version="v1", created=created)
+    counts = tables.write_tables(tmp_path, matrix, emb, name="m", version="v1", created=created)
     assert counts == {"users": 2030, "items": 500, "interactions": matrix.nnz}
     assert max(recorded.requests) == 300 and sum(recorded.requests) == 2030  # never all users at once
 
-    users = pq.ParquetFile(tmp_path / store.USERS)
+    users = pq.ParquetFile(tmp_path / layout.USERS)
     assert users.metadata.num_row_groups == 7
     table = users.read()
     assert table.schema.metadata[b"aefeatures.dim"] == b"8"
@@ -112,7 +112,7 @@ def test_tables_written_in_row_groups_equal_the_whole_tables(tmp_path, monkeypat
     np.testing.assert_array_equal(last_seen, matrix.user_last_seen)
     assert set(table.column("created_timestamp").to_pylist()) == {created}
 
-    pairs = pq.ParquetFile(tmp_path / store.INTERACTIONS)
+    pairs = pq.ParquetFile(tmp_path / layout.INTERACTIONS)
     assert pairs.metadata.num_row_groups > 5
     for g in range(pairs.metadata.num_row_groups):  # whole users in every row group
         group = pairs.read_row_group(g, columns=["user_row"]).column("user_row").to_numpy()
@@ -126,7 +126,7 @@ def test_tables_written_in_row_groups_equal_the_whole_tables(tmp_path, monkeypat
     assert table.column("user_id").to_pylist() == matrix.user_ids.gather(user_rows).to_list()
     assert table.column("item_id").to_pylist() == matrix.item_ids.gather(matrix.indices).to_list()
 
-    items = pq.read_table(tmp_path / store.ITEMS)
+    items = pq.read_table(tmp_path / layout.ITEMS)
     np.testing.assert_array_equal(items.column("popularity").to_numpy(), matrix.item_popularity())
     np.testing.assert_array_equal(items.column("bias").to_numpy(), emb.item_bias)
 
@@ -134,6 +134,6 @@ def test_tables_written_in_row_groups_equal_the_whole_tables(tmp_path, monkeypat
 def test_user_ranges_cover_every_user_once_in_order():
     indptr = np.array([0, 3, 3, 10, 11, 12, 20, 21])  # user 2 alone holds 7 pairs, user 1 none
     # A range closes at the first user boundary at or past each multiple of 4 pairs.
-    assert store._user_ranges(indptr, 4) == [(0, 3), (3, 5), (5, 6), (6, 7)]
-    assert store._user_ranges(indptr, 100) == [(0, 7)]
-    assert store._user_ranges(np.array([0]), 4) == []
+    assert tables._user_ranges(indptr, 4) == [(0, 3), (3, 5), (5, 6), (6, 7)]
+    assert tables._user_ranges(indptr, 100) == [(0, 7)]
+    assert tables._user_ranges(np.array([0]), 4) == []

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from aefeatures.evaluate import popularity_ranking, rank_by_embeddings, ranking_metrics, split_users, top_k
+from aefeatures.quality.evaluate import popularity_ranking, rank_by_embeddings, ranking_metrics, split_users, top_k
 
 
 def csr(rows):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import aefeatures
-from aefeatures.feast_export import export_feast_repo
+from aefeatures.export.feast import export_feast_repo
 
 pytest.importorskip("feast", reason="the optional `feast` extra is not installed")
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aefeatures import fused
+from aefeatures.model import kernels
 from aefeatures.config import InputConfig, ModelConfig
-from aefeatures.matrix import build_matrix
-from aefeatures.model import Autoencoder, AutoencoderShape, _BagSum, multinomial_nll
-from aefeatures.read import read_interactions
-from aefeatures.train import _Step, to_batch
+from aefeatures.data.matrix import build_matrix
+from aefeatures.model.autoencoder import Autoencoder, AutoencoderShape, _BagSum, multinomial_nll
+from aefeatures.data.read import read_interactions
+from aefeatures.model.train import _Step, to_batch
 from tests.conftest import FIXTURES
 
 CPU = torch.device("cpu")
@@ -25,9 +25,9 @@ def matrix():
                                                       weight_col="rating", min_weight=4.0)))
 
 
-def _poisoned_workspace(roles: dict[str, tuple[int, int]]) -> fused.Workspace:
+def _poisoned_workspace(roles: dict[str, tuple[int, int]]) -> kernels.Workspace:
     """A workspace whose buffers hold NaN, as a buffer left from another step may hold anything."""
-    workspace = fused.Workspace()
+    workspace = kernels.Workspace()
     for role, (rows, cols) in roles.items():
         workspace.take(role, rows, cols, torch.empty(0)).fill_(float("nan"))
     return workspace
@@ -44,7 +44,7 @@ def test_the_decoded_nll_equals_the_multinomial_nll_of_the_decoders_logits(matri
         params = [z, decoder.weight, decoder.bias]
         expected = multinomial_nll(decoder(z), batch)
         expected_grads = torch.autograd.grad((expected * upstream).sum(), params)
-        losses = fused.decoded_multinomial_nll(z, decoder, batch, workspace)
+        losses = kernels.decoded_multinomial_nll(z, decoder, batch, workspace)
         grads = torch.autograd.grad((losses * upstream).sum(), params)
         torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-4)
         for got, want in zip(grads, expected_grads):
@@ -55,7 +55,7 @@ def test_the_decoded_nll_is_stable_for_large_scores(matrix):
     batch = to_batch(matrix, np.arange(16), CPU)
     decoder = torch.nn.Linear(4, matrix.shape[1])
     z = torch.full((16, 4), 300.0)  # scores in the thousands: exp without the peak overflows
-    losses = fused.decoded_multinomial_nll(z, decoder, batch, fused.Workspace())
+    losses = kernels.decoded_multinomial_nll(z, decoder, batch, kernels.Workspace())
     assert torch.isfinite(losses).all()
     torch.testing.assert_close(losses, multinomial_nll(decoder(z), batch), rtol=1e-5, atol=1e-2)
 
@@ -148,9 +148,9 @@ def test_the_decoded_nll_with_bf16_products_stays_within_bf16_rounding_of_fp32(m
     params = [z, decoder.weight, decoder.bias]
     expected = multinomial_nll(decoder(z), batch)
     expected_grads = torch.autograd.grad(expected.sum(), params)
-    workspace = fused.Workspace(torch.bfloat16)
+    workspace = kernels.Workspace(torch.bfloat16)
     for _ in range(2):  # the second time through kept buffers
-        losses = fused.decoded_multinomial_nll(z, decoder, batch, workspace)
+        losses = kernels.decoded_multinomial_nll(z, decoder, batch, workspace)
         grads = torch.autograd.grad(losses.sum(), params)
         assert losses.dtype is torch.float32 and all(g.dtype is torch.float32 for g in grads)
         torch.testing.assert_close(losses, expected, rtol=5e-3, atol=0.0)

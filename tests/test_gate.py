@@ -8,12 +8,12 @@ import pytest
 from click.testing import CliRunner
 
 import aefeatures
-from aefeatures import store as store_mod
-from aefeatures.cli import cli
+from aefeatures.store import layout
+from aefeatures.cli.app import cli
 from aefeatures.config import GateConfig, load_job_config
 from aefeatures.errors import GateRefusedError
-from aefeatures.gate import check
-from aefeatures.jobs import run_job
+from aefeatures.quality.gate import check
+from aefeatures.jobs.run import run_job
 from tests.conftest import write_job
 
 
@@ -38,8 +38,8 @@ def test_a_bad_model_is_refused_and_latest_stays_on_the_good_version(tmp_path):
     with pytest.raises(GateRefusedError, match="quality gate refused version") as caught:
         run_job(load_job_config(bad_job), progress=False)
     root = tmp_path / "store"
-    assert store_mod.live_version(root, "movies") == good.version
-    assert store_mod.list_versions(root, "movies") == [good.version]
+    assert layout.live_version(root, "movies") == good.version
+    assert layout.list_versions(root, "movies") == [good.version]
     kept = root / "movies" / "refused" / caught.value.version
     assert (kept / "manifest.json").is_file() and (kept / "report.html").is_file()
     assert not json.loads((kept / "manifest.json").read_text())["gate"]["passed"]

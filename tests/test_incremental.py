@@ -10,13 +10,13 @@ import pytest
 from click.testing import CliRunner
 
 import aefeatures
-from aefeatures.cli import cli
+from aefeatures.cli.app import cli
 from aefeatures.config import load_job_config
-from aefeatures.embed import encode
-from aefeatures.incremental import embed_job
-from aefeatures.jobs import run_job
-from aefeatures.matrix import CSR
-from aefeatures.model import load_model
+from aefeatures.model.embed import encode
+from aefeatures.jobs.embed import embed_job
+from aefeatures.jobs.run import run_job
+from aefeatures.data.matrix import CSR
+from aefeatures.model.autoencoder import load_model
 from tests.conftest import FIXTURES, write_job
 
 FAST = {"epochs": 3, "dim": 16, "hidden": [32]}

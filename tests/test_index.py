@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aefeatures.index import (build_index, factory_string, item_queries, item_rows, load_index, on_sphere,
+from aefeatures.store.index import (build_index, factory_string, item_queries, item_rows, load_index, on_sphere,
                               save_index, search, stored_rows, user_queries)
 
 
@@ -85,5 +85,5 @@ def test_search_effort_rises_until_the_recall_target_is_met(tmp_path):
         if plain.recall_at_10 < 0.99:
             assert tuned.search[knob] > plain.search[knob] and tuned.recall_at_10 > plain.recall_at_10
         save_index(tuned.index, tmp_path / "index.faiss")
-        from aefeatures.index import search_effort
+        from aefeatures.store.index import search_effort
         assert search_effort(load_index(tmp_path / "index.faiss")) == tuned.search  # saved with it

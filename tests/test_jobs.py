@@ -13,13 +13,13 @@ import pytest
 from click.testing import CliRunner
 
 import aefeatures
-from aefeatures import store as store_mod
-from aefeatures.cli import cli
+from aefeatures.store import layout
+from aefeatures.cli.app import cli
 from aefeatures.config import load_job_config
 from aefeatures.errors import LockHeldError
-from aefeatures.jobs import run_job
-from aefeatures.lock import LOCK_FILE, feature_set_lock
-from aefeatures.runlog import read_runs
+from aefeatures.jobs.run import run_job
+from aefeatures.jobs.lock import LOCK_FILE, feature_set_lock
+from aefeatures.store.runlog import read_runs
 from tests.conftest import REPO, write_job
 
 FAST = {"epochs": 3, "dim": 16, "hidden": [32]}
@@ -38,10 +38,10 @@ def test_an_unchanged_input_and_config_is_up_to_date(job, tmp_path):
     again = runner.invoke(cli, ["run", str(job)])
     assert again.exit_code == 0 and "is up to date" in again.stdout
     root = tmp_path / "store"
-    assert len(store_mod.list_versions(root, "movies")) == 1
+    assert len(layout.list_versions(root, "movies")) == 1
     forced = runner.invoke(cli, ["run", "--force", str(job)])
     assert forced.exit_code == 0 and "published movies version" in forced.stdout
-    assert len(store_mod.list_versions(root, "movies")) == 2
+    assert len(layout.list_versions(root, "movies")) == 2
     assert [r["status"] for r in read_runs(root / "movies")] == ["published", "up_to_date", "published"]
 
 
@@ -98,7 +98,7 @@ def test_a_run_killed_at_any_point_leaves_a_readable_store(job, tmp_path, point)
     after = run_job(load_job_config(job), force=True, progress=False)  # the next run succeeds ...
     assert aefeatures.open_store(root)["movies"].version == after.version
     assert not any((root / "movies" / ".staging").iterdir())  # ... and cleans the leftovers
-    assert store_mod.list_versions(root, "movies") == [good.version, after.version]
+    assert layout.list_versions(root, "movies") == [good.version, after.version]
 
 
 def test_sigterm_stops_a_run_cleanly(job, tmp_path):
@@ -113,8 +113,8 @@ def test_sigterm_stops_a_run_cleanly(job, tmp_path):
 
 
 def test_cli_turns_sigterm_into_exit_143(job, tmp_path):
-    script = ("import os, signal, sys, aefeatures.train as t\n"
-              "from aefeatures.cli import main\n"
+    script = ("import os, signal, sys, aefeatures.model.train as t\n"
+              "from aefeatures.cli.app import main\n"
               "real = t._epoch\n"
               "def epoch(*a):\n    os.kill(os.getpid(), signal.SIGTERM)\n    return real(*a)\n"
               "t._epoch = epoch\n"
@@ -135,8 +135,8 @@ def test_retention_keeps_the_newest_versions_and_never_the_live_one(tmp_path):
     versions = [run_job(job, force=True, progress=False).version for _ in range(3)]
     versions.append(run_job(load_job_config(kept), progress=False).version)
     root = tmp_path / "store"
-    assert store_mod.list_versions(root, "movies") == versions[-2:]
-    assert store_mod.live_version(root, "movies") == versions[-1]
+    assert layout.list_versions(root, "movies") == versions[-2:]
+    assert layout.live_version(root, "movies") == versions[-1]
     assert read_runs(root / "movies")[-1]["removed_by_retention"] == [f"versions/{v}" for v in versions[:2]]
     con = duckdb.connect()
     con.execute((root / "catalog.sql").read_text())

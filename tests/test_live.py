@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from aefeatures import errors, store
-from aefeatures.live import LiveStore
+from aefeatures import errors
+from aefeatures.store import layout, publish
+from aefeatures.serving.live import LiveStore
 
 
 @pytest.fixture
@@ -25,10 +26,10 @@ def test_a_moved_latest_switches_and_old_objects_keep_answering(store_copy):
     before = old.recommend(user, 5).ids.tolist()
     version = old.version
     copy = "29991231T000000.000000Z"  # a later version id: same content, other name
-    shutil.copytree(store_copy / "movies" / store.VERSIONS / version, store_copy / "movies" / store.VERSIONS / copy)
-    store.atomic_write(store_copy / "movies" / store.LATEST, copy + "\n")
+    shutil.copytree(store_copy / "movies" / layout.VERSIONS / version, store_copy / "movies" / layout.VERSIONS / copy)
+    publish.atomic_write(store_copy / "movies" / layout.LATEST, copy + "\n")
     assert live.refresh() == ["movies"] and live.get("movies").version == copy
-    shutil.rmtree(store_copy / "movies" / store.VERSIONS / version)  # retention, say
+    shutil.rmtree(store_copy / "movies" / layout.VERSIONS / version)  # retention, say
     assert old.recommend(user, 5).ids.tolist() == before  # a request holding the old one finishes
     assert live.refresh() == []
 
@@ -36,7 +37,7 @@ def test_a_moved_latest_switches_and_old_objects_keep_answering(store_copy):
 def test_a_version_that_cannot_load_leaves_the_previous_one_serving(store_copy, caplog):
     live = LiveStore(store_copy)
     version = live.get("movies").version
-    store.atomic_write(store_copy / "movies" / store.LATEST, "29991231T000000.000000Z\n")  # no such folder
+    publish.atomic_write(store_copy / "movies" / layout.LATEST, "29991231T000000.000000Z\n")  # no such folder
     assert live.refresh() == []
     assert live.get("movies").version == version
     assert "could not load feature set movies" in caplog.text
@@ -57,8 +58,8 @@ def test_the_follower_thread_picks_up_a_publish(store_copy):
     try:
         version = live.get("movies").version
         copy = "29991231T000000.000000Z"
-        shutil.copytree(store_copy / "movies" / store.VERSIONS / version, store_copy / "movies" / store.VERSIONS / copy)
-        store.atomic_write(store_copy / "movies" / store.LATEST, copy + "\n")
+        shutil.copytree(store_copy / "movies" / layout.VERSIONS / version, store_copy / "movies" / layout.VERSIONS / copy)
+        publish.atomic_write(store_copy / "movies" / layout.LATEST, copy + "\n")
         for _ in range(600):
             if live.get("movies").version == copy:
                 break

@@ -9,7 +9,7 @@ import pytest
 import aefeatures
 from aefeatures.config import load_job_config
 from aefeatures.errors import NotFoundError, StoreError
-from aefeatures.jobs import run_job
+from aefeatures.jobs.run import run_job
 from tests.conftest import write_job
 
 

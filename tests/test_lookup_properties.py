@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import aefeatures
-from aefeatures import store
-from aefeatures.embed import Embeddings
-from aefeatures.index import build_index, item_rows, save_index
-from aefeatures.matrix import build_matrix
-from aefeatures.read import Interactions
+from aefeatures.store import layout, publish, tables
+from aefeatures.model.embed import Embeddings
+from aefeatures.store.index import build_index, item_rows, save_index
+from aefeatures.data.matrix import build_matrix
+from aefeatures.data.read import Interactions
 
 # IVF2 is searched with nprobe = 1 below, so it often finds fewer than k candidates (FAISS pads
 # with -1): the lookups must notice and still answer exactly.
@@ -38,14 +38,14 @@ def make_store(root, seed: int, n_users: int, n_items: int, dim: int, kind: str)
                      rng.normal(size=(matrix.shape[1], dim)).astype(np.float32),
                      rng.normal(size=matrix.shape[1]).astype(np.float32))
     version = f"v{seed}"
-    with store.staged_version(root, "p", version) as staging:
-        store.write_tables(staging, matrix, emb, name="p", version=version, created=datetime.now(timezone.utc))
+    with publish.staged_version(root, "p", version) as staging:
+        tables.write_tables(staging, matrix, emb, name="p", version=version, created=datetime.now(timezone.utc))
         index = build_index(item_rows(emb.item_vectors, emb.item_bias), kind).index
         if kind.startswith("IVF"):
             faiss.extract_index_ivf(index).nprobe = 1
-        save_index(index, staging / store.INDEX)
-        store.write_manifest(staging, {"dim": dim, "counts": {}, "version": version})
-        store.publish(root, "p", staging)
+        save_index(index, staging / layout.INDEX)
+        publish.write_manifest(staging, {"dim": dim, "counts": {}, "version": version})
+        publish.publish(root, "p", staging)
     return aefeatures.open_store(root)["p"], matrix
 
 

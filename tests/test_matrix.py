@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aefeatures.config import InputConfig
-from aefeatures.matrix import _sorted, _sorting_order, build_matrix, code_ids, collapse_pairs
-from aefeatures.read import Interactions, read_interactions
+from aefeatures.data.matrix import _sorted, _sorting_order, build_matrix, code_ids, collapse_pairs
+from aefeatures.data.read import Interactions, read_interactions
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "interactions.parquet"
 UTC = pl.Datetime("us", "UTC")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aefeatures.optim import LazyAdam
+from aefeatures.model.optim import LazyAdam
 
 
 def _sparse_loss(weight: torch.Tensor, bias: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import aefeatures
-from aefeatures import store as store_mod
+from aefeatures.store import layout, publish
 from aefeatures.config import load_job_config
-from aefeatures.index import load_index, search, user_queries
-from aefeatures.jobs import run_job
-from aefeatures.matrix import build_matrix
-from aefeatures.model import load_model
-from aefeatures.read import read_interactions
-from aefeatures.train import to_batch
+from aefeatures.store.index import load_index, search, user_queries
+from aefeatures.jobs.run import run_job
+from aefeatures.data.matrix import build_matrix
+from aefeatures.model.autoencoder import load_model
+from aefeatures.data.read import read_interactions
+from aefeatures.model.train import to_batch
 from tests.conftest import FIXTURES, write_job
 
 
@@ -52,14 +52,14 @@ def test_exact_faiss_top10_equals_the_models_own_top10(trained):
     root, result = trained
     cfg = load_job_config(write_job(result.path.parent.parent.parent.parent, filename="again.toml"))
     matrix = build_matrix(read_interactions(cfg.input))
-    model = load_model(result.path / store_mod.MODEL_DIR)
+    model = load_model(result.path / layout.MODEL_DIR)
     rows = np.random.default_rng(1).choice(matrix.shape[0], 200, replace=False)
     with torch.no_grad():
         batch = to_batch(matrix, rows, torch.device("cpu"))
         logits = model.decoder(model.encode(batch)[0]).numpy()
     users = pq.read_table(result.path / "users.parquet").column("embedding")
     vectors = np.stack(users.to_numpy(zero_copy_only=False))[rows].astype(np.float32)
-    scores, found = search(load_index(result.path / store_mod.INDEX), user_queries(vectors), 10)
+    scores, found = search(load_index(result.path / layout.INDEX), user_queries(vectors), 10)
     model_top = np.argsort(-logits, axis=1, kind="stable")[:, :10]
     for r in range(len(rows)):
         if set(found[r]) != set(model_top[r]):  # only a float tie at the 10th place may differ
@@ -92,7 +92,7 @@ def test_published_tables_follow_the_schema(trained):
 def test_index_rows_are_item_rows_with_the_bias_folded_in(trained):
     _, result = trained
     items = pq.read_table(result.path / "items.parquet")
-    index = load_index(result.path / store_mod.INDEX)
+    index = load_index(result.path / layout.INDEX)
     vectors = np.stack(items.column("embedding").to_numpy(zero_copy_only=False))
     expected = np.hstack([vectors, items.column("bias").to_numpy()[:, None]])
     assert index.ntotal == items.num_rows
@@ -148,7 +148,7 @@ def test_string_ids_end_to_end(tmp_path):
 
 def _store_state(root):
     folder = root / "movies"
-    return ((folder / "LATEST").read_text(), store_mod.list_versions(root, "movies"),
+    return ((folder / "LATEST").read_text(), layout.list_versions(root, "movies"),
             sorted(p.name for p in (folder / ".staging").iterdir()) if (folder / ".staging").exists() else [])
 
 
@@ -162,10 +162,10 @@ def test_failure_mid_publish_keeps_the_previous_version_live(tmp_path, monkeypat
         raise OSError("disk full (injected)")
 
     if fail_at == "index":
-        monkeypatch.setattr("aefeatures.jobs.save_index", boom)
+        monkeypatch.setattr("aefeatures.jobs.run.save_index", boom)
     else:  # the version is complete and renamed in, but LATEST cannot be replaced
-        real = store_mod.atomic_write
-        monkeypatch.setattr(store_mod, "atomic_write",
+        real = publish.atomic_write
+        monkeypatch.setattr(publish, "atomic_write",
                             lambda path, text: boom() if path.name == "LATEST" else real(path, text))
     with pytest.raises(OSError, match="injected"):
         run_job(job, force=True, progress=False)
@@ -216,7 +216,7 @@ def test_without_timestamps_event_time_is_the_runs_time(tmp_path):
 
 def test_asking_for_cuda_without_one_is_a_config_error(monkeypatch):
     from aefeatures.errors import BadInputError
-    from aefeatures.train import select_device
+    from aefeatures.model.train import select_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(BadInputError, match="no CUDA device is available"):

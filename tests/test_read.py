@@ -12,8 +12,8 @@ import pytest
 
 from aefeatures import errors
 from aefeatures.config import InputConfig
-from aefeatures.matrix import build_matrix
-from aefeatures.read import InputFile, read_interactions
+from aefeatures.data.matrix import build_matrix
+from aefeatures.data.read import InputFile, read_interactions
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 FIXTURE = FIXTURES / "interactions.parquet"

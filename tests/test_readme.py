@@ -12,7 +12,7 @@ import duckdb
 import pytest
 
 from aefeatures.config import JobConfig, load_job_config, tomllib
-from aefeatures.jobs import run_job
+from aefeatures.jobs.run import run_job
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()
@@ -61,7 +61,7 @@ def test_sql_examples_run(example_store):
 def test_sql_command_example_runs(example_store, monkeypatch):
     from click.testing import CliRunner
 
-    from aefeatures.cli import cli
+    from aefeatures.cli.app import cli
 
     monkeypatch.chdir(example_store)
     (line,) = [b for b in _blocks("bash") if b.startswith("aefeatures sql -") and "\n" not in b.strip()]

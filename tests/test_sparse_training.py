@@ -12,15 +12,16 @@ import torch
 import torch.nn.functional as F
 
 import aefeatures
-from aefeatures import errors, store
+from aefeatures import errors
+from aefeatures.store import layout
 from aefeatures.config import InputConfig, ModelConfig, load_job_config
-from aefeatures.embed import encode
-from aefeatures.jobs import run_job
-from aefeatures.matrix import build_matrix
-from aefeatures.model import (Autoencoder, AutoencoderShape, _BagSum, _hits_by_entries, _hits_by_pairs, load_model,
+from aefeatures.model.embed import encode
+from aefeatures.jobs.run import run_job
+from aefeatures.data.matrix import build_matrix
+from aefeatures.model.autoencoder import (Autoencoder, AutoencoderShape, _BagSum, _hits_by_entries, _hits_by_pairs, load_model,
                               multinomial_nll, sampled_multinomial_nll, save_model)
-from aefeatures.read import read_interactions
-from aefeatures.train import _Step, sparse_updates, to_batch, train
+from aefeatures.data.read import read_interactions
+from aefeatures.model.train import _Step, sparse_updates, to_batch, train
 from tests.conftest import FIXTURES, write_job
 
 # The fixture's ~500 items are above a lowered threshold, so the sampled softmax (and with it,
@@ -129,11 +130,11 @@ def test_an_unknown_sparse_updates_value_is_refused_when_the_job_loads(tmp_path)
 
 
 def test_weight_decay_with_sparse_updates_warns_that_it_skips_the_item_layers(matrix, caplog):
-    with caplog.at_level("WARNING", logger="aefeatures.train"):
+    with caplog.at_level("WARNING", logger="aefeatures.model.train"):
         _step(matrix, weight_decay=0.01)
     assert "model.weight_decay = 0.01 decays the encoder layers only" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="aefeatures.train"):
+    with caplog.at_level("WARNING", logger="aefeatures.model.train"):
         _step(matrix, weight_decay=0.01, sparse_updates="off")
     assert caplog.text == ""
 
@@ -183,7 +184,7 @@ def test_a_model_trained_with_sparse_updates_saves_loads_and_scores_like_any(mat
 
 def test_published_embeddings_are_the_loaded_models_encoding(runs, matrix):
     _, result = runs["on"]
-    model = load_model(result.path / store.MODEL_DIR)
+    model = load_model(result.path / layout.MODEL_DIR)
     users = pq.read_table(result.path / "users.parquet").column("embedding")
     published = np.stack(users.to_numpy(zero_copy_only=False)).astype(np.float32)
     vectors, _ = encode(model, matrix.csr)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import aefeatures
-from aefeatures.sqlviews import render_views
+from aefeatures.export.catalog import render_views
 
 
 @pytest.fixture()

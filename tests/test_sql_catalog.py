@@ -14,10 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 import aefeatures
-from aefeatures.cli import cli
+from aefeatures.cli.app import cli
 from aefeatures.config import load_job_config
-from aefeatures.jobs import run_job
-from aefeatures.sqlviews import connect
+from aefeatures.jobs.run import run_job
+from aefeatures.export.catalog import connect
 from tests.conftest import write_job
 
 NO_GATE = {"beat_popularity": False, "min_ratio": 0.0}

@@ -8,12 +8,12 @@ import torch
 
 import aefeatures
 from aefeatures.config import ModelConfig, load_job_config
-from aefeatures.jobs import run_job
-from aefeatures.matrix import build_matrix
-from aefeatures.read import read_interactions
+from aefeatures.jobs.run import run_job
+from aefeatures.data.matrix import build_matrix
+from aefeatures.data.read import read_interactions
 from aefeatures.config import InputConfig
-from aefeatures.matrix import CSR
-from aefeatures.train import DeviceCSR, kl_weight, to_batch, train
+from aefeatures.data.matrix import CSR
+from aefeatures.model.train import DeviceCSR, kl_weight, to_batch, train
 from tests.conftest import FIXTURES, write_job
 
 
@@ -78,7 +78,7 @@ def test_a_sampled_softmax_above_the_item_threshold_beats_popularity(tmp_path, c
     # The fixture's ~500 items are above a lowered threshold: training scores 64 shared
     # negatives per batch instead of the whole catalogue.
     model = {"epochs": 30, "full_softmax_max_items": 100, "sampled_negatives": 64}
-    with caplog.at_level("INFO", logger="aefeatures.train"):
+    with caplog.at_level("INFO", logger="aefeatures.model.train"):
         result = run_job(load_job_config(write_job(tmp_path, model=model)), progress=False)
     assert "training with a sampled softmax over 64 shared negatives" in caplog.text
     ev = result.manifest["evaluation"]
@@ -99,7 +99,7 @@ def test_training_options_are_checked_when_the_job_loads(tmp_path, key, value, r
 
 
 def test_bf16_autocast_is_chosen_only_where_asked_or_on_cuda():
-    from aefeatures.train import autocast_dtype
+    from aefeatures.model.train import autocast_dtype
 
     cpu = torch.device("cpu")
     assert autocast_dtype("fp32", cpu) is None and autocast_dtype("auto", cpu) is None

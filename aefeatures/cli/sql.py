@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from aefeatures.cli import (EXIT_CODES_HELP, _json_default, _write_parquet_atomically, cli, name_option,
+from aefeatures.cli.app import (EXIT_CODES_HELP, _json_default, _write_parquet_atomically, cli, name_option,
                             store_option)
 from aefeatures.errors import BadInputError
 
@@ -35,7 +35,7 @@ def sql(store_dir: Path, command: str | None, file: Path | None, params: tuple[s
     """
     import duckdb
 
-    from aefeatures.sqlviews import connect, parse_param
+    from aefeatures.export.catalog import connect, parse_param
 
     if command is not None and file is not None:
         raise click.UsageError("pass -c or -f, not both")
@@ -116,8 +116,8 @@ def _write_frame(frame, fmt: str, output: Path | None) -> None:
 def feast_export(store_dir: Path, name: str | None, output: Path) -> None:
     """Write a Feast feature repository (Entity, FileSource, FeatureView with the embedding as
     Array(Float32)) over the live version's users and items. Export again after a publish."""
-    from aefeatures.feast_export import export_feast_repo
-    from aefeatures.lookup import open_store
+    from aefeatures.export.feast import export_feast_repo
+    from aefeatures.serving.lookup import open_store
 
     name = name or open_store(store_dir).default_name()
     for path in export_feast_repo(store_dir, name, output):

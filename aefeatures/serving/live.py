@@ -13,8 +13,9 @@ import logging
 import threading
 from pathlib import Path
 
-from aefeatures import errors, store
-from aefeatures.lookup import FeatureSet
+from aefeatures import errors
+from aefeatures.store import layout
+from aefeatures.serving.lookup import FeatureSet
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def pointed_versions(root: Path) -> dict[str, str]:
     """``{name: version}`` the LATEST pointers of the store at ``root`` name (nothing loaded)."""
     if not root.is_dir():
         raise errors.StoreError(f"store `{root}` does not exist. Run a job first or pass an existing `--store`.")
-    return {name: store.live_version(root, name) for name in store.feature_sets(root)}
+    return {name: layout.live_version(root, name) for name in layout.feature_sets(root)}
 
 
 class LiveStore:
@@ -56,10 +57,10 @@ class LiveStore:
         logged and retried at the next refresh; the previous one keeps serving meanwhile.
         """
         switched = []
-        for name in store.feature_sets(self.root):
+        for name in layout.feature_sets(self.root):
             current = self._sets.get(name)
             try:
-                version = store.live_version(self.root, name)
+                version = layout.live_version(self.root, name)
                 if current is not None and current.version == version:
                     continue
                 loaded = FeatureSet(self.root, name, version).load()

@@ -13,13 +13,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from aefeatures import distributed, errors, fused
+from aefeatures import errors
+from aefeatures.model import distributed
+from aefeatures.model import kernels
 from aefeatures.config import ModelConfig
-from aefeatures.evaluate import KEY_METRIC
-from aefeatures.matrix import CSR, InteractionMatrix
-from aefeatures.model import (Autoencoder, AutoencoderShape, Noise, SparseBatch, kl_divergence,
+from aefeatures.quality.evaluate import KEY_METRIC
+from aefeatures.data.matrix import CSR, InteractionMatrix
+from aefeatures.model.autoencoder import (Autoencoder, AutoencoderShape, Noise, SparseBatch, kl_divergence,
                               multinomial_nll, sampled_multinomial_nll)
-from aefeatures.optim import DenseAndLazyAdam, LazyAdam
+from aefeatures.model.optim import DenseAndLazyAdam, LazyAdam
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ def select_device(requested: str) -> torch.device:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 for autocast, or None for plain fp32. ``auto`` picks bf16 on CUDA devices that have
     it. On CPUs it stays fp32; ``bf16`` there runs the decoder's products in bf16 inside the
-    fused kernel (:class:`aefeatures.fused.Workspace`): on a CPU with bf16 matrix units 12-15%
+    fused kernel (:class:`aefeatures.model.kernels.Workspace`): on a CPU with bf16 matrix units 12-15%
     faster per step at the ML-20M shape, same validation NDCG within 0.001. Not the default:
     the gain is modest, and on CPUs without those units bf16 products are slower."""
     if precision == "bf16":
@@ -132,7 +134,7 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     best epoch's weights are restored. Seeded: the same matrix and config give the same
     weights on the same device. ``progress=None`` shows a bar only on a terminal.
 
-    In a torchrun process group (:mod:`aefeatures.distributed`) every rank calls this with its
+    In a torchrun process group (:mod:`aefeatures.model.distributed`) every rank calls this with its
     own shard of users (the same items): each step every rank trains on ``cfg.batch_size /
     world_size`` of its users and the gradients are averaged, so one step sees a global batch of
     ``cfg.batch_size`` users. Every rank runs ``validate``, which must combine all ranks'
@@ -254,11 +256,11 @@ class _Step:
         self.optimizer = _adam(model, cfg, sparse=lazy if self.sparse else [])
         low_precision = autocast_dtype(cfg.precision, device)
         # On a CPU the step's largest intermediates go into buffers kept from step to step
-        # (aefeatures.fused), and with bf16 the decoder's products run in bf16 there; only the
+        # (aefeatures.model.kernels), and with bf16 the decoder's products run in bf16 there; only the
         # sampled softmax, which does not use them, keeps autocast. GPUs keep torch's own
         # kernels, with bf16 autocast and compile.
         on_cpu = device.type == "cpu" and not cfg.compile
-        self.workspace = fused.Workspace(low_precision or torch.float32) if on_cpu else None
+        self.workspace = kernels.Workspace(low_precision or torch.float32) if on_cpu else None
         self.autocast = None if self.workspace is not None and not sampled else low_precision
         model.workspace = None if self.sparse else self.workspace
         # Every rank draws its own dropout masks and vae noise, from a seed of its own.
@@ -287,7 +289,7 @@ class _Step:
         """(users,) loss of each user of this rank's slice."""
         if self.sampler is None and self.workspace is not None:
             z, mean, logvar = self.net(batch, noise, decode=False)
-            losses = fused.decoded_multinomial_nll(z, self.model.decoder, batch, self.workspace)
+            losses = kernels.decoded_multinomial_nll(z, self.model.decoder, batch, self.workspace)
         elif self.sampler is None:
             logits, mean, logvar = self.net(batch, noise)
             losses = multinomial_nll(logits, batch)
@@ -334,7 +336,7 @@ def sparse_updates(cfg: ModelConfig, *, sampled: bool, under_torchrun: bool) -> 
     all-reduces the decoder's gradient as a dense one and fails on a sparse one.
 
     ``auto`` leaves the full softmax dense: there the decoder's gradient is dense anyway, and
-    with the dense input layer's gradient written into a kept buffer (:mod:`aefeatures.fused`)
+    with the dense input layer's gradient written into a kept buffer (:mod:`aefeatures.model.kernels`)
     a step at the ML-20M shape (26,744 items, batch 512, 2 cores) takes ~111 ms against ~190 ms
     with sparse updates.
 
@@ -354,7 +356,7 @@ def sparse_updates(cfg: ModelConfig, *, sampled: bool, under_torchrun: bool) -> 
 
 def _adam(model: Autoencoder, cfg: ModelConfig, *,
           sparse: list[torch.nn.Parameter]) -> torch.optim.Optimizer | DenseAndLazyAdam:
-    """Adam over ``model``'s parameters, lazy over those in ``sparse`` (:mod:`aefeatures.optim`)."""
+    """Adam over ``model``'s parameters, lazy over those in ``sparse`` (:mod:`aefeatures.model.optim`)."""
     dense = [p for p in model.parameters() if not any(p is q for q in sparse)]
     if not sparse:
         return _fused_adam(dense, cfg)

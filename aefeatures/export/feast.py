@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aefeatures import store
+from aefeatures.store import layout, publish
 
 _ID_TYPES = {"Int64": ("INT64", "Int64"), "String": ("STRING", "String")}
 
@@ -81,19 +81,19 @@ entity_key_serialization_version: 3
 
 def export_feast_repo(root: Path, name: str, output: Path, *, ttl_days: int = 3650) -> list[Path]:
     """Write `feature_store.yaml` and `<name>_features.py` into ``output``; return the paths."""
-    version = store.live_version(root, name)
-    folder = store.version_dir(root, name, version).resolve()
-    manifest = store.read_manifest(folder)
+    version = layout.live_version(root, name)
+    folder = layout.version_dir(root, name, version).resolve()
+    manifest = layout.read_manifest(folder)
     user_value, user_type = _ID_TYPES[manifest["id_types"]["user"]]
     item_value, item_type = _ID_TYPES[manifest["id_types"]["item"]]
     output.mkdir(parents=True, exist_ok=True)
     repo = _REPO.format(
         name=name, version=version, dim=manifest["dim"], ttl_days=ttl_days,
-        users=str(folder / store.USERS), items=str(folder / store.ITEMS),
+        users=str(folder / layout.USERS), items=str(folder / layout.ITEMS),
         user_value=user_value, item_value=item_value, user_type=user_type, item_type=item_type,
         extra_type="" if item_type == user_type else f", {item_type}",
     )
     paths = [output / "feature_store.yaml", output / f"{name}_features.py"]
-    store.atomic_write(paths[0], _STORE_YAML.format(name=name))
-    store.atomic_write(paths[1], repo)
+    publish.atomic_write(paths[0], _STORE_YAML.format(name=name))
+    publish.atomic_write(paths[1], repo)
     return paths

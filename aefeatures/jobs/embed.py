@@ -18,13 +18,14 @@ from typing import Any
 
 import polars as pl
 
-from aefeatures import errors, store
+from aefeatures import errors
+from aefeatures.store import layout, publish, tables
 from aefeatures.config import JobConfig
-from aefeatures.embed import embed
-from aefeatures.jobs import RunResult, _refresh_sql_catalog, _timed, scheduled
-from aefeatures.matrix import build_matrix
-from aefeatures.model import load_model
-from aefeatures.read import Interactions, read_interactions
+from aefeatures.model.embed import embed
+from aefeatures.jobs.run import RunResult, _refresh_sql_catalog, _timed, scheduled
+from aefeatures.data.matrix import build_matrix
+from aefeatures.model.autoencoder import load_model
+from aefeatures.data.read import Interactions, read_interactions
 from aefeatures.schema import ITEM, USER
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def embed_job(cfg: JobConfig, *, force: bool = False) -> RunResult:
     """
     def work(fingerprint: str, live: dict[str, Any] | None) -> RunResult:
         if live is None:
-            raise errors.no_feature_set(cfg.job.store, cfg.job.name, store.feature_sets(cfg.job.store))
+            raise errors.no_feature_set(cfg.job.store, cfg.job.name, layout.feature_sets(cfg.job.store))
         return _embed_and_publish(cfg, fingerprint, live)
 
     return scheduled(cfg, "embed", "embed_fingerprint", work, force=force)
@@ -49,24 +50,24 @@ def embed_job(cfg: JobConfig, *, force: bool = False) -> RunResult:
 def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -> RunResult:
     created = datetime.now(timezone.utc)
     root, name = cfg.job.store, cfg.job.name
-    source = store.version_dir(root, name, live["version"])
+    source = layout.version_dir(root, name, live["version"])
     timings: dict[str, float] = {}
     with _timed(timings, "read"):
         interactions = read_interactions(cfg.input)
     with _timed(timings, "matrix"):
-        known = pl.read_parquet(source / store.ITEMS, columns=[ITEM]).get_column(ITEM)
+        known = pl.read_parquet(source / layout.ITEMS, columns=[ITEM]).get_column(ITEM)
         kept, unknown_only = _known_items_only(interactions, known)
         matrix = build_matrix(kept, binarize=cfg.input.binarize, item_ids=known)
     with _timed(timings, "embed"):
-        model = load_model(source / store.MODEL_DIR)
+        model = load_model(source / layout.MODEL_DIR)
         emb = embed(model, matrix)
 
-    version = store.new_version_id(root, name, created)
-    with store.staged_version(root, name, version) as staging:
+    version = layout.new_version_id(root, name, created)
+    with publish.staged_version(root, name, version) as staging:
         with _timed(timings, "write"):
-            counts = store.write_tables(staging, matrix, emb, name=name, version=version, created=created)
-            shutil.copytree(source / store.MODEL_DIR, staging / store.MODEL_DIR, copy_function=_link_or_copy)
-            _link_or_copy(source / store.INDEX, staging / store.INDEX)
+            counts = tables.write_tables(staging, matrix, emb, name=name, version=version, created=created)
+            shutil.copytree(source / layout.MODEL_DIR, staging / layout.MODEL_DIR, copy_function=_link_or_copy)
+            _link_or_copy(source / layout.INDEX, staging / layout.INDEX)
         manifest = {
             **live,
             "version": version,
@@ -81,8 +82,8 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -
             "timings": timings,
         }
         with _timed(timings, "publish"):
-            store.write_manifest(staging, manifest)
-            final = store.publish(root, name, staging)
+            publish.write_manifest(staging, manifest)
+            final = publish.publish(root, name, staging)
             _refresh_sql_catalog(root)
     if unknown_only:
         log.info("%d user(s) have only items the model does not know and got no embedding, e.g. %s",

@@ -17,9 +17,10 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from aefeatures import errors, store
-from aefeatures.evaluate import KEY_METRIC
-from aefeatures.index import item_queries, item_rows, load_index, search, stored_rows, user_queries
+from aefeatures import errors
+from aefeatures.store import layout
+from aefeatures.quality.evaluate import KEY_METRIC
+from aefeatures.store.index import item_queries, item_rows, load_index, search, stored_rows, user_queries
 
 
 class Neighbours(NamedTuple):
@@ -66,8 +67,8 @@ class FeatureSet:
 
     def __init__(self, root: Path, name: str, version: str):
         self.root, self.name, self.version = root, name, version
-        self.path = store.version_dir(root, name, version)
-        self.manifest = store.read_manifest(self.path)
+        self.path = layout.version_dir(root, name, version)
+        self.manifest = layout.read_manifest(self.path)
         self.dim: int = int(self.manifest["dim"])
 
     def __repr__(self) -> str:
@@ -77,12 +78,12 @@ class FeatureSet:
 
     @cached_property
     def _users(self) -> tuple[IdIndex, np.ndarray]:
-        table = pq.read_table(self.path / store.USERS, columns=["user_id", "embedding"])
+        table = pq.read_table(self.path / layout.USERS, columns=["user_id", "embedding"])
         return IdIndex(_ids(table.column("user_id"))), _matrix(table.column("embedding"), self.dim)
 
     @cached_property
     def _item_ids(self) -> IdIndex:
-        return IdIndex(_ids(pq.read_table(self.path / store.ITEMS, columns=["item_id"]).column("item_id")))
+        return IdIndex(_ids(pq.read_table(self.path / layout.ITEMS, columns=["item_id"]).column("item_id")))
 
     @cached_property
     def _item_vectors(self) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +93,7 @@ class FeatureSet:
         rows = self._stored_rows
         if rows is not None and rows.shape == (self.n_items, self.dim + 1):
             return rows[:, : self.dim], rows[:, self.dim]
-        table = pq.read_table(self.path / store.ITEMS, columns=["embedding", "bias"])
+        table = pq.read_table(self.path / layout.ITEMS, columns=["embedding", "bias"])
         return _matrix(table.column("embedding"), self.dim), table.column("bias").to_numpy()
 
     def _index_holds_items(self) -> bool:
@@ -107,7 +108,7 @@ class FeatureSet:
     def _seen(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(indptr (n_users + 1,), item rows, codes): what each user already has, as a CSR and
         as sorted ``user_row * n_items + item_row`` codes for vectorised membership tests."""
-        table = pq.read_table(self.path / store.INTERACTIONS, columns=["user_row", "item_row"])
+        table = pq.read_table(self.path / layout.INTERACTIONS, columns=["user_row", "item_row"])
         users = table.column("user_row").to_numpy().astype(np.int64)
         items = table.column("item_row").to_numpy()
         indptr = np.zeros(self.n_users + 1, np.int64)
@@ -116,15 +117,15 @@ class FeatureSet:
 
     @cached_property
     def index(self):
-        return load_index(self.path / store.INDEX)
+        return load_index(self.path / layout.INDEX)
 
     @cached_property
     def _anomaly_table(self) -> pl.DataFrame | None:
         """Users by anomaly score, highest first; None for a version written before scores existed."""
         columns = ["user_id", "n_interactions", "reconstruction_error", "anomaly_score"]
-        if not set(columns) <= set(pq.read_schema(self.path / store.USERS).names):
+        if not set(columns) <= set(pq.read_schema(self.path / layout.USERS).names):
             return None
-        return pl.read_parquet(self.path / store.USERS, columns=columns).sort("anomaly_score", descending=True)
+        return pl.read_parquet(self.path / layout.USERS, columns=columns).sort("anomaly_score", descending=True)
 
     def load(self) -> "FeatureSet":
         """Read every table and open the index now, so that no later call reads a file (what
@@ -347,7 +348,7 @@ class FeatureSet:
     @cached_property
     def _stored_rows(self) -> np.ndarray | None:
         """(n_items, dim + 1) the index's rows, without the last column an approximate index's
-        rows on a sphere add (see :func:`aefeatures.index.on_sphere`)."""
+        rows on a sphere add (see :func:`aefeatures.store.index.on_sphere`)."""
         rows = stored_rows(self.index)
         return None if rows is None else rows[:, : self.dim + 1]
 
@@ -396,7 +397,7 @@ class Store:
             raise errors.StoreError(f"store `{self.root}` does not exist. Run a job first or pass an existing `--store`.")
 
     def names(self) -> list[str]:
-        return store.feature_sets(self.root)
+        return layout.feature_sets(self.root)
 
     def __getitem__(self, name: str) -> FeatureSet:
         return self.open(name)
@@ -408,7 +409,7 @@ class Store:
         """A feature set pinned to ``version`` (default: the live one). ``name`` may be left
         out when the store holds exactly one feature set."""
         name = self.default_name() if name is None else name
-        return FeatureSet(self.root, name, version or store.live_version(self.root, name))
+        return FeatureSet(self.root, name, version or layout.live_version(self.root, name))
 
     def default_name(self) -> str:
         names = self.names()
@@ -423,13 +424,13 @@ class Store:
 
         ``status`` is "live", "published" (superseded) or "refused" (by the quality gate).
         """
-        live = store.live_version(self.root, name)
-        found = [(v, store.VERSIONS) for v in store.listed_versions(self.root, name)]
-        found += [(v, store.REFUSED) for v in store.list_refused(self.root, name)]
+        live = layout.live_version(self.root, name)
+        found = [(v, layout.VERSIONS) for v in layout.listed_versions(self.root, name)]
+        found += [(v, layout.REFUSED) for v in layout.list_refused(self.root, name)]
         out = []
         for version, folder in sorted(found):
-            m = store.read_manifest(self.root / name / folder / version)
-            status = "refused" if folder == store.REFUSED else "live" if version == live else "published"
+            m = layout.read_manifest(self.root / name / folder / version)
+            status = "refused" if folder == layout.REFUSED else "live" if version == live else "published"
             out.append({
                 "version": version, "status": status, "live": version == live,
                 # "embedded": users embedded by `aefeatures embed` with the model (and metrics) of
@@ -445,11 +446,11 @@ class Store:
 
     def manifest(self, name: str, version: str | None = None) -> dict[str, Any]:
         """The manifest of a version (default: the live one), published or refused."""
-        version = version or store.live_version(self.root, name)
-        for folder in (store.VERSIONS, store.REFUSED):
+        version = version or layout.live_version(self.root, name)
+        for folder in (layout.VERSIONS, layout.REFUSED):
             path = self.root / name / folder / version
-            if (path / store.MANIFEST).is_file():
-                return store.read_manifest(path)
+            if (path / layout.MANIFEST).is_file():
+                return layout.read_manifest(path)
         raise errors.no_such_version(self.root, name, version)
 
 

@@ -1,4 +1,4 @@
-"""`aefeatures serve`: the HTTP lookup service (see :mod:`aefeatures.service` and :mod:`aefeatures.server`)."""
+"""`aefeatures serve`: the HTTP lookup service (see :mod:`aefeatures.serving.http` and :mod:`aefeatures.serving.server`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from aefeatures.cli import EXIT_CODES_HELP, cli, store_option
+from aefeatures.cli.app import EXIT_CODES_HELP, cli, store_option
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -39,8 +39,8 @@ def serve(store_dir: Path, host: str, port: int, workers: int, poll_seconds: flo
     When a job publishes, the service switches to the new version without a restart; a request
     in flight finishes on the version it started with. Unknown ids answer 404, bad requests 4xx.
     """
-    from aefeatures.server import serve as run_service
-    from aefeatures.service import Limits
+    from aefeatures.serving.server import serve as run_service
+    from aefeatures.serving.http import Limits
 
     limits = Limits(max_k=max_k, max_batch=max_batch, max_exclude=max_batch, max_body_bytes=max_body_bytes)
     run_service(str(store_dir), host=host, port=port, workers=workers, poll_seconds=poll_seconds, limits=limits,

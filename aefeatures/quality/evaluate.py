@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from aefeatures.matrix import CSR
+from aefeatures.data.matrix import CSR
 
 if TYPE_CHECKING:
     import torch

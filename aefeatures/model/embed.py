@@ -16,10 +16,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from aefeatures import fused
-from aefeatures.matrix import CSR, InteractionMatrix
-from aefeatures.model import Autoencoder
-from aefeatures.train import to_batch
+from aefeatures.model import kernels
+from aefeatures.data.matrix import CSR, InteractionMatrix
+from aefeatures.model.autoencoder import Autoencoder
+from aefeatures.model.train import to_batch
 
 LOGITS_PER_BATCH = 64 * 2**20  # float32 scores held at once while embedding
 MAX_USERS_PER_BATCH = 4096
@@ -98,14 +98,14 @@ def _encoded_batches(model: Autoencoder, vectors: CSR, rows: np.ndarray, *,
     device = next(model.parameters()).device
     # Only the reconstruction errors score every item; embeddings alone take full-size batches.
     batch_size = batch_size_for(model.shape.n_items) if errors else MAX_USERS_PER_BATCH
-    workspace = fused.Workspace()  # one (batch x items) score buffer for all batches
+    workspace = kernels.Workspace()  # one (batch x items) score buffer for all batches
     for start in range(0, len(rows), batch_size):
         where = slice(start, min(start + batch_size, len(rows)))
         batch = to_batch(vectors, rows[where], device)
         mean, _ = model.encode(batch)
         error = None
         if errors:
-            nll = fused.decoded_multinomial_nll(mean, model.decoder, batch, workspace)
+            nll = kernels.decoded_multinomial_nll(mean, model.decoder, batch, workspace)
             weight = torch.zeros(batch.size, device=device).index_add_(0, batch.rows, batch.values)
             error = (nll / weight.clamp_min(1e-12)).float().cpu().numpy()
         yield where, mean.float().cpu().numpy(), error

@@ -22,18 +22,23 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import polars as pl
 
-from aefeatures import __version__, distributed, errors, gate, report, runlog, schema, store
+from aefeatures import __version__, errors, schema
+from aefeatures.model import distributed
+from aefeatures.quality import gate
+from aefeatures.quality import report
+from aefeatures.store import runlog
+from aefeatures.store import layout, publish, tables
 from aefeatures.config import JobConfig
-from aefeatures.anomaly import anomaly_scores
-from aefeatures.embed import Embeddings, embed, encode
-from aefeatures.evaluate import (KS, RankingTotals, Split, embedding_totals, metrics_of_totals, popularity_ranking,
+from aefeatures.quality.anomaly import anomaly_scores
+from aefeatures.model.embed import Embeddings, embed, encode
+from aefeatures.quality.evaluate import (KS, RankingTotals, Split, embedding_totals, metrics_of_totals, popularity_ranking,
                                  ranking_totals, split_users)
-from aefeatures.index import build_index, item_rows, save_index, user_queries
-from aefeatures.matrix import InteractionMatrix, build_matrix
-from aefeatures.model import Autoencoder, save_model
-from aefeatures.lock import feature_set_lock
-from aefeatures.read import Interactions, input_files, read_interactions
-from aefeatures.train import TrainResult, train
+from aefeatures.store.index import build_index, item_rows, save_index, user_queries
+from aefeatures.data.matrix import InteractionMatrix, build_matrix
+from aefeatures.model.autoencoder import Autoencoder, save_model
+from aefeatures.jobs.lock import feature_set_lock
+from aefeatures.data.read import Interactions, input_files, read_interactions
+from aefeatures.model.train import TrainResult, train
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +73,7 @@ def run_job(cfg: JobConfig, *, force: bool = False, progress: bool | None = None
     Otherwise it builds and publishes a version and applies `[retention]`.
 
     Under torchrun (``torchrun --nproc_per_node=N -m aefeatures run JOB.toml``) every rank
-    reads, trains on and writes its share of users (:mod:`aefeatures.distributed`); rank 0 alone
+    reads, trains on and writes its share of users (:mod:`aefeatures.model.distributed`); rank 0 alone
     takes the lock and publishes, and the other ranks end with ``SystemExit(0)`` once their
     part is written.
 
@@ -150,10 +155,10 @@ def _write_shard(built: _Built, staging: Path, name: str, version: str, created:
     anomaly = anomaly_scores(np.concatenate([e for e, _ in errors_and_lengths]),
                              np.concatenate([n for _, n in errors_and_lengths]))
     last_seen = group.reduce_array(matrix.item_last_seen.view(np.int64), "max").view("datetime64[us]")
-    shard = store.Shard(group.rank, group.world_size, first_user_row,
+    shard = tables.Shard(group.rank, group.world_size, first_user_row,
                         anomaly[first_user_row:first_user_row + matrix.shape[0]],
                         group.reduce_array(matrix.item_popularity().astype(np.int64)), last_seen)
-    counts = store.write_tables(staging, matrix, emb, name=name, version=version, created=created, shard=shard)
+    counts = tables.write_tables(staging, matrix, emb, name=name, version=version, created=created, shard=shard)
     input_counts = {"rows_read": built.interactions.n_rows_read, "rows_kept": built.interactions.n_rows_kept}
     return group.gather({**counts, **input_counts})
 
@@ -169,17 +174,17 @@ def scheduled(cfg: JobConfig, command: str, key: str,
     try:
         _check_store(root, name)
         with feature_set_lock(folder):
-            removed = store.clean_leftovers(root, name)
+            removed = publish.clean_leftovers(root, name)
             if removed:
                 log.warning("removed leftovers of interrupted runs in %s: %s", folder, ", ".join(removed))
             fingerprint = input_fingerprint(cfg)
             live = _live_manifest(root, name)
             if live and live.get(key) == fingerprint and not force:
-                result = RunResult(name, live["version"], store.version_dir(root, name, live["version"]),
+                result = RunResult(name, live["version"], layout.version_dir(root, name, live["version"]),
                                    live, status="up_to_date")
             else:
                 result = work(fingerprint, live)
-                entry["removed_by_retention"] = store.apply_retention(root, name, cfg.retention.keep)
+                entry["removed_by_retention"] = publish.apply_retention(root, name, cfg.retention.keep)
                 if entry["removed_by_retention"]:
                     _refresh_sql_catalog(root)  # its all-versions views must not name deleted files
         entry.update(status=result.status, exit_code=0, version=result.version,
@@ -211,7 +216,7 @@ def _status_of(exc: errors.AEFeaturesError) -> str:
 
 
 def _check_store(root: Path, name: str) -> None:
-    if (root / store.LATEST).is_file() or (root / store.VERSIONS).is_dir():
+    if (root / layout.LATEST).is_file() or (root / layout.VERSIONS).is_dir():
         raise errors.store_is_a_feature_set(root, name)
     try:
         (root / name).mkdir(parents=True, exist_ok=True)
@@ -238,27 +243,27 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
     interactions, matrix, emb, timings = made.interactions, made.matrix, made.emb, made.timings
 
     previous = _live_manifest(root, name)
-    version = store.new_version_id(root, name, created)
-    with store.staged_version(root, name, version) as staging:
+    version = layout.new_version_id(root, name, created)
+    with publish.staged_version(root, name, version) as staging:
         with _timed(timings, "write"):
             if group is None:
-                counts = store.write_tables(staging, matrix, emb, name=name, version=version, created=created)
+                counts = tables.write_tables(staging, matrix, emb, name=name, version=version, created=created)
                 read_counts = {"rows_read": interactions.n_rows_read, "rows_kept": interactions.n_rows_kept}
             else:
                 group.from_leader((str(staging), version, created))
                 per_rank = _write_shard(made, staging, name, version, created, group)
-                store.join_parts(staging, group.world_size)
+                tables.join_parts(staging, group.world_size)
                 total = {key: sum(c[key] for c in per_rank) for key in per_rank[0]}
                 counts = {"users": total["users"], "items": matrix.shape[1], "interactions": total["interactions"]}
                 read_counts = {key: total[key] for key in ("rows_read", "rows_kept")}
-            save_model(made.trained.model, staging / store.MODEL_DIR)
+            save_model(made.trained.model, staging / layout.MODEL_DIR)
         with _timed(timings, "index"):
             rng = np.random.default_rng(cfg.model.seed)
             sample = rng.choice(matrix.shape[0], min(RECALL_SAMPLE, matrix.shape[0]), replace=False)
             built = build_index(item_rows(emb.item_vectors, emb.item_bias), cfg.index.kind,
                                 sample_queries=user_queries(emb.user_vectors[sample]),
                                 target_recall=cfg.index.min_recall)
-            save_index(built.index, staging / store.INDEX)
+            save_index(built.index, staging / layout.INDEX)
         verdict = gate.check(cfg.gate, made.evaluation, previous, index_recall=built.recall_at_10,
                              min_recall=cfg.index.min_recall)
         manifest = {
@@ -281,13 +286,13 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
             "timings": timings,
         }
         with _timed(timings, "publish"):
-            store.write_manifest(staging, manifest)
-            store.atomic_write(staging / REPORT, report.render(manifest, previous))
+            publish.write_manifest(staging, manifest)
+            publish.atomic_write(staging / REPORT, report.render(manifest, previous))
             if not verdict.passed:
-                kept = store.refuse(root, name, staging)
+                kept = publish.refuse(root, name, staging)
                 raise errors.GateRefusedError(name, version, verdict.reasons, kept,
                                               previous and previous["version"])
-            final = store.publish(root, name, staging)
+            final = publish.publish(root, name, staging)
             _refresh_sql_catalog(root)
     log.info("published %s/%s", name, version)
     return RunResult(name, version, final, manifest, timings)
@@ -365,14 +370,14 @@ def _training_summary(trained: TrainResult) -> dict[str, Any]:
 
 
 def _live_manifest(root: Path, name: str) -> dict[str, Any] | None:
-    if name not in store.feature_sets(root):
+    if name not in layout.feature_sets(root):
         return None
-    return store.read_manifest(store.version_dir(root, name, store.live_version(root, name)))
+    return layout.read_manifest(layout.version_dir(root, name, layout.live_version(root, name)))
 
 
 def _refresh_sql_catalog(root: Path) -> None:
     # The catalog is a convenience for SQL users; a failure here must not undo the publish.
-    from aefeatures.sqlviews import write_catalog
+    from aefeatures.export.catalog import write_catalog
 
     try:
         write_catalog(root)

@@ -1,7 +1,7 @@
 """The HTTP lookup service: ``aefeatures serve``. JSON in, JSON out; no torch import.
 
 Every answer names the feature set version it came from. A request reads the live feature set
-once, at its start (see :mod:`aefeatures.live`), so a publish during the request never mixes
+once, at its start (see :mod:`aefeatures.serving.live`), so a publish during the request never mixes
 versions. Bad requests get a 4xx JSON error ``{"error": {"status", "code", "message"}}``,
 unknown ids a 404; a 5xx means a fault in the service itself.
 
@@ -24,9 +24,9 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from aefeatures import __version__, errors
-from aefeatures.evaluate import KEY_METRIC
-from aefeatures.live import LiveStore
-from aefeatures.lookup import FeatureSet, Neighbours
+from aefeatures.quality.evaluate import KEY_METRIC
+from aefeatures.serving.live import LiveStore
+from aefeatures.serving.lookup import FeatureSet, Neighbours
 
 log = logging.getLogger(__name__)
 

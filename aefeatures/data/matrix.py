@@ -24,7 +24,7 @@ import polars as pl
 from aefeatures.schema import ITEM, TIMESTAMP, USER, WEIGHT
 
 if TYPE_CHECKING:
-    from aefeatures.read import Interactions
+    from aefeatures.data.read import Interactions
 
 NAT = np.iinfo(np.int64).min  # NaT as datetime64[us] integers: below every real time
 UTC_MICROS = pl.Datetime("us", "UTC")
@@ -192,7 +192,7 @@ def collapse_pairs(users: pl.Series, items: pl.Series, *, weights: pl.Series | N
 
 
 def pairs_of_frame(frame: pl.DataFrame) -> Pairs:
-    """:func:`collapse_pairs` of a frame with the canonical columns (see :mod:`aefeatures.read`)."""
+    """:func:`collapse_pairs` of a frame with the canonical columns (see :mod:`aefeatures.data.read`)."""
     times = frame.get_column(TIMESTAMP)
     return collapse_pairs(frame.get_column(USER), frame.get_column(ITEM), weights=frame.get_column(WEIGHT),
                           timestamps=None if times.null_count() == len(times) else times)
@@ -297,7 +297,7 @@ def build_matrix(interactions: Interactions, *, binarize: bool = True,
     Parameters
     ----------
     interactions
-        Output of :func:`aefeatures.read.read_interactions` (one row per (user, item)).
+        Output of :func:`aefeatures.data.read.read_interactions` (one row per (user, item)).
     binarize
         Store 1.0 for every pair instead of its weight.
     item_ids

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from aefeatures.model import SparseBatch
+    from aefeatures.model.autoencoder import SparseBatch
 
 
 class Workspace:

@@ -72,7 +72,7 @@ k_option = click.option("-k", "k", type=click.IntRange(min=1), default=10, show_
 
 
 def _open(store_dir: Path, name: str | None):
-    from aefeatures.lookup import open_store
+    from aefeatures.serving.lookup import open_store
 
     return open_store(store_dir).open(name)
 
@@ -127,7 +127,7 @@ def run(job_file: Path, force: bool, as_json: bool) -> None:
     set's run log (`aefeatures runs`). Progress bars show on a terminal only.
     """
     from aefeatures.config import load_job_config
-    from aefeatures.jobs import run_job
+    from aefeatures.jobs.run import run_job
 
     cfg = load_job_config(job_file)
     with _signals_as_errors():
@@ -171,7 +171,7 @@ def embed(job_file: Path, force: bool, as_json: bool) -> None:
     and users left with none are reported. Locked, logged and idempotent like `run`.
     """
     from aefeatures.config import load_job_config
-    from aefeatures.incremental import embed_job
+    from aefeatures.jobs.embed import embed_job
 
     with _signals_as_errors():
         result = embed_job(load_job_config(job_file), force=force)
@@ -212,7 +212,7 @@ def _echo_metrics(evaluation: dict[str, Any], indent: str = "") -> None:
 
 
 def _run_summary(result) -> dict[str, Any]:
-    from aefeatures.lookup import FeatureSet
+    from aefeatures.serving.lookup import FeatureSet
 
     fs = FeatureSet(result.path.parent.parent.parent, result.name, result.version)
     user, item = _plain(fs.user_ids[0]), _plain(fs.item_ids[0])
@@ -335,7 +335,7 @@ def similar(store_dir: Path, name: str | None, item: str | None, user: str | Non
 def versions(store_dir: Path, name: str | None, as_json: bool) -> None:
     """Versions of a feature set, oldest first: live, published (superseded) or refused by the
     quality gate, with validation NDCG@100."""
-    from aefeatures.lookup import open_store
+    from aefeatures.serving.lookup import open_store
 
     store = open_store(store_dir)
     name = name or store.default_name()
@@ -362,7 +362,7 @@ def _or_dash(value: float | None) -> Any:
 def evaluate(store_dir: Path, name: str | None, version: str | None, as_json: bool) -> None:
     """Validation metrics of a version (held-out users), against popularity, with its
     training curve and the quality gate's verdict."""
-    from aefeatures.lookup import open_store
+    from aefeatures.serving.lookup import open_store
 
     store = open_store(store_dir)
     name = name or store.default_name()
@@ -406,8 +406,8 @@ def anomalies(store_dir: Path, name: str | None, k: int, as_json: bool) -> None:
 @json_option
 def runs(store_dir: Path, name: str | None, last: int, as_json: bool) -> None:
     """The run history of a feature set, newest last: status, exit code, version, timings."""
-    from aefeatures.lookup import open_store
-    from aefeatures.runlog import read_runs
+    from aefeatures.serving.lookup import open_store
+    from aefeatures.store.runlog import read_runs
 
     name = name or open_store(store_dir).default_name()
     history = read_runs(store_dir / name)[-last:]
@@ -429,5 +429,5 @@ def _seconds(run: dict[str, Any]) -> str:
     return f"{(end - start).total_seconds():.1f}"
 
 
-from aefeatures import cli_sql  # noqa: E402,F401  (registers `sql` and `feast-export`)
-from aefeatures import cli_serve  # noqa: E402,F401  (registers `serve`)
+from aefeatures.cli import sql  # noqa: E402,F401  (registers `sql` and `feast-export`)
+from aefeatures.cli import serve  # noqa: E402,F401  (registers `serve`)

@@ -1,7 +1,7 @@
 """Stage 1: read interactions from Parquet with Polars, validate them, collapse duplicates.
 
 The input is read once and checked in memory. The result is one row per distinct (user, item)
-pair, held coded in CSR order (see :mod:`aefeatures.matrix`) and shown as a frame with canonical
+pair, held coded in CSR order (see :mod:`aefeatures.data.matrix`) and shown as a frame with canonical
 columns (`user_id`, `item_id`, `weight` float32, `timestamp` UTC or null) whatever the input
 calls them.
 """
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from aefeatures import errors
 from aefeatures.config import InputConfig
-from aefeatures.matrix import Pairs, collapse_pairs, pairs_of_frame
+from aefeatures.data.matrix import Pairs, collapse_pairs, pairs_of_frame
 from aefeatures.schema import ITEM, TIMESTAMP, USER, WEIGHT
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aefeatures import fused
+from aefeatures.model import kernels
 
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.json"
@@ -72,7 +72,7 @@ class Autoencoder(nn.Module):
         self.encoder = nn.ModuleList(nn.Linear(a, b, device=device) for a, b in zip(widths[:-1], widths[1:]))
         self.decoder = nn.Linear(shape.dim, shape.n_items, device=device)
         # Set by training on a CPU: the input layer's gradient is then written into a kept buffer.
-        self.workspace: fused.Workspace | None = None
+        self.workspace: kernels.Workspace | None = None
         for layer in [*self.encoder, self.decoder]:
             nn.init.xavier_uniform_(layer.weight)
             nn.init.normal_(layer.bias, std=0.001)
@@ -125,12 +125,12 @@ class _BagSum(torch.autograd.Function):
     read: on 2 CPU cores ~10x faster than embedding_bag's own sparse backward, whose one row per
     entry (nnz × width) must then be summed into rows (750k items, batch 512: 11 vs 110 ms).
     With one it is dense, written into the workspace's kept buffer
-    (:func:`aefeatures.fused.dense_bag_gradient`).
+    (:func:`aefeatures.model.kernels.dense_bag_gradient`).
     """
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor,
-                entry_weights: torch.Tensor, workspace: fused.Workspace | None = None) -> torch.Tensor:
+                entry_weights: torch.Tensor, workspace: kernels.Workspace | None = None) -> torch.Tensor:
         keep = entry_weights != 0  # entries the dropout removed read nothing
         ctx.save_for_backward(indices[keep], rows[keep], entry_weights[keep])
         ctx.shape, ctx.workspace = (weight.shape, len(offsets)), workspace
@@ -142,7 +142,7 @@ class _BagSum(torch.autograd.Function):
         weight_shape, n_users = ctx.shape
         grad = grad.to(entry_weights.dtype)
         if ctx.workspace is not None:
-            return fused.dense_bag_gradient(ctx.workspace, indices, rows, entry_weights, grad,
+            return kernels.dense_bag_gradient(ctx.workspace, indices, rows, entry_weights, grad,
                                             n_items=weight_shape[0]), None, None, None, None, None
         items, position = torch.unique(indices, return_inverse=True)  # sorted: a coalesced gradient
         by_item = torch.sparse_coo_tensor(torch.stack([position, rows]), entry_weights, (len(items), n_users),

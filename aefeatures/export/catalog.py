@@ -10,18 +10,22 @@ from any working directory; it needs no DuckDB extension.
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from string import Template
 
-from aefeatures import store
+from aefeatures.store import layout, publish
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 CATALOG = "catalog.sql"
 
 
 def _template() -> Template:
-    packaged = Path(__file__).resolve().parent / "sql" / "views.sql"  # inside a built wheel
-    source = packaged if packaged.is_file() else SQL_DIR / "views.sql"
+    # The repository's top-level sql/ folder: installed as the data package `aefeatures.sql` by a
+    # wheel; an editable install does not map it, so a source tree reads it in place.
+    try:
+        source = resources.files("aefeatures.sql").joinpath("views.sql")
+    except ModuleNotFoundError:
+        source = Path(__file__).resolve().parents[2] / "sql" / "views.sql"
     return Template(source.read_text(encoding="utf-8"))
 
 
@@ -31,22 +35,22 @@ def _literal(path: Path) -> str:
 
 def render_views(root: Path, name: str) -> str:
     """The views and macros of feature set ``name`` (live version and all published ones)."""
-    live = store.live_version(root, name)
-    folder = store.version_dir(root, name, live).resolve()
-    versions = store.listed_versions(root, name)
-    manifests = {v: store.read_manifest(root / name / store.VERSIONS / v) for v in versions}
+    live = layout.live_version(root, name)
+    folder = layout.version_dir(root, name, live).resolve()
+    versions = layout.listed_versions(root, name)
+    manifests = {v: layout.read_manifest(root / name / layout.VERSIONS / v) for v in versions}
     dims = {int(m["dim"]) for m in manifests.values()}
-    paths = {v: (root / name / store.VERSIONS / v).resolve() for v in versions}
+    paths = {v: (root / name / layout.VERSIONS / v).resolve() for v in versions}
     return _template().substitute(
         name=name,  # validated as [A-Za-z0-9_]+ by the job file
         dim=int(manifests[live]["dim"]),
         live=_literal(live),
-        users=_literal(folder / store.USERS),
-        items=_literal(folder / store.ITEMS),
-        interactions=_literal(folder / store.INTERACTIONS),
+        users=_literal(folder / layout.USERS),
+        items=_literal(folder / layout.ITEMS),
+        interactions=_literal(folder / layout.INTERACTIONS),
         version_rows=", ".join(_version_row(v, m) for v, m in manifests.items()),
-        users_all=_list(paths[v] / store.USERS for v in versions),
-        items_all=_list(paths[v] / store.ITEMS for v in versions),
+        users_all=_list(paths[v] / layout.USERS for v in versions),
+        items_all=_list(paths[v] / layout.ITEMS for v in versions),
         all_type=f"FLOAT[{dims.pop()}]" if len(dims) == 1 else "FLOAT[]",  # dims changed: lists
     )
 
@@ -62,13 +66,13 @@ def _list(paths) -> str:
 
 
 def render_catalog(root: Path) -> str:
-    return "\n".join(render_views(root, name) for name in store.feature_sets(root))
+    return "\n".join(render_views(root, name) for name in layout.feature_sets(root))
 
 
 def write_catalog(root: Path) -> Path:
     """Rewrite `STORE/catalog.sql` atomically for the live versions."""
     path = root / CATALOG
-    store.atomic_write(path, render_catalog(root))
+    publish.atomic_write(path, render_catalog(root))
     return path
 
 

@@ -1,0 +1,154 @@
+"""Stage 7: staging, publishing (moving LATEST), refusing, retention and atomic file writes.
+
+A version is written under `.staging/`, renamed into `versions/` only once complete, and goes
+live when LATEST is replaced (write aside, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+
+from aefeatures import errors
+from aefeatures.store.layout import (LATEST, MANIFEST, REFUSED, STAGING, VERSIONS, list_refused, list_versions,
+                                     live_version, never_live)
+from aefeatures.store.runlog import published_versions
+
+if TYPE_CHECKING:
+    pass
+
+
+@contextmanager
+def staged_version(store: Path, name: str, version: str) -> Iterator[Path]:
+    """A staging folder for ``version``, removed if the block fails (a version the block
+    published or refused has already moved out of it)."""
+    staging = start_version(store, name, version)
+    try:
+        yield staging
+    except BaseException:
+        discard(staging)
+        raise
+
+
+def start_version(store: Path, name: str, version: str) -> Path:
+    """Create and return the staging folder for ``version``."""
+    staging = store / name / STAGING / version
+    try:
+        staging.mkdir(parents=True)
+    except OSError as exc:
+        raise errors.StoreError(
+            f"cannot create `{staging}` ({exc.strerror}). Make the store directory writable "
+            "or point `job.store` elsewhere."
+        ) from None
+    return staging
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+def publish(store: Path, name: str, staging: Path) -> Path:
+    """Move a complete staged version into `versions/` and point LATEST at it.
+
+    If LATEST cannot be replaced the version is taken back out of `versions/`, so a failed
+    publish leaves the store exactly as it was.
+    """
+    final = store / name / VERSIONS / staging.name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _fsync_tree(staging)
+    os.rename(staging, final)
+    try:
+        atomic_write(store / name / LATEST, staging.name + "\n")
+    except BaseException:
+        shutil.rmtree(final, ignore_errors=True)
+        raise
+    _fsync_dir(final.parent)
+    return final
+
+
+def refuse(store: Path, name: str, staging: Path) -> Path:
+    """Set a complete version the gate refused aside in `refused/`; it never goes live."""
+    kept = store / name / REFUSED / staging.name
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(staging, kept)
+    return kept
+
+
+def clean_leftovers(store: Path, name: str) -> list[str]:
+    """Remove what killed runs left behind; call it holding the feature set's lock.
+
+    That is every staged version, and any version renamed into `versions/` by a run killed
+    before it moved LATEST: newer than the live version and never recorded as published.
+    """
+    removed = []
+    staging = store / name / STAGING
+    if staging.is_dir():
+        for path in staging.iterdir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(f"{STAGING}/{path.name}")
+    live = live_version(store, name) if (store / name / LATEST).is_file() else ""
+    published = published_versions(store / name)
+    for version in list_versions(store, name):
+        if never_live(version, live, published):
+            shutil.rmtree(store / name / VERSIONS / version, ignore_errors=True)
+            removed.append(f"{VERSIONS}/{version}")
+    return removed
+
+
+def apply_retention(store: Path, name: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` published versions (never the live one) and all but
+    the newest ``keep`` refused ones. ``keep = 0`` keeps everything."""
+    if keep <= 0:
+        return []
+    live = live_version(store, name)
+    removed = []
+    for folder, versions in ((VERSIONS, list_versions(store, name)), (REFUSED, list_refused(store, name))):
+        for version in versions[:-keep]:
+            if version != live:
+                shutil.rmtree(store / name / folder / version)
+                removed.append(f"{folder}/{version}")
+    return removed
+
+
+def discard(staging: Path) -> None:
+    """Remove a staged version that will not be published."""
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # some platforms cannot open directories; the rename is still atomic
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
