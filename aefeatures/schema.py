@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+KS = (10, 20, 100)  # cut-offs of the ranking metrics (Recall@k, NDCG@k, coverage@k)
+KEY_METRIC = "ndcg@100"  # the metric that chooses epochs, gates versions and compares them
+
 SCHEMA_VERSION = 1
 
 # Canonical column names of the interaction frame after reading (whatever the input calls them).

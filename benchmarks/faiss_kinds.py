@@ -27,8 +27,17 @@ import faiss
 import numpy as np
 import psutil
 
-from aefeatures.store.index import (build_index, exact_neighbours, item_rows, load_index, padded, save_index,
-                              search_effort, tune_search, user_queries)
+from aefeatures.store.index import (
+    build_index,
+    exact_neighbours,
+    item_rows,
+    load_index,
+    padded,
+    save_index,
+    search_effort,
+    tune_search,
+    user_queries,
+)
 
 K = 20
 
@@ -135,10 +144,10 @@ def version_open(rows: np.ndarray, index_file: Path, folder: Path, n_users: int 
 
     import polars as pl
 
-    from aefeatures.store import layout, publish, tables
-    from aefeatures.model.embed import Embeddings
     from aefeatures.data.matrix import build_matrix
     from aefeatures.data.read import Interactions
+    from aefeatures.model.embed import Embeddings
+    from aefeatures.store import layout, publish, tables
 
     n_items, dim = rows.shape[0], rows.shape[1] - 1
     rng = np.random.default_rng(1)

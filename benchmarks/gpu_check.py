@@ -45,12 +45,12 @@ import polars as pl
 import torch
 
 from aefeatures.config import InputConfig, ModelConfig
-from aefeatures.model.embed import encode
-from aefeatures.quality.evaluate import evaluate_embeddings, split_users
 from aefeatures.data.matrix import InteractionMatrix, build_matrix
 from aefeatures.data.read import read_interactions
 from aefeatures.data.synthetic import generate
+from aefeatures.model.embed import encode
 from aefeatures.model.train import DeviceCSR, train
+from aefeatures.quality.evaluate import evaluate_embeddings, split_users
 
 SMALL = {"n_users": 3000, "n_items": 800, "mean_items": 30}
 SMALL_MODEL = ModelConfig(dim=32, hidden=(128,), epochs=20, batch_size=256, patience=0, seed=0)

@@ -34,18 +34,17 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import mlshape
+import numpy as np
 from pipeline import DEFAULT_CACHE, RESULTS, machine, say, versions
 from stages import high_water_mb
 
 from aefeatures.config import InputConfig, ModelConfig
-from aefeatures.model.embed import encode
-from aefeatures.quality.evaluate import KS, Split, evaluate_embeddings, popularity_ranking, ranking_metrics, split_users
 from aefeatures.data.matrix import InteractionMatrix, build_matrix
 from aefeatures.data.read import read_interactions
+from aefeatures.model.embed import encode
 from aefeatures.model.train import sparse_updates, train
+from aefeatures.quality.evaluate import KS, Split, evaluate_embeddings, popularity_ranking, ranking_metrics, split_users
 
 ZIPF = 1.0
 REPORTED = ("recall@20", "ndcg@100")

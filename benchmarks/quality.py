@@ -24,13 +24,12 @@ import numpy as np
 import torch
 
 from aefeatures.config import InputConfig, ModelConfig
-from aefeatures.model.embed import encode
-from aefeatures.quality.evaluate import (KS, evaluate_embeddings, popularity_ranking, ranking_metrics, split_users,
-                                 top_k)
 from aefeatures.data.matrix import build_matrix
 from aefeatures.data.read import read_interactions
 from aefeatures.data.synthetic import generate
+from aefeatures.model.embed import encode
 from aefeatures.model.train import train
+from aefeatures.quality.evaluate import KS, evaluate_embeddings, popularity_ranking, ranking_metrics, split_users, top_k
 
 ROW_NAMES = ("recall@20", "ndcg@10", "ndcg@100", "coverage@20")
 

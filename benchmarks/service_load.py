@@ -45,8 +45,8 @@ def build_store(cache: Path, n_users: int, n_items: int, epochs: int) -> Path:
     import polars as pl  # noqa: F401  (the job reads Parquet through polars)
 
     from aefeatures.config import load_job_config
-    from aefeatures.jobs.run import run_job
     from aefeatures.data.synthetic import generate
+    from aefeatures.jobs.run import run_job
 
     folder.mkdir(parents=True, exist_ok=True)
     generate(n_users=n_users, n_items=n_items, n_communities=50, mean_items=30, seed=0).interactions.write_parquet(

@@ -31,17 +31,17 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from floors import lookup_rows
 
 import aefeatures
-from aefeatures.store import layout, publish, tables
 from aefeatures.config import InputConfig, ModelConfig
-from aefeatures.model.embed import Embeddings, embed
-from aefeatures.store.index import build_index, item_rows, save_index, user_queries
 from aefeatures.data.matrix import InteractionMatrix, build_matrix
-from aefeatures.model.autoencoder import Autoencoder, save_model
 from aefeatures.data.read import read_interactions
+from aefeatures.model.autoencoder import Autoencoder, save_model
+from aefeatures.model.embed import Embeddings, embed
 from aefeatures.model.train import select_device, train
-from floors import lookup_rows
+from aefeatures.store import layout, publish, tables
+from aefeatures.store.index import build_index, item_rows, save_index, user_queries
 
 NAME = "bench"
 STAGES = ("read_csr", "train_epoch", "embed", "write", "index_build", "lookup_single", "lookup_batch")

@@ -8,10 +8,10 @@ Prints `PAUSED AT <POINT>` when it gets there, then sleeps until killed.
 import sys
 import time
 
-from aefeatures.jobs import run
-from aefeatures.store import layout, publish, tables
-from aefeatures.model import train
 from aefeatures.config import load_job_config
+from aefeatures.jobs import run
+from aefeatures.model import train
+from aefeatures.store import layout, publish, tables
 
 
 def pause(point):

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 from click.testing import CliRunner
 
 import aefeatures
-from aefeatures.quality.anomaly import anomaly_scores
 from aefeatures.cli.app import cli
+from aefeatures.quality.anomaly import anomaly_scores
 
 
 def test_planted_random_clickers_and_spammers_rank_at_the_top(trained, planted):

@@ -13,6 +13,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+pytestmark = pytest.mark.slow  # trains or benchmarks whole jobs; the fast lane leaves it out
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 STAGES = ["read_csr", "train_epoch", "embed", "write", "index_build", "lookup_single", "lookup_batch"]
 

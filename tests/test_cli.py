@@ -121,7 +121,8 @@ def test_missing_store_is_a_bad_input(runner, tmp_path):
     assert result.stderr.strip().startswith("error: store `") and len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("command", ["run", "recommend", "similar", "versions", "evaluate", "runs", "anomalies", "embed", "sql", "feast-export"])
+@pytest.mark.parametrize("command", ["run", "recommend", "similar", "versions", "evaluate", "runs", "anomalies", "embed",
+                                     "sql", "feast-export"])
 def test_every_command_has_help_with_exit_codes(runner, command):
     result = runner.invoke(cli, [command, "--help"])
     assert result.exit_code == 0

@@ -11,8 +11,8 @@ import pytest
 
 from aefeatures import config as config_mod
 from aefeatures.config import IndexConfig, InputConfig, ModelConfig, load_job_config
-from aefeatures.errors import BadInputError, ConfigError
 from aefeatures.data.read import read_interactions
+from aefeatures.errors import BadInputError, ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "jobs" / "example.toml"

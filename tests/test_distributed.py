@@ -14,9 +14,11 @@ import pytest
 
 import aefeatures
 from aefeatures.config import InputConfig, load_job_config
-from aefeatures.jobs.run import run_job
 from aefeatures.data.read import read_interactions
+from aefeatures.jobs.run import run_job
 from tests.conftest import FIXTURES, REPO, write_job
+
+pytestmark = pytest.mark.slow  # trains or benchmarks whole jobs; the fast lane leaves it out
 
 # Few epochs keep the test fast; dropout stays on, so the shared random draws are exercised.
 MODEL = {"epochs": 6, "batch_size": 200, "patience": 0}

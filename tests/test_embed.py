@@ -11,14 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from aefeatures.store import layout, tables
-from aefeatures.quality.anomaly import anomaly_scores
 from aefeatures.config import InputConfig
-from aefeatures.model.embed import UserVectors, embed, encode
 from aefeatures.data.matrix import build_matrix
-from aefeatures.model.autoencoder import Autoencoder, AutoencoderShape, multinomial_nll
-from aefeatures.model.train import to_batch
 from aefeatures.data.read import read_interactions
+from aefeatures.model.autoencoder import Autoencoder, AutoencoderShape, multinomial_nll
+from aefeatures.model.embed import UserVectors, embed, encode
+from aefeatures.model.train import to_batch
+from aefeatures.quality.anomaly import anomaly_scores
+from aefeatures.store import layout, tables
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "interactions.parquet"
 

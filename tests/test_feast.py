@@ -14,6 +14,8 @@ import pytest
 import aefeatures
 from aefeatures.export.feast import export_feast_repo
 
+pytestmark = pytest.mark.slow  # trains or benchmarks whole jobs; the fast lane leaves it out
+
 pytest.importorskip("feast", reason="the optional `feast` extra is not installed")
 
 

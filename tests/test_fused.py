@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aefeatures.model import kernels
 from aefeatures.config import InputConfig, ModelConfig
 from aefeatures.data.matrix import build_matrix
-from aefeatures.model.autoencoder import Autoencoder, AutoencoderShape, _BagSum, multinomial_nll
 from aefeatures.data.read import read_interactions
+from aefeatures.model import kernels
+from aefeatures.model.autoencoder import Autoencoder, AutoencoderShape, _BagSum, multinomial_nll
 from aefeatures.model.train import _Step, to_batch
 from tests.conftest import FIXTURES
 

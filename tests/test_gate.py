@@ -8,12 +8,12 @@ import pytest
 from click.testing import CliRunner
 
 import aefeatures
-from aefeatures.store import layout
 from aefeatures.cli.app import cli
 from aefeatures.config import GateConfig, load_job_config
 from aefeatures.errors import GateRefusedError
-from aefeatures.quality.gate import check
 from aefeatures.jobs.run import run_job
+from aefeatures.quality.gate import check
+from aefeatures.store import layout
 from tests.conftest import write_job
 
 

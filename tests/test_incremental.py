@@ -12,11 +12,11 @@ from click.testing import CliRunner
 import aefeatures
 from aefeatures.cli.app import cli
 from aefeatures.config import load_job_config
-from aefeatures.model.embed import encode
+from aefeatures.data.matrix import CSR
 from aefeatures.jobs.embed import embed_job
 from aefeatures.jobs.run import run_job
-from aefeatures.data.matrix import CSR
 from aefeatures.model.autoencoder import load_model
+from aefeatures.model.embed import encode
 from tests.conftest import FIXTURES, write_job
 
 FAST = {"epochs": 3, "dim": 16, "hidden": [32]}

@@ -5,8 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aefeatures.store.index import (build_index, factory_string, item_queries, item_rows, load_index, on_sphere,
-                              save_index, search, stored_rows, user_queries)
+from aefeatures.store.index import (
+    build_index,
+    factory_string,
+    item_queries,
+    item_rows,
+    load_index,
+    on_sphere,
+    save_index,
+    search,
+    stored_rows,
+    user_queries,
+)
 
 
 @pytest.mark.parametrize("n_items,width,expected", [
@@ -27,6 +37,7 @@ def test_named_kinds_and_verbatim_factory_strings():
     assert factory_string("IVF64,SQ8", 10_000, 65) == "IVF64,SQ8"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfpq"])
 def test_every_kind_reopens_memory_mapped_with_the_same_answers(tmp_path, kind):
     rng = np.random.default_rng(0)

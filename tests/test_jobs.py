@@ -13,12 +13,12 @@ import pytest
 from click.testing import CliRunner
 
 import aefeatures
-from aefeatures.store import layout
 from aefeatures.cli.app import cli
 from aefeatures.config import load_job_config
 from aefeatures.errors import LockHeldError
-from aefeatures.jobs.run import run_job
 from aefeatures.jobs.lock import LOCK_FILE, feature_set_lock
+from aefeatures.jobs.run import run_job
+from aefeatures.store import layout
 from aefeatures.store.runlog import read_runs
 from tests.conftest import REPO, write_job
 
@@ -80,6 +80,7 @@ def test_a_stale_lock_from_a_dead_holder_is_recovered_with_a_warning(job, tmp_pa
     assert (folder / LOCK_FILE).read_text() == ""  # released cleanly
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["read", "train", "write", "publish"])
 def test_a_run_killed_at_any_point_leaves_a_readable_store(job, tmp_path, point):
     root = tmp_path / "store"
@@ -101,6 +102,7 @@ def test_a_run_killed_at_any_point_leaves_a_readable_store(job, tmp_path, point)
     assert layout.list_versions(root, "movies") == [good.version, after.version]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_run_cleanly(job, tmp_path):
     proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "killable_run.py"), str(job), "train"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -112,6 +114,7 @@ def test_sigterm_stops_a_run_cleanly(job, tmp_path):
     assert code.returncode == 0, code.stderr
 
 
+@pytest.mark.slow
 def test_cli_turns_sigterm_into_exit_143(job, tmp_path):
     script = ("import os, signal, sys, aefeatures.model.train as t\n"
               "from aefeatures.cli.app import main\n"

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from aefeatures import errors
-from aefeatures.store import layout, publish
 from aefeatures.serving.live import LiveStore
+from aefeatures.store import layout, publish
 
 
 @pytest.fixture

@@ -111,6 +111,7 @@ def test_store_errors_name_what_exists(tmp_path, trained):
         aefeatures.open_store(root).open("movies", "v0")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["hnsw", "ivf", "IVF4,PQ11"])
 def test_approximate_indexes_still_return_exactly_k_unseen(tmp_path, kind):
     index = {"kind": kind, "min_recall": 0.0}  # a poor index on purpose: lookups must still be exact-k

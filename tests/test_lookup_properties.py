@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import aefeatures
-from aefeatures.store import layout, publish, tables
-from aefeatures.model.embed import Embeddings
-from aefeatures.store.index import build_index, item_rows, save_index
 from aefeatures.data.matrix import build_matrix
 from aefeatures.data.read import Interactions
+from aefeatures.model.embed import Embeddings
+from aefeatures.store import layout, publish, tables
+from aefeatures.store.index import build_index, item_rows, save_index
 
 # IVF2 is searched with nprobe = 1 below, so it often finds fewer than k candidates (FAISS pads
 # with -1): the lookups must notice and still answer exactly.

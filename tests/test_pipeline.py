@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import aefeatures
-from aefeatures.store import layout, publish
 from aefeatures.config import load_job_config
-from aefeatures.store.index import load_index, search, user_queries
-from aefeatures.jobs.run import run_job
 from aefeatures.data.matrix import build_matrix
-from aefeatures.model.autoencoder import load_model
 from aefeatures.data.read import read_interactions
+from aefeatures.jobs.run import run_job
+from aefeatures.model.autoencoder import load_model
 from aefeatures.model.train import to_batch
+from aefeatures.store import layout, publish
+from aefeatures.store.index import load_index, search, user_queries
 from tests.conftest import FIXTURES, write_job
 
 

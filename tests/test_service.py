@@ -322,6 +322,7 @@ def test_a_missing_store_is_exit_2(tmp_path):
     assert done.returncode == 2 and "does not exist" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_several_worker_processes(trained):
     store_dir, _ = trained
     fs = aefeatures.open_store(store_dir)["movies"]
@@ -383,6 +384,7 @@ class Traffic:
             t.join()
 
 
+@pytest.mark.slow
 def test_a_publish_under_traffic_switches_versions_without_failing_or_mixing(trained, tmp_path):
     store_dir, _ = trained
     store_copy = tmp_path / "store"

@@ -13,15 +13,24 @@ import torch.nn.functional as F
 
 import aefeatures
 from aefeatures import errors
-from aefeatures.store import layout
 from aefeatures.config import InputConfig, ModelConfig, load_job_config
-from aefeatures.model.embed import encode
-from aefeatures.jobs.run import run_job
 from aefeatures.data.matrix import build_matrix
-from aefeatures.model.autoencoder import (Autoencoder, AutoencoderShape, _BagSum, _hits_by_entries, _hits_by_pairs, load_model,
-                              multinomial_nll, sampled_multinomial_nll, save_model)
 from aefeatures.data.read import read_interactions
+from aefeatures.jobs.run import run_job
+from aefeatures.model.autoencoder import (
+    Autoencoder,
+    AutoencoderShape,
+    _BagSum,
+    _hits_by_entries,
+    _hits_by_pairs,
+    load_model,
+    multinomial_nll,
+    sampled_multinomial_nll,
+    save_model,
+)
+from aefeatures.model.embed import encode
 from aefeatures.model.train import _Step, sparse_updates, to_batch, train
+from aefeatures.store import layout
 from tests.conftest import FIXTURES, write_job
 
 # The fixture's ~500 items are above a lowered threshold, so the sampled softmax (and with it,

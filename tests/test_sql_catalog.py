@@ -16,8 +16,8 @@ from click.testing import CliRunner
 import aefeatures
 from aefeatures.cli.app import cli
 from aefeatures.config import load_job_config
-from aefeatures.jobs.run import run_job
 from aefeatures.export.catalog import connect
+from aefeatures.jobs.run import run_job
 from tests.conftest import write_job
 
 NO_GATE = {"beat_popularity": False, "min_ratio": 0.0}

@@ -7,12 +7,10 @@ import pytest
 import torch
 
 import aefeatures
-from aefeatures.config import ModelConfig, load_job_config
-from aefeatures.jobs.run import run_job
-from aefeatures.data.matrix import build_matrix
+from aefeatures.config import InputConfig, ModelConfig, load_job_config
+from aefeatures.data.matrix import CSR, build_matrix
 from aefeatures.data.read import read_interactions
-from aefeatures.config import InputConfig
-from aefeatures.data.matrix import CSR
+from aefeatures.jobs.run import run_job
 from aefeatures.model.train import DeviceCSR, kl_weight, to_batch, train
 from tests.conftest import FIXTURES, write_job
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from aefeatures.cli.app import EXIT_CODES_HELP, cli, store_option
+from aefeatures.cli.options import EXIT_CODES_HELP, store_option
 
 
-@cli.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=EXIT_CODES_HELP)
 @store_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. The default answers this machine only; 0.0.0.0 opens it to the network.")
@@ -39,8 +39,8 @@ def serve(store_dir: Path, host: str, port: int, workers: int, poll_seconds: flo
     When a job publishes, the service switches to the new version without a restart; a request
     in flight finishes on the version it started with. Unknown ids answer 404, bad requests 4xx.
     """
-    from aefeatures.serving.server import serve as run_service
     from aefeatures.serving.http import Limits
+    from aefeatures.serving.server import serve as run_service
 
     limits = Limits(max_k=max_k, max_batch=max_batch, max_exclude=max_batch, max_body_bytes=max_body_bytes)
     run_service(str(store_dir), host=host, port=port, workers=workers, poll_seconds=poll_seconds, limits=limits,

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
 
-from aefeatures.cli.app import (EXIT_CODES_HELP, _json_default, _write_parquet_atomically, cli, name_option,
-                            store_option)
+from aefeatures.cli.options import EXIT_CODES_HELP, name_option, store_option
+from aefeatures.cli.output import json_default, write_parquet
 from aefeatures.errors import BadInputError
+from aefeatures.store.publish import atomic_write
 
 
-@cli.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=EXIT_CODES_HELP)
 @store_option
 @click.option("-c", "command", default=None, help="SQL to run.")
 @click.option("-f", "file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -91,24 +91,22 @@ def _write_frame(frame, fmt: str, output: Path | None) -> None:
     import polars as pl
 
     if fmt == "parquet":
-        _write_parquet_atomically(frame, output)
+        write_parquet(frame, output)
         return
     if fmt == "csv":
         text = frame.write_csv()
     elif fmt == "json":
-        text = json.dumps(frame.to_dicts(), indent=2, default=_json_default) + "\n"
+        text = json.dumps(frame.to_dicts(), indent=2, default=json_default) + "\n"
     else:
         with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=60, tbl_hide_dataframe_shape=True):
             text = str(frame) + "\n"
     if output is None:
         click.echo(text, nl=False)
     else:
-        tmp = output.with_name(f".{output.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, output)
+        atomic_write(output, text)
 
 
-@cli.command("feast-export", epilog=EXIT_CODES_HELP)
+@click.command("feast-export", epilog=EXIT_CODES_HELP)
 @store_option
 @name_option
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), required=True,

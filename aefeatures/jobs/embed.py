@@ -19,14 +19,14 @@ from typing import Any
 import polars as pl
 
 from aefeatures import errors
-from aefeatures.store import layout, publish, tables
 from aefeatures.config import JobConfig
-from aefeatures.model.embed import embed
-from aefeatures.jobs.run import RunResult, _refresh_sql_catalog, _timed, scheduled
 from aefeatures.data.matrix import build_matrix
-from aefeatures.model.autoencoder import load_model
 from aefeatures.data.read import Interactions, read_interactions
+from aefeatures.jobs.run import RunResult, _refresh_sql_catalog, _timed, scheduled
+from aefeatures.model.autoencoder import load_model
+from aefeatures.model.embed import embed
 from aefeatures.schema import ITEM, USER
+from aefeatures.store import layout, publish, tables
 
 log = logging.getLogger(__name__)
 

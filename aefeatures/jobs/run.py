@@ -23,22 +23,28 @@ import numpy as np
 import polars as pl
 
 from aefeatures import __version__, errors, schema
-from aefeatures.model import distributed
-from aefeatures.quality import gate
-from aefeatures.quality import report
-from aefeatures.store import runlog
-from aefeatures.store import layout, publish, tables
 from aefeatures.config import JobConfig
-from aefeatures.quality.anomaly import anomaly_scores
-from aefeatures.model.embed import Embeddings, embed, encode
-from aefeatures.quality.evaluate import (KS, RankingTotals, Split, embedding_totals, metrics_of_totals, popularity_ranking,
-                                 ranking_totals, split_users)
-from aefeatures.store.index import build_index, item_rows, save_index, user_queries
 from aefeatures.data.matrix import InteractionMatrix, build_matrix
-from aefeatures.model.autoencoder import Autoencoder, save_model
-from aefeatures.jobs.lock import feature_set_lock
 from aefeatures.data.read import Interactions, input_files, read_interactions
+from aefeatures.jobs.lock import feature_set_lock
+from aefeatures.model import distributed
+from aefeatures.model.autoencoder import Autoencoder, save_model
+from aefeatures.model.embed import Embeddings, embed, encode
 from aefeatures.model.train import TrainResult, train
+from aefeatures.quality import gate, report
+from aefeatures.quality.anomaly import anomaly_scores
+from aefeatures.quality.evaluate import (
+    KS,
+    RankingTotals,
+    Split,
+    embedding_totals,
+    metrics_of_totals,
+    popularity_ranking,
+    ranking_totals,
+    split_users,
+)
+from aefeatures.store import layout, publish, runlog, tables
+from aefeatures.store.index import build_index, item_rows, save_index, user_queries
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from aefeatures.model import kernels
 from aefeatures.data.matrix import CSR, InteractionMatrix
+from aefeatures.model import kernels
 from aefeatures.model.autoencoder import Autoencoder
 from aefeatures.model.train import to_batch
 

@@ -14,14 +14,20 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from aefeatures import errors
-from aefeatures.model import distributed
-from aefeatures.model import kernels
 from aefeatures.config import ModelConfig
-from aefeatures.quality.evaluate import KEY_METRIC
 from aefeatures.data.matrix import CSR, InteractionMatrix
-from aefeatures.model.autoencoder import (Autoencoder, AutoencoderShape, Noise, SparseBatch, kl_divergence,
-                              multinomial_nll, sampled_multinomial_nll)
+from aefeatures.model import distributed, kernels
+from aefeatures.model.autoencoder import (
+    Autoencoder,
+    AutoencoderShape,
+    Noise,
+    SparseBatch,
+    kl_divergence,
+    multinomial_nll,
+    sampled_multinomial_nll,
+)
 from aefeatures.model.optim import DenseAndLazyAdam, LazyAdam
+from aefeatures.schema import KEY_METRIC
 
 log = logging.getLogger(__name__)
 

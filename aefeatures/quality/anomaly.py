@@ -4,7 +4,8 @@ A user's reconstruction error (multinomial NLL per interaction) depends on how m
 they have, so raw errors of a heavy and a light user do not compare. The score is the robust
 z-score of the error against what is typical for that activity level: the median error of
 users with a similar number of items (buckets of log2 activity with at least 50 users,
-interpolated between bucket centres and flat beyond the outer ones), divided by the median absolute deviation of all residuals. Bots and random clickers
+interpolated between bucket centres and flat beyond the outer ones), divided by the median absolute deviation of all residuals.
+Bots and random clickers
 — whose items the model cannot explain — get the highest scores.
 """
 

@@ -20,12 +20,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from aefeatures.data.matrix import CSR
+from aefeatures.schema import KS
 
 if TYPE_CHECKING:
     import torch
 
-KS = (10, 20, 100)
-KEY_METRIC = "ndcg@100"
 
 
 @dataclass(frozen=True)

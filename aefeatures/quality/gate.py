@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aefeatures.config import GateConfig
-from aefeatures.quality.evaluate import KEY_METRIC
+from aefeatures.schema import KEY_METRIC
 
 
 @dataclass(frozen=True)

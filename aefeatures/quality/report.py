@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 from typing import Any, Sequence
 
-from aefeatures.quality.evaluate import KEY_METRIC, KS
+from aefeatures.schema import KEY_METRIC, KS
 
 WIDTH, HEIGHT, PAD = 420, 220, 36
 

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from aefeatures import __version__, errors
-from aefeatures.quality.evaluate import KEY_METRIC
+from aefeatures.schema import KEY_METRIC
 from aefeatures.serving.live import LiveStore
 from aefeatures.serving.lookup import FeatureSet, Neighbours
 

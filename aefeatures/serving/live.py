@@ -14,8 +14,8 @@ import threading
 from pathlib import Path
 
 from aefeatures import errors
-from aefeatures.store import layout
 from aefeatures.serving.lookup import FeatureSet
+from aefeatures.store import layout
 
 log = logging.getLogger(__name__)
 

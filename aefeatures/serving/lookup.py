@@ -18,8 +18,8 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from aefeatures import errors
+from aefeatures.schema import KEY_METRIC
 from aefeatures.store import layout
-from aefeatures.quality.evaluate import KEY_METRIC
 from aefeatures.store.index import item_queries, item_rows, load_index, search, stored_rows, user_queries
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from aefeatures import errors
-from aefeatures.serving.live import LiveStore, pointed_versions
 from aefeatures.serving.http import Limits, create_app
+from aefeatures.serving.live import LiveStore, pointed_versions
 
 SETTINGS_ENV = "AEFEATURES_SERVE_SETTINGS"  # how worker processes learn what to serve
 

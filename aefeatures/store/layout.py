@@ -17,7 +17,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
 from aefeatures import errors
 from aefeatures.store.runlog import published_versions
 

@@ -14,10 +14,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-
 from aefeatures import errors
-from aefeatures.store.layout import (LATEST, MANIFEST, REFUSED, STAGING, VERSIONS, list_refused, list_versions,
-                                     live_version, never_live)
+from aefeatures.store.layout import (
+    LATEST,
+    MANIFEST,
+    REFUSED,
+    STAGING,
+    VERSIONS,
+    list_refused,
+    list_versions,
+    live_version,
+    never_live,
+)
 from aefeatures.store.runlog import published_versions
 
 if TYPE_CHECKING:
@@ -122,17 +130,42 @@ def discard(staging: Path) -> None:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Replace ``path`` with ``text`` (UTF-8) atomically; see :func:`atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; on success it replaces ``path`` atomically.
+
+    The file is fsynced before the rename and the folder after it, and gets the permissions a
+    plain ``open(path, "w")`` would (0666 less the umask), so readers running as another user can
+    open it. Concurrent writers each use their own temporary name: the last rename wins whole.
+    On failure the temporary file is removed and ``path`` is untouched.
+    """
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _default_file_mode() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_file_mode()
 
 
 def _fsync_tree(folder: Path) -> None:

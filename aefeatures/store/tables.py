@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import shutil
-from datetime import datetime, timezone
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,12 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aefeatures import schema
-from aefeatures.store.layout import INTERACTIONS, ITEMS, USERS
 from aefeatures.quality.anomaly import anomaly_scores
+from aefeatures.store.layout import INTERACTIONS, ITEMS, USERS
 
 if TYPE_CHECKING:
-    from aefeatures.model.embed import Embeddings
     from aefeatures.data.matrix import InteractionMatrix
+    from aefeatures.model.embed import Embeddings
 USERS_PER_ROW_GROUP = 65_536  # users.parquet row groups: 16 MiB of 64-dim vectors
 PAIRS_PER_ROW_GROUP = 1 << 20  # interactions.parquet row groups (whole users each)
 _PARTS = ".parts"  # a version's part files while several ranks write it
