@@ -1,0 +1,162 @@
+"""Item attributes: `[items]` in the job file, validated, stored with the version in item-row order,
+seen in the `<name>_items` SQL view and usable in filters."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import duckdb
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+import aefeatures
+from aefeatures import errors
+from aefeatures.config import ItemsConfig, load_job_config
+from aefeatures.data.attributes import align_attributes, read_attributes
+from aefeatures.jobs.run import input_fingerprint, run_job
+from aefeatures.store import layout
+from tests.conftest import write_job
+
+TINY = {"kind": "dae", "dim": 8, "hidden": [32], "epochs": 2, "batch_size": 512, "seed": 0}
+
+
+def catalogue_attributes(n_items: int = 500) -> pl.DataFrame:
+    """Attributes for items 0..n-1 of the committed fixture but every tenth, plus two unknown ids."""
+    ids = [i for i in range(n_items) if i % 10] + [10_001, 10_002]
+    return pl.DataFrame({
+        "item_id": ids,
+        "category": [("books", "toys", "food")[i % 3] for i in ids],
+        "price": [float(i % 50) for i in ids],
+        "in_stock": [i % 4 != 0 for i in ids],
+        "tags": [["kids"] if i % 5 == 0 else ["new", "sale"] for i in ids],
+        "released": [date(2020 + i % 5, 1, 1) for i in ids],
+    })
+
+
+def items_job(folder, attributes: pl.DataFrame | None = None, items_section: str | None = None, **kw):
+    path = folder / "items.parquet"
+    (attributes if attributes is not None else catalogue_attributes()).write_parquet(path)
+    job = write_job(folder, name="shop", model=TINY, evaluation={"valid_share": 0.0}, **kw)
+    job.write_text(job.read_text() + (items_section or '[items]\npath = "items.parquet"\n'))
+    return job
+
+
+def test_items_section_loads_and_resolves_its_path(tmp_path):
+    cfg = load_job_config(items_job(tmp_path, items_section='[items]\npath = "items.parquet"\nid_col = "sku"\n'
+                                                          'columns = ["category", "price"]\n'))
+    assert cfg.items == ItemsConfig(str(tmp_path / "items.parquet"), "sku", ("category", "price"))
+    assert cfg.to_dict()["items"]["columns"] == ["category", "price"]
+
+
+def test_a_job_without_items_keeps_its_config_and_fingerprint(tmp_path):
+    cfg = load_job_config(write_job(tmp_path))
+    assert "items" not in cfg.to_dict() and cfg.items.path is None
+    assert input_fingerprint(cfg)  # no attributes file to look at
+
+
+@pytest.mark.parametrize("section, key", [
+    ('[items]\ncolumns = ["category"]\n', "items.columns"),
+    ('[items]\npath = "items.parquet"\ncolumns = ["score"]\n', "items.columns"),
+    ('[items]\npath = "items.parquet"\ncolumns = ["9lives"]\n', "items.columns"),
+    ('[items]\npath = "items.parquet"\nid_col = ""\n', "items.id_col"),
+    ('[items]\npath = "items.parquet"\ncolum = ["x"]\n', "items.colum"),
+])
+def test_bad_items_sections_name_the_key(tmp_path, section, key):
+    with pytest.raises(errors.ConfigError, match=key.replace(".", r"\.")) as info:
+        load_job_config(items_job(tmp_path, items_section=section))
+    assert info.value.exit_code == 2
+
+
+def test_types_are_kept_and_recorded_and_unknown_ids_counted(tmp_path):
+    catalogue_attributes().write_parquet(tmp_path / "a.parquet")
+    frame = read_attributes(ItemsConfig(str(tmp_path / "a.parquet")))
+    table, summary = align_attributes(frame, pl.Series("item_id", list(range(500))))
+    assert table.height == 500 and table.get_column("item_id").to_list() == list(range(500))
+    assert summary["columns"] == {"category": "String", "price": "Float64", "in_stock": "Boolean",
+                                  "tags": "List(String)", "released": "Date"}
+    assert (summary["rows"], summary["matched"], summary["unknown_ids"], summary["items_without"]) == \
+        (452, 450, 2, 50)
+    assert summary["unknown_examples"] == [10_001, 10_002]
+    assert table.filter(pl.col("item_id") % 10 == 0).drop("item_id").null_count().row(0) == (50,) * 5
+    assert table.row(7, named=True)["tags"] == ["new", "sale"]
+
+
+@pytest.mark.parametrize("frame, message", [
+    (pl.DataFrame({"item_id": [1, 2, 2, 3], "c": ["a", "b", "c", "d"]}), r"1 rows|2 rows with a repeated id .*e\.g\. 2"),
+    (pl.DataFrame({"item_id": [1, None], "c": ["a", "b"]}), "1 null id"),
+    (pl.DataFrame({"sku": [1, 2], "c": ["a", "b"]}), "no id column `item_id`"),
+    (pl.DataFrame({"item_id": [1, 2], "s": [{"a": 1}, {"a": 2}]}), "column `s` has type Struct"),
+    (pl.DataFrame({"item_id": [1, 2], "x": [1.0, float("nan")]}), "NaN in column `x`"),
+    (pl.DataFrame({"item_id": [1, 2], "bias": [1.0, 2.0]}), "column named `bias`"),
+])
+def test_unusable_attributes_are_refused_with_one_clear_line(tmp_path, frame, message):
+    frame.write_parquet(tmp_path / "a.parquet")
+    with pytest.raises(errors.BadInputError, match=message) as info:
+        read_attributes(ItemsConfig(str(tmp_path / "a.parquet")))
+    assert info.value.exit_code == 2 and "\n" not in str(info.value)
+
+
+def test_ids_of_another_type_are_refused(tmp_path):
+    frame = pl.DataFrame({"item_id": ["a1", "b2"], "c": ["x", "y"]})
+    with pytest.raises(errors.BadInputError, match="String ids but the interactions have Int64 ids"):
+        align_attributes(frame, pl.Series("item_id", [1, 2]), "a.parquet")
+    table, _ = align_attributes(pl.DataFrame({"item_id": ["1"], "c": ["x"]}), pl.Series("item_id", [1, 2]))
+    assert table.get_column("c").to_list() == ["x", None]
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shop")
+    result = run_job(load_job_config(items_job(folder)), progress=False)
+    return folder, result
+
+
+def test_a_run_stores_attributes_in_item_row_order(shop):
+    folder, result = shop
+    stored = pl.read_parquet(result.path / layout.ATTRIBUTES)
+    items = pl.read_parquet(result.path / layout.ITEMS, columns=["item_id"])
+    assert stored.get_column("item_id").to_list() == items.get_column("item_id").to_list()
+    expected = catalogue_attributes().join(items, on="item_id", how="right").select(stored.columns)
+    assert stored.equals(expected)
+    m = result.manifest["attributes"]
+    assert m["unknown_ids"] == 2 and m["columns"]["tags"] == "List(String)"
+    assert m["files"][0]["path"].endswith("items.parquet")
+
+
+def test_attributes_are_columns_of_the_items_view(shop):
+    folder, result = shop
+    con = duckdb.connect()
+    con.execute((folder / "store" / "catalog.sql").read_text())
+    columns = [c[0] for c in con.sql("DESCRIBE shop_items").fetchall()]
+    assert columns[-5:] == ["category", "price", "in_stock", "tags", "released"]
+    assert con.execute("SELECT count(*) FROM shop_items WHERE category IS NULL").fetchone()[0] == 50
+    assert con.execute("SELECT tags FROM shop_items WHERE item_id = 5").fetchone()[0] == ["kids"]
+
+
+def test_filters_use_the_stored_attributes(shop):
+    folder, _ = shop
+    fs = aefeatures.open_store(folder / "store")["shop"]
+    expected = [i for i in fs.item_ids.tolist() if i % 10 and i % 3 == 0 and i % 4 != 0]
+    assert fs.filter_items("category = 'books' AND in_stock").tolist() == expected
+    user = int(fs.user_ids[0])
+    found = fs.recommend(user, k=10, filter="category = 'books' AND in_stock")
+    assert len(found.ids) == 10 and set(found.ids.tolist()) <= set(expected)
+
+
+def test_duplicate_attribute_ids_refuse_the_run_before_training_and_publish_nothing(tmp_path):
+    frame = pl.concat([catalogue_attributes(), catalogue_attributes().head(3)])
+    with pytest.raises(errors.BadInputError, match="3 rows|6 rows with a repeated id") as info:
+        run_job(load_job_config(items_job(tmp_path, frame)), progress=False)
+    assert info.value.exit_code == 2
+    assert not (tmp_path / "store" / "shop" / layout.LATEST).exists()
+
+
+def test_a_version_without_attributes_filters_on_item_id_alone(trained):
+    root, _ = trained
+    fs = aefeatures.open_store(root)["movies"]
+    assert fs.attributes.columns == ["item_id"]
+    assert fs.filter_items("item_id < 5").tolist() == [i for i in fs.item_ids.tolist() if i < 5]
+    with pytest.raises(errors.FilterError, match="unknown column `category`; this version's items have: item_id"):
+        fs.recommend(int(fs.user_ids[0]), filter="category = 'x'")
+    assert not (pq.read_schema(fs.path / layout.ITEMS).names.count("category"))
