@@ -160,3 +160,95 @@ def test_a_version_without_attributes_filters_on_item_id_alone(trained):
     with pytest.raises(errors.FilterError, match="unknown column `category`; this version's items have: item_id"):
         fs.recommend(int(fs.user_ids[0]), filter="category = 'x'")
     assert not (pq.read_schema(fs.path / layout.ITEMS).names.count("category"))
+
+
+# --- the CLI, HTTP and SQL forms agree with the Python API ------------------------------------------
+
+SHOP_FILTER = "category = 'books' AND in_stock AND price < 40"
+
+
+def test_cli_filter_and_items_file_agree_with_the_api(shop, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from aefeatures.cli.app import cli
+
+    folder, _ = shop
+    fs = aefeatures.open_store(folder / "store")["shop"]
+    user = int(fs.user_ids[3])
+    allow = fs.item_ids[::3].tolist()
+    (tmp_path / "allow.txt").write_text("\n".join(map(str, allow)) + "\n")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["recommend", "--store", str(folder / "store"), "--user", str(user), "-k", "8",
+                                 "--filter", SHOP_FILTER, "--items-file", str(tmp_path / "allow.txt"), "--json"])
+    assert result.exit_code == 0, result.output
+    expected = fs.recommend(user, k=8, filter=SHOP_FILTER, items=allow)
+    assert [r["item_id"] for r in json.loads(result.stdout)["items"]] == expected.ids.tolist()
+
+    result = runner.invoke(cli, ["similar", "--store", str(folder / "store"), "--item", "7", "-k", "5",
+                                 "--filter", SHOP_FILTER, "--json"])
+    assert result.exit_code == 0, result.output
+    expected = fs.similar_items(7, k=5, filter=SHOP_FILTER)
+    assert [r["item_id"] for r in json.loads(result.stdout)["items"]] == expected.ids.tolist()
+
+    result = runner.invoke(cli, ["recommend", "--store", str(folder / "store"), "--user", str(user),
+                                 "--filter", "colour = 'red'"])
+    assert result.exit_code == 2
+    assert "invalid filter: unknown column `colour`" in result.output and "Traceback" not in result.output
+
+
+def test_http_filter_and_items_agree_with_the_api(shop):
+    from tests.test_service import Service
+
+    folder, _ = shop
+    fs = aefeatures.open_store(folder / "store")["shop"]
+    users = [int(u) for u in fs.user_ids[:3]]
+    allow = fs.item_ids[::2].tolist()
+    svc = Service(folder / "store")
+    try:
+        status, body = svc.get("/v1/shop/recommend", user=users[0], k=6, filter=SHOP_FILTER, items=allow)
+        assert status == 200, body
+        expected = fs.recommend(users[0], k=6, filter=SHOP_FILTER, items=allow)
+        assert [r["item_id"] for r in body["items"]] == expected.ids.tolist()
+
+        status, body = svc.request("POST", "/v1/shop/recommend",
+                                   {"users": users, "k": 4, "filter": SHOP_FILTER, "items": allow})
+        assert status == 200, body
+        for entry, user in zip(body["results"], users):
+            assert [r["item_id"] for r in entry["items"]] == \
+                fs.recommend(user, k=4, filter=SHOP_FILTER, items=allow).ids.tolist()
+
+        status, body = svc.get("/v1/shop/similar", item=7, k=5, filter=SHOP_FILTER)
+        assert status == 200 and [r["item_id"] for r in body["items"]] == \
+            fs.similar_items(7, k=5, filter=SHOP_FILTER).ids.tolist()
+
+        status, body = svc.get("/v1/shop/recommend", user=users[0], filter="category = 5")
+        assert status == 422 and body["error"]["code"] == "invalid_filter"
+        assert "Could not convert" in body["error"]["message"]
+        status, body = svc.get("/v1/shop/recommend", user=users[0],
+                               filter="true) AS keep FROM read_csv('/etc/passwd') --")
+        assert status == 422 and body["error"]["code"] == "invalid_filter"
+        status, body = svc.get("/v1/shop/recommend", user=users[0], filter="x" * 5000)
+        assert status == 422
+        status, body = svc.get("/v1/shop/recommend", user=users[0], filter="category = 'none'")
+        assert status == 200 and body["items"] == []
+
+        status, spec = svc.get("/openapi.json")
+        params = {p["name"]: p for p in spec["paths"]["/v1/{name}/recommend"]["get"]["parameters"]}
+        assert "SQL boolean expression" in params["filter"]["description"] and "items" in params
+    finally:
+        svc.stop()
+
+
+def test_sql_where_macros_agree_with_the_api(shop):
+    folder, _ = shop
+    fs = aefeatures.open_store(folder / "store")["shop"]
+    con = duckdb.connect()
+    con.execute((folder / "store" / "catalog.sql").read_text())
+    for user in [int(u) for u in fs.user_ids[:5]]:
+        rows = con.execute(f"SELECT item_id FROM shop_recommend_where($u, 10, {SHOP_FILTER})", {"u": user}).fetchall()
+        assert [r[0] for r in rows] == fs.recommend(user, k=10, filter=SHOP_FILTER).ids.tolist()
+    rows = con.execute(f"SELECT item_id FROM shop_similar_items_where(7, 10, {SHOP_FILTER} AND item_id < 300)")
+    assert [r[0] for r in rows.fetchall()] == \
+        fs.similar_items(7, k=10, filter=SHOP_FILTER + " AND item_id < 300").ids.tolist()
