@@ -194,7 +194,10 @@ def big(tmp_path_factory):
     category = np.where(np.arange(n_items) % 1000 == 0, "common", "other").astype(object)
     rare = [17, 4_001, 50_003, 77_777, 99_999]
     category[rare] = "rare"
-    attributes = pl.DataFrame({"item_id": np.arange(n_items), "category": category.tolist()})
+    user0 = emb.item_vectors @ emb.user_vectors[0] + emb.item_bias
+    rank0 = np.empty(n_items, np.int64)
+    rank0[np.argsort(-user0)] = np.arange(n_items)  # 0 = the item user 0 likes best
+    attributes = pl.DataFrame({"item_id": np.arange(n_items), "category": category.tolist(), "rank0": rank0})
     with publish.staged_version(root, "p", "v1") as staging:
         tables.write_tables(staging, matrix, emb, name="p", version="v1", created=datetime.now(timezone.utc))
         tables.write_attributes(staging, align_attributes(attributes, matrix.item_ids)[0])
@@ -254,3 +257,40 @@ def test_each_filters_item_set_is_computed_once_per_version(big, monkeypatch):
     assert calls == []
     fs.recommend(fs.user_ids[1], k=5, filter="category = 'other'")
     assert calls == ["category = 'other'"]
+
+
+def test_when_over_fetching_comes_back_short_the_allowed_items_are_searched_alone(big, monkeypatch):
+    """A filter keeping the 30% of items user 0 likes least: the plain search's best candidates
+    are all filtered out, so the lookup searches again with FAISS's bitmap selector."""
+    fs, _ = big
+    calls = []
+    original = lookup.search_selected
+    monkeypatch.setattr(lookup, "search_selected", lambda *a: calls.append(a[2]) or original(*a))
+    user = fs.user_ids[0]
+    found = fs.recommend(user, k=10, filter="rank0 >= 70000")
+    assert calls, "the selector search was not used"
+    scores = fs._index_rows @ np.append(fs.user_embedding(user), 1.0)
+    allowed = fs.attributes.get_column("rank0").to_numpy() >= 70_000
+    allowed[np.arange(0, fs.n_items, 40)] = False  # user 0's own items
+    expected = np.flatnonzero(allowed)[np.argsort(-scores[allowed], kind="stable")[:10]]
+    assert found.ids.tolist() == fs.item_ids[expected].tolist()
+    similar = fs.similar_items(fs.item_ids[1], k=10, filter="rank0 >= 70000")
+    assert len(similar.ids) == 10 and (fs.attributes.get_column("rank0").to_numpy()[similar.ids] >= 70_000).all()
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), n_items=st.integers(2, 60), k=st.integers(1, 40), flt=filters())
+def test_an_approximate_index_that_comes_back_short_still_answers_exactly_k(tmp_path_factory, seed, n_items, k, flt):
+    """IVF2 searched with nprobe = 1 often finds fewer candidates than asked for (FAISS pads with
+    -1): filtered lookups still return exactly min(k, items left), every one allowed."""
+    fs, matrix = make_store(tmp_path_factory.mktemp("a"), seed, 4, n_items, 3, "IVF2,Flat")
+    faiss.extract_index_ivf(fs.index).nprobe = 1
+    text, predicate = flt
+    allowed = {r["item_id"] for r in fs.attributes.to_dicts() if predicate(r) is True}
+    for row, user in enumerate(fs.user_ids):
+        seen = set(fs.item_ids[matrix.indices[matrix.indptr[row]:matrix.indptr[row + 1]]].tolist())
+        found = fs.recommend(user, k=k, filter=text)
+        assert len(found.ids) == min(k, len(allowed - seen))
+        assert set(found.ids.tolist()) <= allowed - seen
+    found = fs.similar_items(fs.item_ids[0], k=k, filter=text)
+    assert len(found.ids) == min(k, len(allowed - {fs.item_ids[0]}))

@@ -35,10 +35,13 @@ from aefeatures.store.index import (
 )
 
 # Filtered lookups: when at most this share of the catalogue may be returned, the allowed items
-# are scored exactly (one matrix product over their vectors); above it the index is searched
-# with a bitmap selector, over-fetching for the seen and excluded items, exact when it comes
-# back short. Either way exactly min(k, items left) results come back.
+# are scored exactly (one matrix product over their vectors); above it the index is searched as
+# usual for OVERFETCH / share times more candidates and the others dropped; a user left short
+# is searched again among the allowed items alone (FAISS bitmap selector), then scored exactly
+# if still short. Either way exactly min(k, items left) results come back. (FAISS's selector
+# on a Flat index was 2.7× slower than the plain search at 100k items, so it is the fallback.)
 SUBSET_SHARE = 0.25
+OVERFETCH = 2.0  # above SUBSET_SHARE: candidates fetched per result wanted, × 1 / the filter's share
 SUBSET_BLOCK = 1 << 22  # scores computed at once when scoring a subset for many users
 FILTER_CACHE = 256  # distinct filters whose item sets a version keeps
 
@@ -451,12 +454,15 @@ class FeatureSet:
                      for r in rows.tolist()]
             self._subset_top(queries, allowed, want, skips, out_rows, out_scores)
             return self._item_ids.ids[out_rows], out_scores, want
-        groups = 2 ** np.ceil(np.log2(k + n_skip)).astype(np.int64)
+        widths = k + n_skip
+        if allowed is not None:  # over-fetch for what the filter drops: OVERFETCH × its expected share
+            widths = np.ceil(widths * OVERFETCH * self.n_items / len(allowed)).astype(np.int64)
+        groups = 2 ** np.ceil(np.log2(widths)).astype(np.int64)
         for fetch in np.unique(groups):
             part = np.flatnonzero(groups == fetch)
             sub_rows, sub_scores = out_rows[part], out_scores[part]
             self._top_from_index(queries[part], rows[part], want[part], int(min(fetch, self.n_items)),
-                                 exclude_seen, excluded, sub_rows, sub_scores, allowed)
+                                 exclude_seen, excluded, sub_rows, sub_scores, allowed, k + n_skip[part])
             out_rows[part], out_scores[part] = sub_rows, sub_scores
         return self._item_ids.ids[out_rows], out_scores, want
 
@@ -486,25 +492,50 @@ class FeatureSet:
         if n and len(allowed) <= SUBSET_SHARE * self.n_items:
             self._subset_top(queries, allowed, np.array([n]), [skip], out_rows, out_scores)
         elif n:
-            fetch = min(n + int(allowed.mask[skip].sum()), self.n_items)
-            scores, found = search_selected(self.index, queries, fetch, allowed.bitmap)
-            keep = (found[0] >= 0) & ~np.isin(found[0], skip)
-            keep &= allowed.mask[np.where(keep, found[0], 0)]
-            rows, got = found[0][keep][:n], scores[0][keep][:n]
+            width = n + int(allowed.mask[skip].sum())
+            over = int(min(np.ceil(width * OVERFETCH * self.n_items / len(allowed)), self.n_items))
+            for selected, fetch in ((False, over), (True, min(width, self.n_items))):
+                scores, found = (search_selected(self.index, queries, fetch, allowed.bitmap) if selected
+                                 else search(self.index, queries, fetch))
+                keep = (found[0] >= 0) & ~np.isin(found[0], skip)
+                keep &= allowed.mask[np.where(keep, found[0], 0)]
+                rows, got = found[0][keep][:n], scores[0][keep][:n]
+                if len(rows) == n or over >= self.n_items:
+                    break
             if len(rows) < n:  # an approximate index came back short: score exactly
                 rows, got = self._exact_top(queries[0], skip, n, allowed)
             out_rows[0, :n], out_scores[0, :n] = rows, got
         return Neighbours(self._item_ids.ids[out_rows[0, :n]], out_scores[0, :n].astype(np.float32))
 
     def _top_from_index(self, queries, rows, want, fetch: int, exclude_seen: bool, excluded,
-                        out_rows, out_scores, allowed: Allowed | None = None) -> None:
-        """Fill out_rows/out_scores from one index search of ``fetch`` candidates per user
-        (among ``allowed`` only, if given), scoring exactly any user the search left short."""
-        indptr, seen_items, seen_codes = self._seen
-        if allowed is None:
-            scores, found = search(self.index, queries, max(fetch, 1))
-        else:
-            scores, found = search_selected(self.index, queries, max(fetch, 1), allowed.bitmap)
+                        out_rows, out_scores, allowed: Allowed | None = None, widths: np.ndarray | None = None) -> None:
+        """Fill out_rows/out_scores from one index search of ``fetch`` candidates per user.
+
+        With ``allowed``, candidates it does not allow are dropped; a user left short is searched
+        again among the allowed items alone (FAISS bitmap selector, ``widths`` candidates: k
+        plus what the user skips). Any user still short (an approximate index) is scored exactly."""
+        indptr, seen_items, _ = self._seen
+        scores, found = search(self.index, queries, max(fetch, 1))
+        counts = self._take(scores, found, rows, want, exclude_seen, excluded, allowed, out_rows, out_scores)
+        short = np.flatnonzero(counts < want)
+        if allowed is not None and len(short) and fetch < self.n_items:
+            width = int(min(widths[short].max(), self.n_items))
+            again, found = search_selected(self.index, queries[short], max(width, 1), allowed.bitmap)
+            sub_rows, sub_scores = out_rows[short], out_scores[short]
+            counts = self._take(again, found, rows[short], want[short], exclude_seen, excluded, allowed,
+                                sub_rows, sub_scores)
+            out_rows[short], out_scores[short] = sub_rows, sub_scores
+            short = short[counts < want[short]]
+        for r in short:  # an approximate index came back short
+            skip = seen_items[indptr[rows[r]]: indptr[rows[r] + 1]] if exclude_seen else excluded[:0]
+            n = int(want[r])
+            out_rows[r, :n], out_scores[r, :n] = self._exact_top(queries[r], np.union1d(skip, excluded), n, allowed)
+
+    def _take(self, scores, found, rows, want, exclude_seen: bool, excluded, allowed: Allowed | None,
+              out_rows, out_scores) -> np.ndarray:
+        """Copy each user's first ``want`` usable candidates of a search into out_rows/out_scores;
+        returns how many each got."""
+        _, _, seen_codes = self._seen
         valid = found >= 0
         if allowed is not None:
             valid &= allowed.mask[np.where(valid, found, 0)]
@@ -516,10 +547,7 @@ class FeatureSet:
         counts = take.sum(axis=1)
         dest = np.arange(out_rows.shape[1])[None, :] < counts[:, None]
         out_rows[dest], out_scores[dest] = found[take], scores[take]
-        for r in np.flatnonzero(counts < want):  # an approximate index came back short
-            skip = seen_items[indptr[rows[r]]: indptr[rows[r] + 1]] if exclude_seen else excluded[:0]
-            n = int(want[r])
-            out_rows[r, :n], out_scores[r, :n] = self._exact_top(queries[r], np.union1d(skip, excluded), n, allowed)
+        return counts
 
     @cached_property
     def _index_rows(self) -> np.ndarray:
