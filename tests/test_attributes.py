@@ -252,3 +252,60 @@ def test_sql_where_macros_agree_with_the_api(shop):
     rows = con.execute(f"SELECT item_id FROM shop_similar_items_where(7, 10, {SHOP_FILTER} AND item_id < 300)")
     assert [r[0] for r in rows.fetchall()] == \
         fs.similar_items(7, k=10, filter=SHOP_FILTER + " AND item_id < 300").ids.tolist()
+
+
+# --- `aefeatures attributes`: fresh attributes, same model ------------------------------------------
+
+def test_attributes_command_republishes_with_the_same_model_and_fresh_attributes(tmp_path):
+    import json
+    import os
+
+    from click.testing import CliRunner
+
+    from aefeatures.cli.app import cli
+    from aefeatures.jobs.embed import embed_job
+
+    job = items_job(tmp_path)
+    first = run_job(load_job_config(job), progress=False)
+    fresh = catalogue_attributes().with_columns(pl.lit("books").alias("category"), pl.lit(True).alias("in_stock"))
+    fresh.write_parquet(tmp_path / "items.parquet")
+    os.utime(tmp_path / "items.parquet", ns=(1, 2))  # a different modification time, whatever the clock
+    runner = CliRunner()
+    result = runner.invoke(cli, ["attributes", str(job), "--json"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert answer["status"] == "published" and answer["attributes"]["unknown_ids"] == 2
+    second = layout.version_dir(tmp_path / "store", "shop", answer["version"])
+    for name in (layout.ITEMS, layout.USERS, layout.INTERACTIONS, layout.INDEX, "model/weights.pt"):
+        assert (second / name).read_bytes() == (first.path / name).read_bytes(), name
+    fs = aefeatures.open_store(tmp_path / "store")["shop"]
+    assert fs.version == answer["version"]
+    assert len(fs.filter_items("category = 'books' AND in_stock")) == 450  # every described item now
+    manifest = layout.read_manifest(second)
+    assert manifest["attributes_from"]["version"] == first.version and manifest["training"] == first.manifest["training"]
+    con = duckdb.connect()
+    con.execute((tmp_path / "store" / "catalog.sql").read_text())
+    assert con.execute("SELECT count(*) FROM shop_items WHERE category = 'books'").fetchone()[0] == 450
+
+    again = runner.invoke(cli, ["attributes", str(job)])
+    assert again.exit_code == 0 and "up to date" in again.output
+    rerun = run_job(load_job_config(job), progress=False)  # same interactions and config: no training
+    assert rerun.status == "up_to_date" and rerun.version == answer["version"]
+
+    embedded = embed_job(load_job_config(job), force=True)  # new users, same items: attributes kept
+    assert pl.read_parquet(embedded.path / layout.ATTRIBUTES).equals(pl.read_parquet(second / layout.ATTRIBUTES))
+
+    pl.concat([fresh, fresh.head(2)]).write_parquet(tmp_path / "items.parquet")
+    refused = runner.invoke(cli, ["attributes", str(job)])
+    assert refused.exit_code == 2 and "repeated id" in refused.output and "Traceback" not in refused.output
+    assert aefeatures.open_store(tmp_path / "store")["shop"].version == embedded.version
+
+
+def test_attributes_command_needs_an_items_section(trained, tmp_path):
+    from click.testing import CliRunner
+
+    from aefeatures.cli.app import cli
+
+    root, _ = trained
+    result = CliRunner().invoke(cli, ["attributes", str(write_job(tmp_path, store=root))])
+    assert result.exit_code == 2 and "no `[items]` section" in result.output

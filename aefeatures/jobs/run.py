@@ -171,9 +171,11 @@ def _write_shard(built: _Built, staging: Path, name: str, version: str, created:
 
 
 def scheduled(cfg: JobConfig, command: str, key: str,
-              work: Callable[[str, dict[str, Any] | None], RunResult], *, force: bool) -> RunResult:
+              work: Callable[[str, dict[str, Any] | None], RunResult], *, force: bool,
+              fingerprint: str | None = None) -> RunResult:
     """Run ``work(fingerprint, live manifest)`` under the feature set's lock, unless the live
-    manifest's ``key`` already equals this input's fingerprint; record the run in the run log."""
+    manifest's ``key`` already equals this input's fingerprint (``fingerprint``, default
+    :func:`input_fingerprint`); record the run in the run log."""
     root, name = cfg.job.store, cfg.job.name
     folder = root / name
     entry: dict[str, Any] = {"started": _now(), "command": command, "job": str(cfg.source),
@@ -184,7 +186,7 @@ def scheduled(cfg: JobConfig, command: str, key: str,
             removed = publish.clean_leftovers(root, name)
             if removed:
                 log.warning("removed leftovers of interrupted runs in %s: %s", folder, ", ".join(removed))
-            fingerprint = input_fingerprint(cfg)
+            fingerprint = fingerprint or input_fingerprint(cfg)
             live = _live_manifest(root, name)
             if live and live.get(key) == fingerprint and not force:
                 result = RunResult(name, live["version"], layout.version_dir(root, name, live["version"]),
@@ -210,11 +212,13 @@ def scheduled(cfg: JobConfig, command: str, key: str,
             runlog.append_run(folder, entry)
 
 
-def input_fingerprint(cfg: JobConfig) -> str:
-    """sha256 of the input files' paths, sizes and modification times and the resolved config."""
+def input_fingerprint(cfg: JobConfig, attribute_files: list[dict[str, Any]] | None = None) -> str:
+    """sha256 of the input files' paths, sizes and modification times and the resolved config
+    (and the attribute files', ``attribute_files`` standing in for the current ones if given)."""
     files = [vars(f) for f in input_files(cfg.input.path)]
     if cfg.items.path is not None:  # fresh attributes make a new version too
-        files += [{"attributes": vars(f)} for f in _attribute_files(cfg)]
+        current = attribute_files if attribute_files is not None else [vars(f) for f in _attribute_files(cfg)]
+        files += [{"attributes": f} for f in current]
     blob = json.dumps({"files": files, "config": cfg.to_dict()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
