@@ -292,7 +292,10 @@ def test_attributes_command_republishes_with_the_same_model_and_fresh_attributes
     rerun = run_job(load_job_config(job), progress=False)  # same interactions and config: no training
     assert rerun.status == "up_to_date" and rerun.version == answer["version"]
 
+    built = {v["version"]: v["built"] for v in aefeatures.open_store(tmp_path / "store").versions("shop")}
+    assert built == {first.version: "trained", answer["version"]: "attributes"}
     embedded = embed_job(load_job_config(job), force=True)  # new users, same items: attributes kept
+    assert aefeatures.open_store(tmp_path / "store").versions("shop")[-1]["built"] == "embedded"
     assert pl.read_parquet(embedded.path / layout.ATTRIBUTES).equals(pl.read_parquet(second / layout.ATTRIBUTES))
 
     pl.concat([fresh, fresh.head(2)]).write_parquet(tmp_path / "items.parquet")

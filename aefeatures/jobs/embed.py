@@ -83,6 +83,7 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -
             "counts": counts,
             "timings": timings,
         }
+        manifest.pop("attributes_from", None)  # this version's users are new, not only its attributes
         with _timed(timings, "publish"):
             publish.write_manifest(staging, manifest)
             final = publish.publish(root, name, staging)

@@ -13,6 +13,7 @@ import json
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any, Callable, Literal, Sequence, Union
 
 from fastapi import FastAPI, Path, Query, Request
@@ -204,7 +205,8 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
                         exclude_seen: bool = True, exclude: list[str] = exclude_query,
                         filter: str | None = filter_query, items: list[str] | None = items_query) -> Response:
         fs = live.get(name)
-        found = fs.recommend(user, k, exclude_seen=exclude_seen, exclude=exclude, filter=filter, items=items)
+        call = partial(fs.recommend, user, k, exclude_seen=exclude_seen, exclude=exclude, filter=filter, items=items)
+        found = call() if _quick(fs, filter) else await run_in_threadpool(call)
         return _json(_answer(fs, user=_id(fs.user_ids, user), items=_ranked(found, "item_id")))
 
     @app.post("/v1/{name}/recommend", response_model=BatchRecommendations, responses=ERRORS,
@@ -219,7 +221,8 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
                       metric: Literal["ip", "cosine"] = "ip", exclude: list[str] = exclude_query,
                       filter: str | None = filter_query, items: list[str] | None = items_query) -> Response:
         fs = live.get(name)
-        found = fs.similar_items(item, k, metric=metric, exclude=exclude, filter=filter, items=items)
+        call = partial(fs.similar_items, item, k, metric=metric, exclude=exclude, filter=filter, items=items)
+        found = call() if _quick(fs, filter) else await run_in_threadpool(call)
         return _json(_answer(fs, item=_id(fs.item_ids, item), items=_ranked(found, "item_id")))
 
     @app.get("/v1/{name}/similar_users", response_model=SimilarUsers, responses=ERRORS,
@@ -246,6 +249,12 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
 
 
 # --- answers ---------------------------------------------------------------------------------------
+
+def _quick(fs: FeatureSet, filter: str | None) -> bool:
+    """Whether a single lookup stays on the event loop: always, unless its filter is new to
+    this version (evaluating it may take up to the filter time limit; then the thread pool)."""
+    return filter is None or fs.has_cached_filter(filter)
+
 
 def _answer(fs: FeatureSet, **fields: Any) -> dict[str, Any]:
     return {"feature_set": fs.name, "version": fs.version, **fields}

@@ -198,6 +198,10 @@ class FeatureSet:
         row order. Raises :class:`FilterError`."""
         return self._item_ids.ids[self._filter_set(filter).rows]
 
+    def has_cached_filter(self, filter: str) -> bool:
+        """Whether ``filter``'s item set is already known (a lookup with it costs no evaluation)."""
+        return filter in self._filter_cache
+
     def load(self) -> "FeatureSet":
         """Read every table and open the index now, so that no later call reads a file (what
         is derived from them, such as normalised vectors for cosine, is computed on first use,
@@ -653,8 +657,10 @@ class Store:
             out.append({
                 "version": version, "status": status, "live": version == live,
                 # "embedded": users embedded by `aefeatures embed` with the model (and metrics) of
-                # the version named in `embedded_with`; "trained": a full run.
-                "built": "embedded" if m.get("embedded_with") else "trained",
+                # the version named in `embedded_with`; "attributes": fresh item attributes by
+                # `aefeatures attributes` (`attributes_from`); "trained": a full run.
+                "built": "attributes" if m.get("attributes_from") else "embedded" if m.get("embedded_with")
+                else "trained",
                 "embedded_with": (m.get("embedded_with") or {}).get("version"),
                 "created_at": m["created_at"], "users": m["counts"]["users"], "items": m["counts"]["items"],
                 "dim": m["dim"], "kind": m["config"]["model"]["kind"], "index": m["index"]["factory"],
