@@ -294,3 +294,15 @@ def test_an_approximate_index_that_comes_back_short_still_answers_exactly_k(tmp_
         assert set(found.ids.tolist()) <= allowed - seen
     found = fs.similar_items(fs.item_ids[0], k=k, filter=text)
     assert len(found.ids) == min(k, len(allowed - {fs.item_ids[0]}))
+
+
+def test_cached_item_vectors_stay_within_the_versions_budget(big, monkeypatch):
+    fs, _ = big
+    monkeypatch.setattr(lookup, "SUBSET_CACHE_BYTES", fs._cached_vector_bytes + 20_000 * 9 * 4)
+    first = fs.recommend(fs.user_ids[2], k=5, filter="rank0 < 9000")  # 9,000 × 9 floats: kept
+    kept = fs._cached_vector_bytes
+    assert fs._filter_cache["rank0 < 9000"].vector_bytes == 9000 * 9 * 4
+    again = fs.recommend(fs.user_ids[2], k=5, filter="rank0 < 20000")  # over the budget: made per call
+    assert fs._filter_cache["rank0 < 20000"].vector_bytes == 0 and fs._cached_vector_bytes == kept
+    assert fs.recommend(fs.user_ids[2], k=5, filter="rank0 < 20000").ids.tolist() == again.ids.tolist()
+    assert fs.recommend(fs.user_ids[2], k=5, filter="rank0 < 9000").ids.tolist() == first.ids.tolist()

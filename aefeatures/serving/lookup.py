@@ -12,7 +12,7 @@ import threading
 from collections import OrderedDict
 from functools import cached_property
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import faiss
 import numpy as np
@@ -43,18 +43,21 @@ from aefeatures.store.index import (
 SUBSET_SHARE = 0.25
 OVERFETCH = 2.0  # above SUBSET_SHARE: candidates fetched per result wanted, × 1 / the filter's share
 SUBSET_BLOCK = 1 << 22  # scores computed at once when scoring a subset for many users
-FILTER_CACHE = 256  # distinct filters whose item sets a version keeps
+FILTER_CACHE = 256  # distinct filters whose item sets a version keeps (n_items bytes each)
+SUBSET_CACHE_BYTES = 256 << 20  # at most this much of cached filters' item vectors per version
 
 
 class Allowed:
     """The item rows a filtered lookup may return: ``rows`` (sorted int64) and ``mask``
-    (n_items,) bool; the allowed items' vectors and a FAISS bitmap are made on first use."""
+    (n_items,) bool; a FAISS bitmap is made on first use, and the allowed items' vectors are
+    kept once made where the version's budget allows (``keep_vectors``)."""
 
     def __init__(self, rows: np.ndarray, n_items: int):
         self.rows = np.asarray(rows, dtype=np.int64)
         self.mask = np.zeros(n_items, bool)
         self.mask[self.rows] = True
         self._vectors: np.ndarray | None = None
+        self.keep_vectors: Callable[[int], bool] = lambda nbytes: True
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -65,9 +68,16 @@ class Allowed:
 
     def vectors(self, index_rows: np.ndarray) -> np.ndarray:
         """(len, dim + 1) float32: the index rows of the allowed items (kept once made)."""
-        if self._vectors is None:
-            self._vectors = np.ascontiguousarray(index_rows[self.rows], dtype=np.float32)
-        return self._vectors
+        if self._vectors is not None:
+            return self._vectors
+        vectors = np.ascontiguousarray(index_rows[self.rows], dtype=np.float32)
+        if self.keep_vectors(vectors.nbytes):
+            self._vectors = vectors
+        return vectors
+
+    @property
+    def vector_bytes(self) -> int:
+        return 0 if self._vectors is None else self._vectors.nbytes
 
 
 class Neighbours(NamedTuple):
@@ -119,6 +129,7 @@ class FeatureSet:
         self.dim: int = int(self.manifest["dim"])
         self._filter_cache: OrderedDict[str, Allowed] = OrderedDict()
         self._filter_lock = threading.Lock()
+        self._cached_vector_bytes = 0  # of the filters in _filter_cache
 
     def __repr__(self) -> str:
         return f"FeatureSet({self.name!r}, version={self.version!r}, path={str(self.path)!r})"
@@ -404,11 +415,21 @@ class FeatureSet:
                 self._filter_cache.move_to_end(filter)
                 return hit
         allowed = Allowed(np.flatnonzero(self._filters.mask(filter)), self.n_items)
+        allowed.keep_vectors = self._reserve_vector_bytes
         with self._filter_lock:
             self._filter_cache[filter] = allowed
             while len(self._filter_cache) > FILTER_CACHE:
-                self._filter_cache.popitem(last=False)
+                self._cached_vector_bytes -= self._filter_cache.popitem(last=False)[1].vector_bytes
         return allowed
+
+    def _reserve_vector_bytes(self, nbytes: int) -> bool:
+        """Whether a cached filter may keep ``nbytes`` of item vectors (the version's budget is
+        :data:`SUBSET_CACHE_BYTES`); counted if so."""
+        with self._filter_lock:
+            if self._cached_vector_bytes + nbytes > SUBSET_CACHE_BYTES:
+                return False
+            self._cached_vector_bytes += nbytes
+            return True
 
     def _seen_in(self, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """(len(rows),) how many of each user's items ``mask`` allows."""
