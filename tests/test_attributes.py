@@ -6,9 +6,12 @@ from __future__ import annotations
 from datetime import date
 
 import duckdb
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import aefeatures
 from aefeatures import errors
@@ -17,6 +20,7 @@ from aefeatures.data.attributes import align_attributes, read_attributes
 from aefeatures.jobs.run import input_fingerprint, run_job
 from aefeatures.store import layout
 from tests.conftest import write_job
+from tests.test_lookup_filters import filters
 
 TINY = {"kind": "dae", "dim": 8, "hidden": [32], "epochs": 2, "batch_size": 512, "seed": 0}
 
@@ -312,3 +316,35 @@ def test_attributes_command_needs_an_items_section(trained, tmp_path):
     root, _ = trained
     result = CliRunner().invoke(cli, ["attributes", str(write_job(tmp_path, store=root))])
     assert result.exit_code == 2 and "no `[items]` section" in result.output
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_sql_where_macro_and_api_agree_over_random_filters(shop, data):
+    """Random filters (those of the brute-force property test) and users: the SQL macro, which
+    DuckDB evaluates with no sandbox or strategy of ours, ranks as the Python API does."""
+    folder, _ = shop
+    fs = aefeatures.open_store(folder / "store")["shop"]
+    con = _catalog(folder)
+    text, _ = data.draw(filters())
+    user = int(data.draw(st.sampled_from(fs.user_ids[:50].tolist())))
+    k = data.draw(st.integers(1, 30))
+    rows = con.execute(f"SELECT item_id, score FROM shop_recommend_where($u, {k}, {text})", {"u": user}).fetchall()
+    found = fs.recommend(user, k=k, filter=text)
+    assert len(rows) == len(found.ids)
+    assert np.allclose([r[1] for r in rows], found.scores, atol=1e-4)
+    scores = np.array([r[1] for r in rows])
+    padded = np.concatenate([[np.inf], scores, [-np.inf]])
+    clear = (padded[:-2] - padded[1:-1] > 1e-4) & (padded[1:-1] - padded[2:] > 1e-4)
+    assert np.array([r[0] for r in rows])[clear].tolist() == found.ids[clear].tolist()
+
+
+_CONNECTIONS: dict = {}
+
+
+def _catalog(folder):
+    if folder not in _CONNECTIONS:
+        con = duckdb.connect()
+        con.execute((folder / "store" / "catalog.sql").read_text())
+        _CONNECTIONS[folder] = con
+    return _CONNECTIONS[folder]
