@@ -93,6 +93,7 @@ def test_types_are_kept_and_recorded_and_unknown_ids_counted(tmp_path):
     (pl.DataFrame({"item_id": [1, 2], "s": [{"a": 1}, {"a": 2}]}), "column `s` has type Struct"),
     (pl.DataFrame({"item_id": [1, 2], "x": [1.0, float("nan")]}), "NaN in column `x`"),
     (pl.DataFrame({"item_id": [1, 2], "bias": [1.0, 2.0]}), "column named `bias`"),
+    (pl.DataFrame({"item_id": [1, 2], "Price": [1.0, 2.0], "price": [1.0, 2.0]}), "differ only in case"),
 ])
 def test_unusable_attributes_are_refused_with_one_clear_line(tmp_path, frame, message):
     frame.write_parquet(tmp_path / "a.parquet")

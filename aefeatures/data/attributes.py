@@ -57,6 +57,11 @@ def read_attributes(cfg: ItemsConfig) -> pl.DataFrame:
     if cfg.id_col in columns:
         raise errors.bad_attributes(path, f"lists its id column `{cfg.id_col}` as an attribute",
                                     "Leave it out of `items.columns`.")
+    folded = [c.lower() for c in columns]
+    clash = sorted({c for c in columns if folded.count(c.lower()) > 1})
+    if clash:
+        raise errors.bad_attributes(path, f"has columns whose names differ only in case ({', '.join(clash)})",
+                                    "SQL names ignore case: rename or leave out all but one.")
     out = {ITEM: frame.get_column(cfg.id_col)}
     for name in columns:
         if not ATTRIBUTE_NAME.fullmatch(name) or name.lower() in RESERVED_ATTRIBUTES:
