@@ -349,3 +349,50 @@ def _catalog(folder):
         con.execute((folder / "store" / "catalog.sql").read_text())
         _CONNECTIONS[folder] = con
     return _CONNECTIONS[folder]
+
+
+@pytest.fixture(scope="module")
+def shop_service(shop):
+    from tests.test_service import Service
+
+    folder, _ = shop
+    svc = Service(folder / "store")
+    yield svc
+    svc.stop()
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_cli_and_http_agree_with_the_api_over_random_filters(shop, shop_service, data):
+    import json
+
+    from click.testing import CliRunner
+
+    from aefeatures.cli.app import cli
+
+    folder, _ = shop
+    fs = aefeatures.open_store(folder / "store")["shop"]
+    text, _ = data.draw(filters())
+    user = int(data.draw(st.sampled_from(fs.user_ids[:50].tolist())))
+    k = data.draw(st.integers(1, 30))
+    allow = data.draw(st.none() | st.lists(st.sampled_from(fs.item_ids.tolist()), max_size=60))
+    expected = fs.recommend(user, k=k, filter=text, items=allow).ids.tolist()
+
+    args = ["recommend", "--store", str(folder / "store"), "--user", str(user), "-k", str(k), "--filter", text, "--json"]
+    if allow is not None:
+        allow_file = folder / f"allow-{len(allow)}-{user}.txt"
+        allow_file.write_text("".join(f"{i}\n" for i in allow))
+        args += ["--items-file", str(allow_file)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert [r["item_id"] for r in json.loads(result.stdout)["items"]] == expected
+
+    if allow is None or allow:  # an empty allow-list cannot be written as query parameters
+        params = {"user": user, "k": k, "filter": text, **({"items": allow} if allow else {})}
+        status, body = shop_service.get("/v1/shop/recommend", **params)
+        assert status == 200, body
+        assert [r["item_id"] for r in body["items"]] == expected
+    status, body = shop_service.request("POST", "/v1/shop/recommend",
+                                        {"users": [user], "k": k, "filter": text, "items": allow})
+    assert status == 200, body
+    assert [r["item_id"] for r in body["results"][0]["items"]] == expected
