@@ -14,8 +14,8 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
-from aefeatures.errors import AEFeaturesError, BadInputError, NotFoundError  # noqa: E402
+from aefeatures.errors import AEFeaturesError, BadInputError, FilterError, NotFoundError  # noqa: E402
 from aefeatures.serving.lookup import FeatureSet, Neighbours, Store, open_store  # noqa: E402
 
-__all__ = ["AEFeaturesError", "BadInputError", "FeatureSet", "Neighbours", "NotFoundError", "Store",
+__all__ = ["AEFeaturesError", "BadInputError", "FeatureSet", "FilterError", "Neighbours", "NotFoundError", "Store",
            "open_store", "__version__"]

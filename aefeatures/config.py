@@ -28,6 +28,19 @@ MODEL_KINDS = ("dae", "vae")
 PRECISIONS = ("auto", "fp32", "bf16")
 SPARSE_UPDATES = ("auto", "on", "off")
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
+# Item attribute columns become columns of the `<name>_items` SQL view and names in lookup
+# filters: plain identifiers, none that the view, the users table or the SQL macros use already.
+ATTRIBUTE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+RESERVED_ATTRIBUTES = frozenset({
+    "item_id", "user_id", "embedding", "bias", "popularity", "event_timestamp", "created_timestamp",
+    "n_interactions", "reconstruction_error", "anomaly_score", "version", "score", "rank",
+    "user", "item", "k", "keep", "ts", "_row",
+})
+
+
+def attribute_name_rule() -> str:
+    return ("an attribute column needs a plain name (letters, digits, _; not starting with a digit) "
+            f"other than {', '.join(sorted(RESERVED_ATTRIBUTES))}; rename it in the attributes file")
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,16 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
+class ItemsConfig:
+    """Optional item attributes (category, price, in_stock, ...) stored with each version and
+    usable in lookup filters. Off while ``path`` is unset."""
+
+    path: Optional[str] = None  # Parquet file, directory or glob, like `input.path`
+    id_col: str = "item_id"  # the column holding the item id (same ids as the interactions)
+    columns: tuple[str, ...] = ()  # attribute columns to keep; empty = every column but id_col
+
+
+@dataclass(frozen=True)
 class JobConfig:
     job: JobSection
     input: InputConfig
@@ -105,12 +128,15 @@ class JobConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    items: ItemsConfig = field(default_factory=ItemsConfig)
     source: Optional[Path] = None  # the job file this came from
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain JSON-able values (written into every manifest)."""
         out = dataclasses.asdict(self)
         out.pop("source")
+        if self.items.path is None:  # no [items]: the config (and fingerprint) of jobs without it
+            out.pop("items")
         return _jsonable(out)
 
 
@@ -165,7 +191,9 @@ def config_from_dict(raw: dict[str, Any], path: Path) -> JobConfig:
         parts[name] = _build(path, name, cls, table)
     job = dataclasses.replace(parts["job"], store=_resolve(base, parts["job"].store))
     input_cfg = dataclasses.replace(parts["input"], path=_resolve_input(base, parts["input"].path))
-    cfg = JobConfig(**{**parts, "job": job, "input": input_cfg}, source=path)
+    items_cfg = parts["items"] if parts["items"].path is None else \
+        dataclasses.replace(parts["items"], path=_resolve_input(base, parts["items"].path))
+    cfg = JobConfig(**{**parts, "job": job, "input": input_cfg, "items": items_cfg}, source=path)
     _check_values(path, cfg)
     return cfg
 
@@ -273,3 +301,12 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
     for key in ("user_col", "item_col"):
         if getattr(cfg.input, key) == "":
             raise errors.bad_value(path, f"input.{key}", "", "name a column")
+    if cfg.items.path is not None or cfg.items.columns:
+        if cfg.items.path is None:
+            raise errors.bad_value(path, "items.columns", list(cfg.items.columns),
+                                   "it needs `items.path` to know which file to read")
+        if cfg.items.id_col == "":
+            raise errors.bad_value(path, "items.id_col", "", "name a column")
+        for column in cfg.items.columns:
+            if not ATTRIBUTE_NAME.fullmatch(column) or column.lower() in RESERVED_ATTRIBUTES:
+                raise errors.bad_value(path, "items.columns", column, attribute_name_rule())

@@ -272,3 +272,16 @@ def store_is_a_feature_set(store: Path, name: str) -> StoreError:
         f"`job.store` = `{store}` is the folder of a feature set, not a store (it holds LATEST or "
         f"versions/). Set `job.store` to its parent, `{store.parent}`, to run `{name}` there."
     )
+
+
+def bad_attributes(path: str, problem: str, fix: str) -> BadInputError:
+    """The job's item attributes (`[items]`) cannot be used; nothing is published."""
+    return BadInputError(f"item attributes `{path}` {problem}. {fix}")
+
+
+class FilterError(BadInputError):
+    """A lookup filter that cannot be used: not one expression, a column the attributes lack, a
+    function or construct filters may not use, a type mismatch, or over a limit. HTTP 422, exit 2."""
+
+    def __init__(self, problem: str):
+        super().__init__(f"invalid filter: {problem}")

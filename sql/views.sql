@@ -9,9 +9,12 @@ SELECT user_id, embedding::FLOAT[${dim}] AS embedding, n_interactions, reconstru
        anomaly_score, event_timestamp, created_timestamp
 FROM read_parquet(${users});
 
+-- Item attributes of the job's `[items]` table (if any) follow the fixed columns; null where an
+-- item has none.
 CREATE OR REPLACE VIEW ${name}_items AS
-SELECT item_id, embedding::FLOAT[${dim}] AS embedding, bias, popularity, event_timestamp, created_timestamp
-FROM read_parquet(${items});
+SELECT i.item_id, i.embedding::FLOAT[${dim}] AS embedding, i.bias, i.popularity, i.event_timestamp,
+       i.created_timestamp${attribute_columns}
+FROM read_parquet(${items}) i${attribute_join};
 
 CREATE OR REPLACE VIEW ${name}_interactions AS
 SELECT user_id, item_id, weight FROM read_parquet(${interactions});
@@ -58,6 +61,22 @@ FROM ${name}_users u, ${name}_items i
 WHERE u.user_id = user
   AND i.item_id NOT IN (SELECT s.item_id FROM ${name}_interactions s WHERE s.user_id = user)
 ORDER BY score DESC, i.item_id LIMIT k;
+
+-- Filtered forms: `keep` is a filter, the same SQL boolean expression over the item attributes
+-- (and item_id) that lookups take, written unquoted as an argument:
+--   SELECT * FROM ${name}_recommend_where(42, 10, category = 'books' AND in_stock);
+CREATE OR REPLACE MACRO ${name}_recommend_where(user, k, keep) AS TABLE
+SELECT i.item_id, array_inner_product(u.embedding, i.embedding) + i.bias AS score
+FROM ${name}_users u, ${name}_items i
+WHERE u.user_id = user AND (keep)
+  AND i.item_id NOT IN (SELECT s.item_id FROM ${name}_interactions s WHERE s.user_id = user)
+ORDER BY score DESC, i.item_id LIMIT k;
+
+CREATE OR REPLACE MACRO ${name}_similar_items_where(item, k, keep) AS TABLE
+SELECT o.item_id, array_inner_product(q.query_embedding, o.embedding) AS score
+FROM (SELECT embedding AS query_embedding FROM ${name}_items WHERE item_id = item) q, ${name}_items o
+WHERE o.item_id <> item AND (keep)
+ORDER BY score DESC, o.item_id LIMIT k;
 
 -- `user`'s embedding in the version that was live at `ts`.
 CREATE OR REPLACE MACRO ${name}_user_embedding_asof(user, ts) AS TABLE

@@ -51,6 +51,6 @@ def main() -> None:
     cli(prog_name="aefeatures")
 
 
-for command in (run.run, run.embed, lookup.recommend, lookup.similar, lookup.anomalies, inspect.versions,
+for command in (run.run, run.embed, run.attributes, lookup.recommend, lookup.similar, lookup.anomalies, inspect.versions,
                 inspect.evaluate, inspect.runs, sql.sql, sql.feast_export, serve.serve):
     cli.add_command(command)

@@ -11,6 +11,18 @@ from aefeatures.cli.options import EXIT_CODES_HELP, json_option, k_option, name_
 from aefeatures.cli.output import print_json, print_table, ranked, typed, write_parquet
 from aefeatures.errors import BadInputError
 
+FILTER_HELP = ("Keep only items whose attributes satisfy this SQL boolean expression, e.g. "
+               "\"category = 'books' AND in_stock\" (see README, Item attributes and filters).")
+ITEMS_FILE_HELP = ("Keep only these items: a Parquet file (column `item_id`, or its only column) or a text file "
+                   "with one id per line; unknown ids are ignored.")
+
+
+def filter_options(command):
+    """--filter and --items-file, shared by the lookups that return items."""
+    command = click.option("--items-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                           default=None, help=ITEMS_FILE_HELP)(command)
+    return click.option("--filter", "filter_text", default=None, metavar="EXPR", help=FILTER_HELP)(command)
+
 
 @click.command(epilog=EXIT_CODES_HELP)
 @store_option
@@ -23,13 +35,16 @@ from aefeatures.errors import BadInputError
               help="With --users-file: write `user_id, item_id, rank, score` rows to this Parquet file.")
 @k_option
 @click.option("--include-seen", is_flag=True, help="Do not leave out the items the user already has.")
+@filter_options
 @json_option
 def recommend(store_dir: Path, name: str | None, user: str | None, users_file: Path | None,
-              output: Path | None, k: int, include_seen: bool, as_json: bool) -> None:
+              output: Path | None, k: int, include_seen: bool, filter_text: str | None, items_file: Path | None,
+              as_json: bool) -> None:
     """Items for a user (best model score first), without the items they already have.
 
     \b
     aefeatures recommend --store store --user 42 -k 10
+    aefeatures recommend --store store --user 42 --filter "category = 'books' AND in_stock"
     aefeatures recommend --store store --users-file users.parquet -k 100 --output recs.parquet
     """
     if (user is None) == (users_file is None):
@@ -37,8 +52,9 @@ def recommend(store_dir: Path, name: str | None, user: str | None, users_file: P
     if output is not None and users_file is None:
         raise click.UsageError("--output goes with --users-file")
     fs = open_feature_set(store_dir, name)
+    rules = {"filter": filter_text, "items": _read_ids_file(items_file, "item_id", "items") if items_file else None}
     if user is not None:
-        found = fs.recommend(user, k, exclude_seen=not include_seen)
+        found = fs.recommend(user, k, exclude_seen=not include_seen, **rules)
         if as_json:
             print_json({"feature_set": fs.name, "version": fs.version, "user": typed(fs.user_ids, user),
                          "items": ranked(found.ids, found.scores)})
@@ -47,7 +63,7 @@ def recommend(store_dir: Path, name: str | None, user: str | None, users_file: P
             print_table(["rank", "item_id", "score"], [list(r.values()) for r in ranked(found.ids, found.scores)])
         return
     users = _read_users_file(users_file)
-    recs = fs.recommend_batch(users, k, exclude_seen=not include_seen, skip_unknown=True)
+    recs = fs.recommend_batch(users, k, exclude_seen=not include_seen, skip_unknown=True, **rules)
     unknown = sorted(set(map(str, users)) - set(map(str, recs.get_column("user_id").unique().to_list())))
     missing = len(unknown)
     if missing:
@@ -64,17 +80,21 @@ def recommend(store_dir: Path, name: str | None, user: str | None, users_file: P
 
 
 def _read_users_file(path: Path) -> list[Any]:
+    return _read_ids_file(path, "user_id", "users")
+
+
+def _read_ids_file(path: Path, key: str, what: str) -> list[Any]:
     import polars as pl
 
     if path.suffix.lower() in (".parquet", ".pq"):
         try:
             frame = pl.read_parquet(path)
         except Exception as exc:  # polars raises several types for unreadable files
-            raise BadInputError(f"users file `{path}` is not a readable Parquet file ({exc}).") from None
-        column = "user_id" if "user_id" in frame.columns else (frame.columns[0] if frame.width == 1 else None)
+            raise BadInputError(f"{what} file `{path}` is not a readable Parquet file ({exc}).") from None
+        column = key if key in frame.columns else (frame.columns[0] if frame.width == 1 else None)
         if column is None:
-            raise BadInputError(f"users file `{path}` has no `user_id` column; found {frame.columns}. "
-                                "Name the column `user_id` or keep a single column.")
+            raise BadInputError(f"{what} file `{path}` has no `{key}` column; found {frame.columns}. "
+                                f"Name the column `{key}` or keep a single column.")
         return frame.get_column(column).drop_nulls().to_list()
     lines = path.read_text(encoding="utf-8").splitlines()
     return [line.strip() for line in lines if line.strip()]
@@ -88,15 +108,20 @@ def _read_users_file(path: Path) -> list[Any]:
 @click.option("--metric", type=click.Choice(["ip", "cosine"]), default="ip", show_default=True,
               help="For --item: inner product of item vectors (through the index) or cosine.")
 @k_option
+@filter_options
 @json_option
 def similar(store_dir: Path, name: str | None, item: str | None, user: str | None, metric: str, k: int,
-            as_json: bool) -> None:
+            filter_text: str | None, items_file: Path | None, as_json: bool) -> None:
     """Items like an item, or users like a user; the item or user itself is left out."""
     if (item is None) == (user is None):
         raise click.UsageError("pass exactly one of --item or --user")
+    if user is not None and (filter_text is not None or items_file is not None):
+        raise click.UsageError("--filter and --items-file go with --item")
     fs = open_feature_set(store_dir, name)
     if item is not None:
-        kind, query, found = "item", typed(fs.item_ids, item), fs.similar_items(item, k, metric=metric)
+        items = _read_ids_file(items_file, "item_id", "items") if items_file else None
+        kind, query = "item", typed(fs.item_ids, item)
+        found = fs.similar_items(item, k, metric=metric, filter=filter_text, items=items)
     else:
         kind, query, found = "user", typed(fs.user_ids, user), fs.similar_users(user, k)
     rows = ranked(found.ids, found.scores, f"{kind}_id")

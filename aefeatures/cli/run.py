@@ -90,6 +90,33 @@ def embed(job_file: Path, force: bool, as_json: bool) -> None:
                        f"e.g. {', '.join(map(str, info['unknown_only_sample'][:5]))}")
 
 
+@click.command(epilog=EXIT_CODES_HELP)
+@click.argument("job_file", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Republish even if the live version has the same attribute files.")
+@json_option
+def attributes(job_file: Path, force: bool, as_json: bool) -> None:
+    """Republish the live version with fresh item attributes from JOB_FILE's `[items]`, without
+    training: the same model, vectors and index. Locked, logged and idempotent like `run`."""
+    from aefeatures.config import load_job_config
+    from aefeatures.jobs.attributes import attributes_job
+
+    with _signals_as_errors():
+        result = attributes_job(load_job_config(job_file), force=force)
+    info = result.manifest.get("attributes") or {}
+    if as_json:
+        print_json({"name": result.name, "version": result.version, "status": result.status,
+                     "attributes": {k: v for k, v in info.items() if k != "files"}})
+    elif result.status == "up_to_date":
+        click.echo(f"{result.name} is up to date: live version {result.version} has the same attributes")
+    else:
+        click.echo(f"published {result.name} version {result.version}: attributes of {info['matched']:,} items "
+                   f"({', '.join(info['columns'])}) with the model of version "
+                   f"{result.manifest['attributes_from']['version']} (no training)")
+        if info["unknown_ids"]:
+            click.echo(f"  {info['unknown_ids']:,} row(s) named items the version does not have, e.g. "
+                       f"{', '.join(map(str, info['unknown_examples']))}; they are left out")
+
+
 @contextmanager
 def _signals_as_errors() -> Iterator[None]:
     """SIGTERM and SIGINT raise :class:`Interrupted`, so a run stops cleanly with 128 + signal."""

@@ -4,8 +4,9 @@
 feature set, views over its live version (`<name>_users`, `<name>_items`,
 `<name>_interactions`), over every published version (`<name>_versions`, `<name>_users_all`,
 `<name>_items_all`) and macros (`<name>_recommend`, `<name>_similar_items`,
-`<name>_similar_users`, `<name>_user_embedding_asof`). Paths are absolute, so the script works
-from any working directory; it needs no DuckDB extension.
+`<name>_similar_users`, `<name>_user_embedding_asof`, and the filtered `<name>_recommend_where`,
+`<name>_similar_items_where`). `<name>_items` carries the item attributes, if the job has any.
+Paths are absolute, so the script works from any working directory; it needs no DuckDB extension.
 """
 
 from __future__ import annotations
@@ -48,11 +49,23 @@ def render_views(root: Path, name: str) -> str:
         users=_literal(folder / layout.USERS),
         items=_literal(folder / layout.ITEMS),
         interactions=_literal(folder / layout.INTERACTIONS),
+        **_attribute_parts(folder, manifests[live]),
         version_rows=", ".join(_version_row(v, m) for v, m in manifests.items()),
         users_all=_list(paths[v] / layout.USERS for v in versions),
         items_all=_list(paths[v] / layout.ITEMS for v in versions),
         all_type=f"FLOAT[{dims.pop()}]" if len(dims) == 1 else "FLOAT[]",  # dims changed: lists
     )
+
+
+def _attribute_parts(folder: Path, manifest: dict) -> dict[str, str]:
+    """The `<name>_items` view's attribute columns and join, empty for a version without them."""
+    columns = list(((manifest.get("attributes") or {}).get("columns") or {}))
+    if not columns or not (folder / layout.ATTRIBUTES).is_file():
+        return {"attribute_columns": "", "attribute_join": ""}
+    return {  # names are validated as plain identifiers by the job; quoted, a keyword works too
+        "attribute_columns": "".join(f', a."{c}"' for c in columns),
+        "attribute_join": f" LEFT JOIN read_parquet({_literal(folder / layout.ATTRIBUTES)}) a ON a.item_id = i.item_id",
+    }
 
 
 def _version_row(version: str, m: dict) -> str:

@@ -68,6 +68,8 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -
             counts = tables.write_tables(staging, matrix, emb, name=name, version=version, created=created)
             shutil.copytree(source / layout.MODEL_DIR, staging / layout.MODEL_DIR, copy_function=_link_or_copy)
             _link_or_copy(source / layout.INDEX, staging / layout.INDEX)
+            if (source / layout.ATTRIBUTES).is_file():  # the items are the live version's: so are their attributes
+                _link_or_copy(source / layout.ATTRIBUTES, staging / layout.ATTRIBUTES)
         manifest = {
             **live,
             "version": version,
@@ -81,6 +83,7 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -
             "counts": counts,
             "timings": timings,
         }
+        manifest.pop("attributes_from", None)  # this version's users are new, not only its attributes
         with _timed(timings, "publish"):
             publish.write_manifest(staging, manifest)
             final = publish.publish(root, name, staging)

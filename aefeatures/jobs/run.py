@@ -24,6 +24,7 @@ import polars as pl
 
 from aefeatures import __version__, errors, schema
 from aefeatures.config import JobConfig
+from aefeatures.data.attributes import align_attributes, read_attributes
 from aefeatures.data.matrix import InteractionMatrix, build_matrix
 from aefeatures.data.read import Interactions, input_files, read_interactions
 from aefeatures.jobs.lock import feature_set_lock
@@ -170,9 +171,11 @@ def _write_shard(built: _Built, staging: Path, name: str, version: str, created:
 
 
 def scheduled(cfg: JobConfig, command: str, key: str,
-              work: Callable[[str, dict[str, Any] | None], RunResult], *, force: bool) -> RunResult:
+              work: Callable[[str, dict[str, Any] | None], RunResult], *, force: bool,
+              fingerprint: str | None = None) -> RunResult:
     """Run ``work(fingerprint, live manifest)`` under the feature set's lock, unless the live
-    manifest's ``key`` already equals this input's fingerprint; record the run in the run log."""
+    manifest's ``key`` already equals this input's fingerprint (``fingerprint``, default
+    :func:`input_fingerprint`); record the run in the run log."""
     root, name = cfg.job.store, cfg.job.name
     folder = root / name
     entry: dict[str, Any] = {"started": _now(), "command": command, "job": str(cfg.source),
@@ -183,7 +186,7 @@ def scheduled(cfg: JobConfig, command: str, key: str,
             removed = publish.clean_leftovers(root, name)
             if removed:
                 log.warning("removed leftovers of interrupted runs in %s: %s", folder, ", ".join(removed))
-            fingerprint = input_fingerprint(cfg)
+            fingerprint = fingerprint or input_fingerprint(cfg)
             live = _live_manifest(root, name)
             if live and live.get(key) == fingerprint and not force:
                 result = RunResult(name, live["version"], layout.version_dir(root, name, live["version"]),
@@ -209,11 +212,22 @@ def scheduled(cfg: JobConfig, command: str, key: str,
             runlog.append_run(folder, entry)
 
 
-def input_fingerprint(cfg: JobConfig) -> str:
-    """sha256 of the input files' paths, sizes and modification times and the resolved config."""
+def input_fingerprint(cfg: JobConfig, attribute_files: list[dict[str, Any]] | None = None) -> str:
+    """sha256 of the input files' paths, sizes and modification times and the resolved config
+    (and the attribute files', ``attribute_files`` standing in for the current ones if given)."""
     files = [vars(f) for f in input_files(cfg.input.path)]
+    if cfg.items.path is not None:  # fresh attributes make a new version too
+        current = attribute_files if attribute_files is not None else [vars(f) for f in _attribute_files(cfg)]
+        files += [{"attributes": f} for f in current]
     blob = json.dumps({"files": files, "config": cfg.to_dict()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _attribute_files(cfg: JobConfig):
+    try:
+        return input_files(str(cfg.items.path))
+    except errors.InputNotFoundError:
+        return ()  # reported with the right wording when the run reads them
 
 
 def _status_of(exc: errors.AEFeaturesError) -> str:
@@ -245,6 +259,7 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
     every rank builds and writes its share of users; rank 0 joins the parts and publishes."""
     created = datetime.now(timezone.utc)
     name, root = cfg.job.name, cfg.job.store
+    attributes = read_attributes(cfg.items) if cfg.items.path is not None else None  # refused before training
     made = _build_shard(cfg, progress, group)
     interactions, matrix, emb, timings = made.interactions, made.matrix, made.emb, made.timings
 
@@ -263,6 +278,10 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
                 counts = {"users": total["users"], "items": matrix.shape[1], "interactions": total["interactions"]}
                 read_counts = {key: total[key] for key in ("rows_read", "rows_kept")}
             save_model(made.trained.model, staging / layout.MODEL_DIR)
+            attribute_summary = None
+            if attributes is not None:
+                aligned, attribute_summary = align_attributes(attributes, matrix.item_ids, str(cfg.items.path))
+                tables.write_attributes(staging, aligned)
         with _timed(timings, "index"):
             rng = np.random.default_rng(cfg.model.seed)
             sample = rng.choice(matrix.shape[0], min(RECALL_SAMPLE, matrix.shape[0]), replace=False)
@@ -291,6 +310,9 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
                       "search": built.search},
             "timings": timings,
         }
+        if attribute_summary is not None:
+            manifest["attributes"] = {"files": [vars(f) for f in input_files(str(cfg.items.path))],
+                                      **attribute_summary}
         with _timed(timings, "publish"):
             publish.write_manifest(staging, manifest)
             publish.atomic_write(staging / REPORT, report.render(manifest, previous))

@@ -13,6 +13,7 @@ import json
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any, Callable, Literal, Sequence, Union
 
 from fastapi import FastAPI, Path, Query, Request
@@ -25,6 +26,7 @@ from starlette.routing import Match
 
 from aefeatures import __version__, errors
 from aefeatures.schema import KEY_METRIC
+from aefeatures.serving.filters import MAX_FILTER_CHARS
 from aefeatures.serving.live import LiveStore
 from aefeatures.serving.lookup import FeatureSet, Neighbours
 
@@ -49,6 +51,7 @@ class Limits:
     max_k: int = 1000
     max_batch: int = 1000  # ids per batch request
     max_exclude: int = 1000  # ids in an `exclude` list
+    max_allow: int = 10_000  # ids in an `items` allow-list
     max_body_bytes: int = 1 << 20
 
 
@@ -118,6 +121,12 @@ class Error(BaseModel):
 
 
 ERRORS = {code: {"model": Error} for code in (400, 404, 413, 422)}
+FILTER_DOC = ("Keep only items whose attributes satisfy this SQL boolean expression over the attribute "
+              "columns and item_id, e.g. `category = 'books' AND in_stock AND price < 20` or "
+              "`list_contains(tags, 'kids')`. Comparisons, AND/OR/NOT, IN, BETWEEN, LIKE, IS NULL, casts "
+              f"and a few functions; at most {MAX_FILTER_CHARS:,} characters. An invalid filter is a 422 "
+              "naming the problem.")
+ITEMS_DOC = "Keep only these item ids (an allow-list; repeat the parameter); unknown ids are ignored."
 
 
 def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = True,
@@ -133,6 +142,8 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
         exclude: list[Id] = Field([], max_length=limits.max_exclude)
         skip_unknown: StrictBool = Field(False, description="Leave unknown users out (listed in `not_found`) "
                                                             "instead of answering 404.")
+        filter: StrictStr | None = Field(None, max_length=MAX_FILTER_CHARS, description=FILTER_DOC)
+        items: list[Id] | None = Field(None, max_length=limits.max_allow, description=ITEMS_DOC)
 
     class EmbeddingsRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", json_schema_extra={
@@ -170,6 +181,8 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
     name_path = Path(description="Feature set name (letters, digits, `_`); any other name is simply not found.")
     exclude_query = Query([], max_length=limits.max_exclude,
                           description="Item ids to leave out (repeat the parameter); unknown ids are ignored.")
+    filter_query = Query(None, max_length=MAX_FILTER_CHARS, description=FILTER_DOC)
+    items_query = Query(None, max_length=limits.max_allow, description=ITEMS_DOC)
 
     @app.get("/healthz", summary="Liveness, and the version served for each feature set")
     async def healthz() -> dict[str, Any]:
@@ -189,9 +202,11 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
     @app.get("/v1/{name}/recommend", response_model=Recommendations, responses=ERRORS,
              summary="Items for a user, without the items they already have")
     async def recommend(name: str = name_path, user: str = Query(..., max_length=256), k: int = k_query,
-                        exclude_seen: bool = True, exclude: list[str] = exclude_query) -> Response:
+                        exclude_seen: bool = True, exclude: list[str] = exclude_query,
+                        filter: str | None = filter_query, items: list[str] | None = items_query) -> Response:
         fs = live.get(name)
-        found = fs.recommend(user, k, exclude_seen=exclude_seen, exclude=exclude)
+        call = partial(fs.recommend, user, k, exclude_seen=exclude_seen, exclude=exclude, filter=filter, items=items)
+        found = call() if _quick(fs, filter) else await run_in_threadpool(call)
         return _json(_answer(fs, user=_id(fs.user_ids, user), items=_ranked(found, "item_id")))
 
     @app.post("/v1/{name}/recommend", response_model=BatchRecommendations, responses=ERRORS,
@@ -203,9 +218,11 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
     @app.get("/v1/{name}/similar", response_model=SimilarItems, responses=ERRORS,
              summary="Items like an item (the item itself left out)")
     async def similar(name: str = name_path, item: str = Query(..., max_length=256), k: int = k_query,
-                      metric: Literal["ip", "cosine"] = "ip", exclude: list[str] = exclude_query) -> Response:
+                      metric: Literal["ip", "cosine"] = "ip", exclude: list[str] = exclude_query,
+                      filter: str | None = filter_query, items: list[str] | None = items_query) -> Response:
         fs = live.get(name)
-        found = fs.similar_items(item, k, metric=metric, exclude=exclude)
+        call = partial(fs.similar_items, item, k, metric=metric, exclude=exclude, filter=filter, items=items)
+        found = call() if _quick(fs, filter) else await run_in_threadpool(call)
         return _json(_answer(fs, item=_id(fs.item_ids, item), items=_ranked(found, "item_id")))
 
     @app.get("/v1/{name}/similar_users", response_model=SimilarUsers, responses=ERRORS,
@@ -233,6 +250,12 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
 
 # --- answers ---------------------------------------------------------------------------------------
 
+def _quick(fs: FeatureSet, filter: str | None) -> bool:
+    """Whether a single lookup stays on the event loop: always, unless its filter is new to
+    this version (evaluating it may take up to the filter time limit; then the thread pool)."""
+    return filter is None or fs.has_cached_filter(filter)
+
+
 def _answer(fs: FeatureSet, **fields: Any) -> dict[str, Any]:
     return {"feature_set": fs.name, "version": fs.version, **fields}
 
@@ -250,7 +273,7 @@ def _id(ids, value: str) -> Any:
 def _batch(fs: FeatureSet, body) -> Response:
     users = list(dict.fromkeys(body.users))  # a user asked for twice is answered once
     recs = fs.recommend_batch(users, body.k, exclude_seen=body.exclude_seen, exclude=body.exclude,
-                              skip_unknown=body.skip_unknown)
+                              skip_unknown=body.skip_unknown, filter=body.filter, items=body.items)
     results: dict[Any, list] = {}
     for user, item, rank, score in zip(*(recs.get_column(c).to_list() for c in ("user_id", "item_id", "rank", "score"))):
         results.setdefault(user, []).append({"rank": rank, "item_id": item, "score": score})
@@ -291,6 +314,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.StoreError)
     async def no_feature_set(request: Request, exc: errors.StoreError) -> Response:
         return _error(404, "no_feature_set", str(exc))
+
+    @app.exception_handler(errors.FilterError)
+    async def bad_filter(request: Request, exc: errors.FilterError) -> Response:
+        return _error(422, "invalid_filter", str(exc))
 
     @app.exception_handler(errors.BadInputError)
     async def bad_input(request: Request, exc: errors.BadInputError) -> Response:

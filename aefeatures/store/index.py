@@ -57,6 +57,22 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     return index.search(padded(queries, index.d), k)
 
 
+def search_selected(index: faiss.Index, queries: np.ndarray, k: int, bitmap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, item rows) of a search that only considers the rows whose bit is set in
+    ``bitmap`` (``np.packbits(mask, bitorder="little")``, uint8), through FAISS's
+    ``IDSelectorBitmap`` at the index's own search effort (efSearch, nprobe). Like
+    :func:`search`, rows come back -1 where fewer than ``k`` were found."""
+    selector = faiss.IDSelectorBitmap(index.ntotal, faiss.swig_ptr(bitmap))
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=int(inner.hnsw.efSearch))
+    elif isinstance(inner, faiss.IndexIVF):
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=int(inner.nprobe))
+    else:
+        params = faiss.SearchParameters(sel=selector)
+    return index.search(padded(queries, index.d), k, params=params)
+
+
 def padded(queries: np.ndarray, width: int) -> np.ndarray:
     """(n, width) float32 ``queries`` with zeros after their own columns: indexes built over
     :func:`on_sphere` rows are one column wider than the queries."""

@@ -28,6 +28,7 @@ STAGING = ".staging"
 REFUSED = "refused"
 MANIFEST = "manifest.json"
 USERS, ITEMS, INTERACTIONS = "users.parquet", "items.parquet", "interactions.parquet"
+ATTRIBUTES = "attributes.parquet"  # optional: item attributes in item-row order (`[items]` in the job)
 INDEX = "items.faiss"
 MODEL_DIR = "model"
 VERSION_FORMAT = "%Y%m%dT%H%M%S.%fZ"

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from aefeatures import schema
 from aefeatures.quality.anomaly import anomaly_scores
-from aefeatures.store.layout import INTERACTIONS, ITEMS, USERS
+from aefeatures.store.layout import ATTRIBUTES, INTERACTIONS, ITEMS, USERS
 
 if TYPE_CHECKING:
     from aefeatures.data.matrix import InteractionMatrix
@@ -82,6 +82,13 @@ def write_tables(folder: Path, matrix: InteractionMatrix, emb: Embeddings, *,
         ], schema=schema.items_schema(item_ids.type, emb.dim).with_metadata(meta))
         pq.write_table(items, folder / ITEMS, compression=_compression(items.schema))
     return {"users": matrix.shape[0], "items": matrix.shape[1], "interactions": matrix.nnz}
+
+
+def write_attributes(folder: Path, table) -> None:
+    """Write a version's item attributes (a Polars frame from
+    :func:`aefeatures.data.attributes.align_attributes`: ``item_id`` first, one row per item in
+    item-row order) to `attributes.parquet`."""
+    table.write_parquet(folder / ATTRIBUTES, compression="zstd")
 
 
 def join_parts(folder: Path, world_size: int) -> None:
