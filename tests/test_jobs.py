@@ -179,3 +179,32 @@ def test_a_store_that_cannot_be_written_is_a_bad_input(tmp_path):
     result = CliRunner().invoke(cli, ["run", str(write_job(tmp_path, store=blocker / "store", model=FAST))])
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: store directory `{blocker / 'store'}` is not writable")
+
+
+def _cli_in_a_fresh_process(*args: str) -> tuple[subprocess.CompletedProcess, bool]:
+    """Run the CLI in a new interpreter: (the process, whether torch was imported by the end)."""
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, file=sys.stderr))\n"
+            "from aefeatures.cli.app import main\n"
+            f"sys.argv = ['aefeatures', *{list(args)!r}]\n"
+            "main()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert "torch imported:" in done.stderr, done.stderr
+    return done, "torch imported: True" in done.stderr
+
+
+def test_a_missing_job_file_is_answered_without_importing_torch(tmp_path):
+    done, torch_imported = _cli_in_a_fresh_process("run", str(tmp_path / "nope.toml"))
+    assert done.returncode == 2 and "nope.toml" in done.stderr
+    assert not torch_imported
+
+
+def test_an_up_to_date_run_is_answered_without_importing_torch(trained):
+    store, _ = trained
+    done, torch_imported = _cli_in_a_fresh_process("run", str(store.parent / "job.toml"))
+    assert done.returncode == 0 and "is up to date" in done.stdout, done.stderr
+    assert not torch_imported
+    done, torch_imported = _cli_in_a_fresh_process("run", "--json", str(store.parent / "job.toml"))
+    assert done.returncode == 0 and json.loads(done.stdout)["status"] == "up_to_date"
+    assert not torch_imported
