@@ -208,3 +208,18 @@ def test_an_up_to_date_run_is_answered_without_importing_torch(trained):
     done, torch_imported = _cli_in_a_fresh_process("run", "--json", str(store.parent / "job.toml"))
     assert done.returncode == 0 and json.loads(done.stdout)["status"] == "up_to_date"
     assert not torch_imported
+
+
+def test_store_files_and_folders_get_the_modes_the_umask_gives(trained):
+    """A service or analyst running as another user must be able to read the live version."""
+    store, _ = trained
+    umask = os.umask(0o022)
+    os.umask(umask)
+    wrong = []
+    for path in [store, *store.rglob("*")]:
+        mode = path.stat().st_mode & 0o777
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        if mode != expected:
+            wrong.append(f"{path.relative_to(store)}: {oct(mode)} (expected {oct(expected)})")
+    assert not wrong, wrong
+    assert (store / "catalog.sql").is_file() and any(store.rglob("report.html"))
