@@ -139,3 +139,17 @@ def test_similar_users_and_cosine_items(trained, runner):
     assert cosine.exit_code == 0 and cosine.stdout.startswith("items like item 7")
     neither = runner.invoke(cli, ["similar", "--store", str(root)])
     assert neither.exit_code == 2 and "exactly one of --item or --user" in neither.output
+
+
+def test_logging_options_after_the_command_and_a_json_final_error(runner, tmp_path):
+    missing = str(tmp_path / "missing.toml")
+    for args in (["--log-format", "json", "run", missing], ["run", missing, "--log-format", "json"]):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 2
+        line = json.loads(result.stderr.strip().splitlines()[-1])
+        assert line["level"] == "ERROR" and "missing.toml" in line["message"] and line["exit_code"] == 2
+    result = runner.invoke(cli, ["run", missing, "-v"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: ")
+    for command in cli.commands:
+        help_text = runner.invoke(cli, [command, "--help"]).output
+        assert "--verbose" in help_text and "--log-format" in help_text, command

@@ -223,3 +223,15 @@ def test_store_files_and_folders_get_the_modes_the_umask_gives(trained):
             wrong.append(f"{path.relative_to(store)}: {oct(mode)} (expected {oct(expected)})")
     assert not wrong, wrong
     assert (store / "catalog.sql").is_file() and any(store.rglob("report.html"))
+
+
+def test_a_run_without_a_terminal_logs_training_progress(tmp_path):
+    """As cron, systemd or Airflow run it: stderr is a pipe and no -v is given."""
+    job = write_job(tmp_path, model={**FAST, "epochs": 4}, gate=NO_GATE)
+    done = subprocess.run([sys.executable, "-m", "aefeatures", "run", str(job)], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "aefeatures.progress" in line]
+    assert lines and "train epoch 1/4: loss " in lines[0] and "validation ndcg@100" in lines[0], done.stderr
+    assert " left" in lines[0] and "train epoch 4/4" in lines[-1] and lines[-1].endswith("done")
+    assert "INFO aefeatures.jobs" not in done.stderr  # the stages still log with -v only

@@ -441,3 +441,16 @@ def test_the_readme_lists_exactly_the_served_endpoints(service):
     _, spec = svc.get("/openapi.json")
     served = {(method, path) for path, methods in spec["paths"].items() for method in methods}
     assert listed - {("get", "/openapi.json")} == served
+
+
+def test_access_log_logs_each_request_without_verbose(trained):
+    store_dir, _ = trained
+    svc = Service(store_dir, "--access-log")
+    try:
+        assert svc.get("/healthz")[0] == 200
+        deadline = time.monotonic() + START_TIMEOUT
+        while not any("GET /healthz" in line for line in svc.log) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        svc.stop()
+    assert any("GET /healthz" in line and "200" in line for line in svc.log), svc.log
