@@ -229,9 +229,12 @@ def scheduled(cfg: JobConfig, command: str, key: str,
 
 
 def input_fingerprint(cfg: JobConfig) -> str:
-    """sha256 of the input files' paths, sizes and modification times and the resolved config."""
+    """sha256 of the input files' paths, sizes and modification times and the resolved config
+    (less `model.threads`, which changes how fast a run is, not what it makes)."""
     files = [vars(f) for f in input_files(cfg.input.path)]
-    blob = json.dumps({"files": files, "config": cfg.to_dict()}, sort_keys=True, default=str)
+    config = cfg.to_dict()
+    config["model"] = {k: v for k, v in config["model"].items() if k != "threads"}
+    blob = json.dumps({"files": files, "config": config}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -389,6 +392,7 @@ def _rounded(metrics: dict[str, float]) -> dict[str, float]:
 def _training_summary(trained: TrainResult) -> dict[str, Any]:
     return {
         "device": trained.device,
+        "threads": trained.threads,
         "epochs": len(trained.history),
         "best_epoch": trained.best_epoch,
         "stopped_early": trained.stopped_early,

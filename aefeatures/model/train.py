@@ -28,6 +28,7 @@ from aefeatures.model.autoencoder import (
     sampled_multinomial_nll,
 )
 from aefeatures.model.optim import DenseAndLazyAdam, LazyAdam
+from aefeatures.model.threads import training_threads
 from aefeatures.schema import KEY_METRIC
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class TrainResult:
     stopped_early: bool = False
     steps: int = 0
     seconds: float = 0.0
+    threads: int = 0  # torch's intra-op threads (model.threads, or the CPUs the process may use)
 
 
 def select_device(requested: str) -> torch.device:
@@ -154,12 +156,14 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     # --- setup: seed, device, precision, model, optimizer, fixed once here
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    threads = training_threads(cfg.threads)
+    torch.set_num_threads(threads)  # not the host's cores: a CPU set or cgroup quota may allow fewer
     group = distributed.current()
     device = select_device(cfg.device)
     shape = AutoencoderShape(matrix.shape[1], cfg.dim, tuple(cfg.hidden), cfg.kind, cfg.dropout)
     model = Autoencoder(shape, device=device)
     step = _Step(model, matrix, cfg, device, group)
-    result = TrainResult(model=model, device=str(device))
+    result = TrainResult(model=model, device=str(device), threads=threads)
     rows = np.arange(matrix.shape[0]) if rows is None else rows
     best_score, best_state = -np.inf, None
     # Under torchrun every rank must take the same number of steps: those of the largest shard.
@@ -197,8 +201,8 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     model.workspace = None  # the step's buffers go with the step
     result.seconds = time.perf_counter() - started
     model.eval()
-    log.info("trained %d epochs (%d steps) on %s in %.1fs; best epoch %d", len(result.history),
-             result.steps, device, result.seconds, result.best_epoch)
+    log.info("trained %d epochs (%d steps) on %s (%d threads) in %.1fs; best epoch %d", len(result.history),
+             result.steps, device, threads, result.seconds, result.best_epoch)
     return result
 
 
