@@ -202,6 +202,13 @@ def no_feature_set(store: Path, name: str, available: Sequence[str]) -> StoreErr
     )
 
 
+def empty_store(store: Path) -> StoreError:
+    return StoreError(
+        f"store `{store}` holds no feature set yet. Run a job into it first (`aefeatures run JOB.toml`), "
+        "or point at the store the job file names (`job.store`)."
+    )
+
+
 def ambiguous_feature_set(store: Path, available: Sequence[str]) -> StoreError:
     return StoreError(
         f"store `{store}` holds several feature sets {_show(available)}; pass `--name` to pick one."

@@ -21,7 +21,7 @@ def versions(store_dir: Path, name: str | None, as_json: bool) -> None:
     from aefeatures.serving.lookup import open_store
 
     store = open_store(store_dir)
-    name = name or store.default_name()
+    name = name or store.default_name(unpublished=True)
     rows = store.versions(name)
     if as_json:
         print_json({"feature_set": name, "versions": rows})
@@ -71,7 +71,7 @@ def runs(store_dir: Path, name: str | None, last: int, as_json: bool) -> None:
     from aefeatures.serving.lookup import open_store
     from aefeatures.store.runlog import read_runs
 
-    name = name or open_store(store_dir).default_name()
+    name = name or open_store(store_dir).default_name(unpublished=True)
     history = read_runs(store_dir / name)[-last:]
     if as_json:
         print_json({"feature_set": name, "runs": history})
