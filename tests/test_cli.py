@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -28,6 +29,7 @@ def test_run_publishes_and_prints_a_summary_with_a_sample_lookup(tmp_path, runne
     assert result.exit_code == 0, result.output
     assert "published movies version" in result.output
     assert "items for user 1:" in result.output and "items like item 1:" in result.output
+    assert "  gate      passed: validation ndcg@100 " in result.output and "threads)" in result.output
     assert (tmp_path / "store" / "movies" / "LATEST").is_file()
 
     again = runner.invoke(cli, ["run", "--json", str(write_job(tmp_path, model={"epochs": 2}))])
@@ -153,3 +155,34 @@ def test_logging_options_after_the_command_and_a_json_final_error(runner, tmp_pa
     for command in cli.commands:
         help_text = runner.invoke(cli, [command, "--help"]).output
         assert "--verbose" in help_text and "--log-format" in help_text, command
+
+
+def test_evaluate_shows_the_training_curve(trained, runner):
+    root, result = trained
+    out = runner.invoke(cli, ["evaluate", "--store", str(root)])
+    assert out.exit_code == 0, out.output
+    assert "training curve:" in out.stdout and "ndcg@100" in out.stdout
+    best = result.manifest["training"]["best_epoch"]
+    marked = [line.split() for line in out.stdout.splitlines() if line.rstrip().endswith("*")]
+    assert [int(row[0]) for row in marked] == [best]
+    assert "quality gate: passed: validation ndcg@100" in out.stdout
+
+
+def test_runs_table_shows_the_whole_error(tmp_path, runner):
+    job = write_job(tmp_path, input={"path": str(tmp_path / "nothing_here_at_all" / "*.parquet")})
+    assert runner.invoke(cli, ["run", str(job)]).exit_code == 2
+    error = json.loads(runner.invoke(cli, ["runs", "--store", str(tmp_path / "store"), "--json"]).stdout)
+    message = error["runs"][-1]["error"]
+    assert len(message) > 60
+    table = runner.invoke(cli, ["runs", "--store", str(tmp_path / "store")])
+    assert message in table.stdout
+
+
+def test_sql_and_feast_export_have_json(trained, runner, tmp_path):
+    root, _ = trained
+    out = runner.invoke(cli, ["sql", "--store", str(root), "-c", "SELECT count(*) AS n FROM movies_items", "--json"])
+    assert out.exit_code == 0 and json.loads(out.stdout) == [{"n": 500}]
+    out = runner.invoke(cli, ["feast-export", "--store", str(root), "--output", str(tmp_path / "feast"), "--json"])
+    assert out.exit_code == 0, out.output
+    files = json.loads(out.stdout)["files"]
+    assert files and all((tmp_path / "feast" / Path(f).name).is_file() for f in files)

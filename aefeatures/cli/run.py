@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import click
 
 from aefeatures.cli.options import EXIT_CODES_HELP, json_option
-from aefeatures.cli.output import echo_metrics, plain, print_json
+from aefeatures.cli.output import echo_metrics, gate_summary, plain, print_json
 from aefeatures.errors import Interrupted
 
 
@@ -55,6 +55,7 @@ def run(job_file: Path, force: bool, as_json: bool) -> None:
     if m["evaluation"]:
         echo_metrics(m["evaluation"], indent="  ")
     click.echo(f"  index     {m['index']['factory']}, recall@10 vs exact {m['index']['recall_at_10']:.3f}")
+    click.echo(f"  gate      {gate_summary(m['gate'])}")
     click.echo(f"  stored in {result.path}")
     sample = summary["sample"]
     click.echo(f"  items for user {sample['user']!r}: {', '.join(map(str, sample['recommend']))}")
