@@ -29,7 +29,7 @@ def test_run_publishes_and_prints_a_summary_with_a_sample_lookup(tmp_path, runne
     assert result.exit_code == 0, result.output
     assert "published movies version" in result.output
     assert "items for user 1:" in result.output and "items like item 1:" in result.output
-    assert "  gate      passed: validation ndcg@100 " in result.output and "threads)" in result.output
+    assert "  gate      passed: validation ndcg@100 " in result.output and " thread" in result.output
     assert (tmp_path / "store" / "movies" / "LATEST").is_file()
 
     again = runner.invoke(cli, ["run", "--json", str(write_job(tmp_path, model={"epochs": 2}))])
@@ -186,3 +186,35 @@ def test_sql_and_feast_export_have_json(trained, runner, tmp_path):
     assert out.exit_code == 0, out.output
     files = json.loads(out.stdout)["files"]
     assert files and all((tmp_path / "feast" / Path(f).name).is_file() for f in files)
+
+
+def test_users_file_without_output_prints_a_titled_table(trained, runner, tmp_path):
+    root, _ = trained
+    users = tmp_path / "users.txt"
+    users.write_text("1\n42\n")
+    result = runner.invoke(cli, ["recommend", "--store", str(root), "--users-file", str(users), "-k", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("items for 2 user(s) (movies version ")
+    assert lines[1].split() == ["user_id", "item_id", "rank", "score"] and len(lines) == 6
+
+
+def test_similar_users_refuses_a_metric_instead_of_ignoring_it(trained, runner):
+    root, _ = trained
+    result = runner.invoke(cli, ["similar", "--store", str(root), "--user", "1", "--metric", "ip"])
+    assert result.exit_code == 2 and "cosine" in result.output
+    assert runner.invoke(cli, ["similar", "--store", str(root), "--item", "1", "--metric", "ip"]).exit_code == 0
+
+
+def test_anomalies_default_k_matches_python(trained, runner):
+    import aefeatures
+
+    root, _ = trained
+    out = json.loads(runner.invoke(cli, ["anomalies", "--store", str(root), "--json"]).stdout)
+    assert len(out["users"]) == aefeatures.open_store(root)["movies"].anomalies().height == 20
+
+
+def test_an_unknown_user_is_pointed_to_embed(trained, runner):
+    root, _ = trained
+    result = runner.invoke(cli, ["recommend", "--store", str(root), "--user", "999999"])
+    assert result.exit_code == 5 and "aefeatures embed" in result.stderr

@@ -48,7 +48,7 @@ def run(job_file: Path, force: bool, as_json: bool) -> None:
     click.echo(f"  input     {m['input']['rows_read']:,} rows from {len(m['input']['files'])} file(s), "
                f"{m['input']['rows_kept']:,} kept, {m['input']['pairs']:,} distinct (user, item) pairs")
     final = f", final loss {train['epoch_losses'][-1]:.3f}" if train["epoch_losses"] else ""
-    threads = f" ({train['threads']} threads)" if train.get("threads") else ""
+    threads = f" ({train['threads']} thread{'s' * (train['threads'] != 1)})" if train.get("threads") else ""
     click.echo(f"  training  {train['epochs']} epochs on {train['device']}{threads} in {train['seconds']:.1f}s{final}")
     click.echo(f"  training  best epoch {train['best_epoch']}"
                + (" (stopped early)" if train["stopped_early"] else ""))
