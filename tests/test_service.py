@@ -440,7 +440,7 @@ def test_the_readme_lists_exactly_the_served_endpoints(service):
     listed = {(m.lower(), p.replace("NAME", "{name}")) for m, p in re.findall(r"\| `(GET|POST) (/[^?` ]*)", section)}
     _, spec = svc.get("/openapi.json")
     served = {(method, path) for path, methods in spec["paths"].items() for method in methods}
-    assert listed - {("get", "/openapi.json")} == served
+    assert listed - {("get", "/openapi.json"), ("get", "/docs")} == served
 
 
 def test_access_log_logs_each_request_without_verbose(trained):
@@ -480,3 +480,17 @@ def test_http_errors_speak_http_and_defaults_match_the_api(service):
     assert status == 404 and "aefeatures embed" in body["error"]["message"]
     status, body = svc.get("/v1/movies/anomalies")
     assert status == 200 and len(body["users"]) == fs.anomalies().height == 20
+
+
+def test_docs_page_works_offline(service):
+    svc, _ = service
+    conn = http.client.HTTPConnection(svc.host, svc.port, timeout=60)
+    try:
+        conn.request("GET", "/docs")
+        response = conn.getresponse()
+        page = response.read().decode()
+    finally:
+        conn.close()
+    assert response.status == 200 and response.getheader("content-type").startswith("text/html")
+    assert "/v1/{name}/recommend" in page and "skip_unknown" in page and "/openapi.json" in page
+    assert not re.search(r"<script|<link|src=|https?://", page)  # nothing to fetch: works offline

@@ -229,6 +229,12 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
         fs = live.get(name)
         return _json(_answer(fs, users=fs.anomalies(k).to_dicts()))
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        from aefeatures.serving.apidocs import render  # a page without scripts or CDN assets: works offline
+
+        return Response(render(app.openapi()), media_type="text/html; charset=utf-8")
+
     return app
 
 
