@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import polars as pl
@@ -186,6 +187,9 @@ def test_sql_and_feast_export_have_json(trained, runner, tmp_path):
     assert out.exit_code == 0, out.output
     files = json.loads(out.stdout)["files"]
     assert files and all((tmp_path / "feast" / Path(f).name).is_file() for f in files)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert all((Path(f).stat().st_mode & 0o777) == 0o666 & ~umask for f in files)  # readable by other users
 
 
 def test_users_file_without_output_prints_a_titled_table(trained, runner, tmp_path):

@@ -25,7 +25,8 @@ def run(job_file: Path, force: bool, as_json: bool) -> None:
     sizes, modification times) and config equal the live version's does nothing and exits 0
     ("up to date"). The version goes live only when every file is written; on any failure,
     SIGTERM or Ctrl-C the previous version stays live. Every run appends a line to the feature
-    set's run log (`aefeatures runs`). Progress bars show on a terminal only.
+    set's run log (`aefeatures runs`). Training shows a progress bar on a terminal; without one
+    (cron, systemd, Airflow) it logs a progress line every 30 s instead.
     """
     from aefeatures.config import load_job_config
     from aefeatures.jobs.run import run_job
