@@ -83,6 +83,9 @@ class ModelConfig:
     # layer and the sampled decoder rows get sparse gradients and a lazy Adam (only the rows a
     # batch touches move), and weight_decay reaches the encoder layers only.
     sparse_updates: str = "auto"
+    # CPU threads for training; 0 = those the process may use: its CPU set and cgroup CPU quota,
+    # not the host's core count (aefeatures.model.threads). Not part of the input fingerprint.
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -273,6 +276,7 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
         ("model.beta_cap", m.beta_cap, m.beta_cap >= 0, "it must be 0 or more"),
         ("model.anneal_steps", m.anneal_steps, m.anneal_steps >= 1, "it must be at least 1"),
         ("model.patience", m.patience, m.patience >= 0, "it must be 0 or more"),
+        ("model.threads", m.threads, m.threads >= 0, "it must be 0 (the CPUs available) or more"),
         ("evaluation.valid_share", cfg.evaluation.valid_share, 0 <= cfg.evaluation.valid_share < 1,
          "it must be in [0, 1)"),
         ("evaluation.max_valid_users", cfg.evaluation.max_valid_users, cfg.evaluation.max_valid_users >= 1,

@@ -202,6 +202,19 @@ def no_feature_set(store: Path, name: str, available: Sequence[str]) -> StoreErr
     )
 
 
+def not_served(name: str, served: Sequence[str]) -> StoreError:
+    """An HTTP request named a feature set the service does not serve (no CLI flags here)."""
+    have = f"it serves {_show(served)}" if served else "it serves no feature set yet (run a job into its store)"
+    return StoreError(f"feature set `{name}` is not served here; {have}. GET /healthz lists them.")
+
+
+def empty_store(store: Path) -> StoreError:
+    return StoreError(
+        f"store `{store}` holds no feature set yet. Run a job into it first (`aefeatures run JOB.toml`), "
+        "or point at the store the job file names (`job.store`)."
+    )
+
+
 def ambiguous_feature_set(store: Path, available: Sequence[str]) -> StoreError:
     return StoreError(
         f"store `{store}` holds several feature sets {_show(available)}; pass `--name` to pick one."
@@ -225,7 +238,9 @@ class NotFoundError(AEFeaturesError, KeyError):
         label = f"{kind} `{self.ids[0]}`" if len(self.ids) == 1 else f"{kind}s {_show([str(i) for i in self.ids])}"
         super().__init__(
             f"{label} not found in feature set `{name}` (version {version}). "
-            f"Only {kind}s present in the input of that version have embeddings."
+            f"Only {kind}s present in the input of that version have embeddings"
+            + ("; users new since then get one from `aefeatures embed JOB.toml` (the live model, no "
+               "training) or the next run." if kind == "user" else "; new items need the next run.")
         )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -28,6 +30,7 @@ def test_run_publishes_and_prints_a_summary_with_a_sample_lookup(tmp_path, runne
     assert result.exit_code == 0, result.output
     assert "published movies version" in result.output
     assert "items for user 1:" in result.output and "items like item 1:" in result.output
+    assert "  gate      passed: validation ndcg@100 " in result.output and " thread" in result.output
     assert (tmp_path / "store" / "movies" / "LATEST").is_file()
 
     again = runner.invoke(cli, ["run", "--json", str(write_job(tmp_path, model={"epochs": 2}))])
@@ -139,3 +142,83 @@ def test_similar_users_and_cosine_items(trained, runner):
     assert cosine.exit_code == 0 and cosine.stdout.startswith("items like item 7")
     neither = runner.invoke(cli, ["similar", "--store", str(root)])
     assert neither.exit_code == 2 and "exactly one of --item or --user" in neither.output
+
+
+def test_logging_options_after_the_command_and_a_json_final_error(runner, tmp_path):
+    missing = str(tmp_path / "missing.toml")
+    for args in (["--log-format", "json", "run", missing], ["run", missing, "--log-format", "json"]):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 2
+        line = json.loads(result.stderr.strip().splitlines()[-1])
+        assert line["level"] == "ERROR" and "missing.toml" in line["message"] and line["exit_code"] == 2
+    result = runner.invoke(cli, ["run", missing, "-v"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: ")
+    for command in cli.commands:
+        help_text = runner.invoke(cli, [command, "--help"]).output
+        assert "--verbose" in help_text and "--log-format" in help_text, command
+
+
+def test_evaluate_shows_the_training_curve(trained, runner):
+    root, result = trained
+    out = runner.invoke(cli, ["evaluate", "--store", str(root)])
+    assert out.exit_code == 0, out.output
+    assert "training curve:" in out.stdout and "ndcg@100" in out.stdout
+    best = result.manifest["training"]["best_epoch"]
+    marked = [line.split() for line in out.stdout.splitlines() if line.rstrip().endswith("*")]
+    assert [int(row[0]) for row in marked] == [best]
+    assert "quality gate: passed: validation ndcg@100" in out.stdout
+
+
+def test_runs_table_shows_the_whole_error(tmp_path, runner):
+    job = write_job(tmp_path, input={"path": str(tmp_path / "nothing_here_at_all" / "*.parquet")})
+    assert runner.invoke(cli, ["run", str(job)]).exit_code == 2
+    error = json.loads(runner.invoke(cli, ["runs", "--store", str(tmp_path / "store"), "--json"]).stdout)
+    message = error["runs"][-1]["error"]
+    assert len(message) > 60
+    table = runner.invoke(cli, ["runs", "--store", str(tmp_path / "store")])
+    assert message in table.stdout
+
+
+def test_sql_and_feast_export_have_json(trained, runner, tmp_path):
+    root, _ = trained
+    out = runner.invoke(cli, ["sql", "--store", str(root), "-c", "SELECT count(*) AS n FROM movies_items", "--json"])
+    assert out.exit_code == 0 and json.loads(out.stdout) == [{"n": 500}]
+    out = runner.invoke(cli, ["feast-export", "--store", str(root), "--output", str(tmp_path / "feast"), "--json"])
+    assert out.exit_code == 0, out.output
+    files = json.loads(out.stdout)["files"]
+    assert files and all((tmp_path / "feast" / Path(f).name).is_file() for f in files)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert all((Path(f).stat().st_mode & 0o777) == 0o666 & ~umask for f in files)  # readable by other users
+
+
+def test_users_file_without_output_prints_a_titled_table(trained, runner, tmp_path):
+    root, _ = trained
+    users = tmp_path / "users.txt"
+    users.write_text("1\n42\n")
+    result = runner.invoke(cli, ["recommend", "--store", str(root), "--users-file", str(users), "-k", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("items for 2 user(s) (movies version ")
+    assert lines[1].split() == ["user_id", "item_id", "rank", "score"] and len(lines) == 6
+
+
+def test_similar_users_refuses_a_metric_instead_of_ignoring_it(trained, runner):
+    root, _ = trained
+    result = runner.invoke(cli, ["similar", "--store", str(root), "--user", "1", "--metric", "ip"])
+    assert result.exit_code == 2 and "cosine" in result.output
+    assert runner.invoke(cli, ["similar", "--store", str(root), "--item", "1", "--metric", "ip"]).exit_code == 0
+
+
+def test_anomalies_default_k_matches_python(trained, runner):
+    import aefeatures
+
+    root, _ = trained
+    out = json.loads(runner.invoke(cli, ["anomalies", "--store", str(root), "--json"]).stdout)
+    assert len(out["users"]) == aefeatures.open_store(root)["movies"].anomalies().height == 20
+
+
+def test_an_unknown_user_is_pointed_to_embed(trained, runner):
+    root, _ = trained
+    result = runner.invoke(cli, ["recommend", "--store", str(root), "--user", "999999"])
+    assert result.exit_code == 5 and "aefeatures embed" in result.stderr

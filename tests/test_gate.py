@@ -71,3 +71,22 @@ def test_an_index_below_the_recall_floor_is_refused(tmp_path):
     with pytest.raises(GateRefusedError, match=r"recall@10 against exact search is 0\.\d+, below `index.min_recall` = 0.99"):
         run_job(load_job_config(job), progress=False)
     assert not (tmp_path / "store" / "movies" / "LATEST").exists()
+
+
+def test_a_refused_first_version_is_listed_and_its_runs_shown(tmp_path):
+    job = write_job(tmp_path, model={"epochs": 0})
+    runner = CliRunner()
+    assert runner.invoke(cli, ["run", str(job)]).exit_code == 3
+    root = str(tmp_path / "store")
+    for args in (["--name", "movies"], []):
+        out = runner.invoke(cli, ["versions", "--store", root, "--json", *args])
+        assert out.exit_code == 0, out.output
+        assert [v["status"] for v in json.loads(out.stdout)["versions"]] == ["refused"]
+    table = runner.invoke(cli, ["versions", "--store", root])
+    assert table.exit_code == 0 and "refused" in table.stdout
+    runs = runner.invoke(cli, ["runs", "--store", root, "--json"])
+    assert runs.exit_code == 0 and json.loads(runs.stdout)["runs"][-1]["status"] == "refused"
+
+    (tmp_path / "empty").mkdir()
+    empty = runner.invoke(cli, ["runs", "--store", str(tmp_path / "empty")])
+    assert empty.exit_code == 2 and "holds no feature set yet" in empty.stderr and "(any)" not in empty.stderr

@@ -179,3 +179,59 @@ def test_a_store_that_cannot_be_written_is_a_bad_input(tmp_path):
     result = CliRunner().invoke(cli, ["run", str(write_job(tmp_path, store=blocker / "store", model=FAST))])
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: store directory `{blocker / 'store'}` is not writable")
+
+
+def _cli_in_a_fresh_process(*args: str) -> tuple[subprocess.CompletedProcess, bool]:
+    """Run the CLI in a new interpreter: (the process, whether torch was imported by the end)."""
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, file=sys.stderr))\n"
+            "from aefeatures.cli.app import main\n"
+            f"sys.argv = ['aefeatures', *{list(args)!r}]\n"
+            "main()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert "torch imported:" in done.stderr, done.stderr
+    return done, "torch imported: True" in done.stderr
+
+
+def test_a_missing_job_file_is_answered_without_importing_torch(tmp_path):
+    done, torch_imported = _cli_in_a_fresh_process("run", str(tmp_path / "nope.toml"))
+    assert done.returncode == 2 and "nope.toml" in done.stderr
+    assert not torch_imported
+
+
+def test_an_up_to_date_run_is_answered_without_importing_torch(trained):
+    store, _ = trained
+    done, torch_imported = _cli_in_a_fresh_process("run", str(store.parent / "job.toml"))
+    assert done.returncode == 0 and "is up to date" in done.stdout, done.stderr
+    assert not torch_imported
+    done, torch_imported = _cli_in_a_fresh_process("run", "--json", str(store.parent / "job.toml"))
+    assert done.returncode == 0 and json.loads(done.stdout)["status"] == "up_to_date"
+    assert not torch_imported
+
+
+def test_store_files_and_folders_get_the_modes_the_umask_gives(trained):
+    """A service or analyst running as another user must be able to read the live version."""
+    store, _ = trained
+    umask = os.umask(0o022)
+    os.umask(umask)
+    wrong = []
+    for path in [store, *store.rglob("*")]:
+        mode = path.stat().st_mode & 0o777
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        if mode != expected:
+            wrong.append(f"{path.relative_to(store)}: {oct(mode)} (expected {oct(expected)})")
+    assert not wrong, wrong
+    assert (store / "catalog.sql").is_file() and any(store.rglob("report.html"))
+
+
+def test_a_run_without_a_terminal_logs_training_progress(tmp_path):
+    """As cron, systemd or Airflow run it: stderr is a pipe and no -v is given."""
+    job = write_job(tmp_path, model={**FAST, "epochs": 4}, gate=NO_GATE)
+    done = subprocess.run([sys.executable, "-m", "aefeatures", "run", str(job)], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "aefeatures.progress" in line]
+    assert lines and "train epoch 1/4: loss " in lines[0] and "validation ndcg@100" in lines[0], done.stderr
+    assert " left" in lines[0] and "train epoch 4/4" in lines[-1] and lines[-1].endswith("done")
+    assert "INFO aefeatures.jobs" not in done.stderr  # the stages still log with -v only

@@ -79,3 +79,99 @@ def test_the_job_file_reference_is_a_valid_job_file_with_every_key(tmp_path):
     written = tomllib.loads(reference)
     for section in (f.name for f in fields(JobConfig) if f.name != "source"):
         assert set(written[section]) == {f.name for f in fields(type(getattr(cfg, section)))}, section
+
+
+def _section(title: str) -> str:
+    return README.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def command_store(tmp_path_factory):
+    """A second run of the example job, for the commands that change the store (embed)."""
+    root = tmp_path_factory.mktemp("readme_commands")
+    (root / "jobs").mkdir()
+    shutil.copy(REPO / "jobs" / "example.toml", root / "jobs" / "example.toml")
+    (root / "fixtures").symlink_to(REPO / "fixtures")
+    run_job(load_job_config(root / "jobs" / "example.toml"), progress=False)
+    import polars as pl
+
+    pl.DataFrame({"user_id": [1, 42, 43]}).write_parquet(root / "users.parquet")  # the example's users.parquet
+    return root
+
+
+def test_every_command_line_example_runs(command_store, monkeypatch):
+    """Each line of the Command line block, as written (serve on a free port instead of 8000)."""
+    from click.testing import CliRunner
+
+    from aefeatures.cli.app import cli
+
+    monkeypatch.chdir(command_store)
+    (block,) = [b for b in _blocks("bash") if b.startswith("aefeatures run jobs/example.toml")]
+    lines = [line for line in block.splitlines() if line.strip()]
+    assert len(lines) == 14
+    for line in lines:
+        args = shlex.split(line, comments=True)
+        assert args[0] == "aefeatures"
+        if args[1] == "serve":
+            _serve_and_check(args[1:], command_store)
+            continue
+        result = CliRunner().invoke(cli, args[1:])
+        assert result.exit_code == 0, (line, result.output)
+        assert result.stdout.strip() or args[1] == "recommend", line  # --output writes a file instead
+    assert (command_store / "recs.parquet").is_file() and (command_store / "feast_repo").is_dir()
+
+
+def _start_service(args: list[str], cwd):
+    import re
+    import subprocess
+    import sys
+
+    port_at = args.index("--port") + 1 if "--port" in args else None
+    if port_at:
+        args = [*args[:port_at], "0", *args[port_at + 1:]]
+    else:
+        args = [*args, "--port", "0"]
+    proc = subprocess.Popen([sys.executable, "-m", "aefeatures", *args], cwd=cwd, stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+    assert found, line + proc.stderr.read()
+    return proc, int(found.group(1))
+
+
+def _serve_and_check(args: list[str], cwd) -> None:
+    import signal
+    import urllib.request
+
+    proc, port = _start_service(args, cwd)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=60) as answer:
+            assert answer.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the HTTP examples are curl commands")
+def test_http_examples_run_verbatim_and_answer_as_shown(example_store):
+    """The console block: the service as started there, each curl line as written (the port
+    aside), and each answer matching the sample printed below it (… stands for anything)."""
+    import signal
+    import subprocess
+
+    (block,) = re.findall(r"```console\n(\$ aefeatures serve.*?)```", README, flags=re.S)
+    lines = block.strip().splitlines()
+    serve = shlex.split(lines[0][2:], comments=True)
+    proc, port = _start_service(serve[1:], example_store)
+    try:
+        pairs = [(lines[i][2:], lines[i + 1]) for i in range(1, len(lines)) if lines[i].startswith("$ curl")]
+        assert len(pairs) == 3
+        for command, shown in pairs:
+            command = command.replace("localhost:8000", f"localhost:{port}")
+            done = subprocess.run(["bash", "-c", command + " --silent --show-error"], capture_output=True,
+                                  text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            pattern = ".*?".join(re.escape(part) for part in shown.split("…"))
+            assert re.fullmatch(pattern, done.stdout.strip()), (command, done.stdout[:300], shown)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0

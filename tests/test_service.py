@@ -440,4 +440,57 @@ def test_the_readme_lists_exactly_the_served_endpoints(service):
     listed = {(m.lower(), p.replace("NAME", "{name}")) for m, p in re.findall(r"\| `(GET|POST) (/[^?` ]*)", section)}
     _, spec = svc.get("/openapi.json")
     served = {(method, path) for path, methods in spec["paths"].items() for method in methods}
-    assert listed - {("get", "/openapi.json")} == served
+    assert listed - {("get", "/openapi.json"), ("get", "/docs")} == served
+
+
+def test_access_log_logs_each_request_without_verbose(trained):
+    store_dir, _ = trained
+    svc = Service(store_dir, "--access-log")
+    try:
+        assert svc.get("/healthz")[0] == 200
+        deadline = time.monotonic() + START_TIMEOUT
+        while not any("GET /healthz" in line for line in svc.log) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        svc.stop()
+    assert any("GET /healthz" in line and "200" in line for line in svc.log), svc.log
+
+
+def test_bodies_are_json_whatever_the_content_type_and_broken_json_is_named(service):
+    svc, fs = service
+    user = int(fs.user_ids[0])
+    for content_type in ("application/x-www-form-urlencoded", "text/plain"):  # curl -d, and others
+        status, body = svc.request("POST", "/v1/movies/recommend", {"users": [user], "k": 3},
+                                   headers={"content-type": content_type})
+        assert status == 200 and len(body["results"][0]["items"]) == 3, body
+        status, body = svc.request("POST", "/v1/movies/embeddings", {"items": [int(fs.item_ids[0])]},
+                                   headers={"content-type": content_type})
+        assert status == 200 and body["dim"] == fs.dim
+    status, body = svc.request("POST", "/v1/movies/recommend", raw=b'{"users": [1,')
+    message = body["error"]["message"]
+    assert status == 422 and message.startswith("body: not valid JSON (") and "character" in message
+    assert "`" not in message.split(";")[0]  # no offset shown as if it were a field
+
+
+def test_http_errors_speak_http_and_defaults_match_the_api(service):
+    svc, fs = service
+    status, body = svc.get("/v1/nothing/recommend", user=1)
+    assert status == 404 and "--" not in body["error"]["message"] and "/healthz" in body["error"]["message"]
+    status, body = svc.get("/v1/movies/recommend", user=999_999)
+    assert status == 404 and "aefeatures embed" in body["error"]["message"]
+    status, body = svc.get("/v1/movies/anomalies")
+    assert status == 200 and len(body["users"]) == fs.anomalies().height == 20
+
+
+def test_docs_page_works_offline(service):
+    svc, _ = service
+    conn = http.client.HTTPConnection(svc.host, svc.port, timeout=60)
+    try:
+        conn.request("GET", "/docs")
+        response = conn.getresponse()
+        page = response.read().decode()
+    finally:
+        conn.close()
+    assert response.status == 200 and response.getheader("content-type").startswith("text/html")
+    assert "/v1/{name}/recommend" in page and "skip_unknown" in page and "/openapi.json" in page
+    assert not re.search(r"<script|<link|src=|https?://", page)  # nothing to fetch: works offline

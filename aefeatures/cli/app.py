@@ -7,14 +7,13 @@ Lookup commands never import torch, so they start fast.
 from __future__ import annotations
 
 import json
-import logging
-import sys
+from datetime import datetime, timezone
 from typing import Any
 
 import click
 
 from aefeatures.cli import inspect, lookup, run, serve, sql
-from aefeatures.cli.options import EXIT_CODES_HELP
+from aefeatures.cli.options import EXIT_CODES_HELP, configure_logging, logging_options
 from aefeatures.errors import AEFeaturesError
 
 
@@ -23,28 +22,26 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except AEFeaturesError as exc:
-            click.echo(f"error: {exc}", err=True)
+            if ctx.meta.get("aefeatures.logging", {}).get("log_format") == "json":
+                click.echo(json.dumps({"time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                       "level": "ERROR", "logger": "aefeatures", "message": str(exc),
+                                       "exit_code": exc.exit_code}), err=True)
+            else:
+                click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
 
 
 @click.group(cls=_Group, epilog=EXIT_CODES_HELP)
 @click.version_option(package_name="aefeatures")
-@click.option("-v", "--verbose", is_flag=True, help="Log each stage to stderr.")
+@click.option("-v", "--verbose", is_flag=True, help="Log each stage to stderr (also accepted after the command).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
-              help="json: one JSON object per log line on stderr, for schedulers (implies -v).")
-def cli(verbose: bool, log_format: str) -> None:
+              help="json: one JSON object per log line on stderr, the final error line too, for schedulers "
+                   "(implies -v; also accepted after the command).")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, log_format: str) -> None:
     """Autoencoder embeddings of users and items, published as a Parquet feature store."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if log_format == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO if verbose or log_format == "json" else logging.WARNING,
-                        handlers=[handler], force=True)
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname,
-                           "logger": record.name, "message": record.getMessage()})
+    ctx.meta["aefeatures.logging"] = {"verbose": verbose, "log_format": log_format}
+    configure_logging(verbose, log_format)
 
 
 def main() -> None:
@@ -53,4 +50,4 @@ def main() -> None:
 
 for command in (run.run, run.embed, run.attributes, lookup.recommend, lookup.similar, lookup.anomalies, inspect.versions,
                 inspect.evaluate, inspect.runs, sql.sql, sql.feast_export, serve.serve):
-    cli.add_command(command)
+    cli.add_command(logging_options(command))

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from aefeatures.cli.options import EXIT_CODES_HELP, json_option, name_option, store_option
-from aefeatures.cli.output import echo_metrics, or_dash, print_json, print_table
+from aefeatures.cli.output import echo_curve, echo_metrics, gate_summary, or_dash, print_json, print_table
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -21,7 +21,7 @@ def versions(store_dir: Path, name: str | None, as_json: bool) -> None:
     from aefeatures.serving.lookup import open_store
 
     store = open_store(store_dir)
-    name = name or store.default_name()
+    name = name or store.default_name(unpublished=True)
     rows = store.versions(name)
     if as_json:
         print_json({"feature_set": name, "versions": rows})
@@ -53,12 +53,12 @@ def evaluate(store_dir: Path, name: str | None, version: str | None, as_json: bo
         print_json(out)
         return
     click.echo(f"{name} version {m['version']}: best epoch {out['best_epoch']} of {len(out['history'])}")
+    echo_curve(out["history"], out["best_epoch"])
     if not out["evaluation"]:
         click.echo("evaluation was off for this version (evaluation.valid_share = 0)")
         return
     echo_metrics(out["evaluation"])
-    gate = out["gate"] or {}
-    click.echo("quality gate: " + ("passed" if gate.get("passed", True) else "refused: " + "; ".join(gate["reasons"])))
+    click.echo("quality gate: " + gate_summary(out["gate"]))
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -71,7 +71,7 @@ def runs(store_dir: Path, name: str | None, last: int, as_json: bool) -> None:
     from aefeatures.serving.lookup import open_store
     from aefeatures.store.runlog import read_runs
 
-    name = name or open_store(store_dir).default_name()
+    name = name or open_store(store_dir).default_name(unpublished=True)
     history = read_runs(store_dir / name)[-last:]
     if as_json:
         print_json({"feature_set": name, "runs": history})
@@ -81,7 +81,7 @@ def runs(store_dir: Path, name: str | None, last: int, as_json: bool) -> None:
         return
     print_table(["started", "seconds", "status", "exit", "version", "error"],
                  [[r["started"][:19], _seconds(r), r["status"], r["exit_code"], r.get("version") or "-",
-                   (r.get("error") or "")[:60]] for r in history])
+                   r.get("error") or ""] for r in history])  # the whole error: it names the cause
 
 
 def _seconds(run: dict[str, Any]) -> str:

@@ -76,7 +76,8 @@ def recommend(store_dir: Path, name: str | None, user: str | None, users_file: P
     elif as_json:
         print_json(recs.to_dicts())
     else:
-        click.echo(recs.write_csv(separator="\t"), nl=False)
+        click.echo(f"items for {len(users) - missing:,} user(s) ({fs.name} version {fs.version}):")
+        print_table(recs.columns, recs.rows())
 
 
 def _read_users_file(path: Path) -> list[Any]:
@@ -105,18 +106,22 @@ def _read_ids_file(path: Path, key: str, what: str) -> list[Any]:
 @name_option
 @click.option("--item", default=None, help="Items like this item.")
 @click.option("--user", default=None, help="Users like this user (cosine similarity of embeddings).")
-@click.option("--metric", type=click.Choice(["ip", "cosine"]), default="ip", show_default=True,
-              help="For --item: inner product of item vectors (through the index) or cosine.")
+@click.option("--metric", type=click.Choice(["ip", "cosine"]), default=None,
+              help="For --item: inner product of item vectors (through the index, the default) or cosine. "
+                   "Users are always compared by cosine.")
 @k_option
 @filter_options
 @json_option
-def similar(store_dir: Path, name: str | None, item: str | None, user: str | None, metric: str, k: int,
+def similar(store_dir: Path, name: str | None, item: str | None, user: str | None, metric: str | None, k: int,
             filter_text: str | None, items_file: Path | None, as_json: bool) -> None:
     """Items like an item, or users like a user; the item or user itself is left out."""
     if (item is None) == (user is None):
         raise click.UsageError("pass exactly one of --item or --user")
     if user is not None and (filter_text is not None or items_file is not None):
         raise click.UsageError("--filter and --items-file go with --item")
+    if user is not None and metric is not None:
+        raise click.UsageError("--metric goes with --item: users are compared by cosine similarity only")
+    metric = metric or "ip"
     fs = open_feature_set(store_dir, name)
     if item is not None:
         items = _read_ids_file(items_file, "item_id", "items") if items_file else None
@@ -135,7 +140,7 @@ def similar(store_dir: Path, name: str | None, item: str | None, user: str | Non
 @click.command(epilog=EXIT_CODES_HELP)
 @store_option
 @name_option
-@k_option
+@click.option("-k", "k", type=click.IntRange(min=1), default=20, show_default=True, help="How many users.")
 @json_option
 def anomalies(store_dir: Path, name: str | None, k: int, as_json: bool) -> None:
     """Users the autoencoder explains worst: highest anomaly score (reconstruction error

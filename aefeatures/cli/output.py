@@ -60,3 +60,39 @@ def echo_metrics(evaluation: dict[str, Any], indent: str = "") -> None:
     names = ["recall@20", "ndcg@10", "ndcg@100", "coverage@20"]
     print_table(["", *names], [[f"{indent}{label}", *(evaluation[key][n] for n in names)]
                                 for label, key in (("model", "model"), ("popularity", "popularity"))])
+
+
+def gate_summary(gate: dict[str, Any] | None) -> str:
+    """The quality gate's verdict in one line: what was checked, and passed or why refused."""
+    gate = gate or {}
+    if not gate:
+        return "not recorded"
+    if not gate.get("passed", True):
+        return "refused: " + "; ".join(gate.get("reasons", []))
+    checks = []
+    if "score" in gate:
+        metric = gate.get("metric", "ndcg@100")
+        if "popularity" in gate:
+            checks.append(f"validation {metric} {gate['score']:.4f} > popularity's {gate['popularity']:.4f}")
+        if "floor" in gate:
+            checks.append(f"≥ {gate['floor']:.4f} (the floor from live version {gate['previous_version']})")
+    elif gate.get("note"):
+        checks.append(gate["note"])
+    if gate.get("min_recall"):
+        checks.append(f"index recall@10 {gate['index_recall_at_10']:.3f} ≥ {gate['min_recall']:g}")
+    return "passed" + (": " + "; ".join(checks) if checks else "")
+
+
+def echo_curve(history: list[dict[str, Any]], best_epoch: int | None, most: int = 25) -> None:
+    """The training curve, one row per epoch (at most ``most``: then evenly spaced, with the
+    first, the best and the last); the best epoch is marked."""
+    if not history:
+        click.echo("training curve: no epochs")
+        return
+    keep = set(range(0, len(history), max(1, -(-len(history) // most)))) | {len(history) - 1}
+    keep |= {i for i, r in enumerate(history) if r.get("epoch") == best_epoch}
+    metrics = [k for k in history[0] if k not in ("epoch", "loss", "beta")]
+    headers = ["epoch", "loss", *metrics, "best"]
+    click.echo("training curve:")
+    print_table(headers, [[r["epoch"], r["loss"], *(r.get(m, "-") for m in metrics),
+                           "*" if r["epoch"] == best_epoch else ""] for i, r in enumerate(history) if i in keep])

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import click
 
 from aefeatures.cli.options import EXIT_CODES_HELP, json_option
-from aefeatures.cli.output import echo_metrics, plain, print_json
+from aefeatures.cli.output import echo_metrics, gate_summary, plain, print_json
 from aefeatures.errors import Interrupted
 
 
@@ -25,7 +25,8 @@ def run(job_file: Path, force: bool, as_json: bool) -> None:
     sizes, modification times) and config equal the live version's does nothing and exits 0
     ("up to date"). The version goes live only when every file is written; on any failure,
     SIGTERM or Ctrl-C the previous version stays live. Every run appends a line to the feature
-    set's run log (`aefeatures runs`). Progress bars show on a terminal only.
+    set's run log (`aefeatures runs`). Training shows a progress bar on a terminal; without one
+    (cron, systemd, Airflow) it logs a progress line every 30 s instead.
     """
     from aefeatures.config import load_job_config
     from aefeatures.jobs.run import run_job
@@ -48,12 +49,14 @@ def run(job_file: Path, force: bool, as_json: bool) -> None:
     click.echo(f"  input     {m['input']['rows_read']:,} rows from {len(m['input']['files'])} file(s), "
                f"{m['input']['rows_kept']:,} kept, {m['input']['pairs']:,} distinct (user, item) pairs")
     final = f", final loss {train['epoch_losses'][-1]:.3f}" if train["epoch_losses"] else ""
-    click.echo(f"  training  {train['epochs']} epochs on {train['device']} in {train['seconds']:.1f}s{final}")
+    threads = f" ({train['threads']} thread{'s' * (train['threads'] != 1)})" if train.get("threads") else ""
+    click.echo(f"  training  {train['epochs']} epochs on {train['device']}{threads} in {train['seconds']:.1f}s{final}")
     click.echo(f"  training  best epoch {train['best_epoch']}"
                + (" (stopped early)" if train["stopped_early"] else ""))
     if m["evaluation"]:
         echo_metrics(m["evaluation"], indent="  ")
     click.echo(f"  index     {m['index']['factory']}, recall@10 vs exact {m['index']['recall_at_10']:.3f}")
+    click.echo(f"  gate      {gate_summary(m['gate'])}")
     click.echo(f"  stored in {result.path}")
     sample = summary["sample"]
     click.echo(f"  items for user {sample['user']!r}: {', '.join(map(str, sample['recommend']))}")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from aefeatures.cli.options import EXIT_CODES_HELP, name_option, store_option
-from aefeatures.cli.output import json_default, write_parquet
+from aefeatures.cli.options import EXIT_CODES_HELP, json_option, name_option, store_option
+from aefeatures.cli.output import json_default, print_json, write_parquet
 from aefeatures.errors import BadInputError
 from aefeatures.store.publish import atomic_write
 
@@ -24,8 +24,9 @@ from aefeatures.store.publish import atomic_write
               show_default=True, help="Output format (parquet needs --output).")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the result to this file instead of stdout.")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json: the rows as a JSON list.")
 def sql(store_dir: Path, command: str | None, file: Path | None, params: tuple[str, ...], fmt: str,
-        output: Path | None) -> None:
+        output: Path | None, as_json: bool) -> None:
     """Query the store with DuckDB SQL: the views and macros of `STORE/catalog.sql` are defined.
 
     \b
@@ -36,6 +37,8 @@ def sql(store_dir: Path, command: str | None, file: Path | None, params: tuple[s
     import duckdb
 
     from aefeatures.export.catalog import connect, parse_param
+
+    fmt = "json" if as_json else fmt
 
     if command is not None and file is not None:
         raise click.UsageError("pass -c or -f, not both")
@@ -111,12 +114,17 @@ def _write_frame(frame, fmt: str, output: Path | None) -> None:
 @name_option
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for the Feast feature repository.")
-def feast_export(store_dir: Path, name: str | None, output: Path) -> None:
+@json_option
+def feast_export(store_dir: Path, name: str | None, output: Path, as_json: bool) -> None:
     """Write a Feast feature repository (Entity, FileSource, FeatureView with the embedding as
     Array(Float32)) over the live version's users and items. Export again after a publish."""
     from aefeatures.export.feast import export_feast_repo
     from aefeatures.serving.lookup import open_store
 
     name = name or open_store(store_dir).default_name()
-    for path in export_feast_repo(store_dir, name, output):
+    written = export_feast_repo(store_dir, name, output)
+    if as_json:
+        print_json({"feature_set": name, "output": str(output), "files": [str(p) for p in written]})
+        return
+    for path in written:
         click.echo(f"wrote {path}")

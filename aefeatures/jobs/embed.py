@@ -23,8 +23,6 @@ from aefeatures.config import JobConfig
 from aefeatures.data.matrix import build_matrix
 from aefeatures.data.read import Interactions, read_interactions
 from aefeatures.jobs.run import RunResult, _refresh_sql_catalog, _timed, scheduled
-from aefeatures.model.autoencoder import load_model
-from aefeatures.model.embed import embed
 from aefeatures.schema import ITEM, USER
 from aefeatures.store import layout, publish, tables
 
@@ -48,6 +46,9 @@ def embed_job(cfg: JobConfig, *, force: bool = False) -> RunResult:
 
 
 def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -> RunResult:
+    from aefeatures.model.autoencoder import load_model  # torch: only once there is work to do
+    from aefeatures.model.embed import embed
+
     created = datetime.now(timezone.utc)
     root, name = cfg.job.store, cfg.job.name
     source = layout.version_dir(root, name, live["version"])

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import polars as pl
@@ -28,10 +28,6 @@ from aefeatures.data.attributes import align_attributes, read_attributes
 from aefeatures.data.matrix import InteractionMatrix, build_matrix
 from aefeatures.data.read import Interactions, input_files, read_interactions
 from aefeatures.jobs.lock import feature_set_lock
-from aefeatures.model import distributed
-from aefeatures.model.autoencoder import Autoencoder, save_model
-from aefeatures.model.embed import Embeddings, embed, encode
-from aefeatures.model.train import TrainResult, train
 from aefeatures.quality import gate, report
 from aefeatures.quality.anomaly import anomaly_scores
 from aefeatures.quality.evaluate import (
@@ -46,6 +42,12 @@ from aefeatures.quality.evaluate import (
 )
 from aefeatures.store import layout, publish, runlog, tables
 from aefeatures.store.index import build_index, item_rows, save_index, user_queries
+
+if TYPE_CHECKING:  # the training modules import torch: loaded only once a run trains
+    from aefeatures.model import distributed
+    from aefeatures.model.autoencoder import Autoencoder
+    from aefeatures.model.embed import Embeddings
+    from aefeatures.model.train import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +86,19 @@ def run_job(cfg: JobConfig, *, force: bool = False, progress: bool | None = None
     takes the lock and publishes, and the other ranks end with ``SystemExit(0)`` once their
     part is written.
 
+    torch is imported only once the run trains: a config error, a locked feature set or an
+    "up to date" answer comes without its import time.
+
     Raises
     ------
     BadInputError, GateRefusedError, LockHeldError, Interrupted
         Each recorded in the run log with its exit code.
     """
+    if not _launched_by_torchrun():
+        return scheduled(cfg, "run", "fingerprint",
+                         lambda fingerprint, live: _build_and_publish(cfg, fingerprint, progress, None), force=force)
+    from aefeatures.model import distributed
+
     with distributed.process_group(cfg.model.device) as group:
         signal = distributed.TrainSignal(group)
         if group is not None and not group.is_leader:
@@ -105,9 +115,16 @@ def run_job(cfg: JobConfig, *, force: bool = False, progress: bool | None = None
             signal.cancel()  # up to date, locked or failed before training: the other ranks stop too
 
 
+def _launched_by_torchrun() -> bool:
+    """:func:`aefeatures.model.distributed.launched_by_torchrun`, without importing torch."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
 def _follow(cfg: JobConfig, signal: "distributed.TrainSignal", group: distributed.Group) -> None:
     """A rank other than 0: if rank 0 says the run trains, read, train, embed and write this
     rank's share of users into the version rank 0 stages; then leave the group."""
+    from aefeatures.model import distributed
+
     if signal.wait():
         built = _build_shard(cfg, False, group)
         staging, version, created = group.from_leader(None)
@@ -131,6 +148,8 @@ class _Built:
 def _build_shard(cfg: JobConfig, progress: bool | None, group: distributed.Group | None) -> _Built:
     """Read, build the matrix, train and evaluate, embed: the whole input in one process, or
     under torchrun this rank's users (with every rank's items, so all share one model)."""
+    from aefeatures.model.embed import embed
+
     timings: dict[str, float] = {}
     with _timed(timings, "read"):
         interactions = read_interactions(cfg.input, shard=group and (group.rank, group.world_size))
@@ -214,12 +233,15 @@ def scheduled(cfg: JobConfig, command: str, key: str,
 
 def input_fingerprint(cfg: JobConfig, attribute_files: list[dict[str, Any]] | None = None) -> str:
     """sha256 of the input files' paths, sizes and modification times and the resolved config
-    (and the attribute files', ``attribute_files`` standing in for the current ones if given)."""
+    (less `model.threads`, which changes how fast a run is, not what it makes), and the attribute
+    files' (``attribute_files`` standing in for the current ones if given)."""
     files = [vars(f) for f in input_files(cfg.input.path)]
     if cfg.items.path is not None:  # fresh attributes make a new version too
         current = attribute_files if attribute_files is not None else [vars(f) for f in _attribute_files(cfg)]
         files += [{"attributes": f} for f in current]
-    blob = json.dumps({"files": files, "config": cfg.to_dict()}, sort_keys=True, default=str)
+    config = cfg.to_dict()
+    config["model"] = {k: v for k, v in config["model"].items() if k != "threads"}
+    blob = json.dumps({"files": files, "config": config}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -257,6 +279,8 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
                        group: distributed.Group | None) -> RunResult:
     """Build a version from scratch and publish it (the caller holds the lock). Under torchrun
     every rank builds and writes its share of users; rank 0 joins the parts and publishes."""
+    from aefeatures.model.autoencoder import save_model
+
     created = datetime.now(timezone.utc)
     name, root = cfg.job.name, cfg.job.store
     attributes = read_attributes(cfg.items) if cfg.items.path is not None else None  # refused before training
@@ -335,6 +359,9 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
     Under torchrun each rank holds out its share of its own users and the metrics are those of
     all ranks' validation users together.
     """
+    from aefeatures.model.embed import encode
+    from aefeatures.model.train import train
+
     ev = cfg.evaluation
     world = group.world_size if group else 1
     split = split_users(matrix.indptr, matrix.indices, share=ev.valid_share, max_users=-(-ev.max_valid_users // world),
@@ -387,6 +414,7 @@ def _rounded(metrics: dict[str, float]) -> dict[str, float]:
 def _training_summary(trained: TrainResult) -> dict[str, Any]:
     return {
         "device": trained.device,
+        "threads": trained.threads,
         "epochs": len(trained.history),
         "best_epoch": trained.best_epoch,
         "stopped_early": trained.stopped_early,

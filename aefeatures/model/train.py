@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -27,9 +28,14 @@ from aefeatures.model.autoencoder import (
     sampled_multinomial_nll,
 )
 from aefeatures.model.optim import DenseAndLazyAdam, LazyAdam
+from aefeatures.model.threads import training_threads
 from aefeatures.schema import KEY_METRIC
 
 log = logging.getLogger(__name__)
+# Progress lines for runs without a terminal (cron, systemd, Airflow): the CLI lets this logger
+# through at INFO even without -v, so a scheduled run is never silent for long.
+progress_log = logging.getLogger("aefeatures.progress")
+PROGRESS_EVERY = 30.0  # seconds between progress lines (the first and last epoch always log one)
 
 
 Validator = Callable[[Autoencoder], dict[str, float]]
@@ -45,6 +51,7 @@ class TrainResult:
     stopped_early: bool = False
     steps: int = 0
     seconds: float = 0.0
+    threads: int = 0  # torch's intra-op threads (model.threads, or the CPUs the process may use)
 
 
 def select_device(requested: str) -> torch.device:
@@ -149,12 +156,14 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     # --- setup: seed, device, precision, model, optimizer, fixed once here
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    threads = training_threads(cfg.threads)
+    torch.set_num_threads(threads)  # not the host's cores: a CPU set or cgroup quota may allow fewer
     group = distributed.current()
     device = select_device(cfg.device)
     shape = AutoencoderShape(matrix.shape[1], cfg.dim, tuple(cfg.hidden), cfg.kind, cfg.dropout)
     model = Autoencoder(shape, device=device)
     step = _Step(model, matrix, cfg, device, group)
-    result = TrainResult(model=model, device=str(device))
+    result = TrainResult(model=model, device=str(device), threads=threads)
     rows = np.arange(matrix.shape[0]) if rows is None else rows
     best_score, best_state = -np.inf, None
     # Under torchrun every rank must take the same number of steps: those of the largest shard.
@@ -162,8 +171,10 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     started = time.perf_counter()
 
     # --- training loop: one shuffled pass over the users per epoch, then validation
+    show_bar = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch",
-               disable=_bar_off(progress) if distributed.is_leader() else True)
+               disable=not show_bar or not distributed.is_leader())
+    lines = _ProgressLines(cfg.epochs, started) if not show_bar and distributed.is_leader() else None
     for epoch in bar:
         model.train()
         loss, beta = _epoch(step, _epoch_order(rng, rows, users_per_epoch), result)
@@ -180,6 +191,8 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
         result.epoch_losses.append(loss)
         result.history.append(record)
         bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in ("loss", KEY_METRIC)})
+        if lines is not None:
+            lines.epoch_done(record, best_epoch=result.best_epoch, last=result.stopped_early or epoch == cfg.epochs)
         if result.stopped_early:
             break
 
@@ -188,8 +201,8 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     model.workspace = None  # the step's buffers go with the step
     result.seconds = time.perf_counter() - started
     model.eval()
-    log.info("trained %d epochs (%d steps) on %s in %.1fs; best epoch %d", len(result.history),
-             result.steps, device, result.seconds, result.best_epoch)
+    log.info("trained %d epochs (%d steps) on %s (%d threads) in %.1fs; best epoch %d", len(result.history),
+             result.steps, device, threads, result.seconds, result.best_epoch)
     return result
 
 
@@ -391,5 +404,30 @@ def kl_weight(step: int, cfg: ModelConfig) -> float:
     return min(cfg.beta_cap, cfg.beta_cap * step / cfg.anneal_steps)
 
 
-def _bar_off(progress: bool | None) -> bool | None:
-    return None if progress is None else not progress
+class _ProgressLines:
+    """Progress as log lines where no bar shows: the first epoch, then at most one line every
+    :data:`PROGRESS_EVERY` seconds, and the last epoch. Each names the epoch, the loss, the
+    validation NDCG@100 (when validated) and the time left if every epoch runs (early stopping
+    may end sooner)."""
+
+    def __init__(self, epochs: int, started: float):
+        self.epochs, self.started, self.last_line = epochs, started, None
+
+    def epoch_done(self, record: dict[str, float], *, best_epoch: int, last: bool) -> None:
+        now = time.perf_counter()
+        if not (self.last_line is None or last or now - self.last_line >= PROGRESS_EVERY):
+            return
+        self.last_line = now
+        epoch = int(record["epoch"])
+        per_epoch = (now - self.started) / epoch
+        metric = f", validation {KEY_METRIC} {record[KEY_METRIC]:.4f} (best epoch {best_epoch})" \
+            if KEY_METRIC in record else ""
+        left = "done" if last else f"at most {_duration(per_epoch * (self.epochs - epoch))} left"
+        progress_log.info("train epoch %d/%d: loss %.4f%s; %.1fs per epoch, %s", epoch, self.epochs,
+                          record["loss"], metric, per_epoch, left)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

@@ -241,9 +241,16 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
 
     @app.get("/v1/{name}/anomalies", responses=ERRORS,
              summary="Users the model explains worst: bots, random clickers, fraud")
-    async def anomalies(name: str = name_path, k: int = k_query) -> Response:
+    async def anomalies(name: str = name_path, k: int = Query(20, ge=1, le=limits.max_k, description=(
+            f"How many users (at most {limits.max_k}); 20 as in the CLI and Python API."))) -> Response:
         fs = live.get(name)
         return _json(_answer(fs, users=fs.anomalies(k).to_dicts()))
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        from aefeatures.serving.apidocs import render  # a page without scripts or CDN assets: works offline
+
+        return Response(render(app.openapi()), media_type="text/html; charset=utf-8")
 
     return app
 
@@ -328,6 +335,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         problems: dict[str, str] = {}
         for e in exc.errors():
             loc = [str(p) for p in e.get("loc", ())]
+            if e.get("type") == "json_invalid":  # loc ends in a character offset, not a field
+                problems.setdefault("body", f"not valid JSON ({(e.get('ctx') or {}).get('error', 'malformed')} at "
+                                            f"character {loc[-1] if len(loc) > 1 else '?'}); send one JSON object")
+                continue
             if loc and loc[-1] in ("int", "str"):  # an id must be one of the two: say so once
                 loc, msg = loc[:-1], "an id must be an integer or a string"
             else:
@@ -360,7 +371,9 @@ def _where(parts: Sequence[str]) -> str:
 
 class BodyLimit:
     """ASGI middleware: refuse request bodies over ``max_bytes`` with 413 before anything parses
-    them (by Content-Length when given, else by counting while reading)."""
+    them (by Content-Length when given, else by counting while reading). Every body is read as
+    JSON whatever its Content-Type says: ``curl -d '{...}'`` sends a form content type, and no
+    endpoint takes anything but JSON."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -368,6 +381,9 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await self._refuse(send)

@@ -44,7 +44,7 @@ class LiveStore:
         try:
             return self._sets[name]
         except KeyError:
-            raise errors.no_feature_set(self.root, name, sorted(self._sets)) from None
+            raise errors.not_served(name, sorted(self._sets)) from None
 
     def versions(self) -> dict[str, str]:
         """``{name: version}`` of what is being served now."""

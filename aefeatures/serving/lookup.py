@@ -656,12 +656,16 @@ class Store:
         name = self.default_name() if name is None else name
         return FeatureSet(self.root, name, version or layout.live_version(self.root, name))
 
-    def default_name(self) -> str:
-        names = self.names()
+    def default_name(self, *, unpublished: bool = False) -> str:
+        """The store's one feature set: with a live version, or with ``unpublished`` also one
+        that only has refused versions or a run log (for `versions` and `runs`).
+
+        Raises StoreError when the store holds none or several."""
+        names = layout.known_feature_sets(self.root) if unpublished else self.names()
         if len(names) == 1:
             return names[0]
         if not names:
-            raise errors.no_feature_set(self.root, "(any)", names)
+            raise errors.empty_store(self.root)
         raise errors.ambiguous_feature_set(self.root, names)
 
     def versions(self, name: str) -> list[dict[str, Any]]:
@@ -669,9 +673,13 @@ class Store:
 
         ``status`` is "live", "published" (superseded) or "refused" (by the quality gate).
         """
-        live = layout.live_version(self.root, name)
-        found = [(v, layout.VERSIONS) for v in layout.listed_versions(self.root, name)]
-        found += [(v, layout.REFUSED) for v in layout.list_refused(self.root, name)]
+        refused = layout.list_refused(self.root, name)
+        if not refused or (self.root / name / layout.LATEST).is_file():
+            live = layout.live_version(self.root, name)  # raises for a feature set with nothing
+            found = [(v, layout.VERSIONS) for v in layout.listed_versions(self.root, name)]
+        else:  # only refused versions so far: a first run the gate turned down is visible too
+            live, found = "", []
+        found += [(v, layout.REFUSED) for v in refused]
         out = []
         for version, folder in sorted(found):
             m = layout.read_manifest(self.root / name / folder / version)

@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import logging
 import os
 import signal
 import socket
@@ -21,6 +22,8 @@ def app_from_environment() -> FastAPI:
     """App factory for worker processes (``--workers`` > 1): settings come from the parent."""
     settings = json.loads(os.environ[SETTINGS_ENV])
     _search_on_one_thread()
+    if settings.get("access_log"):
+        _access_log_on()
     live = LiveStore(settings["store"], poll_seconds=settings["poll_seconds"])
     return create_app(live, Limits(**settings["limits"]))
 
@@ -39,6 +42,8 @@ def serve(store_dir: str, *, host: str = "127.0.0.1", port: int = 8000, workers:
     live = LiveStore(store_dir, poll_seconds=poll_seconds) if workers == 1 else None
     versions = live.versions() if live else pointed_versions(Path(store_dir))
     _search_on_one_thread()
+    if access_log:
+        _access_log_on()
     sock = _bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     served = ", ".join(f"{n} {v}" for n, v in versions.items()) or "no feature set yet"
@@ -54,13 +59,24 @@ def serve(store_dir: str, *, host: str = "127.0.0.1", port: int = 8000, workers:
         server.run(sockets=[sock])
         return
     os.environ[SETTINGS_ENV] = json.dumps({"store": str(store_dir), "poll_seconds": poll_seconds,
-                                           "limits": asdict(limits)})
+                                           "limits": asdict(limits), "access_log": access_log})
     config = uvicorn.Config(f"{__name__}:app_from_environment", factory=True, workers=workers, **options)
     ready()
     if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn before 0.31
         Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
     else:
         Multiprocess(config, sockets=[sock]).run()
+
+
+def _access_log_on() -> None:
+    """Let uvicorn's access lines (INFO) through whatever level the rest of the logging has,
+    with a stderr handler when the process has none (worker processes)."""
+    access = logging.getLogger("uvicorn.access")
+    access.setLevel(logging.INFO)
+    if not logging.getLogger().handlers and not access.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        access.addHandler(handler)
 
 
 def _search_on_one_thread() -> None:

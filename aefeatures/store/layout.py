@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aefeatures import errors
-from aefeatures.store.runlog import published_versions
+from aefeatures.store.runlog import RUN_LOG, published_versions
 
 if TYPE_CHECKING:
     pass
@@ -39,6 +39,15 @@ def feature_sets(store: Path) -> list[str]:
     if not store.is_dir():
         return []
     return sorted(p.name for p in store.iterdir() if (p / LATEST).is_file())
+
+
+def known_feature_sets(store: Path) -> list[str]:
+    """Names of the feature sets in ``store`` with anything to inspect: a live version, a
+    version the quality gate refused, or a run log (a first run may have published nothing)."""
+    if not store.is_dir():
+        return []
+    return sorted(p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and ((p / LATEST).is_file() or list_refused(store, p.name) or (p / RUN_LOG).is_file()))
 
 
 def live_version(store: Path, name: str) -> str:
