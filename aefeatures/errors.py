@@ -184,6 +184,38 @@ class TooFewItemsError(BadInputError):
         )
 
 
+# --- training and publishing ---------------------------------------------------------------
+
+
+class TrainingDivergedError(AEFeaturesError):
+    """The training loss became NaN or infinite (exit code 1); nothing was published."""
+
+    def __init__(self, epoch: int, loss: float):
+        self.epoch, self.loss = epoch, loss
+        super().__init__(
+            f"training diverged: the loss of epoch {epoch} is {loss}, so nothing was published. "
+            "Lower `model.lr`, scale large weights down (or set `input.binarize = true`), or try "
+            "`model.precision = \"fp32\"`."
+        )
+
+
+class NonFiniteOutputError(AEFeaturesError):
+    """A value about to be published is NaN or infinite (exit code 1); nothing was published."""
+
+    def __init__(self, what: str, count: int, version: str):
+        self.what, self.count, self.version = what, count, version
+        super().__init__(
+            f"version {version} was not published: {count} value(s) of {what} are NaN or infinite. "
+            "Lower `model.lr` or check the input's weights; the live version is unchanged."
+        )
+
+
+def non_finite_json(where: str) -> AEFeaturesError:
+    return AEFeaturesError(f"{where} holds a NaN or infinite value, which JSON cannot carry; "
+                           "it was written by a version published before such values were refused. "
+                           "Run the job again to replace it.")
+
+
 # --- store and lookups ----------------------------------------------------------------------
 
 

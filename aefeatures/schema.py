@@ -4,6 +4,10 @@ a published version holds (see README "Store layout").
 
 from __future__ import annotations
 
+import json
+import math
+from typing import Any, Callable
+
 import pyarrow as pa
 
 KS = (10, 20, 100)  # cut-offs of the ranking metrics (Recall@k, NDCG@k, coverage@k)
@@ -79,3 +83,31 @@ def table_metadata(name: str, version: str, dim: int) -> dict[bytes, bytes]:
         b"aefeatures.version": version.encode(),
         b"aefeatures.dim": str(dim).encode(),
     }
+
+
+def strict_json(value: Any, *, default: Callable[[Any], Any] | None = None, **kwargs: Any) -> str:
+    """``json.dumps`` that always yields strict JSON (RFC 8259: no NaN, Infinity or -Infinity).
+
+    JSON has no number for NaN or ±inf, so such a float (Python or NumPy) is written as
+    ``null``: the one rule of every JSON answer of the CLI and the HTTP service. Published
+    versions never hold one (a run refuses to publish them); only results of user SQL or versions
+    written by older releases can.
+    """
+    try:
+        return json.dumps(value, default=default, allow_nan=False, **kwargs)
+    except ValueError:
+        return json.dumps(_finite_or_null(value, default), allow_nan=False, **kwargs)
+
+
+def _finite_or_null(value: Any, default: Callable[[Any], Any] | None) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v, default) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v, default) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if default is not None:
+        return _finite_or_null(default(value), default)
+    return value

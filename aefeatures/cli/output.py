@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import click
 
+from aefeatures.schema import strict_json
 from aefeatures.store.publish import atomic_file
 
 
 def print_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=json_default))
+    """Strict JSON (RFC 8259): a NaN or infinite float is written as null."""
+    click.echo(strict_json(value, indent=2, default=json_default))
 
 
 def json_default(value: Any) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -10,6 +9,7 @@ import click
 from aefeatures.cli.options import EXIT_CODES_HELP, name_option, store_option
 from aefeatures.cli.output import json_default, write_parquet
 from aefeatures.errors import BadInputError
+from aefeatures.schema import strict_json
 from aefeatures.store.publish import atomic_write
 
 
@@ -96,7 +96,7 @@ def _write_frame(frame, fmt: str, output: Path | None) -> None:
     if fmt == "csv":
         text = frame.write_csv()
     elif fmt == "json":
-        text = json.dumps(frame.to_dicts(), indent=2, default=json_default) + "\n"
+        text = strict_json(frame.to_dicts(), indent=2, default=json_default) + "\n"  # NaN/inf as null
     else:
         with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=60, tbl_hide_dataframe_shape=True):
             text = str(frame) + "\n"

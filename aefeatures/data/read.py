@@ -28,6 +28,7 @@ from aefeatures.schema import ITEM, TIMESTAMP, USER, WEIGHT
 log = logging.getLogger(__name__)
 
 _GLOB_CHARS = set("*?[")
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # training runs in float32: larger weights become inf
 _T = TypeVar("_T")
 # Arrow spellings of one type: pyarrow and Spark write `string`, Polars `large_string`.
 _SAME_TYPE = {"large_string": "string", "string_view": "string", "large_binary": "binary"}
@@ -251,6 +252,8 @@ def _check_values(rows: pl.DataFrame, cfg: InputConfig, files: list[Path]) -> in
         pl.col(ITEM).null_count().alias(cfg.item_col),
         w.null_count().alias("weight_null"),
         w.is_nan().sum().alias("weight_nan"),
+        w.is_infinite().sum().alias("weight_infinite"),
+        (w.is_finite() & (w.abs() > FLOAT32_MAX)).sum().alias("weight_float32"),
         (w < 0).sum().alias("weight_negative"),
     ).row(0, named=True)
     for col, name in ((cfg.user_col, USER), (cfg.item_col, ITEM)):
@@ -260,11 +263,13 @@ def _check_values(rows: pl.DataFrame, cfg: InputConfig, files: list[Path]) -> in
     if cfg.weight_col and counts["weight_null"]:
         file, row, _ = _first_offender(files, cfg, WEIGHT, w.is_null())
         raise errors.NullValuesError(cfg.weight_col, counts["weight_null"], file, row)
-    for what, pred in (("NaN", w.is_nan()), ("negative", w < 0)):
-        if cfg.weight_col and counts[f"weight_{what.lower()}"]:
+    checks = (("NaN", "weight_nan", w.is_nan()), ("infinite", "weight_infinite", w.is_infinite()),
+              ("too large for float32 (beyond ±3.4e38)", "weight_float32", w.is_finite() & (w.abs() > FLOAT32_MAX)),
+              ("negative", "weight_negative", w < 0))
+    for what, key, pred in checks:
+        if cfg.weight_col and counts[key]:
             file, row, value = _first_offender(files, cfg, WEIGHT, pred)
-            raise errors.InvalidWeightsError(cfg.weight_col, what, counts[f"weight_{what.lower()}"],
-                                             file, row, value)
+            raise errors.InvalidWeightsError(cfg.weight_col, what, counts[key], file, row, value)
     return counts["rows"]
 
 

@@ -9,7 +9,6 @@ Single lookups run on the event loop (they take about a millisecond; a thread ho
 as much again); batch calls run in the thread pool so they never stall the single ones.
 """
 
-import json
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from aefeatures import __version__, errors
-from aefeatures.schema import KEY_METRIC
+from aefeatures.schema import KEY_METRIC, strict_json
 from aefeatures.serving.live import LiveStore
 from aefeatures.serving.lookup import FeatureSet, Neighbours
 
@@ -274,7 +273,8 @@ def _typed(ids, value: Any) -> Any:
 
 def _json(body: Any, status: int = 200) -> Response:
     # Encoded here: FastAPI's generic encoder walks every value and costs more than the lookup.
-    return Response(json.dumps(body, separators=(",", ":")), status_code=status, media_type="application/json")
+    # Strict JSON (RFC 8259): a NaN or infinite float is written as null.
+    return Response(strict_json(body, separators=(",", ":")), status_code=status, media_type="application/json")
 
 
 # --- errors: always JSON, never a traceback --------------------------------------------------------
