@@ -162,6 +162,32 @@ class InvalidWeightsError(BadInputError):
         )
 
 
+class ImplausibleTimestampsError(BadInputError):
+    """Event timestamps fall outside the plausible window (refused, never wrapped or clamped)."""
+
+    def __init__(self, column: str, count: int, file: str, row: int, value: object, read_as: str,
+                 low: str, high: str):
+        self.column, self.count, self.file, self.row = column, count, file, row
+        super().__init__(
+            f"column `{column}` has {count} timestamp(s) outside [{low}, {high}); the first is {value!r} "
+            f"({read_as}) at row {row} of `{file}`. If the unit is wrong set `input.timestamp_unit`; "
+            "if the times are real widen `input.timestamp_min` / `input.timestamp_max`; else clean the input."
+        )
+
+
+class TimestampUnitError(BadInputError):
+    """`input.timestamp_unit = "auto"` cannot tell the unit of an integer epoch column."""
+
+    def __init__(self, column: str, path: str, low: int, high: int, fits: Sequence[str], window: str):
+        self.column, self.fits = column, list(fits)
+        why = (f"it fits several units ({', '.join(fits)})" if fits else
+               "it fits none of s, ms, us, ns")
+        super().__init__(
+            f"integer timestamps in column `{column}` of `{path}` run from {low} to {high}: as epochs within "
+            f"{window} {why}. Set `input.timestamp_unit` to \"s\", \"ms\", \"us\" or \"ns\"."
+        )
+
+
 class EmptyInputError(BadInputError):
     """Nothing is left to train on."""
 

@@ -224,6 +224,21 @@ def _float32_overflow_weights(tmp: Path):
             ["column `rating` has 1 too large for float32", f"the first is 1e+39 at row 11 of `{path}`"])
 
 
+def _millis_read_as_seconds(tmp: Path):
+    path = tmp / "x.parquet"
+    small().with_columns(ts=pl.lit(1_700_000_000_000, pl.Int64)).write_parquet(path)
+    return ({"path": str(path), "timestamp_col": "ts", "timestamp_unit": "s"},
+            ["column `ts` has 240 timestamp(s) outside [1971-01-01, 2100-01-01); the first is 1700000000000 "
+             f"(epoch s) at row 0 of `{path}`"])
+
+
+def _bad_timestamp_unit(tmp: Path):
+    path = tmp / "x.parquet"
+    small().write_parquet(path)
+    return ({"path": str(path), "timestamp_unit": "days"},
+            ["`input.timestamp_unit` = 'days' is not allowed: choose one of auto, s, ms, us, ns"])
+
+
 CASES: dict[str, Callable[[Path], tuple[dict[str, Any], list[str]]]] = {
     "missing-path": _missing_path,
     "glob-without-match": _glob_without_match,
@@ -242,6 +257,8 @@ CASES: dict[str, Callable[[Path], tuple[dict[str, Any], list[str]]]] = {
     "nan-weights": _nan_weights,
     "infinite-weights": _infinite_weights,
     "float32-overflow-weights": _float32_overflow_weights,
+    "millis-read-as-seconds": _millis_read_as_seconds,
+    "bad-timestamp-unit": _bad_timestamp_unit,
 }
 
 

@@ -78,7 +78,8 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -
             "embedded_with": {"version": live["version"], "unknown_only_users": len(unknown_only),
                               "unknown_only_sample": unknown_only[:20]},
             "input": {"files": [vars(f) for f in interactions.files], "rows_read": interactions.n_rows_read,
-                      "rows_kept": interactions.n_rows_kept, "pairs": matrix.nnz},
+                      "rows_kept": interactions.n_rows_kept, "pairs": matrix.nnz,
+                      "timestamps": interactions.timestamps},
             "counts": counts,
             "timings": timings,
         }
