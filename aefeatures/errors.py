@@ -273,6 +273,17 @@ def no_such_version(store: Path, name: str, version: str) -> StoreError:
     )
 
 
+class InvalidIdError(BadInputError):
+    """A value that cannot be an id of the feature set's id type (exit code 2, HTTP 422)."""
+
+    def __init__(self, kind: str, value: object, expected: str):
+        self.kind, self.value = kind, value
+        super().__init__(
+            f"{value!r} is not a valid {kind} id: {kind} ids of this feature set are {expected}. "
+            f"Pass the {kind} id as the input spelled it."
+        )
+
+
 class NotFoundError(AEFeaturesError, KeyError):
     """A lookup named a user or item id the live version does not know (exit code 5)."""
 

@@ -101,7 +101,7 @@ def test_versions_lists_the_live_version(trained, runner):
 
 @pytest.mark.parametrize("args, code, message", [
     (["recommend", "--user", "999999"], 5, "error: user `999999` not found in feature set `movies`"),
-    (["recommend", "--user", "abc"], 5, "error: user `abc` not found"),
+    (["recommend", "--user", "abc"], 2, "error: 'abc' is not a valid user id: user ids of this feature set are integers"),
     (["similar", "--item", "123456"], 5, "error: item `123456` not found"),
     (["recommend", "--name", "books", "--user", "1"], 2, "error: store `"),
     (["recommend", "--user", "1", "-k", "0"], 2, "Invalid value for '-k'"),

@@ -37,8 +37,11 @@ def ranked(ids, scores, key: str = "item_id") -> list[dict[str, Any]]:
 
 
 def typed(ids, value: str) -> Any:
-    """A command-line id as the store types it (42, not "42", for integer ids)."""
-    return int(value) if ids.dtype.kind in "iu" else value
+    """A command-line id as the store types it (42, not "42", for integer ids); the one rule
+    of :func:`aefeatures.serving.lookup.parse_id`."""
+    from aefeatures.serving.lookup import parse_id
+
+    return parse_id(value, ids.dtype)
 
 
 def plain(value: Any) -> Any:

@@ -97,11 +97,11 @@ def read_interactions(cfg: InputConfig, *, shard: tuple[int, int] | None = None)
         Any of its subclasses, naming the file, column and row at fault.
     """
     files, source = _resolve_files(cfg.path)
-    _check_file_schemas(files, cfg)
+    id_types = _check_file_schemas(files, cfg)
     # A directory is read as the exact files listed above, so hidden and `_` files stay out.
     is_dir = Path(source).is_dir()
     lazy = pl.scan_parquet([str(f) for f in files] if is_dir else source, hive_partitioning=is_dir or None,
-                           **_SCAN_OPTIONS)
+                           **_SCAN_OPTIONS, **_unified(files, cfg, id_types))
     schema = _blaming_files(lazy.collect_schema, files)
     _check_columns(cfg, schema)
     timestamps = _timestamp_reading(cfg, lazy, schema, files)
@@ -178,12 +178,19 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith((".", "_")) for part in relative.parts)
 
 
-def _check_file_schemas(files: list[Path], cfg: InputConfig) -> None:
-    """Every file must be Parquet, and the columns the job reads must agree on type."""
+def _check_file_schemas(files: list[Path], cfg: InputConfig) -> dict[str, pl.DataType]:
+    """Every file must be Parquet, and the columns the job reads must agree on type.
+
+    Id columns need only agree on their kind (see :func:`_id_kind`): integers of any width,
+    unsigned 64-bit integers, or text (string, large_string, string_view, dictionary/categorical
+    with any index width or dictionary). Returns the type to read each id column as, when the
+    files spell it differently (else an empty dict: Polars reads them as they are)."""
     keys = {"user_col": cfg.user_col, "item_col": cfg.item_col,
             "weight_col": cfg.weight_col, "timestamp_col": cfg.timestamp_col}
     wanted = {c: k for k, c in keys.items() if c}
+    ids = {cfg.user_col, cfg.item_col}
     first_seen: dict[str, tuple[str, str]] = {}
+    spellings: dict[str, set[str]] = {c: set() for c in ids}
     for f in files:
         try:
             schema = pq.read_schema(f)
@@ -196,11 +203,48 @@ def _check_file_schemas(files: list[Path], cfg: InputConfig) -> None:
             if col not in schema.names:
                 continue  # a hive partition key, or missing everywhere: checked on the frame
             typ = str(schema.field(col).type)
+            if col in ids:
+                spellings[col].add(typ)
+                typ = _id_kind(schema.field(col).type)
             typ = _SAME_TYPE.get(typ, typ)
             if col not in first_seen:
                 first_seen[col] = (str(f), typ)
             elif first_seen[col][1] != typ:
                 raise errors.SchemaDriftError(col, *first_seen[col], str(f), typ)
+    return {col: _ID_TYPES[first_seen[col][1]] for col in ids
+            if len(spellings[col]) > 1 and first_seen.get(col, ("", ""))[1] in _ID_TYPES}
+
+
+_ID_TYPES = {"integer": pl.Int64, "uint64": pl.UInt64, "text": pl.String}
+
+
+def _id_kind(typ) -> str:
+    """The kind of an Arrow id type: "integer" (signed, or unsigned below 64 bits: read as
+    Int64), "uint64" (read as UInt64, so hashes >= 2**63 keep their value), "text", or the
+    type itself (refused later)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(typ):
+        typ = typ.value_type
+    if pa.types.is_uint64(typ):
+        return "uint64"
+    if pa.types.is_integer(typ):
+        return "integer"
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ) or str(typ) == "string_view":
+        return "text"
+    return str(typ)
+
+
+def _unified(files: list[Path], cfg: InputConfig, id_types: dict[str, pl.DataType]) -> dict[str, object]:
+    """Scan options reading id columns spelled differently across files (Int32 here, Int64
+    there; categorical here, string there) as one type."""
+    if not id_types:
+        return {}
+    first = pl.read_parquet_schema(files[0])
+    columns = [c for c in (cfg.user_col, cfg.item_col, cfg.weight_col, cfg.timestamp_col) if c and c in first]
+    schema = {c: id_types.get(c, first[c]) for c in dict.fromkeys(columns)}
+    return {"schema": schema,
+            "cast_options": pl.ScanCastOptions(integer_cast="upcast", categorical_to_string="allow")}
 
 
 def _hive_key(file: Path, column: str) -> bool:
@@ -230,7 +274,9 @@ def _check_columns(cfg: InputConfig, schema: pl.Schema) -> None:
 def _canonical_columns(cfg: InputConfig, schema: pl.Schema, unit: str | None = None) -> list[pl.Expr]:
     def ids(col: str, name: str) -> pl.Expr:
         expr = pl.col(col)
-        return (expr.cast(pl.Int64) if schema[col].is_integer() else expr.cast(pl.String)).alias(name)
+        # uint64 stays uint64 (hashed ids >= 2**63); other integers become Int64; text, String
+        typ = pl.UInt64 if schema[col] == pl.UInt64 else pl.Int64 if schema[col].is_integer() else pl.String
+        return expr.cast(typ).alias(name)
 
     weight = pl.col(cfg.weight_col).cast(pl.Float64) if cfg.weight_col else pl.lit(1.0, pl.Float64)
     return [ids(cfg.user_col, USER), ids(cfg.item_col, ITEM), weight.alias(WEIGHT),

@@ -8,6 +8,7 @@ then never touches the version's files again, and retention may delete them).
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -30,36 +31,71 @@ class Neighbours(NamedTuple):
     scores: np.ndarray
 
 
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+
+
+def parse_id(value: Any, id_dtype: np.dtype, kind: str = "id") -> Any:
+    """A raw id (from Python, a CLI option or file, a URL or JSON) as the feature set types it:
+    the one rule every entry point follows.
+
+    - Integer ids (int64, or uint64 for hashed ids up to 2**64 - 1): an integer, or a string of
+      one written in decimal (surrounding whitespace allowed: "42", " +42 ", "0042" → 42).
+      Booleans, floats and anything else are refused; so is a value outside the id type's range.
+    - String ids: a string, as it is ("0038" and "38" are different ids). A number is refused,
+      so that 38 can never stand for "0038".
+
+    Raises :class:`InvalidIdError` (exit code 2, HTTP 422) naming the value, the id type and the fix.
+    """
+    dtype = np.dtype(id_dtype)
+    if dtype.kind in "iu":
+        number: int | None = None
+        if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            number = int(value)
+        elif isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value.strip()):
+            number = int(value.strip())
+        info = np.iinfo(dtype)
+        if number is None or not info.min <= number <= info.max:
+            raise errors.InvalidIdError(kind, value, f"integers ({dtype.name}, {info.min} to {info.max})")
+        return number
+    if isinstance(value, str):
+        return str(value)
+    raise errors.InvalidIdError(kind, value, "strings")
+
+
+def parse_ids(values: Sequence[Any], id_dtype: np.dtype, kind: str = "id") -> list[Any]:
+    """:func:`parse_id` of each of ``values``, in order."""
+    return [parse_id(v, id_dtype, kind) for v in values]
+
+
+def distinct(ids: Sequence[Any]) -> list[Any]:
+    """Parsed ids without repeats, in first-seen order (a batch answers each id once)."""
+    return list(dict.fromkeys(ids))
+
+
 class IdIndex:
     """Maps ids to row numbers by binary search over the sorted ids of a table."""
 
-    def __init__(self, ids: np.ndarray):
+    def __init__(self, ids: np.ndarray, kind: str = "id"):
         self.ids = ids  # sorted ascending: tables are written sorted by id
         self.is_int = ids.dtype.kind in "iu"
+        self.kind = kind
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def parse(self, ids: Sequence[Any]) -> list[Any]:
+        """The ids typed by :func:`parse_id`; raises :class:`InvalidIdError`."""
+        return parse_ids(ids, self.ids.dtype, self.kind)
+
     def rows(self, ids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, found): the row of each id, and whether the id exists."""
-        query, parsed = self._coerce(ids)
-        if not len(self.ids):
+        """(rows, found): the row of each id, and whether the id exists. Raises
+        :class:`InvalidIdError` for a value that cannot be an id of this type."""
+        parsed = self.parse(ids)
+        query = np.array(parsed, dtype=self.ids.dtype if self.is_int else str)
+        if not len(self.ids) or not len(query):
             return np.zeros(len(query), np.int64), np.zeros(len(query), bool)
         pos = np.searchsorted(self.ids, query).clip(0, len(self.ids) - 1)
-        return pos, (self.ids[pos] == query) & parsed
-
-    def _coerce(self, ids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-        if not self.is_int:
-            return np.array([str(i) for i in ids], dtype=str), np.ones(len(ids), bool)
-        out, parsed = np.zeros(len(ids), np.int64), np.ones(len(ids), bool)
-        for n, value in enumerate(ids):  # "42" from a CLI or URL is the integer id 42
-            try:
-                if isinstance(value, (bool, float)):
-                    raise ValueError
-                out[n] = int(value)
-            except (TypeError, ValueError, OverflowError):
-                parsed[n] = False
-        return out, parsed
+        return pos, self.ids[pos] == query
 
 
 class FeatureSet:
@@ -79,11 +115,11 @@ class FeatureSet:
     @cached_property
     def _users(self) -> tuple[IdIndex, np.ndarray]:
         table = pq.read_table(self.path / layout.USERS, columns=["user_id", "embedding"])
-        return IdIndex(_ids(table.column("user_id"))), _matrix(table.column("embedding"), self.dim)
+        return IdIndex(_ids(table.column("user_id")), "user"), _matrix(table.column("embedding"), self.dim)
 
     @cached_property
     def _item_ids(self) -> IdIndex:
-        return IdIndex(_ids(pq.read_table(self.path / layout.ITEMS, columns=["item_id"]).column("item_id")))
+        return IdIndex(_ids(pq.read_table(self.path / layout.ITEMS, columns=["item_id"]).column("item_id")), "item")
 
     @cached_property
     def _item_vectors(self) -> tuple[np.ndarray, np.ndarray]:
@@ -174,6 +210,14 @@ class FeatureSet:
         """(n, dim) vectors of ``items``, in order; raises :class:`NotFoundError`."""
         return self._item_vectors[0][self._item_rows(items)]
 
+    def user_id(self, raw: Any) -> Any:
+        """``raw`` as this version types user ids (see :func:`parse_id`)."""
+        return parse_id(raw, self.user_ids.dtype, "user")
+
+    def item_id(self, raw: Any) -> Any:
+        """``raw`` as this version types item ids (see :func:`parse_id`)."""
+        return parse_id(raw, self.item_ids.dtype, "item")
+
     def has_users(self, users: Sequence[Any]) -> np.ndarray:
         """(n,) bool: whether each of ``users`` has an embedding in this version."""
         return self._users[0].rows(users)[1]
@@ -194,8 +238,11 @@ class FeatureSet:
         """Recommendations for many users at once, as rows ``user_id, item_id, rank, score``.
 
         ``exclude`` applies to every user. Unknown users raise :class:`NotFoundError`, or are
-        left out with ``skip_unknown``.
+        left out with ``skip_unknown``. A user named twice (in any spelling, 42 and "42") is
+        answered once, in first-seen order. A known user with nothing left to recommend has no
+        rows.
         """
+        users = distinct(self._users[0].parse(users))
         rows, found = self._users[0].rows(users)
         if not found.all() and not skip_unknown:
             raise errors.NotFoundError("user", [u for u, f in zip(users, found) if not f], self.name, self.version)
