@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Callable
+import re
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import pyarrow as pa
+
+from aefeatures import errors
 
 KS = (10, 20, 100)  # cut-offs of the ranking metrics (Recall@k, NDCG@k, coverage@k)
 KEY_METRIC = "ndcg@100"  # the metric that chooses epochs, gates versions and compares them
@@ -111,3 +115,46 @@ def _finite_or_null(value: Any, default: Callable[[Any], Any] | None) -> Any:
     if default is not None:
         return _finite_or_null(default(value), default)
     return value
+
+
+# --- ids: one rule for every entry point ---------------------------------------------------
+
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+
+
+def parse_id(value: Any, id_dtype: np.dtype, kind: str = "id") -> Any:
+    """A raw id (from Python, a CLI option or file, a URL or JSON) as the feature set types it:
+    the one rule every entry point follows.
+
+    - Integer ids (int64, or uint64 for hashed ids up to 2**64 - 1): an integer, or a string of
+      one written in decimal (surrounding whitespace allowed: "42", " +42 ", "0042" → 42).
+      Booleans, floats and anything else are refused; so is a value outside the id type's range.
+    - String ids: a string, as it is ("0038" and "38" are different ids). A number is refused,
+      so that 38 can never stand for "0038".
+
+    Raises :class:`InvalidIdError` (exit code 2, HTTP 422) naming the value, the id type and the fix.
+    """
+    dtype = np.dtype(id_dtype)
+    if dtype.kind in "iu":
+        number: int | None = None
+        if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            number = int(value)
+        elif isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value.strip()):
+            number = int(value.strip())
+        info = np.iinfo(dtype)
+        if number is None or not info.min <= number <= info.max:
+            raise errors.InvalidIdError(kind, value, f"integers ({dtype.name}, {info.min} to {info.max})")
+        return number
+    if isinstance(value, str):
+        return str(value)
+    raise errors.InvalidIdError(kind, value, "strings")
+
+
+def parse_ids(values: Sequence[Any], id_dtype: np.dtype, kind: str = "id") -> list[Any]:
+    """:func:`parse_id` of each of ``values``, in order."""
+    return [parse_id(v, id_dtype, kind) for v in values]
+
+
+def distinct(ids: Sequence[Any]) -> list[Any]:
+    """Parsed ids without repeats, in first-seen order (a batch answers each id once)."""
+    return list(dict.fromkeys(ids))

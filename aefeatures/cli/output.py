@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import click
 
-from aefeatures.schema import strict_json
+from aefeatures.schema import parse_id, strict_json
 from aefeatures.store.publish import atomic_file
 
 
@@ -38,9 +38,7 @@ def ranked(ids, scores, key: str = "item_id") -> list[dict[str, Any]]:
 
 def typed(ids, value: str) -> Any:
     """A command-line id as the store types it (42, not "42", for integer ids); the one rule
-    of :func:`aefeatures.serving.lookup.parse_id`."""
-    from aefeatures.serving.lookup import parse_id
-
+    of :func:`aefeatures.schema.parse_id`."""
     return parse_id(value, ids.dtype)
 
 

@@ -35,14 +35,17 @@ def sql(store_dir: Path, command: str | None, file: Path | None, params: tuple[s
     """
     import duckdb
 
-    from aefeatures.export.catalog import connect, parse_param
+    from aefeatures.export.catalog import connect, id_param_types, parse_param
 
     if command is not None and file is not None:
         raise click.UsageError("pass -c or -f, not both")
     if fmt == "parquet" and output is None:
         raise click.UsageError("--format parquet needs --output FILE")
+    id_types = id_param_types(store_dir) if params and store_dir.is_dir() else {}
     try:
-        bound = dict(parse_param(p) for p in params)
+        bound = dict(parse_param(p, id_types) for p in params)
+    except BadInputError:
+        raise
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     con = connect(store_dir)

@@ -245,7 +245,7 @@ def _ranked(found: Neighbours, key: str) -> list[dict[str, Any]]:
 
 
 def _batch(fs: FeatureSet, body) -> Response:
-    # One id rule (serving.lookup.parse_id): 42 and "42" are one user of an integer-id set, and a
+    # One id rule (schema.parse_id): 42 and "42" are one user of an integer-id set, and a
     # user named twice is answered once, in first-seen order.
     users = distinct([fs.user_id(u) for u in body.users])
     recs = fs.recommend_batch(users, body.k, exclude_seen=body.exclude_seen, exclude=body.exclude,
