@@ -125,6 +125,7 @@ class _Built:
     evaluation: dict[str, Any] | None
     emb: Embeddings
     timings: dict[str, float]
+    evaluation_skipped: str | None = None  # why there is no validation (and so no metric gate)
 
 
 def _build_shard(cfg: JobConfig, progress: bool | None, group: distributed.Group | None) -> _Built:
@@ -136,10 +137,10 @@ def _build_shard(cfg: JobConfig, progress: bool | None, group: distributed.Group
     with _timed(timings, "matrix"):
         matrix = build_matrix(interactions, binarize=cfg.input.binarize, item_ids=_all_items(interactions, group))
     with _timed(timings, "train"):
-        trained, evaluation = _train_and_evaluate(matrix, cfg, progress, group)
+        trained, evaluation, skipped = _train_and_evaluate(matrix, cfg, progress, group)
     with _timed(timings, "embed"):
         emb = embed(trained.model, matrix)
-    return _Built(interactions, matrix, trained, evaluation, emb, timings)
+    return _Built(interactions, matrix, trained, evaluation, emb, timings, skipped)
 
 
 def _all_items(interactions: Interactions, group: distributed.Group | None) -> pl.Series | None:
@@ -272,7 +273,7 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
             save_index(built.index, staging / layout.INDEX)
         publish.check_finite(staging)  # a NaN embedding, bias or score is never published
         verdict = gate.check(cfg.gate, made.evaluation, previous, index_recall=built.recall_at_10,
-                             min_recall=cfg.index.min_recall)
+                             min_recall=cfg.index.min_recall, skipped=made.evaluation_skipped)
         manifest = {
             "schema_version": schema.SCHEMA_VERSION,
             "aefeatures_version": __version__,
@@ -288,6 +289,7 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
             "id_types": {"user": str(matrix.user_ids.dtype), "item": str(matrix.item_ids.dtype)},
             "training": _training_summary(made.trained),
             "evaluation": made.evaluation,
+            "evaluation_skipped": made.evaluation_skipped,
             "gate": verdict.to_dict(),
             "index": {"kind": cfg.index.kind, "factory": built.factory, "recall_at_10": built.recall_at_10,
                       "search": built.search},
@@ -307,13 +309,15 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
 
 
 def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: bool | None,
-                        group: distributed.Group | None = None) -> tuple[TrainResult, dict[str, Any] | None]:
+                        group: distributed.Group | None = None
+                        ) -> tuple[TrainResult, dict[str, Any] | None, str | None]:
     """Train with validation users held out (if evaluation is on) and early stopping.
 
     The published model is the best epoch's, trained without the validation users; they get
     their embeddings like any user the model never saw, from their full interaction vector.
     Under torchrun each rank holds out its share of its own users and the metrics are those of
-    all ranks' validation users together.
+    all ranks' validation users together. The third value says why there is no validation
+    (None when there is).
     """
     ev = cfg.evaluation
     world = group.world_size if group else 1
@@ -321,9 +325,10 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
                         holdout=ev.holdout, seed=cfg.model.seed)
     n_valid = len(split.valid_rows) if group is None else int(group.reduce_array(np.array([len(split.valid_rows)]))[0])
     if n_valid == 0:
+        why = _why_no_validation(matrix, cfg, group)
         if ev.valid_share > 0:
-            log.warning("too few users to hold any out for validation; training without evaluation")
-        return train(matrix, cfg.model, progress=progress), None
+            log.warning("%s; training without evaluation, so the quality gate's metric checks are skipped", why)
+        return train(matrix, cfg.model, progress=progress), None, why
 
     def validate(model: Autoencoder) -> dict[str, float]:
         vectors, _ = encode(model, split.fold_in)
@@ -341,7 +346,23 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
         "holdout": ev.holdout,
         "model": final,
         "popularity": _popularity(matrix, split, group),
-    }
+    }, None
+
+
+def _why_no_validation(matrix: InteractionMatrix, cfg: JobConfig, group: distributed.Group | None) -> str:
+    """The real reason no user was held out for validation, in words."""
+    ev = cfg.evaluation
+    if ev.valid_share == 0:
+        return "evaluation is off (`evaluation.valid_share` = 0)"
+    eligible = np.array([int((matrix.row_lengths() >= 2).sum()), matrix.shape[0]])
+    if group is not None:
+        eligible = group.reduce_array(eligible)
+    n_eligible, n_users = int(eligible[0]), int(eligible[1])
+    if n_eligible == 0:
+        return (f"no user has 2 or more items (all {n_users:,} have one), so no validation split is possible "
+                "(a held-out user needs one item shown and one hidden)")
+    return (f"`evaluation.valid_share` = {ev.valid_share:g} of {n_users:,} users rounds to no validation user; "
+            "raise it to evaluate")
 
 
 def _popularity(matrix: InteractionMatrix, split: Split, group: distributed.Group | None) -> dict[str, float]:
