@@ -178,14 +178,43 @@ def test_string_ids_keep_their_type_and_match_the_integer_fixture(from_file):
     assert as_ints.sort("user_id", "item_id").equals(sorted_frame(from_file))
 
 
-@pytest.mark.parametrize("dtype", [pl.Int8, pl.Int32, pl.UInt16, pl.UInt64])
-def test_any_integer_id_type_becomes_int64(tmp_path, dtype):
+@pytest.mark.parametrize("dtype", [pl.Int8, pl.Int32, pl.UInt16, pl.UInt32, pl.UInt64])
+def test_any_integer_id_type_becomes_int64_but_uint64_stays(tmp_path, dtype):
     path = tmp_path / "ids.parquet"
     pl.DataFrame({"user_id": [3, 1, 2], "item_id": [1, 2, 1]},
                  schema={"user_id": dtype, "item_id": dtype}).write_parquet(path)
     got = read(path)
-    assert got.frame.schema["user_id"] == pl.Int64 and got.frame.schema["item_id"] == pl.Int64
+    want = pl.UInt64 if dtype == pl.UInt64 else pl.Int64  # hashes >= 2**63 keep their value
+    assert got.frame.schema["user_id"] == want and got.frame.schema["item_id"] == want
     assert sorted(got.frame["user_id"].to_list()) == [1, 2, 3]
+
+
+def test_uint64_hashes_above_int64_keep_their_value(tmp_path):
+    path = tmp_path / "ids.parquet"
+    users = [2**64 - 1, 2**63, 2**63 + 7]
+    pl.DataFrame({"user_id": users, "item_id": [1, 2, 1]}, schema={"user_id": pl.UInt64, "item_id": pl.Int64}
+                 ).write_parquet(path)
+    assert sorted(read(path).frame["user_id"].to_list()) == sorted(users)
+
+
+def test_id_columns_of_one_kind_spelled_differently_across_files_are_read_as_one(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def categorical(values, index_type):
+        dictionary = sorted(set(values), reverse=index_type == pa.int32())
+        return pa.DictionaryArray.from_arrays(pa.array([dictionary.index(v) for v in values], index_type),
+                                              pa.array(dictionary))
+
+    pq.write_table(pa.table({"user_id": categorical(["a", "b"], pa.int8()), "item_id": pa.array([1, 2], pa.int32())}),
+                   tmp_path / "a.parquet")
+    pq.write_table(pa.table({"user_id": categorical(["c", "a"], pa.int32()), "item_id": pa.array([3, 2**40], pa.int64())}),
+                   tmp_path / "b.parquet")
+    pq.write_table(pa.table({"user_id": pa.array(["d"], pa.large_string()), "item_id": pa.array([1], pa.int16())}),
+                   tmp_path / "c.parquet")
+    got = read(tmp_path)
+    assert got.frame.schema["user_id"] == pl.String and got.frame.schema["item_id"] == pl.Int64
+    assert sorted(got.frame.select("user_id", "item_id").rows()) == [("a", 1), ("a", 2**40), ("b", 2), ("c", 3), ("d", 1)]
 
 
 def test_categorical_ids_become_strings(tmp_path):

@@ -189,7 +189,7 @@ def _check_file_schemas(files: list[Path], cfg: InputConfig) -> dict[str, pl.Dat
             "weight_col": cfg.weight_col, "timestamp_col": cfg.timestamp_col}
     wanted = {c: k for k, c in keys.items() if c}
     ids = {cfg.user_col, cfg.item_col}
-    first_seen: dict[str, tuple[str, str]] = {}
+    first_seen: dict[str, tuple[str, str, str]] = {}
     spellings: dict[str, set[str]] = {c: set() for c in ids}
     for f in files:
         try:
@@ -202,15 +202,16 @@ def _check_file_schemas(files: list[Path], cfg: InputConfig) -> dict[str, pl.Dat
         for col in wanted:
             if col not in schema.names:
                 continue  # a hive partition key, or missing everywhere: checked on the frame
-            typ = str(schema.field(col).type)
-            if col in ids:
-                spellings[col].add(typ)
+            shown = str(schema.field(col).type)
+            shown = typ = _SAME_TYPE.get(shown, shown)
+            if col in ids:  # ids need only agree on their kind
+                spellings[col].add(shown)
                 typ = _id_kind(schema.field(col).type)
-            typ = _SAME_TYPE.get(typ, typ)
             if col not in first_seen:
-                first_seen[col] = (str(f), typ)
+                first_seen[col] = (str(f), typ, shown)
             elif first_seen[col][1] != typ:
-                raise errors.SchemaDriftError(col, *first_seen[col], str(f), typ)
+                first_file, _, first_shown = first_seen[col]
+                raise errors.SchemaDriftError(col, first_file, first_shown, str(f), shown)
     return {col: _ID_TYPES[first_seen[col][1]] for col in ids
             if len(spellings[col]) > 1 and first_seen.get(col, ("", ""))[1] in _ID_TYPES}
 
