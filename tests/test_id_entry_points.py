@@ -187,6 +187,11 @@ def test_numeric_looking_string_ids_stay_apart(stores, apps):
     for raw in ("42", "00042", "38", "0038"):
         assert via_cli(root, raw) == via_http(apps["string"], raw) == via_api(root, raw)
     assert not np.array_equal(fs.user_embedding("42"), fs.user_embedding("00042"))
+    # SQL: --param user=00042 is the string id "00042" (not 42, not "42")
+    assert via_sql(root, "00042") == ("items", sorted(via_api(root, "00042")[1]))
+    result = _runner().invoke(cli, ["sql", "--store", str(root), "--format", "json", "--param", "user=00042",
+                                    "-c", "SELECT user_id FROM shop_users WHERE user_id = $user"])
+    assert result.exit_code == 0 and _strict(result.stdout) == [{"user_id": "00042"}]
     # SQL: --param item=38 names the string id "38" only, never "0038" too
     result = _runner().invoke(cli, ["sql", "--store", str(root), "--format", "json", "--param", "item=38",
                                     "-c", "SELECT item_id FROM shop_items WHERE item_id = $item"])

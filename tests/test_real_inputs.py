@@ -98,6 +98,12 @@ def test_real_world_export_trains_and_publishes_the_right_values(tmp_path, name)
     if name == "hashed_uint64":
         assert manifest["id_types"] == {"user": "UInt64", "item": "UInt64"}
         assert str(pq.read_schema(folder / "users.parquet").field("user_id").type) == "uint64"
+        # embedding with the live model (no training) keeps the uint64 ids too
+        embedded = runner().invoke(cli, ["embed", str(tmp_path / "job.toml"), "--force"])
+        assert embedded.exit_code == 0, embedded.output
+        version = (tmp_path / "store" / "shop" / "LATEST").read_text().strip()
+        again = pq.read_table(tmp_path / "store" / "shop" / "versions" / version / "users.parquet")
+        assert set(again.column("user_id").to_pylist()) == set(items)
 
 
 @pytest.fixture(scope="module")
