@@ -25,3 +25,12 @@ def test_non_finite_floats_become_null_anywhere():
              "np": np.float32("nan")}
     out = _strict(strict_json(value, default=lambda v: v.item()))
     assert out == {"score": None, "items": [{"s": None}, {"s": None}, [1.0, None]], "np": None}
+
+
+def test_the_suite_parses_json_strictly():
+    """conftest makes every json.loads in the tests strict: a NaN answer fails its test."""
+    import pytest
+
+    for text in ("NaN", "[1, Infinity]", '{"s": -Infinity}'):
+        with pytest.raises(ValueError, match="non-strict JSON"):
+            json.loads(text)
