@@ -246,3 +246,11 @@ def test_uint64_ids_round_trip_every_interface(stores, apps):
     assert {u["user_id"] for u in out["users"]} <= {1, 42, HASH + 1, 2**64 - 1, 7}
     status, body = _asgi(apps["uint64"], "GET", "/v1/shop/similar_users", urlencode({"user": str(2**64 - 1)}))
     assert status == 200 and body["user"] == 2**64 - 1
+
+
+def test_feast_export_of_uint64_ids_is_refused_in_one_line(stores, tmp_path):
+    root, _ = stores["uint64"]
+    result = _runner().invoke(cli, ["feast-export", "--store", str(root), "--output", str(tmp_path / "repo")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    line, = result.stderr.splitlines()
+    assert line.startswith("error: feature set `shop` has UInt64 user ids, which Feast cannot hold")
