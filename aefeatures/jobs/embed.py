@@ -68,7 +68,8 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -
             counts = tables.write_tables(staging, matrix, emb, name=name, version=version, created=created)
             shutil.copytree(source / layout.MODEL_DIR, staging / layout.MODEL_DIR, copy_function=_link_or_copy)
             _link_or_copy(source / layout.INDEX, staging / layout.INDEX)
-        publish.check_finite(staging)  # a NaN embedding or score is never published
+        with _timed(timings, "check"):
+            publish.check_finite(staging)  # a NaN embedding, bias or score is never published
         manifest = {
             **live,
             "version": version,

@@ -271,7 +271,8 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
                                 sample_queries=user_queries(emb.user_vectors[sample]),
                                 target_recall=cfg.index.min_recall)
             save_index(built.index, staging / layout.INDEX)
-        publish.check_finite(staging)  # a NaN embedding, bias or score is never published
+        with _timed(timings, "check"):
+            publish.check_finite(staging)  # a NaN embedding, bias or score is never published
         verdict = gate.check(cfg.gate, made.evaluation, previous, index_recall=built.recall_at_10,
                              min_recall=cfg.index.min_recall, skipped=made.evaluation_skipped)
         manifest = {
