@@ -239,6 +239,20 @@ def _bad_timestamp_unit(tmp: Path):
             ["`input.timestamp_unit` = 'days' is not allowed: choose one of auto, s, ms, us, ns"])
 
 
+def _bad_timestamp_window(tmp: Path):
+    path = tmp / "x.parquet"
+    small().write_parquet(path)
+    return ({"path": str(path), "timestamp_min": "yesterday"},
+            ["`input.timestamp_min` = 'yesterday' is not allowed: write an ISO 8601 date or time"])
+
+
+def _empty_timestamp_window(tmp: Path):
+    path = tmp / "x.parquet"
+    small().write_parquet(path)
+    return ({"path": str(path), "timestamp_min": "2030-01-01", "timestamp_max": "2020-01-01"},
+            ["`input.timestamp_max` = '2020-01-01' is not allowed: it must be later than `input.timestamp_min`"])
+
+
 CASES: dict[str, Callable[[Path], tuple[dict[str, Any], list[str]]]] = {
     "missing-path": _missing_path,
     "glob-without-match": _glob_without_match,
@@ -259,6 +273,8 @@ CASES: dict[str, Callable[[Path], tuple[dict[str, Any], list[str]]]] = {
     "float32-overflow-weights": _float32_overflow_weights,
     "millis-read-as-seconds": _millis_read_as_seconds,
     "bad-timestamp-unit": _bad_timestamp_unit,
+    "bad-timestamp-window": _bad_timestamp_window,
+    "empty-timestamp-window": _empty_timestamp_window,
 }
 
 
