@@ -217,6 +217,21 @@ def test_id_columns_of_one_kind_spelled_differently_across_files_are_read_as_one
     assert sorted(got.frame.select("user_id", "item_id").rows()) == [("a", 1), ("a", 2**40), ("b", 2), ("c", 3), ("d", 1)]
 
 
+def test_timestamps_of_different_units_and_zones_across_files_are_read_as_one(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def write(name, user, when, typ, **kw):
+        pq.write_table(pa.table({"user_id": [user], "item_id": [user % 2], "when": pa.array([when], typ)}),
+                       tmp_path / name, **kw)
+
+    write("a.parquet", 1, dt.datetime(2024, 1, 1), pa.timestamp("us"), use_deprecated_int96_timestamps=True)  # Spark
+    write("b.parquet", 2, dt.datetime(2024, 1, 2, tzinfo=UTC), pa.timestamp("ms", "Europe/Paris"))
+    write("c.parquet", 3, dt.datetime(2024, 1, 3), pa.timestamp("us"))  # naive: UTC
+    got = read(tmp_path, timestamp_col="when")
+    assert sorted_frame(got)["timestamp"].to_list() == [dt.datetime(2024, 1, d, tzinfo=UTC) for d in (1, 2, 3)]
+
+
 def test_categorical_ids_become_strings(tmp_path):
     path = tmp_path / "cat.parquet"
     pl.DataFrame({"user_id": ["b", "a", "b"], "item_id": ["x", "y", "y"]},

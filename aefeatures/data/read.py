@@ -188,9 +188,11 @@ def _check_file_schemas(files: list[Path], cfg: InputConfig) -> dict[str, pl.Dat
     keys = {"user_col": cfg.user_col, "item_col": cfg.item_col,
             "weight_col": cfg.weight_col, "timestamp_col": cfg.timestamp_col}
     wanted = {c: k for k, c in keys.items() if c}
-    ids = {cfg.user_col, cfg.item_col}
+    kinds_of = {cfg.user_col: _id_kind, cfg.item_col: _id_kind}
+    if cfg.timestamp_col:
+        kinds_of[cfg.timestamp_col] = _timestamp_kind
     first_seen: dict[str, tuple[str, str, str]] = {}
-    spellings: dict[str, set[str]] = {c: set() for c in ids}
+    spellings: dict[str, set[str]] = {c: set() for c in kinds_of}
     for f in files:
         try:
             schema = pq.read_schema(f)
@@ -204,19 +206,27 @@ def _check_file_schemas(files: list[Path], cfg: InputConfig) -> dict[str, pl.Dat
                 continue  # a hive partition key, or missing everywhere: checked on the frame
             shown = str(schema.field(col).type)
             shown = typ = _SAME_TYPE.get(shown, shown)
-            if col in ids:  # ids need only agree on their kind
+            if col in kinds_of:  # ids and timestamps need only agree on their kind
                 spellings[col].add(shown)
-                typ = _id_kind(schema.field(col).type)
+                typ = kinds_of[col](schema.field(col).type)
             if col not in first_seen:
                 first_seen[col] = (str(f), typ, shown)
             elif first_seen[col][1] != typ:
                 first_file, _, first_shown = first_seen[col]
                 raise errors.SchemaDriftError(col, first_file, first_shown, str(f), shown)
-    return {col: _ID_TYPES[first_seen[col][1]] for col in ids
-            if len(spellings[col]) > 1 and first_seen.get(col, ("", ""))[1] in _ID_TYPES}
+    return {col: _READ_AS[first_seen[col][1]] for col in kinds_of
+            if len(spellings[col]) > 1 and first_seen.get(col, ("", ""))[1] in _READ_AS}
 
 
-_ID_TYPES = {"integer": pl.Int64, "uint64": pl.UInt64, "text": pl.String}
+_READ_AS = {"integer": pl.Int64, "uint64": pl.UInt64, "text": pl.String, "datetime": pl.Datetime("us", "UTC")}
+
+
+def _timestamp_kind(typ) -> str:
+    """The kind of an Arrow timestamp column: "datetime" for every unit and zone (Spark's INT96
+    reads as ns; naive values are UTC), "integer"/"uint64" for epochs, or the type itself."""
+    import pyarrow as pa
+
+    return "datetime" if pa.types.is_timestamp(typ) else _id_kind(typ) if pa.types.is_integer(typ) else str(typ)
 
 
 def _id_kind(typ) -> str:
@@ -237,15 +247,17 @@ def _id_kind(typ) -> str:
 
 
 def _unified(files: list[Path], cfg: InputConfig, id_types: dict[str, pl.DataType]) -> dict[str, object]:
-    """Scan options reading id columns spelled differently across files (Int32 here, Int64
-    there; categorical here, string there) as one type."""
+    """Scan options reading id and timestamp columns spelled differently across files (Int32
+    here, Int64 there; categorical here, string there; INT96 here, ms in Europe/Paris there)
+    as one type. Naive datetimes are taken as UTC, as everywhere."""
     if not id_types:
         return {}
     first = pl.read_parquet_schema(files[0])
     columns = [c for c in (cfg.user_col, cfg.item_col, cfg.weight_col, cfg.timestamp_col) if c and c in first]
     schema = {c: id_types.get(c, first[c]) for c in dict.fromkeys(columns)}
-    return {"schema": schema,
-            "cast_options": pl.ScanCastOptions(integer_cast="upcast", categorical_to_string="allow")}
+    return {"schema": schema, "cast_options": pl.ScanCastOptions(
+        integer_cast="upcast", categorical_to_string="allow",
+        datetime_cast=["nanosecond-downcast", "millisecond-upcast", "convert-timezone"])}
 
 
 def _hive_key(file: Path, column: str) -> bool:
