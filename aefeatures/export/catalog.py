@@ -70,7 +70,10 @@ def sql_id_type(manifest: dict, kind: str) -> str:
 
 def id_param_types(root: Path) -> dict[str, str]:
     """SQL parameter name → numpy dtype of the ids it names (`user`, `user_id` → the user id
-    type; `item`, `item_id` → the item id type), where every feature set of the store agrees."""
+    type; `item`, `item_id` → the item id type). Where the store's feature sets disagree the
+    value is bound as text: DuckDB casts text to an integer column's type when comparing, and
+    a string column compares it exactly, so it is right for both (a number would make DuckDB
+    cast a string column to integers, and "0038" would equal 38)."""
     found: dict[str, set[str]] = {"user": set(), "item": set()}
     for name in layout.feature_sets(root):
         manifest = layout.read_manifest(layout.version_dir(root, name, layout.live_version(root, name)))
@@ -78,8 +81,8 @@ def id_param_types(root: Path) -> dict[str, str]:
             found[kind].add(sql_id_type(manifest, kind))
     out = {}
     for kind, types in found.items():
-        if len(types) == 1:
-            out[kind] = out[f"{kind}_id"] = _NUMPY_ID_TYPES[types.pop()]
+        if types:
+            out[kind] = out[f"{kind}_id"] = _NUMPY_ID_TYPES[types.pop() if len(types) == 1 else "VARCHAR"]
     return out
 
 
@@ -133,8 +136,8 @@ def parse_param(text: str, id_types: dict[str, str] | None = None) -> tuple[str,
         return name, parse_id(value, id_types[name], name.removesuffix("_id"))
     try:
         number = int(value)
-        if str(number) == value:  # "0038" or "+38" is text, not 38
-            return name, number
+        # "0038" or "+38" is text, not 38 (nor 38.0): it may be a string id or a code
+        return name, number if str(number) == value else value
     except ValueError:
         pass
     try:
