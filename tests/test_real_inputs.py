@@ -148,6 +148,8 @@ def test_every_user_with_one_item_says_why_validation_and_the_gate_metrics_are_s
     assert manifest["evaluation"] is None
     assert manifest["evaluation_skipped"].startswith("no user has 2 or more items")
     assert manifest["gate"]["metric_checks"] == "skipped"
+    page = (tmp_path / "store" / "shop" / "versions" / version / "report.html").read_text()
+    assert "metric checks were skipped: no user has 2 or more items" in page
     shown = runner().invoke(cli, ["evaluate", "--store", str(tmp_path / "store")])
     assert shown.exit_code == 0, shown.output
     assert "metric checks were skipped: no user has 2 or more items" in shown.stdout
