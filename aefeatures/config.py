@@ -13,6 +13,7 @@ import sys
 import types
 import typing
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +29,7 @@ MODEL_KINDS = ("dae", "vae")
 PRECISIONS = ("auto", "fp32", "bf16")
 SPARSE_UPDATES = ("auto", "on", "off")
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
+TIMESTAMP_UNITS = ("auto", "s", "ms", "us", "ns")
 # Item attribute columns become columns of the `<name>_items` SQL view and names in lookup
 # filters: plain identifiers, none that the view, the users table or the SQL macros use already.
 ATTRIBUTE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -55,7 +57,14 @@ class InputConfig:
     user_col: str = "user_id"
     item_col: str = "item_id"
     weight_col: Optional[str] = None  # optional: explicit feedback or counts
-    timestamp_col: Optional[str] = None  # optional: datetime, date, or integer epoch seconds
+    timestamp_col: Optional[str] = None  # optional: datetime (any unit/zone, Spark INT96), date, or integer epoch
+    # Integer epochs: "auto" infers s/ms/us/ns from the magnitude (refusing a column that fits
+    # none or several) and records the choice in the manifest; or name the unit.
+    timestamp_unit: str = "auto"
+    # Event timestamps outside [timestamp_min, timestamp_max) (UTC, ISO 8601) are refused as
+    # implausible, never wrapped or clamped. The defaults keep the four epoch units apart.
+    timestamp_min: str = "1971-01-01"
+    timestamp_max: str = "2100-01-01"
     min_weight: Optional[float] = None  # rows whose weight is below are dropped
     binarize: bool = True  # model input is 1 per (user, item); False feeds the weights themselves
 
@@ -314,3 +323,23 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
         for column in cfg.items.columns:
             if not ATTRIBUTE_NAME.fullmatch(column) or column.lower() in RESERVED_ATTRIBUTES:
                 raise errors.bad_value(path, "items.columns", column, attribute_name_rule())
+    if cfg.input.timestamp_unit not in TIMESTAMP_UNITS:
+        raise errors.bad_value(path, "input.timestamp_unit", cfg.input.timestamp_unit,
+                               f"choose one of {', '.join(TIMESTAMP_UNITS)}")
+    bounds = []
+    for key in ("timestamp_min", "timestamp_max"):
+        value = getattr(cfg.input, key)
+        try:
+            bounds.append(timestamp_bound(value))
+        except ValueError:
+            raise errors.bad_value(path, f"input.{key}", value,
+                                   "write an ISO 8601 date or time such as \"2001-01-01\" (UTC)") from None
+    if bounds[0] >= bounds[1]:
+        raise errors.bad_value(path, "input.timestamp_max", cfg.input.timestamp_max,
+                               "it must be later than `input.timestamp_min`")
+
+
+def timestamp_bound(value: str) -> datetime:
+    """An ISO 8601 date or time as an aware UTC datetime (naive values are taken as UTC)."""
+    parsed = datetime.fromisoformat(value)
+    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)

@@ -162,6 +162,32 @@ class InvalidWeightsError(BadInputError):
         )
 
 
+class ImplausibleTimestampsError(BadInputError):
+    """Event timestamps fall outside the plausible window (refused, never wrapped or clamped)."""
+
+    def __init__(self, column: str, count: int, file: str, row: int, value: object, read_as: str,
+                 low: str, high: str):
+        self.column, self.count, self.file, self.row = column, count, file, row
+        super().__init__(
+            f"column `{column}` has {count} timestamp(s) outside [{low}, {high}); the first is {value!r} "
+            f"({read_as}) at row {row} of `{file}`. If the unit is wrong set `input.timestamp_unit`; "
+            "if the times are real widen `input.timestamp_min` / `input.timestamp_max`; else clean the input."
+        )
+
+
+class TimestampUnitError(BadInputError):
+    """`input.timestamp_unit = "auto"` cannot tell the unit of an integer epoch column."""
+
+    def __init__(self, column: str, path: str, low: int, high: int, fits: Sequence[str], window: str):
+        self.column, self.fits = column, list(fits)
+        why = (f"it fits several units ({', '.join(fits)})" if fits else
+               "it fits none of s, ms, us, ns")
+        super().__init__(
+            f"integer timestamps in column `{column}` of `{path}` run from {low} to {high}: as epochs within "
+            f"{window} {why}. Set `input.timestamp_unit` to \"s\", \"ms\", \"us\" or \"ns\"."
+        )
+
+
 class EmptyInputError(BadInputError):
     """Nothing is left to train on."""
 
@@ -182,6 +208,38 @@ class TooFewItemsError(BadInputError):
             f"input `{path}` has {n_items} distinct item(s) after filtering; at least 2 are needed "
             "to learn anything. Check `input.item_col` and `input.min_weight`."
         )
+
+
+# --- training and publishing ---------------------------------------------------------------
+
+
+class TrainingDivergedError(AEFeaturesError):
+    """The training loss became NaN or infinite (exit code 1); nothing was published."""
+
+    def __init__(self, epoch: int, loss: float):
+        self.epoch, self.loss = epoch, loss
+        super().__init__(
+            f"training diverged: the loss of epoch {epoch} is {loss}, so nothing was published. "
+            "Lower `model.lr`, scale large weights down (or set `input.binarize = true`), or try "
+            "`model.precision = \"fp32\"`."
+        )
+
+
+class NonFiniteOutputError(AEFeaturesError):
+    """A value about to be published is NaN or infinite (exit code 1); nothing was published."""
+
+    def __init__(self, what: str, count: int, version: str):
+        self.what, self.count, self.version = what, count, version
+        super().__init__(
+            f"version {version} was not published: {count} value(s) of {what} are NaN or infinite. "
+            "Lower `model.lr` or check the input's weights; the live version is unchanged."
+        )
+
+
+def non_finite_json(where: str) -> AEFeaturesError:
+    return AEFeaturesError(f"{where} holds a NaN or infinite value, which JSON cannot carry; "
+                           "it was written by a version published before such values were refused. "
+                           "Run the job again to replace it.")
 
 
 # --- store and lookups ----------------------------------------------------------------------
@@ -226,6 +284,17 @@ def no_such_version(store: Path, name: str, version: str) -> StoreError:
         f"feature set `{name}` in `{store}` has no version `{version}`. "
         "List them with `aefeatures versions`."
     )
+
+
+class InvalidIdError(BadInputError):
+    """A value that cannot be an id of the feature set's id type (exit code 2, HTTP 422)."""
+
+    def __init__(self, kind: str, value: object, expected: str):
+        self.kind, self.value = kind, value
+        super().__init__(
+            f"{value!r} is not a valid {kind} id: {kind} ids of this feature set are {expected}. "
+            f"Pass the {kind} id as the input spelled it."
+        )
 
 
 class NotFoundError(AEFeaturesError, KeyError):

@@ -4,7 +4,15 @@ a published version holds (see README "Store layout").
 
 from __future__ import annotations
 
+import json
+import math
+import re
+from typing import Any, Callable, Sequence
+
+import numpy as np
 import pyarrow as pa
+
+from aefeatures import errors
 
 KS = (10, 20, 100)  # cut-offs of the ranking metrics (Recall@k, NDCG@k, coverage@k)
 KEY_METRIC = "ndcg@100"  # the metric that chooses epochs, gates versions and compares them
@@ -79,3 +87,74 @@ def table_metadata(name: str, version: str, dim: int) -> dict[bytes, bytes]:
         b"aefeatures.version": version.encode(),
         b"aefeatures.dim": str(dim).encode(),
     }
+
+
+def strict_json(value: Any, *, default: Callable[[Any], Any] | None = None, **kwargs: Any) -> str:
+    """``json.dumps`` that always yields strict JSON (RFC 8259: no NaN, Infinity or -Infinity).
+
+    JSON has no number for NaN or ±inf, so such a float (Python or NumPy) is written as
+    ``null``: the one rule of every JSON answer of the CLI and the HTTP service. Published
+    versions never hold one (a run refuses to publish them); only results of user SQL or versions
+    written by older releases can.
+    """
+    try:
+        return json.dumps(value, default=default, allow_nan=False, **kwargs)
+    except ValueError:
+        return json.dumps(_finite_or_null(value, default), allow_nan=False, **kwargs)
+
+
+def _finite_or_null(value: Any, default: Callable[[Any], Any] | None) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v, default) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v, default) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if default is not None:
+        return _finite_or_null(default(value), default)
+    return value
+
+
+# --- ids: one rule for every entry point ---------------------------------------------------
+
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+
+
+def parse_id(value: Any, id_dtype: np.dtype, kind: str = "id") -> Any:
+    """A raw id (from Python, a CLI option or file, a URL or JSON) as the feature set types it:
+    the one rule every entry point follows.
+
+    - Integer ids (int64, or uint64 for hashed ids up to 2**64 - 1): an integer, or a string of
+      one written in decimal (surrounding whitespace allowed: "42", " +42 ", "0042" → 42).
+      Booleans, floats and anything else are refused; so is a value outside the id type's range.
+    - String ids: a string, as it is ("0038" and "38" are different ids). A number is refused,
+      so that 38 can never stand for "0038".
+
+    Raises :class:`InvalidIdError` (exit code 2, HTTP 422) naming the value, the id type and the fix.
+    """
+    dtype = np.dtype(id_dtype)
+    if dtype.kind in "iu":
+        number: int | None = None
+        if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            number = int(value)
+        elif isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value.strip()):
+            number = int(value.strip())
+        info = np.iinfo(dtype)
+        if number is None or not info.min <= number <= info.max:
+            raise errors.InvalidIdError(kind, value, f"integers ({dtype.name}, {info.min} to {info.max})")
+        return number
+    if isinstance(value, str):
+        return str(value)
+    raise errors.InvalidIdError(kind, value, "strings")
+
+
+def parse_ids(values: Sequence[Any], id_dtype: np.dtype, kind: str = "id") -> list[Any]:
+    """:func:`parse_id` of each of ``values``, in order."""
+    return [parse_id(v, id_dtype, kind) for v in values]
+
+
+def distinct(ids: Sequence[Any]) -> list[Any]:
+    """Parsed ids without repeats, in first-seen order (a batch answers each id once)."""
+    return list(dict.fromkeys(ids))

@@ -39,18 +39,20 @@ SELECT regexp_extract(filename, '[/\\]versions[/\\]([^/\\]+)[/\\]items\.parquet$
 FROM read_parquet(${items_all}, filename = true, union_by_name = true);
 
 -- Macros (live version) -------------------------------------------------------------------------
+-- An id argument is cast to the id column's type (${user_type} users, ${item_type} items), so the
+-- number 38 never matches the string id "0038".
 -- Items whose vectors have the largest inner product with `item`'s (as `aefeatures similar`).
 CREATE OR REPLACE MACRO ${name}_similar_items(item, k) AS TABLE
 SELECT o.item_id, array_inner_product(q.embedding, o.embedding) AS score
 FROM ${name}_items q, ${name}_items o
-WHERE q.item_id = item AND o.item_id <> item
+WHERE q.item_id = item::${item_type} AND o.item_id <> item::${item_type}
 ORDER BY score DESC, o.item_id LIMIT k;
 
 -- Users whose embeddings are closest to `user`'s by cosine similarity.
 CREATE OR REPLACE MACRO ${name}_similar_users(user, k) AS TABLE
 SELECT o.user_id, array_cosine_similarity(q.embedding, o.embedding) AS score
 FROM ${name}_users q, ${name}_users o
-WHERE q.user_id = user AND o.user_id <> user
+WHERE q.user_id = user::${user_type} AND o.user_id <> user::${user_type}
 ORDER BY score DESC, o.user_id LIMIT k;
 
 -- Items for `user`, scored as the model scores them, items they already have left out
@@ -58,8 +60,8 @@ ORDER BY score DESC, o.user_id LIMIT k;
 CREATE OR REPLACE MACRO ${name}_recommend(user, k) AS TABLE
 SELECT i.item_id, array_inner_product(u.embedding, i.embedding) + i.bias AS score
 FROM ${name}_users u, ${name}_items i
-WHERE u.user_id = user
-  AND i.item_id NOT IN (SELECT s.item_id FROM ${name}_interactions s WHERE s.user_id = user)
+WHERE u.user_id = user::${user_type}
+  AND i.item_id NOT IN (SELECT s.item_id FROM ${name}_interactions s WHERE s.user_id = user::${user_type})
 ORDER BY score DESC, i.item_id LIMIT k;
 
 -- Filtered forms: `keep` is a filter, the same SQL boolean expression over the item attributes
@@ -82,5 +84,5 @@ ORDER BY score DESC, o.item_id LIMIT k;
 CREATE OR REPLACE MACRO ${name}_user_embedding_asof(user, ts) AS TABLE
 SELECT u.user_id, u.version, u.embedding
 FROM ${name}_users_all u JOIN ${name}_versions v USING (version)
-WHERE u.user_id = user AND v.valid_from <= ts::TIMESTAMPTZ
+WHERE u.user_id = user::${user_type} AND v.valid_from <= ts::TIMESTAMPTZ
   AND (v.valid_to IS NULL OR ts::TIMESTAMPTZ < v.valid_to);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,26 @@ from hypothesis import settings
 settings.register_profile("default", max_examples=40, derandomize=True)
 settings.register_profile("explore", max_examples=400)
 settings.load_profile("default")
+
+def _refuse_constant(name: str):
+    raise ValueError(f"non-strict JSON: {name} is not a JSON number (RFC 8259)")
+
+
+_loads = json.loads
+
+
+def _strict_loads(text, *args, **kwargs):
+    kwargs.setdefault("parse_constant", _refuse_constant)
+    return _loads(text, *args, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def strict_json_everywhere(monkeypatch):
+    """Every JSON the suite parses (CLI output, HTTP answers, manifests) must be strict RFC 8259:
+    NaN, Infinity and -Infinity fail the test that reads them. (Published tables are checked
+    finite by every run itself, before it publishes: `store.publish.check_finite`.)"""
+    monkeypatch.setattr(json, "loads", _strict_loads)
+
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"

@@ -205,6 +205,55 @@ def _nan_weights(tmp: Path):
             [f"column `rating` has 1 NaN value(s); the first is nan at row 3 of `{path}`"])
 
 
+def _infinite_weights(tmp: Path):
+    path = tmp / "x.parquet"
+    frame = small().with_columns(pl.col("rating").cast(pl.Float64))
+    ratings = frame["rating"].to_list()
+    ratings[5], ratings[9] = float("-inf"), float("inf")
+    frame.with_columns(pl.Series("rating", ratings)).write_parquet(path)
+    return ({"path": str(path), "weight_col": "rating", "binarize": False},
+            [f"column `rating` has 2 infinite value(s); the first is -inf at row 5 of `{path}`"])
+
+
+def _float32_overflow_weights(tmp: Path):
+    path = tmp / "x.parquet"
+    frame = small().with_columns(pl.col("rating").cast(pl.Float64))
+    ratings = frame["rating"].to_list()
+    ratings[11] = 1e39  # finite in float64, infinite in the float32 training uses
+    frame.with_columns(pl.Series("rating", ratings)).write_parquet(path)
+    return ({"path": str(path), "weight_col": "rating", "binarize": False},
+            ["column `rating` has 1 too large for float32", f"the first is 1e+39 at row 11 of `{path}`"])
+
+
+def _millis_read_as_seconds(tmp: Path):
+    path = tmp / "x.parquet"
+    small().with_columns(ts=pl.lit(1_700_000_000_000, pl.Int64)).write_parquet(path)
+    return ({"path": str(path), "timestamp_col": "ts", "timestamp_unit": "s"},
+            ["column `ts` has 240 timestamp(s) outside [1971-01-01, 2100-01-01); the first is 1700000000000 "
+             f"(epoch s) at row 0 of `{path}`"])
+
+
+def _bad_timestamp_unit(tmp: Path):
+    path = tmp / "x.parquet"
+    small().write_parquet(path)
+    return ({"path": str(path), "timestamp_unit": "days"},
+            ["`input.timestamp_unit` = 'days' is not allowed: choose one of auto, s, ms, us, ns"])
+
+
+def _bad_timestamp_window(tmp: Path):
+    path = tmp / "x.parquet"
+    small().write_parquet(path)
+    return ({"path": str(path), "timestamp_min": "yesterday"},
+            ["`input.timestamp_min` = 'yesterday' is not allowed: write an ISO 8601 date or time"])
+
+
+def _empty_timestamp_window(tmp: Path):
+    path = tmp / "x.parquet"
+    small().write_parquet(path)
+    return ({"path": str(path), "timestamp_min": "2030-01-01", "timestamp_max": "2020-01-01"},
+            ["`input.timestamp_max` = '2020-01-01' is not allowed: it must be later than `input.timestamp_min`"])
+
+
 CASES: dict[str, Callable[[Path], tuple[dict[str, Any], list[str]]]] = {
     "missing-path": _missing_path,
     "glob-without-match": _glob_without_match,
@@ -221,6 +270,12 @@ CASES: dict[str, Callable[[Path], tuple[dict[str, Any], list[str]]]] = {
     "one-item": _one_item,
     "negative-weights": _negative_weights,
     "nan-weights": _nan_weights,
+    "infinite-weights": _infinite_weights,
+    "float32-overflow-weights": _float32_overflow_weights,
+    "millis-read-as-seconds": _millis_read_as_seconds,
+    "bad-timestamp-unit": _bad_timestamp_unit,
+    "bad-timestamp-window": _bad_timestamp_window,
+    "empty-timestamp-window": _empty_timestamp_window,
 }
 
 
@@ -310,3 +365,19 @@ def test_bad_runs_leave_the_previous_version_live(tmp_path, runner):
     versions = runner.invoke(cli, ["versions", "--store", str(store), "--name", NAME, "--json"])
     assert versions.exit_code == 0, versions.output
     assert [(v["version"], v["live"]) for v in json.loads(versions.stdout)["versions"]] == [(live, True)]
+
+
+def test_a_diverging_loss_fails_the_run_and_publishes_nothing(tmp_path, runner):
+    """Weights finite in float32 but huge: the loss overflows; the run fails (exit 1), no version."""
+    path = tmp_path / "x.parquet"
+    small().with_columns(pl.col("rating").cast(pl.Float64) * 3e37).write_parquet(path)
+    job = write_job(tmp_path, {"path": str(path), "weight_col": "rating", "binarize": False}, model={"epochs": 2})
+    result = run(runner, job)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    line, = result.stderr.splitlines()
+    assert line.startswith("error: training diverged: the loss of epoch 1 is ")
+    assert "Lower `model.lr`" in line
+    store = tmp_path / "store"
+    assert not (store / NAME / "LATEST").exists()
+    assert list((store / NAME / "versions").glob("*")) == []

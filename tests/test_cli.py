@@ -84,6 +84,25 @@ def test_recommend_users_text_file(trained, runner, tmp_path):
     assert [r["user_id"] for r in json.loads(result.stdout)] == [1, 1, 42, 42]
 
 
+def test_users_text_file_with_bom_crlf_spaces_and_repeats(trained, runner, tmp_path):
+    root, _ = trained
+    users = tmp_path / "users.txt"
+    users.write_bytes("\ufeff42\r\n  1 \r\n\r\n+42\r\n0001\r\n".encode("utf-8"))
+    result = runner.invoke(cli, ["recommend", "--store", str(root), "--users-file", str(users), "-k", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""  # nobody "not found": the BOM is not glued to the first id
+    assert [r["user_id"] for r in json.loads(result.stdout)] == [42, 42, 1, 1]  # each user once, first-seen order
+
+
+def test_users_file_with_an_invalid_id_is_refused(trained, runner, tmp_path):
+    root, _ = trained
+    users = tmp_path / "users.txt"
+    users.write_text("1\nabc\n")
+    result = runner.invoke(cli, ["recommend", "--store", str(root), "--users-file", str(users)])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: 'abc' is not a valid user id") and len(result.stderr.splitlines()) == 1
+
+
 def test_similar_json(trained, runner):
     root, _ = trained
     result = runner.invoke(cli, ["similar", "--store", str(root), "--item", "7", "-k", "5", "--json"])
@@ -104,7 +123,7 @@ def test_versions_lists_the_live_version(trained, runner):
 
 @pytest.mark.parametrize("args, code, message", [
     (["recommend", "--user", "999999"], 5, "error: user `999999` not found in feature set `movies`"),
-    (["recommend", "--user", "abc"], 5, "error: user `abc` not found"),
+    (["recommend", "--user", "abc"], 2, "error: 'abc' is not a valid user id: user ids of this feature set are integers"),
     (["similar", "--item", "123456"], 5, "error: item `123456` not found"),
     (["recommend", "--name", "books", "--user", "1"], 2, "error: store `"),
     (["recommend", "--user", "1", "-k", "0"], 2, "Invalid value for '-k'"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import polars as pl
 import pytest
@@ -80,15 +82,43 @@ def test_ids_given_as_strings_resolve_for_integer_stores(fs):
 
 @pytest.mark.parametrize("call", [
     lambda fs: fs.recommend(999_999),
-    lambda fs: fs.recommend("not-a-number"),
-    lambda fs: fs.user_embedding(3.5),
     lambda fs: fs.similar_items(-1),
-    lambda fs: fs.item_embedding("x"),
     lambda fs: fs.recommend_batch([1, 999_999]),
 ])
 def test_unknown_ids_raise_not_found(fs, call):
     with pytest.raises(NotFoundError, match="not found in feature set `movies`"):
         call(fs)
+
+
+@pytest.mark.parametrize("call, shown", [
+    (lambda fs: fs.recommend("not-a-number"), "'not-a-number' is not a valid user id"),
+    (lambda fs: fs.user_embedding(3.5), "3.5 is not a valid user id"),
+    (lambda fs: fs.item_embedding("x"), "'x' is not a valid item id"),
+    (lambda fs: fs.recommend(True), "True is not a valid user id"),
+    (lambda fs: fs.recommend(2**63), "9223372036854775808 is not a valid user id"),
+    (lambda fs: fs.recommend("4_2"), "'4_2' is not a valid user id"),
+    (lambda fs: fs.recommend(1, exclude=["1.5"]), "'1.5' is not a valid item id"),
+])
+def test_values_that_cannot_be_ids_of_the_type_are_refused(fs, call, shown):
+    from aefeatures.errors import InvalidIdError
+
+    with pytest.raises(InvalidIdError, match=re.escape(shown)) as caught:
+        call(fs)
+    assert caught.value.exit_code == 2 and "ids of this feature set are integers (int64" in str(caught.value)
+
+
+def test_parse_id_is_one_rule_for_every_id_type():
+    from aefeatures.errors import InvalidIdError
+    from aefeatures.serving.lookup import parse_id
+
+    assert [parse_id(v, np.int64) for v in (42, "42", " 42\r", "+42", "0042", np.int32(42))] == [42] * 6
+    assert parse_id("-7", np.int64) == -7
+    assert parse_id(str(2**64 - 1), np.uint64) == 2**64 - 1 and parse_id(2**63, np.uint64) == 2**63
+    assert parse_id("0038", np.dtype("<U1")) == "0038" and parse_id(" 38", np.dtype("<U1")) == " 38"
+    for value, dtype in [(-1, np.uint64), (2**64, np.uint64), ("1e3", np.int64), (4.0, np.int64),
+                         (38, np.dtype("<U1")), (None, np.int64), ("", np.int64)]:
+        with pytest.raises(InvalidIdError):
+            parse_id(value, dtype)
 
 
 def test_batch_can_skip_unknown_users(fs):

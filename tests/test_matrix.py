@@ -154,3 +154,16 @@ def test_without_weights_or_timestamps_pairs_weigh_one_and_have_no_time():
 ])
 def test_large_key_arrays_sorted_in_parts_are_sorted(keys):
     np.testing.assert_array_equal(_sorted(keys), np.sort(keys))
+
+
+@pytest.mark.parametrize("values, dtype", [
+    ([2**63 + 3, 2**63, 2**63 + 3, 2**64 - 1], pl.UInt64),  # hashes: sparse, above the int64 range
+    ([2**63 + 3, 2**63, 2**63 + 3, 2**63 + 1], pl.UInt64),  # dense near 2**63: the lookup-table path
+    ([-5, -3, -5, -4], pl.Int64),
+])
+def test_code_ids_keeps_every_integer_id_exact(values, dtype):
+    from aefeatures.data.matrix import code_ids
+
+    vocabulary, codes = code_ids(pl.Series(values, dtype=dtype))
+    assert vocabulary.dtype == dtype and vocabulary.to_list() == sorted(set(values))
+    assert [vocabulary[int(c)] for c in codes] == values

@@ -178,14 +178,58 @@ def test_string_ids_keep_their_type_and_match_the_integer_fixture(from_file):
     assert as_ints.sort("user_id", "item_id").equals(sorted_frame(from_file))
 
 
-@pytest.mark.parametrize("dtype", [pl.Int8, pl.Int32, pl.UInt16, pl.UInt64])
-def test_any_integer_id_type_becomes_int64(tmp_path, dtype):
+@pytest.mark.parametrize("dtype", [pl.Int8, pl.Int32, pl.UInt16, pl.UInt32, pl.UInt64])
+def test_any_integer_id_type_becomes_int64_but_uint64_stays(tmp_path, dtype):
     path = tmp_path / "ids.parquet"
     pl.DataFrame({"user_id": [3, 1, 2], "item_id": [1, 2, 1]},
                  schema={"user_id": dtype, "item_id": dtype}).write_parquet(path)
     got = read(path)
-    assert got.frame.schema["user_id"] == pl.Int64 and got.frame.schema["item_id"] == pl.Int64
+    want = pl.UInt64 if dtype == pl.UInt64 else pl.Int64  # hashes >= 2**63 keep their value
+    assert got.frame.schema["user_id"] == want and got.frame.schema["item_id"] == want
     assert sorted(got.frame["user_id"].to_list()) == [1, 2, 3]
+
+
+def test_uint64_hashes_above_int64_keep_their_value(tmp_path):
+    path = tmp_path / "ids.parquet"
+    users = [2**64 - 1, 2**63, 2**63 + 7]
+    pl.DataFrame({"user_id": users, "item_id": [1, 2, 1]}, schema={"user_id": pl.UInt64, "item_id": pl.Int64}
+                 ).write_parquet(path)
+    assert sorted(read(path).frame["user_id"].to_list()) == sorted(users)
+
+
+def test_id_columns_of_one_kind_spelled_differently_across_files_are_read_as_one(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def categorical(values, index_type):
+        dictionary = sorted(set(values), reverse=index_type == pa.int32())
+        return pa.DictionaryArray.from_arrays(pa.array([dictionary.index(v) for v in values], index_type),
+                                              pa.array(dictionary))
+
+    pq.write_table(pa.table({"user_id": categorical(["a", "b"], pa.int8()), "item_id": pa.array([1, 2], pa.int32())}),
+                   tmp_path / "a.parquet")
+    pq.write_table(pa.table({"user_id": categorical(["c", "a"], pa.int32()), "item_id": pa.array([3, 2**40], pa.int64())}),
+                   tmp_path / "b.parquet")
+    pq.write_table(pa.table({"user_id": pa.array(["d"], pa.large_string()), "item_id": pa.array([1], pa.int16())}),
+                   tmp_path / "c.parquet")
+    got = read(tmp_path)
+    assert got.frame.schema["user_id"] == pl.String and got.frame.schema["item_id"] == pl.Int64
+    assert sorted(got.frame.select("user_id", "item_id").rows()) == [("a", 1), ("a", 2**40), ("b", 2), ("c", 3), ("d", 1)]
+
+
+def test_timestamps_of_different_units_and_zones_across_files_are_read_as_one(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def write(name, user, when, typ, **kw):
+        pq.write_table(pa.table({"user_id": [user], "item_id": [user % 2], "when": pa.array([when], typ)}),
+                       tmp_path / name, **kw)
+
+    write("a.parquet", 1, dt.datetime(2024, 1, 1), pa.timestamp("us"), use_deprecated_int96_timestamps=True)  # Spark
+    write("b.parquet", 2, dt.datetime(2024, 1, 2, tzinfo=UTC), pa.timestamp("ms", "Europe/Paris"))
+    write("c.parquet", 3, dt.datetime(2024, 1, 3), pa.timestamp("us"))  # naive: UTC
+    got = read(tmp_path, timestamp_col="when")
+    assert sorted_frame(got)["timestamp"].to_list() == [dt.datetime(2024, 1, d, tzinfo=UTC) for d in (1, 2, 3)]
 
 
 def test_categorical_ids_become_strings(tmp_path):
@@ -256,11 +300,19 @@ def test_min_weight_filters_rows_before_duplicates_collapse(tmp_path):
 NOONS = [dt.datetime(2024, 1, 1, 12), dt.datetime(2024, 1, 2, 13, 30), dt.datetime(2024, 1, 3, 14, 0, 5)]
 
 
+EPOCHS = [dt.datetime(2001, 9, 9, 1, 46, 40), dt.datetime(2020, 9, 13, 12, 26, 40),
+          dt.datetime(2023, 11, 14, 22, 13, 20)]
+SECONDS = [1_000_000_000, 1_600_000_000, 1_700_000_000]
+
+
 @pytest.mark.parametrize("column, expected", [
-    (pl.Series([0, 86_400, 1_700_000_000], dtype=pl.Int64),
-     [dt.datetime(1970, 1, 1), dt.datetime(1970, 1, 2), dt.datetime(2023, 11, 14, 22, 13, 20)]),
-    (pl.Series([0, 86_400, 1_700_000_000], dtype=pl.Int32),
-     [dt.datetime(1970, 1, 1), dt.datetime(1970, 1, 2), dt.datetime(2023, 11, 14, 22, 13, 20)]),
+    (pl.Series(SECONDS, dtype=pl.Int64), EPOCHS),
+    (pl.Series(SECONDS, dtype=pl.Int32), EPOCHS),
+    (pl.Series(SECONDS, dtype=pl.UInt32), EPOCHS),
+    (pl.Series([s * 1_000 for s in SECONDS], dtype=pl.Int64), EPOCHS),
+    (pl.Series([s * 1_000_000 for s in SECONDS], dtype=pl.Int64), EPOCHS),
+    (pl.Series([s * 1_000_000_000 for s in SECONDS], dtype=pl.Int64), EPOCHS),
+    (pl.Series([s * 1_000_000_000 for s in SECONDS], dtype=pl.UInt64), EPOCHS),
     (pl.Series([dt.date(2024, 1, 1), dt.date(2024, 2, 29), dt.date(2024, 12, 31)]),
      [dt.datetime(2024, 1, 1), dt.datetime(2024, 2, 29), dt.datetime(2024, 12, 31)]),
     (pl.Series(NOONS), NOONS),  # naive datetimes are taken as UTC
@@ -268,7 +320,10 @@ NOONS = [dt.datetime(2024, 1, 1, 12), dt.datetime(2024, 1, 2, 13, 30), dt.dateti
     (pl.Series(NOONS).cast(pl.Datetime("ns")), NOONS),
     (pl.Series(NOONS).dt.replace_time_zone("Europe/Paris"),  # UTC+1 in winter
      [t - dt.timedelta(hours=1) for t in NOONS]),
-], ids=["epoch-int64", "epoch-int32", "date", "naive-us", "naive-ms", "naive-ns", "paris"])
+    (pl.Series(NOONS).dt.replace_time_zone("America/Los_Angeles").cast(pl.Datetime("ns", "America/Los_Angeles")),
+     [t + dt.timedelta(hours=8) for t in NOONS]),
+], ids=["epoch-s-int64", "epoch-s-int32", "epoch-s-uint32", "epoch-ms", "epoch-us", "epoch-ns", "epoch-ns-uint64",
+        "date", "naive-us", "naive-ms", "naive-ns", "paris", "los-angeles-ns"])
 def test_timestamp_types_become_utc_datetimes(tmp_path, column, expected):
     path = tmp_path / "ts.parquet"
     pl.DataFrame({"user_id": [1, 2, 3], "item_id": [1, 2, 1], "when": column}).write_parquet(path)
@@ -276,6 +331,61 @@ def test_timestamp_types_become_utc_datetimes(tmp_path, column, expected):
     assert got.has_timestamps
     assert got.frame.schema["timestamp"] == pl.Datetime("us", "UTC")
     assert sorted_frame(got)["timestamp"].to_list() == [t.replace(tzinfo=UTC) for t in expected]
+    if column.dtype.is_integer():  # the unit was inferred from the magnitude, and recorded
+        assert got.timestamps["inferred"] and got.timestamps["unit"] == {
+            1_000_000_000: "s", 10**12: "ms", 10**15: "us", 10**18: "ns"}[int(column[0])]
+
+
+def test_spark_int96_timestamps_are_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "spark.parquet"
+    pq.write_table(pa.table({"user_id": [1, 2, 3], "item_id": [1, 2, 1],
+                             "when": pa.array(NOONS, pa.timestamp("us"))}), path,
+                   use_deprecated_int96_timestamps=True)
+    assert "int96" in str(pq.ParquetFile(path).metadata.schema).lower()
+    got = read(path, timestamp_col="when")
+    assert sorted_frame(got)["timestamp"].to_list() == [t.replace(tzinfo=UTC) for t in NOONS]
+
+
+@pytest.mark.parametrize("values, cfg, message", [
+    ([5, 6, 7], {}, r"run from 5 to 7: as epochs within \[1971-01-01, 2100-01-01\) it fits none of s, ms, us, ns"),
+    ([1_000_000_000, 1_000_000_001, 1_000_000_002], {"timestamp_min": "1970-01-01"},
+     r"it fits several units \(s, ms, us, ns\)"),
+    ([1_000_000_000, 1_700_000_000_000, 1_700_000_000], {}, "fits none"),  # mixed s and ms
+], ids=["tiny", "ambiguous-with-a-wide-window", "mixed-units"])
+def test_integer_epochs_of_unknown_unit_are_refused(tmp_path, values, cfg, message):
+    path = tmp_path / "ts.parquet"
+    pl.DataFrame({"user_id": [1, 2, 3], "item_id": [1, 2, 1], "when": values}).write_parquet(path)
+    with pytest.raises(errors.TimestampUnitError, match=message) as caught:
+        read(path, timestamp_col="when", **cfg)
+    assert caught.value.exit_code == 2 and "Set `input.timestamp_unit`" in str(caught.value)
+
+
+def test_integer_epochs_outside_the_window_in_the_named_unit_are_refused_not_wrapped(tmp_path):
+    path = tmp_path / "ts.parquet"
+    millis = [1_700_000_000_000, 1_700_000_000_001, 1_700_000_000_002]
+    pl.DataFrame({"user_id": [1, 2, 3], "item_id": [1, 2, 1], "when": millis}).write_parquet(path)
+    with pytest.raises(errors.ImplausibleTimestampsError,
+                       match=rf"column `when` has 3 timestamp\(s\) outside \[1971-01-01, 2100-01-01\); the first is "
+                             rf"1700000000000 \(epoch s\) at row 0 of `{path}`"):
+        read(path, timestamp_col="when", timestamp_unit="s")
+    got = read(path, timestamp_col="when", timestamp_unit="ms")
+    assert got.timestamps == {"column": "when", "type": "Int64", "unit": "ms", "inferred": False,
+                              "window": ["1971-01-01T00:00:00+00:00", "2100-01-01T00:00:00+00:00"]}
+    assert sorted_frame(got)["timestamp"][0] == dt.datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
+
+
+def test_datetimes_outside_the_window_are_refused_naming_file_and_row(tmp_path):
+    path = tmp_path / "ts.parquet"
+    when = pl.Series([dt.datetime(2024, 1, 1), dt.datetime(2024, 1, 2), dt.datetime(1900, 1, 1)]).cast(pl.Datetime("ms"))
+    pl.DataFrame({"user_id": [1, 2, 3], "item_id": [1, 2, 1], "when": when}).write_parquet(path)
+    with pytest.raises(errors.ImplausibleTimestampsError,
+                       match=rf"1 timestamp\(s\) outside .* the first is '1900-01-01 00:00:00' \(Datetime\(time_unit='ms', "
+                             rf"time_zone=None\)\) at row 2 of `{path}`"):
+        read(path, timestamp_col="when")
+    assert read(path, timestamp_col="when", timestamp_min="1899-01-01").has_timestamps
 
 
 @pytest.mark.parametrize("column, shown", [
@@ -289,7 +399,7 @@ def test_unusable_timestamp_types_are_rejected(tmp_path, column, shown):
     pl.DataFrame({"user_id": [1, 2], "item_id": [1, 2], "when": column}).write_parquet(path)
     with pytest.raises(errors.UnsupportedTypeError,
                        match=rf"column `when` in `{path}` has type {shown}.*; timestamps must be datetimes, "
-                             "dates or integer epoch seconds"):
+                             "dates or integer epochs"):
         read(path, timestamp_col="when")
 
 
@@ -486,7 +596,8 @@ def test_hive_key_missing_when_read_through_a_glob(tmp_path, source):
     root = _hive(tmp_path / "hive", source)
     with pytest.raises(errors.MissingColumnsError, match=r"is missing column\(s\) \['day'\]"):
         read(str(root / "*" / "*.parquet"), timestamp_col="day")
-    assert read(root, timestamp_col="day").has_timestamps
+    # the keys are small integers: epoch seconds only with a window reaching back to 1970
+    assert read(root, timestamp_col="day", timestamp_unit="s", timestamp_min="1970-01-01").has_timestamps
 
 
 @pytest.mark.parametrize("column, values, count, row", [

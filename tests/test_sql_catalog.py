@@ -173,3 +173,19 @@ def test_feast_export_writes_a_feature_repo(three_versions, tmp_path):
     assert str(results[-1].path.resolve() / "users.parquet") in code
     assert 'Field(name="embedding", dtype=Array(Float32))' in code
     assert "project: movies" in (tmp_path / "repo" / "feature_store.yaml").read_text()
+
+
+def test_parse_param_types_id_parameters_by_the_id_type():
+    from aefeatures.errors import InvalidIdError
+    from aefeatures.export.catalog import parse_param
+
+    ints, strings = {"user": "int64", "item_id": "uint64"}, {"user": "<U1", "item": "<U1"}
+    assert parse_param("user=00042", ints) == ("user", 42)
+    assert parse_param(f"item_id={2**64 - 1}", ints) == ("item_id", 2**64 - 1)
+    assert parse_param("user=00042", strings) == ("user", "00042")
+    assert parse_param("item=38", strings) == ("item", "38")
+    with pytest.raises(InvalidIdError, match="'abc' is not a valid user id"):
+        parse_param("user=abc", ints)
+    # other parameters: an integer only when written as one canonically
+    assert parse_param("k=10") == ("k", 10) and parse_param("code=0038") == ("code", "0038")
+    assert parse_param("x=1.5") == ("x", 1.5) and parse_param("s=abc") == ("s", "abc")

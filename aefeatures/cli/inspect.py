@@ -47,7 +47,8 @@ def evaluate(store_dir: Path, name: str | None, version: str | None, as_json: bo
     name = name or store.default_name()
     m = store.manifest(name, version)
     out = {"feature_set": name, "version": m["version"], "evaluation": m.get("evaluation"),
-           "gate": m.get("gate"), "best_epoch": m["training"].get("best_epoch"),
+           "evaluation_skipped": m.get("evaluation_skipped"), "gate": m.get("gate"),
+           "best_epoch": m["training"].get("best_epoch"),
            "history": m["training"].get("history", [])}
     if as_json:
         print_json(out)
@@ -55,7 +56,8 @@ def evaluate(store_dir: Path, name: str | None, version: str | None, as_json: bo
     click.echo(f"{name} version {m['version']}: best epoch {out['best_epoch']} of {len(out['history'])}")
     echo_curve(out["history"], out["best_epoch"])
     if not out["evaluation"]:
-        click.echo("evaluation was off for this version (evaluation.valid_share = 0)")
+        why = out["evaluation_skipped"] or "evaluation was off (`evaluation.valid_share` = 0)"
+        click.echo(f"no validation for this version, so the quality gate's metric checks were skipped: {why}")
         return
     echo_metrics(out["evaluation"])
     click.echo("quality gate: " + gate_summary(out["gate"]))

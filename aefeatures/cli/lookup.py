@@ -62,25 +62,37 @@ def recommend(store_dir: Path, name: str | None, user: str | None, users_file: P
             click.echo(f"items for user {user} ({fs.name} version {fs.version}):")
             print_table(["rank", "item_id", "score"], [list(r.values()) for r in ranked(found.ids, found.scores)])
         return
-    users = _read_users_file(users_file)
+    # One id rule (schema.parse_id); a user listed twice (in any spelling) is answered once.
+    users = list(dict.fromkeys(fs.user_id(u) for u in _read_users_file(users_file)))
     recs = fs.recommend_batch(users, k, exclude_seen=not include_seen, skip_unknown=True, **rules)
-    unknown = sorted(set(map(str, users)) - set(map(str, recs.get_column("user_id").unique().to_list())))
-    missing = len(unknown)
-    if missing:
-        shown = ", ".join(unknown[:5]) + (", …" if missing > 5 else "")
-        click.echo(f"warning: {missing} of {len(users)} user(s) not found in {fs.name} version {fs.version} "
-                   f"({shown}); they are left out", err=True)
+    known = fs.has_users(users)
+    answered = set(recs.get_column("user_id").unique().to_list())
+    unknown = [u for u, f in zip(users, known) if not f]
+    nothing_left = [u for u, f in zip(users, known) if f and u not in answered]
+    if unknown:
+        click.echo(f"warning: {len(unknown)} of {len(users)} user(s) not found in {fs.name} version {fs.version} "
+                   f"({_some(unknown)}); they are left out", err=True)
+    if nothing_left:
+        click.echo(f"warning: {len(nothing_left)} of {len(users)} known user(s) have no item left to recommend "
+                   f"(every item is seen, excluded or filtered out; {_some(nothing_left)}); they have no rows", err=True)
     if output is not None:
         write_parquet(recs, output)
-        click.echo(f"wrote {recs.height:,} rows for {len(users) - missing:,} users to {output}", err=True)
+        click.echo(f"wrote {recs.height:,} rows for {len(answered):,} users to {output}", err=True)
     elif as_json:
         print_json(recs.to_dicts())
     else:
-        click.echo(f"items for {len(users) - missing:,} user(s) ({fs.name} version {fs.version}):")
+        click.echo(f"items for {len(answered):,} user(s) ({fs.name} version {fs.version}):")
         print_table(recs.columns, recs.rows())
 
 
+def _some(ids: list[Any]) -> str:
+    return ", ".join(map(str, ids[:5])) + (", …" if len(ids) > 5 else "")
+
+
 def _read_users_file(path: Path) -> list[Any]:
+    """The ids of a users file: Parquet (column `user_id`, or its only column) or text, one id a
+    line (UTF-8 with or without a byte-order mark; LF or CRLF; surrounding whitespace and blank
+    lines ignored). Ids are raw: the caller parses them by the feature set's id type."""
     return _read_ids_file(path, "user_id", "users")
 
 
@@ -96,9 +108,16 @@ def _read_ids_file(path: Path, key: str, what: str) -> list[Any]:
         if column is None:
             raise BadInputError(f"{what} file `{path}` has no `{key}` column; found {frame.columns}. "
                                 f"Name the column `{key}` or keep a single column.")
-        return frame.get_column(column).drop_nulls().to_list()
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip()]
+        series = frame.get_column(column).drop_nulls()
+        if series.dtype == pl.Categorical or isinstance(series.dtype, pl.Enum):
+            series = series.cast(pl.String)
+        return series.to_list()
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Excel, Notepad) is not part of the first id
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"{what} file `{path}` is not UTF-8 text ({exc.reason} at byte {exc.start}). "
+                            "Save it as UTF-8, or pass a Parquet file.") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 @click.command(epilog=EXIT_CODES_HELP)

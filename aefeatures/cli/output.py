@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import click
 
+from aefeatures.schema import parse_id, strict_json
 from aefeatures.store.publish import atomic_file
 
 
 def print_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=json_default))
+    """Strict JSON (RFC 8259): a NaN or infinite float is written as null."""
+    click.echo(strict_json(value, indent=2, default=json_default))
 
 
 def json_default(value: Any) -> Any:
@@ -36,8 +37,9 @@ def ranked(ids, scores, key: str = "item_id") -> list[dict[str, Any]]:
 
 
 def typed(ids, value: str) -> Any:
-    """A command-line id as the store types it (42, not "42", for integer ids)."""
-    return int(value) if ids.dtype.kind in "iu" else value
+    """A command-line id as the store types it (42, not "42", for integer ids); the one rule
+    of :func:`aefeatures.schema.parse_id`."""
+    return parse_id(value, ids.dtype)
 
 
 def plain(value: Any) -> Any:

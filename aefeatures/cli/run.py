@@ -55,6 +55,8 @@ def run(job_file: Path, force: bool, as_json: bool) -> None:
                + (" (stopped early)" if train["stopped_early"] else ""))
     if m["evaluation"]:
         echo_metrics(m["evaluation"], indent="  ")
+    elif m.get("evaluation_skipped"):
+        click.echo(f"  gate      metric checks skipped: {m['evaluation_skipped']}")
     click.echo(f"  index     {m['index']['factory']}, recall@10 vs exact {m['index']['recall_at_10']:.3f}")
     click.echo(f"  gate      {gate_summary(m['gate'])}")
     click.echo(f"  stored in {result.path}")

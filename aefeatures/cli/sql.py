@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -10,6 +9,7 @@ import click
 from aefeatures.cli.options import EXIT_CODES_HELP, json_option, name_option, store_option
 from aefeatures.cli.output import json_default, print_json, write_parquet
 from aefeatures.errors import BadInputError
+from aefeatures.schema import strict_json
 from aefeatures.store.publish import atomic_write
 
 
@@ -36,7 +36,7 @@ def sql(store_dir: Path, command: str | None, file: Path | None, params: tuple[s
     """
     import duckdb
 
-    from aefeatures.export.catalog import connect, parse_param
+    from aefeatures.export.catalog import connect, id_param_types, parse_param
 
     fmt = "json" if as_json else fmt
 
@@ -44,8 +44,11 @@ def sql(store_dir: Path, command: str | None, file: Path | None, params: tuple[s
         raise click.UsageError("pass -c or -f, not both")
     if fmt == "parquet" and output is None:
         raise click.UsageError("--format parquet needs --output FILE")
+    id_types = id_param_types(store_dir) if params and store_dir.is_dir() else {}
     try:
-        bound = dict(parse_param(p) for p in params)
+        bound = dict(parse_param(p, id_types) for p in params)
+    except BadInputError:
+        raise
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     con = connect(store_dir)
@@ -99,7 +102,7 @@ def _write_frame(frame, fmt: str, output: Path | None) -> None:
     if fmt == "csv":
         text = frame.write_csv()
     elif fmt == "json":
-        text = json.dumps(frame.to_dicts(), indent=2, default=json_default) + "\n"
+        text = strict_json(frame.to_dicts(), indent=2, default=json_default) + "\n"  # NaN/inf as null
     else:
         with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=60, tbl_hide_dataframe_shape=True):
             text = str(frame) + "\n"

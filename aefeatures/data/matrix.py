@@ -218,15 +218,16 @@ def code_ids(ids: pl.Series) -> tuple[pl.Series, np.ndarray]:
 
 
 def _code_by_table(ids: pl.Series, low: int, high: int) -> tuple[pl.Series, np.ndarray]:
-    slots = ids.to_numpy()
+    values = ids.to_numpy()
     first_slot = 0 if 0 <= low <= high - low else low  # ids from 0 (or near it) index the table as they are
-    if first_slot:
-        slots = slots - first_slot
+    # Offsets from the first slot, in the ids' own dtype (uint64 ids above 2**63 included).
+    slots = values - values.dtype.type(first_slot) if first_slot else values
     present = np.zeros(high - first_slot + 1, dtype=bool)
     present[slots] = True
     code_of_slot = np.cumsum(present, dtype=np.int32)
     code_of_slot -= 1
-    vocabulary = pl.Series(ids.name, np.flatnonzero(present) + first_slot, dtype=ids.dtype)
+    vocabulary = pl.Series(ids.name, np.flatnonzero(present).astype(values.dtype) + values.dtype.type(first_slot),
+                           dtype=ids.dtype)
     return vocabulary, code_of_slot[slots]
 
 

@@ -12,6 +12,7 @@ import glob as globlib
 import inspect
 import logging
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -21,13 +22,14 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from aefeatures import errors
-from aefeatures.config import InputConfig
+from aefeatures.config import InputConfig, timestamp_bound
 from aefeatures.data.matrix import Pairs, collapse_pairs, pairs_of_frame
 from aefeatures.schema import ITEM, TIMESTAMP, USER, WEIGHT
 
 log = logging.getLogger(__name__)
 
 _GLOB_CHARS = set("*?[")
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # training runs in float32: larger weights become inf
 _T = TypeVar("_T")
 # Arrow spellings of one type: pyarrow and Spark write `string`, Polars `large_string`.
 _SAME_TYPE = {"large_string": "string", "string_view": "string", "large_binary": "binary"}
@@ -53,13 +55,17 @@ class Interactions:
     """
 
     def __init__(self, frame: pl.DataFrame | None, files: tuple[InputFile, ...], n_rows_read: int,
-                 n_rows_kept: int, has_timestamps: bool, *, pairs: Pairs | None = None):
+                 n_rows_kept: int, has_timestamps: bool, *, pairs: Pairs | None = None,
+                 timestamps: dict[str, object] | None = None):
         if (frame is None) == (pairs is None):
             raise TypeError("Interactions takes either a frame or pairs")
         self.files = files  # what was read: the input's fingerprint
         self.n_rows_read = n_rows_read  # rows in the input before filtering
         self.n_rows_kept = n_rows_kept  # rows after `min_weight`, before collapsing duplicates
         self.has_timestamps = has_timestamps
+        # How the timestamp column was read: {"column", "type", "unit", "inferred", "window"}
+        # (recorded in the manifest); None without a timestamp column.
+        self.timestamps = timestamps
         if frame is not None:
             self.__dict__["frame"] = frame
         if pairs is not None:
@@ -91,18 +97,21 @@ def read_interactions(cfg: InputConfig, *, shard: tuple[int, int] | None = None)
         Any of its subclasses, naming the file, column and row at fault.
     """
     files, source = _resolve_files(cfg.path)
-    _check_file_schemas(files, cfg)
+    id_types = _check_file_schemas(files, cfg)
     # A directory is read as the exact files listed above, so hidden and `_` files stay out.
     is_dir = Path(source).is_dir()
     lazy = pl.scan_parquet([str(f) for f in files] if is_dir else source, hive_partitioning=is_dir or None,
-                           **_SCAN_OPTIONS)
+                           **_SCAN_OPTIONS, **_unified(files, cfg, id_types))
     schema = _blaming_files(lazy.collect_schema, files)
     _check_columns(cfg, schema)
-    canonical = lazy.select(_canonical_columns(cfg, schema))
+    timestamps = _timestamp_reading(cfg, lazy, schema, files)
+    canonical = lazy.select(_canonical_columns(cfg, schema, timestamps and timestamps["unit"]))
     if shard is not None and shard[1] > 1:
         canonical = canonical.filter(_users_of_shard(canonical, files, *shard))
     rows = _blaming_files(canonical.collect, files)
     n_rows_read = _check_values(rows, cfg, files)
+    if timestamps is not None:
+        _check_timestamp_window(rows, cfg, files, timestamps["unit"])
     if cfg.min_weight is not None:
         rows = rows.filter(pl.col(WEIGHT) >= cfg.min_weight)
     if rows.height == 0:
@@ -116,7 +125,7 @@ def read_interactions(cfg: InputConfig, *, shard: tuple[int, int] | None = None)
     log.info("read %d rows from %d file(s); %d kept, %d distinct pairs",
              n_rows_read, len(files), rows.height, len(pairs))
     return Interactions(None, _describe(files), n_rows_read, rows.height, cfg.timestamp_col is not None,
-                        pairs=pairs)
+                        pairs=pairs, timestamps=timestamps)
 
 
 def _users_of_shard(canonical: pl.LazyFrame, files: list[Path], rank: int, world: int) -> pl.Expr:
@@ -169,12 +178,21 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith((".", "_")) for part in relative.parts)
 
 
-def _check_file_schemas(files: list[Path], cfg: InputConfig) -> None:
-    """Every file must be Parquet, and the columns the job reads must agree on type."""
+def _check_file_schemas(files: list[Path], cfg: InputConfig) -> dict[str, pl.DataType]:
+    """Every file must be Parquet, and the columns the job reads must agree on type.
+
+    Id columns need only agree on their kind (see :func:`_id_kind`): integers of any width,
+    unsigned 64-bit integers, or text (string, large_string, string_view, dictionary/categorical
+    with any index width or dictionary). Returns the type to read each id column as, when the
+    files spell it differently (else an empty dict: Polars reads them as they are)."""
     keys = {"user_col": cfg.user_col, "item_col": cfg.item_col,
             "weight_col": cfg.weight_col, "timestamp_col": cfg.timestamp_col}
     wanted = {c: k for k, c in keys.items() if c}
-    first_seen: dict[str, tuple[str, str]] = {}
+    kinds_of = {cfg.user_col: _id_kind, cfg.item_col: _id_kind}
+    if cfg.timestamp_col:
+        kinds_of[cfg.timestamp_col] = _timestamp_kind
+    first_seen: dict[str, tuple[str, str, str]] = {}
+    spellings: dict[str, set[str]] = {c: set() for c in kinds_of}
     for f in files:
         try:
             schema = pq.read_schema(f)
@@ -186,12 +204,60 @@ def _check_file_schemas(files: list[Path], cfg: InputConfig) -> None:
         for col in wanted:
             if col not in schema.names:
                 continue  # a hive partition key, or missing everywhere: checked on the frame
-            typ = str(schema.field(col).type)
-            typ = _SAME_TYPE.get(typ, typ)
+            shown = str(schema.field(col).type)
+            shown = typ = _SAME_TYPE.get(shown, shown)
+            if col in kinds_of:  # ids and timestamps need only agree on their kind
+                spellings[col].add(shown)
+                typ = kinds_of[col](schema.field(col).type)
             if col not in first_seen:
-                first_seen[col] = (str(f), typ)
+                first_seen[col] = (str(f), typ, shown)
             elif first_seen[col][1] != typ:
-                raise errors.SchemaDriftError(col, *first_seen[col], str(f), typ)
+                first_file, _, first_shown = first_seen[col]
+                raise errors.SchemaDriftError(col, first_file, first_shown, str(f), shown)
+    return {col: _READ_AS[first_seen[col][1]] for col in kinds_of
+            if len(spellings[col]) > 1 and first_seen.get(col, ("", ""))[1] in _READ_AS}
+
+
+_READ_AS = {"integer": pl.Int64, "uint64": pl.UInt64, "text": pl.String, "datetime": pl.Datetime("us", "UTC")}
+
+
+def _timestamp_kind(typ) -> str:
+    """The kind of an Arrow timestamp column: "datetime" for every unit and zone (Spark's INT96
+    reads as ns; naive values are UTC), "integer"/"uint64" for epochs, or the type itself."""
+    import pyarrow as pa
+
+    return "datetime" if pa.types.is_timestamp(typ) else _id_kind(typ) if pa.types.is_integer(typ) else str(typ)
+
+
+def _id_kind(typ) -> str:
+    """The kind of an Arrow id type: "integer" (signed, or unsigned below 64 bits: read as
+    Int64), "uint64" (read as UInt64, so hashes >= 2**63 keep their value), "text", or the
+    type itself (refused later)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(typ):
+        typ = typ.value_type
+    if pa.types.is_uint64(typ):
+        return "uint64"
+    if pa.types.is_integer(typ):
+        return "integer"
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ) or str(typ) == "string_view":
+        return "text"
+    return str(typ)
+
+
+def _unified(files: list[Path], cfg: InputConfig, id_types: dict[str, pl.DataType]) -> dict[str, object]:
+    """Scan options reading id and timestamp columns spelled differently across files (Int32
+    here, Int64 there; categorical here, string there; INT96 here, ms in Europe/Paris there)
+    as one type. Naive datetimes are taken as UTC, as everywhere."""
+    if not id_types:
+        return {}
+    first = pl.read_parquet_schema(files[0])
+    columns = [c for c in (cfg.user_col, cfg.item_col, cfg.weight_col, cfg.timestamp_col) if c and c in first]
+    schema = {c: id_types.get(c, first[c]) for c in dict.fromkeys(columns)}
+    return {"schema": schema, "cast_options": pl.ScanCastOptions(
+        integer_cast="upcast", categorical_to_string="allow",
+        datetime_cast=["nanosecond-downcast", "millisecond-upcast", "convert-timezone"])}
 
 
 def _hive_key(file: Path, column: str) -> bool:
@@ -215,31 +281,118 @@ def _check_columns(cfg: InputConfig, schema: pl.Schema) -> None:
         dtype = schema[cfg.timestamp_col]
         if not (dtype.is_temporal() and dtype != pl.Duration and dtype != pl.Time) and not dtype.is_integer():
             raise errors.UnsupportedTypeError(cfg.path, cfg.timestamp_col, str(dtype),
-                                              "timestamps must be datetimes, dates or integer epoch seconds")
+                                              "timestamps must be datetimes, dates or integer epochs")
 
 
-def _canonical_columns(cfg: InputConfig, schema: pl.Schema) -> list[pl.Expr]:
+def _canonical_columns(cfg: InputConfig, schema: pl.Schema, unit: str | None = None) -> list[pl.Expr]:
     def ids(col: str, name: str) -> pl.Expr:
         expr = pl.col(col)
-        return (expr.cast(pl.Int64) if schema[col].is_integer() else expr.cast(pl.String)).alias(name)
+        # uint64 stays uint64 (hashed ids >= 2**63); other integers become Int64; text, String
+        typ = pl.UInt64 if schema[col] == pl.UInt64 else pl.Int64 if schema[col].is_integer() else pl.String
+        return expr.cast(typ).alias(name)
 
     weight = pl.col(cfg.weight_col).cast(pl.Float64) if cfg.weight_col else pl.lit(1.0, pl.Float64)
     return [ids(cfg.user_col, USER), ids(cfg.item_col, ITEM), weight.alias(WEIGHT),
-            _timestamp(cfg, schema).alias(TIMESTAMP)]
+            _timestamp(cfg, schema, unit).alias(TIMESTAMP)]
 
 
-def _timestamp(cfg: InputConfig, schema: pl.Schema) -> pl.Expr:
+def _timestamp(cfg: InputConfig, schema: pl.Schema, unit: str | None = None) -> pl.Expr:
     utc = pl.Datetime("us", "UTC")
     if not cfg.timestamp_col:
         return pl.lit(None, utc)
     col, dtype = pl.col(cfg.timestamp_col), schema[cfg.timestamp_col]
     if dtype.is_integer():
-        return pl.from_epoch(col, time_unit="s").dt.replace_time_zone("UTC").cast(utc)
+        # the unit was chosen and every value checked inside the window first: nothing wraps
+        return pl.from_epoch(col, time_unit=unit or "s").dt.replace_time_zone("UTC").cast(utc)
     if dtype == pl.Date:
         return col.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
     if getattr(dtype, "time_zone", None):
         return col.dt.convert_time_zone("UTC").cast(utc)
     return col.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")  # naive: taken as UTC
+
+
+_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _window(cfg: InputConfig) -> tuple[datetime, datetime]:
+    return timestamp_bound(cfg.timestamp_min), timestamp_bound(cfg.timestamp_max)
+
+
+def _epoch_bounds(cfg: InputConfig, unit: str) -> tuple[int, int]:
+    """[low, high) of the plausible window as integer epochs in ``unit``."""
+    def count(moment: datetime) -> int:
+        micros = (moment - _EPOCH) // timedelta(microseconds=1)
+        return micros * 1000 if unit == "ns" else -(-micros // (1_000_000 // _PER_SECOND[unit]))
+    low, high = _window(cfg)
+    return count(low), count(high)
+
+
+def _timestamp_reading(cfg: InputConfig, lazy: pl.LazyFrame, schema: pl.Schema,
+                       files: list[Path]) -> dict[str, object] | None:
+    """How the timestamp column is read: for integer epochs the unit (named, or inferred from
+    the column's range: the one unit in which every value lies in the plausible window).
+    Raises :class:`TimestampUnitError` or :class:`ImplausibleTimestampsError`."""
+    if not cfg.timestamp_col:
+        return None
+    dtype = schema[cfg.timestamp_col]
+    low, high = _window(cfg)
+    reading: dict[str, object] = {"column": cfg.timestamp_col, "type": str(dtype), "unit": None, "inferred": False,
+                                  "window": [low.isoformat(), high.isoformat()]}
+    if not dtype.is_integer():
+        return reading
+    col = pl.col(cfg.timestamp_col)
+    lo, hi = _blaming_files(lazy.select(col.min().alias("lo"), col.max().alias("hi")).collect, files).row(0)
+    if lo is None:  # all null: nothing to read
+        return {**reading, "unit": cfg.timestamp_unit if cfg.timestamp_unit != "auto" else "s"}
+    if cfg.timestamp_unit == "auto":
+        fits = [u for u in _PER_SECOND if _epoch_bounds(cfg, u)[0] <= lo and hi < _epoch_bounds(cfg, u)[1]]
+        if len(fits) != 1:
+            raise errors.TimestampUnitError(cfg.timestamp_col, cfg.path, lo, hi, fits,
+                                            f"[{cfg.timestamp_min}, {cfg.timestamp_max})")
+        return {**reading, "unit": fits[0], "inferred": True}
+    unit = cfg.timestamp_unit
+    first, stop = _epoch_bounds(cfg, unit)
+    outside = (col < first) | (col >= stop)
+    count = _blaming_files(lazy.select(outside.sum()).collect, files).item()
+    if count:
+        file, row, value = _first_raw_offender(files, cfg.timestamp_col, outside)
+        raise errors.ImplausibleTimestampsError(cfg.timestamp_col, count, file, row, value, f"epoch {unit}",
+                                                cfg.timestamp_min, cfg.timestamp_max)
+    return {**reading, "unit": unit}
+
+
+def _check_timestamp_window(rows: pl.DataFrame, cfg: InputConfig, files: list[Path], unit: str | None) -> None:
+    """Every (non-null) event timestamp must lie in [timestamp_min, timestamp_max)."""
+    low, high = _window(cfg)
+    ts = pl.col(TIMESTAMP)
+    count = rows.select(((ts < low) | (ts >= high)).sum()).item()
+    if not count:
+        return
+    for f in files:
+        frame = pl.scan_parquet(f)
+        schema = frame.collect_schema()
+        if cfg.timestamp_col not in schema:
+            continue
+        hit = (frame.select(pl.col(cfg.timestamp_col).alias("raw"), _timestamp(cfg, schema, unit).alias(TIMESTAMP))
+               .with_row_index("row").filter((ts < low) | (ts >= high)).head(1).collect())
+        if hit.height:
+            raise errors.ImplausibleTimestampsError(cfg.timestamp_col, count, str(f), int(hit["row"][0]),
+                                                    str(hit["raw"][0]), str(schema[cfg.timestamp_col]),
+                                                    cfg.timestamp_min, cfg.timestamp_max)
+    raise errors.ImplausibleTimestampsError(cfg.timestamp_col, count, str(files[0]), -1, None, "",
+                                            cfg.timestamp_min, cfg.timestamp_max)
+
+
+def _first_raw_offender(files: list[Path], column: str, pred: pl.Expr) -> tuple[str, int, object]:
+    for f in files:
+        frame = pl.scan_parquet(f)
+        if column not in frame.collect_schema():
+            continue
+        hit = frame.select(pl.col(column)).with_row_index("row").filter(pred).head(1).collect()
+        if hit.height:
+            return str(f), int(hit["row"][0]), hit[column][0]
+    return str(files[0]), -1, None
 
 
 def _check_values(rows: pl.DataFrame, cfg: InputConfig, files: list[Path]) -> int:
@@ -251,6 +404,8 @@ def _check_values(rows: pl.DataFrame, cfg: InputConfig, files: list[Path]) -> in
         pl.col(ITEM).null_count().alias(cfg.item_col),
         w.null_count().alias("weight_null"),
         w.is_nan().sum().alias("weight_nan"),
+        w.is_infinite().sum().alias("weight_infinite"),
+        (w.is_finite() & (w.abs() > FLOAT32_MAX)).sum().alias("weight_float32"),
         (w < 0).sum().alias("weight_negative"),
     ).row(0, named=True)
     for col, name in ((cfg.user_col, USER), (cfg.item_col, ITEM)):
@@ -260,11 +415,13 @@ def _check_values(rows: pl.DataFrame, cfg: InputConfig, files: list[Path]) -> in
     if cfg.weight_col and counts["weight_null"]:
         file, row, _ = _first_offender(files, cfg, WEIGHT, w.is_null())
         raise errors.NullValuesError(cfg.weight_col, counts["weight_null"], file, row)
-    for what, pred in (("NaN", w.is_nan()), ("negative", w < 0)):
-        if cfg.weight_col and counts[f"weight_{what.lower()}"]:
+    checks = (("NaN", "weight_nan", w.is_nan()), ("infinite", "weight_infinite", w.is_infinite()),
+              ("too large for float32 (beyond ±3.4e38)", "weight_float32", w.is_finite() & (w.abs() > FLOAT32_MAX)),
+              ("negative", "weight_negative", w < 0))
+    for what, key, pred in checks:
+        if cfg.weight_col and counts[key]:
             file, row, value = _first_offender(files, cfg, WEIGHT, pred)
-            raise errors.InvalidWeightsError(cfg.weight_col, what, counts[f"weight_{what.lower()}"],
-                                             file, row, value)
+            raise errors.InvalidWeightsError(cfg.weight_col, what, counts[key], file, row, value)
     return counts["rows"]
 
 

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
+from aefeatures.schema import parse_id
 from aefeatures.store import layout, publish
 
 CATALOG = "catalog.sql"
@@ -54,6 +55,8 @@ def render_views(root: Path, name: str) -> str:
         users_all=_list(paths[v] / layout.USERS for v in versions),
         items_all=_list(paths[v] / layout.ITEMS for v in versions),
         all_type=f"FLOAT[{dims.pop()}]" if len(dims) == 1 else "FLOAT[]",  # dims changed: lists
+        user_type=sql_id_type(manifests[live], "user"),
+        item_type=sql_id_type(manifests[live], "item"),
     )
 
 
@@ -66,6 +69,32 @@ def _attribute_parts(folder: Path, manifest: dict) -> dict[str, str]:
         "attribute_columns": "".join(f', a."{c}"' for c in columns),
         "attribute_join": f" LEFT JOIN read_parquet({_literal(folder / layout.ATTRIBUTES)}) a ON a.item_id = i.item_id",
     }
+_SQL_ID_TYPES = {"Int64": "BIGINT", "UInt64": "UBIGINT", "String": "VARCHAR"}
+_NUMPY_ID_TYPES = {"BIGINT": "int64", "UBIGINT": "uint64", "VARCHAR": "<U1"}
+
+
+def sql_id_type(manifest: dict, kind: str) -> str:
+    """The DuckDB type of a version's ``kind`` ("user" or "item") ids: BIGINT, UBIGINT or VARCHAR.
+    Macros cast their id argument to it, so 38 never matches the string id "0038"."""
+    return _SQL_ID_TYPES.get((manifest.get("id_types") or {}).get(kind, "Int64"), "BIGINT")
+
+
+def id_param_types(root: Path) -> dict[str, str]:
+    """SQL parameter name → numpy dtype of the ids it names (`user`, `user_id` → the user id
+    type; `item`, `item_id` → the item id type). Where the store's feature sets disagree the
+    value is bound as text: DuckDB casts text to an integer column's type when comparing, and
+    a string column compares it exactly, so it is right for both (a number would make DuckDB
+    cast a string column to integers, and "0038" would equal 38)."""
+    found: dict[str, set[str]] = {"user": set(), "item": set()}
+    for name in layout.feature_sets(root):
+        manifest = layout.read_manifest(layout.version_dir(root, name, layout.live_version(root, name)))
+        for kind in found:
+            found[kind].add(sql_id_type(manifest, kind))
+    out = {}
+    for kind, types in found.items():
+        if types:
+            out[kind] = out[f"{kind}_id"] = _NUMPY_ID_TYPES[types.pop() if len(types) == 1 else "VARCHAR"]
+    return out
 
 
 def _version_row(version: str, m: dict) -> str:
@@ -100,15 +129,29 @@ def connect(root: Path):
     return con
 
 
-def parse_param(text: str) -> tuple[str, object]:
+def parse_param(text: str, id_types: dict[str, str] | None = None) -> tuple[str, object]:
     """``NAME=VALUE`` from the command line → (name, int | float | str). The value only ever
-    reaches SQL as a bound parameter (``$NAME``), never as SQL text."""
+    reaches SQL as a bound parameter (``$NAME``), never as SQL text.
+
+    A parameter naming ids (`user`, `user_id`, `item`, `item_id`, see :func:`id_param_types`)
+    is typed by the id column's type with the one id rule
+    (:func:`aefeatures.schema.parse_id`): "0038" stays the string "0038" for string ids
+    and "00042" is 42 for integer ids. Other values are an integer when written as one
+    canonically ("38", not "0038"), else a float, else a string. Raises ``ValueError`` (a
+    malformed parameter) or :class:`InvalidIdError`.
+    """
     name, sep, value = text.partition("=")
     if not sep or not name.isidentifier():
         raise ValueError(f"`--param {text}` must look like NAME=VALUE, with NAME a plain identifier")
-    for cast in (int, float):
-        try:
-            return name, cast(value)
-        except ValueError:
-            pass
-    return name, value
+    if id_types and name in id_types:
+        return name, parse_id(value, id_types[name], name.removesuffix("_id"))
+    try:
+        number = int(value)
+        # "0038" or "+38" is text, not 38 (nor 38.0): it may be a string id or a code
+        return name, number if str(number) == value else value
+    except ValueError:
+        pass
+    try:
+        return name, float(value)
+    except ValueError:
+        return name, value

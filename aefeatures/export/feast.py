@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from aefeatures import errors
 from aefeatures.store import layout, publish
 
 _ID_TYPES = {"Int64": ("INT64", "Int64"), "String": ("STRING", "String")}
@@ -84,6 +85,12 @@ def export_feast_repo(root: Path, name: str, output: Path, *, ttl_days: int = 36
     version = layout.live_version(root, name)
     folder = layout.version_dir(root, name, version).resolve()
     manifest = layout.read_manifest(folder)
+    for kind in ("user", "item"):
+        if manifest["id_types"][kind] not in _ID_TYPES:  # UInt64: Feast has no unsigned 64-bit type
+            raise errors.BadInputError(
+                f"feature set `{name}` has {manifest['id_types'][kind]} {kind} ids, which Feast cannot hold "
+                "(its entity keys are INT64 or STRING; hashes >= 2**63 do not fit INT64). Write the ids as "
+                "strings in the input to export this feature set to Feast.")
     user_value, user_type = _ID_TYPES[manifest["id_types"]["user"]]
     item_value, item_type = _ID_TYPES[manifest["id_types"]["item"]]
     output.mkdir(parents=True, exist_ok=True)

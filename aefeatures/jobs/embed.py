@@ -71,6 +71,8 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -
             _link_or_copy(source / layout.INDEX, staging / layout.INDEX)
             if (source / layout.ATTRIBUTES).is_file():  # the items are the live version's: so are their attributes
                 _link_or_copy(source / layout.ATTRIBUTES, staging / layout.ATTRIBUTES)
+        with _timed(timings, "check"):
+            publish.check_finite(staging)  # a NaN embedding, bias or score is never published
         manifest = {
             **live,
             "version": version,
@@ -80,7 +82,8 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -
             "embedded_with": {"version": live["version"], "unknown_only_users": len(unknown_only),
                               "unknown_only_sample": unknown_only[:20]},
             "input": {"files": [vars(f) for f in interactions.files], "rows_read": interactions.n_rows_read,
-                      "rows_kept": interactions.n_rows_kept, "pairs": matrix.nnz},
+                      "rows_kept": interactions.n_rows_kept, "pairs": matrix.nnz,
+                      "timestamps": interactions.timestamps},
             "counts": counts,
             "timings": timings,
         }

@@ -143,6 +143,7 @@ class _Built:
     evaluation: dict[str, Any] | None
     emb: Embeddings
     timings: dict[str, float]
+    evaluation_skipped: str | None = None  # why there is no validation (and so no metric gate)
 
 
 def _build_shard(cfg: JobConfig, progress: bool | None, group: distributed.Group | None) -> _Built:
@@ -156,10 +157,10 @@ def _build_shard(cfg: JobConfig, progress: bool | None, group: distributed.Group
     with _timed(timings, "matrix"):
         matrix = build_matrix(interactions, binarize=cfg.input.binarize, item_ids=_all_items(interactions, group))
     with _timed(timings, "train"):
-        trained, evaluation = _train_and_evaluate(matrix, cfg, progress, group)
+        trained, evaluation, skipped = _train_and_evaluate(matrix, cfg, progress, group)
     with _timed(timings, "embed"):
         emb = embed(trained.model, matrix)
-    return _Built(interactions, matrix, trained, evaluation, emb, timings)
+    return _Built(interactions, matrix, trained, evaluation, emb, timings, skipped)
 
 
 def _all_items(interactions: Interactions, group: distributed.Group | None) -> pl.Series | None:
@@ -313,8 +314,10 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
                                 sample_queries=user_queries(emb.user_vectors[sample]),
                                 target_recall=cfg.index.min_recall)
             save_index(built.index, staging / layout.INDEX)
+        with _timed(timings, "check"):
+            publish.check_finite(staging)  # a NaN embedding, bias or score is never published
         verdict = gate.check(cfg.gate, made.evaluation, previous, index_recall=built.recall_at_10,
-                             min_recall=cfg.index.min_recall)
+                             min_recall=cfg.index.min_recall, skipped=made.evaluation_skipped)
         manifest = {
             "schema_version": schema.SCHEMA_VERSION,
             "aefeatures_version": __version__,
@@ -323,12 +326,14 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
             "created_at": created.isoformat(),
             "config": cfg.to_dict(),
             "fingerprint": fingerprint,
-            "input": {"files": [vars(f) for f in interactions.files], **read_counts, "pairs": counts["interactions"]},
+            "input": {"files": [vars(f) for f in interactions.files], **read_counts, "pairs": counts["interactions"],
+                      "timestamps": interactions.timestamps},
             "counts": counts,
             "dim": emb.dim,
             "id_types": {"user": str(matrix.user_ids.dtype), "item": str(matrix.item_ids.dtype)},
             "training": _training_summary(made.trained),
             "evaluation": made.evaluation,
+            "evaluation_skipped": made.evaluation_skipped,
             "gate": verdict.to_dict(),
             "index": {"kind": cfg.index.kind, "factory": built.factory, "recall_at_10": built.recall_at_10,
                       "search": built.search},
@@ -351,13 +356,15 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
 
 
 def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: bool | None,
-                        group: distributed.Group | None = None) -> tuple[TrainResult, dict[str, Any] | None]:
+                        group: distributed.Group | None = None
+                        ) -> tuple[TrainResult, dict[str, Any] | None, str | None]:
     """Train with validation users held out (if evaluation is on) and early stopping.
 
     The published model is the best epoch's, trained without the validation users; they get
     their embeddings like any user the model never saw, from their full interaction vector.
     Under torchrun each rank holds out its share of its own users and the metrics are those of
-    all ranks' validation users together.
+    all ranks' validation users together. The third value says why there is no validation
+    (None when there is).
     """
     from aefeatures.model.embed import encode
     from aefeatures.model.train import train
@@ -368,9 +375,10 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
                         holdout=ev.holdout, seed=cfg.model.seed)
     n_valid = len(split.valid_rows) if group is None else int(group.reduce_array(np.array([len(split.valid_rows)]))[0])
     if n_valid == 0:
+        why = _why_no_validation(matrix, cfg, group)
         if ev.valid_share > 0:
-            log.warning("too few users to hold any out for validation; training without evaluation")
-        return train(matrix, cfg.model, progress=progress), None
+            log.warning("%s; training without evaluation, so the quality gate's metric checks are skipped", why)
+        return train(matrix, cfg.model, progress=progress), None, why
 
     def validate(model: Autoencoder) -> dict[str, float]:
         vectors, _ = encode(model, split.fold_in)
@@ -388,7 +396,23 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
         "holdout": ev.holdout,
         "model": final,
         "popularity": _popularity(matrix, split, group),
-    }
+    }, None
+
+
+def _why_no_validation(matrix: InteractionMatrix, cfg: JobConfig, group: distributed.Group | None) -> str:
+    """The real reason no user was held out for validation, in words."""
+    ev = cfg.evaluation
+    if ev.valid_share == 0:
+        return "evaluation is off (`evaluation.valid_share` = 0)"
+    eligible = np.array([int((matrix.row_lengths() >= 2).sum()), matrix.shape[0]])
+    if group is not None:
+        eligible = group.reduce_array(eligible)
+    n_eligible, n_users = int(eligible[0]), int(eligible[1])
+    if n_eligible == 0:
+        return (f"no user has 2 or more items (all {n_users:,} have one), so no validation split is possible "
+                "(a held-out user needs one item shown and one hidden)")
+    return (f"`evaluation.valid_share` = {ev.valid_share:g} of {n_users:,} users rounds to no validation user; "
+            "raise it to evaluate")
 
 
 def _popularity(matrix: InteractionMatrix, split: Split, group: distributed.Group | None) -> dict[str, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -178,6 +179,8 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     for epoch in bar:
         model.train()
         loss, beta = _epoch(step, _epoch_order(rng, rows, users_per_epoch), result)
+        if not math.isfinite(loss):  # every later weight would be NaN: stop, publish nothing
+            raise errors.TrainingDivergedError(epoch, loss)
         record = {"epoch": epoch, "loss": round(loss, 5), "beta": round(beta, 5)}
         if validate is not None:
             record.update(_validated(model, validate, group))

@@ -20,12 +20,14 @@ class Verdict:
 
 
 def check(cfg: GateConfig, evaluation: dict[str, Any] | None, previous: dict[str, Any] | None, *,
-          index_recall: float = 1.0, min_recall: float = 0.0) -> Verdict:
+          index_recall: float = 1.0, min_recall: float = 0.0, skipped: str | None = None) -> Verdict:
     """Compare a run's validation metrics with popularity and with the live version's, and its
     index's measured recall with the floor.
 
     ``evaluation`` is the run's manifest `evaluation` section (None when evaluation is off:
-    no metric to compare). ``previous`` is the live version's manifest, if any.
+    no metric to compare; ``skipped`` says why). ``previous`` is the live version's manifest,
+    if any. Without evaluation the metric checks are skipped, and the verdict says so
+    (``metric_checks: "skipped"``).
     """
     reasons = []
     checked: dict[str, Any] = {"index_recall_at_10": index_recall, "min_recall": min_recall}
@@ -33,7 +35,9 @@ def check(cfg: GateConfig, evaluation: dict[str, Any] | None, previous: dict[str
         reasons.append(f"the index's recall@10 against exact search is {index_recall:.3f}, below "
                        f"`index.min_recall` = {min_recall:g}")
     if not evaluation:
-        return Verdict(not reasons, reasons, {**checked, "note": "evaluation is off; no metric to check"})
+        why = skipped or "evaluation is off"
+        return Verdict(not reasons, reasons, {**checked, "metric_checks": "skipped",
+                                              "note": f"metric checks skipped: {why}; no metric to check"})
     score = evaluation["model"][KEY_METRIC]
     checked.update(metric=KEY_METRIC, score=score)
     if cfg.beat_popularity:

@@ -55,6 +55,8 @@ def render(manifest: dict[str, Any], previous: dict[str, Any] | None) -> str:
     evaluation = manifest.get("evaluation") or {}
     best = manifest["training"].get("best_epoch")
     gate = manifest.get("gate", {})
+    skipped = ("<p>No validation for this run, so the quality gate's metric checks were skipped: "
+               f"{html.escape(manifest.get('evaluation_skipped') or 'evaluation was off')}.</p>")
     columns = {"this version": evaluation.get("model"), "popularity": evaluation.get("popularity")}
     if previous:
         columns[f"previous ({previous['version']})"] = (previous.get("evaluation") or {}).get("model")
@@ -73,6 +75,6 @@ td,th{{border:1px solid #ddd;padding:4px 8px;text-align:right}}figure{{display:i
 {len(history)} · quality gate {html.escape(verdict)}</p>
 {charts}
 <h2>Validation ({html.escape(str(evaluation.get('protocol', 'off')))})</h2>
-{_metrics_table(columns) if evaluation else '<p>Evaluation was off for this run.</p>'}
+{_metrics_table(columns) if evaluation else skipped}
 </body></html>
 """

@@ -9,7 +9,6 @@ Single lookups run on the event loop (they take about a millisecond; a thread ho
 as much again); batch calls run in the thread pool so they never stall the single ones.
 """
 
-import json
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,10 +24,10 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from aefeatures import __version__, errors
-from aefeatures.schema import KEY_METRIC
+from aefeatures.schema import KEY_METRIC, strict_json
 from aefeatures.serving.filters import MAX_FILTER_CHARS
 from aefeatures.serving.live import LiveStore
-from aefeatures.serving.lookup import FeatureSet, Neighbours
+from aefeatures.serving.lookup import FeatureSet, Neighbours, distinct
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +83,11 @@ class UserItems(BaseModel):
 class BatchRecommendations(BaseModel):
     feature_set: str
     version: str
-    results: list[UserItems] = Field(description="One entry per known user, in request order.")
+    results: list[UserItems] = Field(description="One entry per distinct known user, in first-seen request order "
+                                                 "(42 and \"42\" are one user of an integer-id set).")
     not_found: list[Id] = Field(description="Requested users the version does not know (with skip_unknown).")
+    nothing_left: list[Id] = Field(description="Known users with no item left to recommend (they have seen "
+                                               "every candidate): their `items` is empty.")
 
 
 class SimilarItems(BaseModel):
@@ -207,7 +209,7 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
         fs = live.get(name)
         call = partial(fs.recommend, user, k, exclude_seen=exclude_seen, exclude=exclude, filter=filter, items=items)
         found = call() if _quick(fs, filter) else await run_in_threadpool(call)
-        return _json(_answer(fs, user=_id(fs.user_ids, user), items=_ranked(found, "item_id")))
+        return _json(_answer(fs, user=fs.user_id(user), items=_ranked(found, "item_id")))
 
     @app.post("/v1/{name}/recommend", response_model=BatchRecommendations, responses=ERRORS,
               summary="Items for many users at once")
@@ -223,7 +225,7 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
         fs = live.get(name)
         call = partial(fs.similar_items, item, k, metric=metric, exclude=exclude, filter=filter, items=items)
         found = call() if _quick(fs, filter) else await run_in_threadpool(call)
-        return _json(_answer(fs, item=_id(fs.item_ids, item), items=_ranked(found, "item_id")))
+        return _json(_answer(fs, item=fs.item_id(item), items=_ranked(found, "item_id")))
 
     @app.get("/v1/{name}/similar_users", response_model=SimilarUsers, responses=ERRORS,
              summary="Users like a user, by cosine similarity of their embeddings")
@@ -231,7 +233,7 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
                             k: int = k_query) -> Response:
         fs = live.get(name)
         found = fs.similar_users(user, k)
-        return _json(_answer(fs, user=_id(fs.user_ids, user), users=_ranked(found, "user_id")))
+        return _json(_answer(fs, user=fs.user_id(user), users=_ranked(found, "user_id")))
 
     @app.post("/v1/{name}/embeddings", response_model=Embeddings, responses=ERRORS,
               summary="Embeddings of users or of items (one of the two per request)")
@@ -272,39 +274,34 @@ def _ranked(found: Neighbours, key: str) -> list[dict[str, Any]]:
             for n, (i, s) in enumerate(zip(found.ids.tolist(), found.scores.tolist()), start=1)]
 
 
-def _id(ids, value: str) -> Any:
-    """A URL id as the store types it (42, not "42", for integer ids)."""
-    return int(value) if ids.dtype.kind in "iu" else value
-
-
 def _batch(fs: FeatureSet, body) -> Response:
-    users = list(dict.fromkeys(body.users))  # a user asked for twice is answered once
+    # One id rule (schema.parse_id): 42 and "42" are one user of an integer-id set, and a
+    # user named twice is answered once, in first-seen order.
+    users = distinct([fs.user_id(u) for u in body.users])
     recs = fs.recommend_batch(users, body.k, exclude_seen=body.exclude_seen, exclude=body.exclude,
                               skip_unknown=body.skip_unknown, filter=body.filter, items=body.items)
     results: dict[Any, list] = {}
     for user, item, rank, score in zip(*(recs.get_column(c).to_list() for c in ("user_id", "item_id", "rank", "score"))):
         results.setdefault(user, []).append({"rank": rank, "item_id": item, "score": score})
     found = fs.has_users(users).tolist()
-    known = [_typed(fs.user_ids, u) for u, f in zip(users, found) if f]
+    known = [u for u, f in zip(users, found) if f]
     return _json(_answer(fs, results=[{"user": u, "items": results.get(u, [])} for u in known],
-                         not_found=[u for u, f in zip(users, found) if not f]))
+                         not_found=[u for u, f in zip(users, found) if not f],
+                         nothing_left=[u for u in known if not results.get(u)]))
 
 
 def _embeddings(fs: FeatureSet, users: Sequence[Any] | None, items: Sequence[Any] | None) -> Response:
-    kind, ids = ("user", users) if users is not None else ("item", items)
+    kind, raw = ("user", users) if users is not None else ("item", items)
+    ids = distinct([fs.user_id(i) for i in raw] if kind == "user" else [fs.item_id(i) for i in raw])
     vectors = fs.user_embeddings(ids) if kind == "user" else fs.item_embeddings(ids)
-    known = fs.user_ids if kind == "user" else fs.item_ids
-    rows = [{f"{kind}_id": _typed(known, i), "embedding": v} for i, v in zip(ids, vectors.tolist())]
+    rows = [{f"{kind}_id": i, "embedding": v} for i, v in zip(ids, vectors.tolist())]
     return _json(_answer(fs, dim=fs.dim, **{f"{kind}s": rows}))
-
-
-def _typed(ids, value: Any) -> Any:
-    return int(value) if ids.dtype.kind in "iu" else str(value)
 
 
 def _json(body: Any, status: int = 200) -> Response:
     # Encoded here: FastAPI's generic encoder walks every value and costs more than the lookup.
-    return Response(json.dumps(body, separators=(",", ":")), status_code=status, media_type="application/json")
+    # Strict JSON (RFC 8259): a NaN or infinite float is written as null.
+    return Response(strict_json(body, separators=(",", ":")), status_code=status, media_type="application/json")
 
 
 # --- errors: always JSON, never a traceback --------------------------------------------------------
@@ -325,6 +322,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.FilterError)
     async def bad_filter(request: Request, exc: errors.FilterError) -> Response:
         return _error(422, "invalid_filter", str(exc))
+
+    @app.exception_handler(errors.InvalidIdError)
+    async def invalid_id(request: Request, exc: errors.InvalidIdError) -> Response:
+        return _error(422, "invalid_id", str(exc))
 
     @app.exception_handler(errors.BadInputError)
     async def bad_input(request: Request, exc: errors.BadInputError) -> Response:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aefeatures import errors
-from aefeatures.schema import KEY_METRIC
+from aefeatures.schema import KEY_METRIC, distinct, parse_id, parse_ids  # noqa: F401 (public here too)
 from aefeatures.serving.filters import FilterEngine, empty_attributes
 from aefeatures.store import layout
 from aefeatures.store.index import (
@@ -90,33 +90,27 @@ class Neighbours(NamedTuple):
 class IdIndex:
     """Maps ids to row numbers by binary search over the sorted ids of a table."""
 
-    def __init__(self, ids: np.ndarray):
+    def __init__(self, ids: np.ndarray, kind: str = "id"):
         self.ids = ids  # sorted ascending: tables are written sorted by id
         self.is_int = ids.dtype.kind in "iu"
+        self.kind = kind
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def parse(self, ids: Sequence[Any]) -> list[Any]:
+        """The ids typed by :func:`parse_id`; raises :class:`InvalidIdError`."""
+        return parse_ids(ids, self.ids.dtype, self.kind)
+
     def rows(self, ids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, found): the row of each id, and whether the id exists."""
-        query, parsed = self._coerce(ids)
-        if not len(self.ids):
+        """(rows, found): the row of each id, and whether the id exists. Raises
+        :class:`InvalidIdError` for a value that cannot be an id of this type."""
+        parsed = self.parse(ids)
+        query = np.array(parsed, dtype=self.ids.dtype if self.is_int else str)
+        if not len(self.ids) or not len(query):
             return np.zeros(len(query), np.int64), np.zeros(len(query), bool)
         pos = np.searchsorted(self.ids, query).clip(0, len(self.ids) - 1)
-        return pos, (self.ids[pos] == query) & parsed
-
-    def _coerce(self, ids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-        if not self.is_int:
-            return np.array([str(i) for i in ids], dtype=str), np.ones(len(ids), bool)
-        out, parsed = np.zeros(len(ids), np.int64), np.ones(len(ids), bool)
-        for n, value in enumerate(ids):  # "42" from a CLI or URL is the integer id 42
-            try:
-                if isinstance(value, (bool, float)):
-                    raise ValueError
-                out[n] = int(value)
-            except (TypeError, ValueError, OverflowError):
-                parsed[n] = False
-        return out, parsed
+        return pos, self.ids[pos] == query
 
 
 class FeatureSet:
@@ -139,11 +133,11 @@ class FeatureSet:
     @cached_property
     def _users(self) -> tuple[IdIndex, np.ndarray]:
         table = pq.read_table(self.path / layout.USERS, columns=["user_id", "embedding"])
-        return IdIndex(_ids(table.column("user_id"))), _matrix(table.column("embedding"), self.dim)
+        return IdIndex(_ids(table.column("user_id")), "user"), _matrix(table.column("embedding"), self.dim)
 
     @cached_property
     def _item_ids(self) -> IdIndex:
-        return IdIndex(_ids(pq.read_table(self.path / layout.ITEMS, columns=["item_id"]).column("item_id")))
+        return IdIndex(_ids(pq.read_table(self.path / layout.ITEMS, columns=["item_id"]).column("item_id")), "item")
 
     @cached_property
     def _item_vectors(self) -> tuple[np.ndarray, np.ndarray]:
@@ -260,6 +254,14 @@ class FeatureSet:
         """(n, dim) vectors of ``items``, in order; raises :class:`NotFoundError`."""
         return self._item_vectors[0][self._item_rows(items)]
 
+    def user_id(self, raw: Any) -> Any:
+        """``raw`` as this version types user ids (see :func:`parse_id`)."""
+        return parse_id(raw, self.user_ids.dtype, "user")
+
+    def item_id(self, raw: Any) -> Any:
+        """``raw`` as this version types item ids (see :func:`parse_id`)."""
+        return parse_id(raw, self.item_ids.dtype, "item")
+
     def has_users(self, users: Sequence[Any]) -> np.ndarray:
         """(n,) bool: whether each of ``users`` has an embedding in this version."""
         return self._users[0].rows(users)[1]
@@ -286,8 +288,11 @@ class FeatureSet:
         """Recommendations for many users at once, as rows ``user_id, item_id, rank, score``.
 
         ``exclude``, ``filter`` and ``items`` apply to every user (as in :meth:`recommend`).
-        Unknown users raise :class:`NotFoundError`, or are left out with ``skip_unknown``.
+        Unknown users raise :class:`NotFoundError`, or are left out with ``skip_unknown``. A user
+        named twice (in any spelling, 42 and "42") is answered once, in first-seen order. A known
+        user with nothing left to recommend has no rows.
         """
+        users = distinct(self._users[0].parse(users))
         allowed = self._allowed(filter, items)
         rows, found = self._users[0].rows(users)
         if not found.all() and not skip_unknown:

@@ -58,7 +58,41 @@ def start_version(store: Path, name: str, version: str) -> Path:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+    """Write `manifest.json` as strict JSON (RFC 8259). Raises :class:`NonFiniteOutputError`
+    when a metric or loss in it is NaN or infinite: such a version must not be published."""
+    try:
+        text = json.dumps(manifest, indent=2, default=str, allow_nan=False)
+    except ValueError:
+        raise errors.NonFiniteOutputError("the manifest (metrics or losses)", 1, folder.name) from None
+    atomic_write(folder / MANIFEST, text + "\n")
+
+
+def check_finite(folder: Path) -> None:
+    """Refuse a staged version holding any NaN or infinite float (embedding, bias,
+    reconstruction error, anomaly score, weight) in its Parquet tables.
+
+    Reads the written files back batch by batch, so it checks exactly what would be published
+    (all ranks' parts included). Raises :class:`NonFiniteOutputError` naming table and column.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    for path in sorted(folder.glob("*.parquet")):
+        pf = pq.ParquetFile(path)
+        columns = [f.name for f in pf.schema_arrow
+                   if pa.types.is_floating(f.type) or (pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type))
+                   and pa.types.is_floating(f.type.value_type)]
+        bad: dict[str, int] = {}
+        for batch in pf.iter_batches(columns=columns, batch_size=1 << 16):
+            for name, column in zip(batch.schema.names, batch.columns):
+                values = column.flatten() if not pa.types.is_floating(column.type) else column
+                n = pc.sum(pc.invert(pc.is_finite(values))).as_py() or 0  # nulls (no attribute) are not counted
+                if n:
+                    bad[name] = bad.get(name, 0) + int(n)
+        if bad:
+            column, count = next(iter(bad.items()))
+            raise errors.NonFiniteOutputError(f"`{column}` in {path.name}", count, folder.name)
 
 
 def publish(store: Path, name: str, staging: Path) -> Path:
