@@ -215,6 +215,13 @@ def no_such_version(store: Path, name: str, version: str) -> StoreError:
     )
 
 
+def newer_schema(where: str, found: int, supported: int) -> StoreError:
+    return StoreError(
+        f"`{where}` was written with table schema {found}, but this aefeatures reads schemas up to "
+        f"{supported}. Upgrade aefeatures to read it."
+    )
+
+
 class NotFoundError(AEFeaturesError, KeyError):
     """A lookup named a user or item id the live version does not know (exit code 5)."""
 

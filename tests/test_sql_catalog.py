@@ -99,14 +99,37 @@ def test_similarity_macros_equal_numpy(con, three_versions, table, macro, query,
 def test_embedding_as_of_returns_the_version_live_then(con, three_versions):
     _, results = three_versions
     for i, result in enumerate(results):
-        live_from = datetime.fromisoformat(result.manifest["created_at"])
+        live_from = datetime.fromisoformat(result.manifest["valid_from"])
         at = live_from + timedelta(microseconds=1)
         rows = con.execute("SELECT version, embedding FROM movies_user_embedding_asof(42, $t)", {"t": at}).fetchall()
         assert [r[0] for r in rows] == [result.version], i
         ids, vectors = _vectors(result.path, "users")
         np.testing.assert_allclose(rows[0][1], vectors[np.searchsorted(ids, 42)], rtol=1e-6)
-    before = datetime.fromisoformat(results[0].manifest["created_at"]) - timedelta(seconds=1)
+    before = datetime.fromisoformat(results[0].manifest["valid_from"]) - timedelta(seconds=1)
     assert con.execute("SELECT * FROM movies_user_embedding_asof(42, $t)", {"t": before}).fetchall() == []
+
+
+def test_as_of_never_returns_a_version_before_it_existed(con, three_versions):
+    """Point-in-time: at any time, the as-of macros answer only with a version whose values had
+    been written (valid_from <= t), and valid_from comes after that version's training."""
+    _, results = three_versions
+    ends = [datetime.fromisoformat(r.manifest["valid_from"]) for r in results[1:]] + [None]
+    for result, valid_to in zip(results, ends):
+        valid_from = datetime.fromisoformat(result.manifest["valid_from"])
+        trained_from = datetime.fromisoformat(result.manifest["created_at"])
+        assert valid_from >= trained_from  # taken after training, when the tables were written
+        for at in (valid_from - timedelta(microseconds=1), valid_from, valid_from + timedelta(seconds=1)):
+            for macro, key in (("movies_user_embedding_asof", 42), ("movies_item_embedding_asof", 7)):
+                rows = con.execute(f"SELECT version, event_timestamp FROM {macro}($k, $t)",
+                                   {"k": key, "t": at}).fetchall()
+                for version, event_time in rows:
+                    assert event_time <= at, (macro, version, at)
+                live_then = at >= valid_from and (valid_to is None or at < valid_to)
+                assert (result.version in [r[0] for r in rows]) == live_then
+    # every row of every version: event_timestamp is its version's valid_from, last interaction before it
+    bad = con.sql("SELECT count(*) FROM movies_users_all u JOIN movies_versions v USING (version) "
+                  "WHERE u.event_timestamp <> v.valid_from OR u.last_interaction > v.valid_from").fetchall()[0][0]
+    assert bad == 0
 
 
 def test_sql_command_formats_and_parameters(three_versions, tmp_path):

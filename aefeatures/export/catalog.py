@@ -4,7 +4,7 @@
 feature set, views over its live version (`<name>_users`, `<name>_items`,
 `<name>_interactions`), over every published version (`<name>_versions`, `<name>_users_all`,
 `<name>_items_all`) and macros (`<name>_recommend`, `<name>_similar_items`,
-`<name>_similar_users`, `<name>_user_embedding_asof`). Paths are absolute, so the script works
+`<name>_similar_users`, `<name>_user_embedding_asof`, `<name>_item_embedding_asof`). Paths are absolute, so the script works
 from any working directory; it needs no DuckDB extension.
 """
 
@@ -41,7 +41,13 @@ def render_views(root: Path, name: str) -> str:
     manifests = {v: layout.read_manifest(root / name / layout.VERSIONS / v) for v in versions}
     dims = {int(m["dim"]) for m in manifests.values()}
     paths = {v: (root / name / layout.VERSIONS / v).resolve() for v in versions}
+    schemas = {v: int(m.get("schema_version", 1)) for v, m in manifests.items()}
+    live_v1 = schemas[live] == 1  # schema 1: event_timestamp held the latest interaction
     return _template().substitute(
+        live_last="event_timestamp" if live_v1 else "last_interaction",
+        live_event=(f"{_literal(layout.valid_from(manifests[live]))}::TIMESTAMPTZ" if live_v1
+                    else "event_timestamp"),
+        all_last="last_interaction" if max(schemas.values()) > 1 else "NULL::TIMESTAMPTZ",
         name=name,  # validated as [A-Za-z0-9_]+ by the job file
         dim=int(manifests[live]["dim"]),
         live=_literal(live),
@@ -57,8 +63,9 @@ def render_views(root: Path, name: str) -> str:
 
 def _version_row(version: str, m: dict) -> str:
     ndcg = ((m.get("evaluation") or {}).get("model") or {}).get("ndcg@100")
-    return (f"({_literal(version)}, {_literal(m['created_at'])}::TIMESTAMPTZ, {int(m['counts']['users'])}, "
-            f"{int(m['counts']['items'])}, {int(m['dim'])}, {'NULL' if ndcg is None else float(ndcg)}::DOUBLE)")
+    return (f"({_literal(version)}, {_literal(layout.valid_from(m))}::TIMESTAMPTZ, {int(m['counts']['users'])}, "
+            f"{int(m['counts']['items'])}, {int(m['dim'])}, {'NULL' if ndcg is None else float(ndcg)}::DOUBLE, "
+            f"{int(m.get('schema_version', 1))})")
 
 
 def _list(paths) -> str:

@@ -243,10 +243,12 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
                        group: distributed.Group | None) -> RunResult:
     """Build a version from scratch and publish it (the caller holds the lock). Under torchrun
     every rank builds and writes its share of users; rank 0 joins the parts and publishes."""
-    created = datetime.now(timezone.utc)
     name, root = cfg.job.name, cfg.job.store
     made = _build_shard(cfg, progress, group)
     interactions, matrix, emb, timings = made.interactions, made.matrix, made.emb, made.timings
+    # The version's values exist from now on: its event_timestamp (point-in-time), never before
+    # training ended (schema 2).
+    created = datetime.now(timezone.utc)
 
     previous = _live_manifest(root, name)
     version = layout.new_version_id(root, name, created)
@@ -278,6 +280,7 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
             "feature_set": name,
             "version": version,
             "created_at": created.isoformat(),
+            "valid_from": created.isoformat(),  # every row's event_timestamp
             "config": cfg.to_dict(),
             "fingerprint": fingerprint,
             "input": {"files": [vars(f) for f in interactions.files], **read_counts, "pairs": counts["interactions"]},

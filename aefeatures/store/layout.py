@@ -17,7 +17,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aefeatures import errors
+from aefeatures import errors, schema
 from aefeatures.store.runlog import published_versions
 
 if TYPE_CHECKING:
@@ -78,7 +78,17 @@ def never_live(version: str, live: str, published: set[str]) -> bool:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    """A version's manifest, its `schema_version` checked readable (a version written by a newer
+    aefeatures raises ``StoreError``; schema 1 versions stay readable)."""
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    schema.check_schema_version(manifest.get("schema_version", 1), str(folder))
+    return manifest
+
+
+def valid_from(manifest: dict[str, Any]) -> str:
+    """ISO time from which a version's values are valid (its rows' `event_timestamp`). Schema 1
+    manifests have no `valid_from`: their `created_at` (the run's start) stands in."""
+    return manifest.get("valid_from") or manifest["created_at"]
 
 
 def new_version_id(store: Path, name: str, now: datetime) -> str:
