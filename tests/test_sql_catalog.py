@@ -10,6 +10,8 @@ from datetime import datetime, timedelta
 import duckdb
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 from click.testing import CliRunner
 
@@ -196,3 +198,61 @@ def test_feast_export_writes_a_feature_repo(three_versions, tmp_path):
     assert str(results[-1].path.resolve() / "users.parquet") in code
     assert 'Field(name="embedding", dtype=Array(Float32))' in code
     assert "project: movies" in (tmp_path / "repo" / "feature_store.yaml").read_text()
+
+
+def _as_schema_1(folder):
+    """Rewrite a version as aefeatures wrote it before table schema 2."""
+    import pyarrow.parquet as pq
+
+    for table in ("users", "items"):
+        path = folder / f"{table}.parquet"
+        t = pq.read_table(path)
+        last = t.column("last_interaction")
+        t = t.drop_columns(["last_interaction", "event_timestamp"])
+        t = t.add_column(t.schema.get_field_index("created_timestamp"), "event_timestamp",
+                         pa.compute.coalesce(last, t.column("created_timestamp")))
+        pq.write_table(t, path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["schema_version"] = 1
+    del manifest["valid_from"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_schema_1_versions_stay_readable_with_schema_2_meaning(three_versions, tmp_path):
+    import shutil
+
+    root, results = three_versions
+    copy = tmp_path / "store"
+    shutil.copytree(root, copy)
+    old = [_as_schema_1(copy / "movies" / "versions" / r.version) for r in results[:2]]
+    con = connect(copy)
+    rows = con.execute("SELECT DISTINCT version, event_timestamp, schema_version FROM movies_users_all "
+                       "JOIN movies_versions USING (version) ORDER BY version").fetchall()
+    assert [r[0] for r in rows] == [r.version for r in results]
+    assert [r[2] for r in rows] == [1, 1, 2]
+    assert rows[0][1] == datetime.fromisoformat(old[0]["created_at"])
+    got = con.execute("SELECT user_id, last_interaction FROM movies_users_all WHERE version = $v ORDER BY user_id",
+                      {"v": results[0].version}).fetchall()
+    want = pl.read_parquet(results[0].path / "users.parquet").sort("user_id")
+    assert [r[0] for r in got] == want.get_column("user_id").to_list()
+    assert [r[1] for r in got] == want.get_column("last_interaction").to_list()
+    # a schema-1 live version: lookups and the live views work
+    _as_schema_1(copy / "movies" / "versions" / results[2].version)
+    assert aefeatures.open_store(copy)["movies"].recommend(42, k=5).ids.tolist() == \
+        aefeatures.open_store(root)["movies"].recommend(42, k=5).ids.tolist()
+    live = connect(copy).sql("SELECT count(*), count(DISTINCT event_timestamp) FROM movies_users").fetchall()[0]
+    assert live == (2030, 1)
+
+
+def test_a_newer_schema_is_refused_clearly(three_versions, tmp_path):
+    import shutil
+
+    root, results = three_versions
+    copy = tmp_path / "store"
+    shutil.copytree(root, copy)
+    path = copy / "movies" / "versions" / results[-1].version / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "schema_version": 99}))
+    with pytest.raises(aefeatures.errors.StoreError, match="table schema 99.*Upgrade aefeatures"):
+        aefeatures.open_store(copy)["movies"].recommend(42, k=5)

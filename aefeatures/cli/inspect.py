@@ -26,9 +26,9 @@ def versions(store_dir: Path, name: str | None, as_json: bool) -> None:
     if as_json:
         print_json({"feature_set": name, "versions": rows})
         return
-    print_table(["version", "status", "built", "created_at", "users", "items", "dim", "kind", "index",
+    print_table(["version", "status", "built", "valid_from", "users", "items", "dim", "kind", "index",
                   "ndcg@100", "popularity"],
-                 [[r["version"], r["status"], r["built"], r["created_at"][:19], r["users"], r["items"], r["dim"],
+                 [[r["version"], r["status"], r["built"], r["valid_from"][:19], r["users"], r["items"], r["dim"],
                    r["kind"], r["index"], or_dash(r["ndcg@100"]), or_dash(r["popularity_ndcg@100"])]
                   for r in rows])
 

@@ -181,6 +181,7 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
         m = fs.manifest
         return _json({
             "feature_set": fs.name, "version": fs.version, "created_at": m.get("created_at"),
+            "valid_from": m.get("valid_from") or m.get("created_at"), "schema_version": m.get("schema_version", 1),
             "users": m["counts"].get("users"), "items": m["counts"].get("items"), "dim": fs.dim,
             "model": (m.get("config") or {}).get("model", {}).get("kind"), "index": m.get("index"),
             KEY_METRIC: ((m.get("evaluation") or {}).get("model") or {}).get(KEY_METRIC),

@@ -437,7 +437,9 @@ class Store:
                 # the version named in `embedded_with`; "trained": a full run.
                 "built": "embedded" if m.get("embedded_with") else "trained",
                 "embedded_with": (m.get("embedded_with") or {}).get("version"),
-                "created_at": m["created_at"], "users": m["counts"]["users"], "items": m["counts"]["items"],
+                "created_at": m["created_at"], "valid_from": layout.valid_from(m),
+                "schema_version": int(m.get("schema_version", 1)),
+                "users": m["counts"]["users"], "items": m["counts"]["items"],
                 "dim": m["dim"], "kind": m["config"]["model"]["kind"], "index": m["index"]["factory"],
                 KEY_METRIC: ((m.get("evaluation") or {}).get("model") or {}).get(KEY_METRIC),
                 "popularity_" + KEY_METRIC: ((m.get("evaluation") or {}).get("popularity") or {}).get(KEY_METRIC),
