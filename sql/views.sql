@@ -27,6 +27,16 @@ SELECT version, valid_from, lead(valid_from) OVER (ORDER BY version) AS valid_to
        version = ${live} AS live, users, items, dim, ndcg_at_100, schema_version
 FROM (VALUES ${version_rows}) AS v(version, valid_from, users, items, dim, ndcg_at_100, schema_version);
 
+-- What changed at each publish, against the version live before it (NULLs for the first version,
+-- embedded versions and versions written before drift was measured): alignment and its residual,
+-- quantiles of the cosine between shared users' and items' live and new vectors, top-10 churn
+-- of sampled users, and the rank correlation of shared users' anomaly scores.
+CREATE OR REPLACE VIEW ${name}_drift AS
+SELECT * FROM (VALUES ${drift_rows}) AS d(version, against, aligned, residual, user_cos_q05, user_cos_q25,
+    user_cos_q50, user_cos_q75, user_cos_q95, item_cos_q05, item_cos_q50, item_cos_q95, churn_mean,
+    churn_all_changed, anomaly_rank_spearman)
+WHERE version IS NOT NULL;
+
 CREATE OR REPLACE VIEW ${name}_users_all AS
 SELECT f.version, f.user_id, f.embedding, f.n_interactions, f.reconstruction_error,
        CASE WHEN v.schema_version = 1 THEN f.event_timestamp ELSE f.last_interaction END AS last_interaction,

@@ -2,7 +2,7 @@
 
 `duckdb -init STORE/catalog.sql` (or ``con.execute(open(...).read())``) defines, for every
 feature set, views over its live version (`<name>_users`, `<name>_items`,
-`<name>_interactions`), over every published version (`<name>_versions`, `<name>_users_all`,
+`<name>_interactions`), over every published version (`<name>_versions`, `<name>_drift`, `<name>_users_all`,
 `<name>_items_all`) and macros (`<name>_recommend`, `<name>_similar_items`,
 `<name>_similar_users`, `<name>_user_embedding_asof`, `<name>_item_embedding_asof`). Paths are absolute, so the script works
 from any working directory; it needs no DuckDB extension.
@@ -10,6 +10,7 @@ from any working directory; it needs no DuckDB extension.
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -55,6 +56,7 @@ def render_views(root: Path, name: str) -> str:
         items=_literal(folder / layout.ITEMS),
         interactions=_literal(folder / layout.INTERACTIONS),
         version_rows=", ".join(_version_row(v, m) for v, m in manifests.items()),
+        drift_rows=", ".join([_NO_DRIFT] + [_drift_row(v, m) for v, m in manifests.items()]),
         users_all=_list(paths[v] / layout.USERS for v in versions),
         items_all=_list(paths[v] / layout.ITEMS for v in versions),
         all_type=f"FLOAT[{dims.pop()}]" if len(dims) == 1 else "FLOAT[]",  # dims changed: lists
@@ -66,6 +68,22 @@ def _version_row(version: str, m: dict) -> str:
     return (f"({_literal(version)}, {_literal(layout.valid_from(m))}::TIMESTAMPTZ, {int(m['counts']['users'])}, "
             f"{int(m['counts']['items'])}, {int(m['dim'])}, {'NULL' if ndcg is None else float(ndcg)}::DOUBLE, "
             f"{int(m.get('schema_version', 1))})")
+
+
+# A typed row of NULLs, so the view has its column types with no measured version yet.
+_NO_DRIFT = "(NULL::VARCHAR, NULL::VARCHAR, NULL::BOOLEAN" + ", NULL::DOUBLE" * 12 + ")"
+
+
+def _drift_row(version: str, m: dict) -> str:
+    a, d = m.get("alignment") or {}, m.get("drift") or {}
+    uc, ic = d.get("user_cosine") or {}, d.get("item_cosine") or {}
+    values = [a.get("residual"), *(uc.get(q) for q in ("q05", "q25", "q50", "q75", "q95")),
+              *(ic.get(q) for q in ("q05", "q50", "q95")), (d.get("churn") or {}).get("mean"),
+              (d.get("churn") or {}).get("all_changed"), (d.get("anomaly_rank") or {}).get("spearman")]
+    against = d.get("against") or a.get("to_version")
+    aligned = "NULL" if not a else ("true" if a.get("aligned") else "false")
+    return (f"({_literal(version)}, {'NULL' if against is None else _literal(against)}, {aligned}, "
+            + ", ".join(repr(float(v)) if v is not None and math.isfinite(v) else "NULL" for v in values) + ")")
 
 
 def _list(paths) -> str:

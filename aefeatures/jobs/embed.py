@@ -74,6 +74,8 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -
             "created_at": created.isoformat(),
             "schema_version": schema.SCHEMA_VERSION,
             "valid_from": created.isoformat(),
+            "alignment": None,  # the live version's model, unchanged: already in its space
+            "drift": None,  # not measured for an embedded version
             "fingerprint": None,  # not trained on this input: a later `run` must still train
             "embed_fingerprint": fingerprint,
             "embedded_with": {"version": live["version"], "unknown_only_users": len(unknown_only),

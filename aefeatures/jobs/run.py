@@ -28,6 +28,7 @@ from aefeatures.data.matrix import InteractionMatrix, build_matrix
 from aefeatures.data.read import Interactions, input_files, read_interactions
 from aefeatures.jobs.lock import feature_set_lock
 from aefeatures.model import distributed
+from aefeatures.model.align import LiveVectors, align_model, measure_drift, rotate
 from aefeatures.model.autoencoder import Autoencoder, save_model
 from aefeatures.model.embed import Embeddings, embed, encode
 from aefeatures.model.train import TrainResult, train
@@ -125,6 +126,8 @@ class _Built:
     evaluation: dict[str, Any] | None
     emb: Embeddings
     timings: dict[str, float]
+    live: LiveVectors | None = None  # the live version's vectors (rank 0), when there is one
+    alignment: dict[str, Any] | None = None  # the manifest's `alignment` record
 
 
 def _build_shard(cfg: JobConfig, progress: bool | None, group: distributed.Group | None) -> _Built:
@@ -137,9 +140,20 @@ def _build_shard(cfg: JobConfig, progress: bool | None, group: distributed.Group
         matrix = build_matrix(interactions, binarize=cfg.input.binarize, item_ids=_all_items(interactions, group))
     with _timed(timings, "train"):
         trained, evaluation = _train_and_evaluate(matrix, cfg, progress, group)
+    live, alignment = None, None
+    with _timed(timings, "align"):
+        live_manifest = _live_manifest(cfg.job.store, cfg.job.name) if group is None or group.is_leader else None
+        if live_manifest is not None:
+            live = LiveVectors.read(layout.version_dir(cfg.job.store, cfg.job.name, live_manifest["version"]))
+            alignment = align_model(trained.model, matrix, live, seed=cfg.model.seed) if cfg.publish.align else \
+                {"to_version": live.version, "aligned": False, "reason": "`publish.align` is off"}
+        if group is not None:  # every rank folds rank 0's rotation into its copy of the model
+            alignment = group.from_leader(alignment)
+            if alignment and alignment["aligned"] and not group.is_leader:
+                rotate(trained.model, np.asarray(alignment["rotation"]))
     with _timed(timings, "embed"):
         emb = embed(trained.model, matrix)
-    return _Built(interactions, matrix, trained, evaluation, emb, timings)
+    return _Built(interactions, matrix, trained, evaluation, emb, timings, live, alignment)
 
 
 def _all_items(interactions: Interactions, group: distributed.Group | None) -> pl.Series | None:
@@ -272,8 +286,14 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
                                 sample_queries=user_queries(emb.user_vectors[sample]),
                                 target_recall=cfg.index.min_recall)
             save_index(built.index, staging / layout.INDEX)
+        drift = None
+        if made.live is not None:
+            with _timed(timings, "drift"):
+                drift = measure_drift(emb, matrix, anomaly_scores(emb.reconstruction_error, matrix.row_lengths()),
+                                      made.live, seed=cfg.model.seed) if group is None else \
+                    {"against": made.live.version, "reason": "not measured under torchrun"}
         verdict = gate.check(cfg.gate, made.evaluation, previous, index_recall=built.recall_at_10,
-                             min_recall=cfg.index.min_recall)
+                             min_recall=cfg.index.min_recall, drift=drift)
         manifest = {
             "schema_version": schema.SCHEMA_VERSION,
             "aefeatures_version": __version__,
@@ -290,6 +310,8 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
             "training": _training_summary(made.trained),
             "evaluation": made.evaluation,
             "gate": verdict.to_dict(),
+            "alignment": made.alignment,  # None for a feature set's first version
+            "drift": drift,
             "index": {"kind": cfg.index.kind, "factory": built.factory, "recall_at_10": built.recall_at_10,
                       "search": built.search},
             "timings": timings,

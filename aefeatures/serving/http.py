@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from aefeatures import __version__, errors
+from aefeatures.quality import drift
 from aefeatures.schema import KEY_METRIC
 from aefeatures.serving.live import LiveStore
 from aefeatures.serving.lookup import FeatureSet, Neighbours
@@ -185,6 +186,7 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
             "users": m["counts"].get("users"), "items": m["counts"].get("items"), "dim": fs.dim,
             "model": (m.get("config") or {}).get("model", {}).get("kind"), "index": m.get("index"),
             KEY_METRIC: ((m.get("evaluation") or {}).get("model") or {}).get(KEY_METRIC),
+            "alignment": drift.public(m.get("alignment")), "drift": m.get("drift"),
         })
 
     @app.get("/v1/{name}/recommend", response_model=Recommendations, responses=ERRORS,

@@ -18,6 +18,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from aefeatures import errors
+from aefeatures.quality import drift
 from aefeatures.schema import KEY_METRIC
 from aefeatures.store import layout
 from aefeatures.store.index import item_queries, item_rows, load_index, search, stored_rows, user_queries
@@ -443,6 +444,7 @@ class Store:
                 "dim": m["dim"], "kind": m["config"]["model"]["kind"], "index": m["index"]["factory"],
                 KEY_METRIC: ((m.get("evaluation") or {}).get("model") or {}).get(KEY_METRIC),
                 "popularity_" + KEY_METRIC: ((m.get("evaluation") or {}).get("popularity") or {}).get(KEY_METRIC),
+                "alignment": drift.public(m.get("alignment")), "drift": m.get("drift"),
             })
         return out
 
