@@ -64,8 +64,8 @@ def test_two_gloo_ranks_each_train_on_their_users_and_publish_one_version_like_o
     # Each rank wrote its users' rows; joined, the tables are those of one process.
     assert manifest["counts"] == single.manifest["counts"]
     assert manifest["input"] == single.manifest["input"]
-    for table, columns in (("interactions.parquet", None), ("users.parquet", ["user_id", "n_interactions", "event_timestamp"]),
-                           ("items.parquet", ["item_id", "popularity", "event_timestamp"])):
+    for table, columns in (("interactions.parquet", None), ("users.parquet", ["user_id", "n_interactions", "last_interaction"]),
+                           ("items.parquet", ["item_id", "popularity", "last_interaction"])):
         assert pl.read_parquet(version / table, columns=columns).equals(
             pl.read_parquet(single.path / table, columns=columns)), table
     users = pl.read_parquet(version / "users.parquet")

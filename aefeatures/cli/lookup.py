@@ -1,4 +1,5 @@
-"""`recommend`, `similar` and `anomalies`: lookups in the live version (no torch import)."""
+"""`recommend`, `similar` and `anomalies`: lookups in the live version, or one pinned with
+`--version` (no torch import)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ from typing import Any
 
 import click
 
-from aefeatures.cli.options import EXIT_CODES_HELP, json_option, k_option, name_option, open_feature_set, store_option
+from aefeatures.cli.options import (
+    EXIT_CODES_HELP,
+    json_option,
+    k_option,
+    name_option,
+    open_feature_set,
+    store_option,
+    version_option,
+)
 from aefeatures.cli.output import print_json, print_table, ranked, typed, write_parquet
 from aefeatures.errors import BadInputError
 
@@ -15,6 +24,7 @@ from aefeatures.errors import BadInputError
 @click.command(epilog=EXIT_CODES_HELP)
 @store_option
 @name_option
+@version_option
 @click.option("--user", default=None, help="One user id.")
 @click.option("--users-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Many users: a Parquet file (column `user_id`, or its only column) or a text file "
@@ -24,7 +34,7 @@ from aefeatures.errors import BadInputError
 @k_option
 @click.option("--include-seen", is_flag=True, help="Do not leave out the items the user already has.")
 @json_option
-def recommend(store_dir: Path, name: str | None, user: str | None, users_file: Path | None,
+def recommend(store_dir: Path, name: str | None, version: str | None, user: str | None, users_file: Path | None,
               output: Path | None, k: int, include_seen: bool, as_json: bool) -> None:
     """Items for a user (best model score first), without the items they already have.
 
@@ -36,7 +46,7 @@ def recommend(store_dir: Path, name: str | None, user: str | None, users_file: P
         raise click.UsageError("pass exactly one of --user or --users-file")
     if output is not None and users_file is None:
         raise click.UsageError("--output goes with --users-file")
-    fs = open_feature_set(store_dir, name)
+    fs = open_feature_set(store_dir, name, version)
     if user is not None:
         found = fs.recommend(user, k, exclude_seen=not include_seen)
         if as_json:
@@ -83,18 +93,19 @@ def _read_users_file(path: Path) -> list[Any]:
 @click.command(epilog=EXIT_CODES_HELP)
 @store_option
 @name_option
+@version_option
 @click.option("--item", default=None, help="Items like this item.")
 @click.option("--user", default=None, help="Users like this user (cosine similarity of embeddings).")
 @click.option("--metric", type=click.Choice(["ip", "cosine"]), default="ip", show_default=True,
               help="For --item: inner product of item vectors (through the index) or cosine.")
 @k_option
 @json_option
-def similar(store_dir: Path, name: str | None, item: str | None, user: str | None, metric: str, k: int,
+def similar(store_dir: Path, name: str | None, version: str | None, item: str | None, user: str | None, metric: str, k: int,
             as_json: bool) -> None:
     """Items like an item, or users like a user; the item or user itself is left out."""
     if (item is None) == (user is None):
         raise click.UsageError("pass exactly one of --item or --user")
-    fs = open_feature_set(store_dir, name)
+    fs = open_feature_set(store_dir, name, version)
     if item is not None:
         kind, query, found = "item", typed(fs.item_ids, item), fs.similar_items(item, k, metric=metric)
     else:
@@ -110,12 +121,13 @@ def similar(store_dir: Path, name: str | None, item: str | None, user: str | Non
 @click.command(epilog=EXIT_CODES_HELP)
 @store_option
 @name_option
+@version_option
 @k_option
 @json_option
-def anomalies(store_dir: Path, name: str | None, k: int, as_json: bool) -> None:
+def anomalies(store_dir: Path, name: str | None, version: str | None, k: int, as_json: bool) -> None:
     """Users the autoencoder explains worst: highest anomaly score (reconstruction error
     compared with users of similar activity, as a robust z-score) first."""
-    fs = open_feature_set(store_dir, name)
+    fs = open_feature_set(store_dir, name, version)
     rows = fs.anomalies(k)
     if as_json:
         print_json({"feature_set": fs.name, "version": fs.version, "users": rows.to_dicts()})

@@ -400,8 +400,13 @@ class Store:
     def names(self) -> list[str]:
         return layout.feature_sets(self.root)
 
-    def __getitem__(self, name: str) -> FeatureSet:
-        return self.open(name)
+    def __getitem__(self, key: str | tuple[str, str]) -> FeatureSet:
+        """``store[name]``: the live version; ``store[name, version]``: that version, pinned
+        (``StoreError`` if it never was published, ``VersionGoneError`` once retention deleted it)."""
+        if isinstance(key, tuple):
+            name, version = key
+            return self.open(name, version)
+        return self.open(key)
 
     def __contains__(self, name: str) -> bool:
         return name in self.names()

@@ -13,12 +13,13 @@ Readers resolve LATEST once and then read inside that version only. No torch imp
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aefeatures import errors, schema
-from aefeatures.store.runlog import published_versions
+from aefeatures.store.runlog import published_versions, read_runs
 
 if TYPE_CHECKING:
     pass
@@ -31,6 +32,7 @@ USERS, ITEMS, INTERACTIONS = "users.parquet", "items.parquet", "interactions.par
 INDEX = "items.faiss"
 MODEL_DIR = "model"
 VERSION_FORMAT = "%Y%m%dT%H%M%S.%fZ"
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # one plain path component (ids are VERSION_FORMAT)
 
 
 def feature_sets(store: Path) -> list[str]:
@@ -50,8 +52,15 @@ def live_version(store: Path, name: str) -> str:
 
 
 def version_dir(store: Path, name: str, version: str) -> Path:
+    """The folder of published ``version``. Raises ``VersionGoneError`` when retention deleted
+    it (the run log says so), ``StoreError`` when it never was published."""
+    if not VERSION_PATTERN.fullmatch(version):  # also keeps a pinned id from naming another path
+        raise errors.no_such_version(store, name, version)
     path = store / name / VERSIONS / version
     if not (path / MANIFEST).is_file():
+        for run in reversed(read_runs(store / name)):
+            if f"{VERSIONS}/{version}" in (run.get("removed_by_retention") or []):
+                raise errors.version_gone(store, name, version, run.get("ended"))
         raise errors.no_such_version(store, name, version)
     return path
 
