@@ -161,6 +161,9 @@ def test_drift_is_measured_at_every_publish(two_seeds):
     # rotation changes cosines (aligned: high) but neither churn nor anomaly ranks
     assert aligned.manifest["drift"]["user_cosine"]["q50"] > 0.7 > 0.3 > plain.manifest["drift"]["user_cosine"]["q50"]
     assert aligned.manifest["drift"]["churn"] == plain.manifest["drift"]["churn"]
+    page = (aligned.path / "report.html").read_text()
+    assert f"Drift against {aligned.manifest['drift']['against']}" in page
+    assert 'aria-label="drift against the live version"' in page and "top-10 churn" in page
 
 
 def test_drift_in_every_interface(two_seeds):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 from typing import Any, Sequence
 
+from aefeatures.quality.drift import CHURN_K, describe
 from aefeatures.schema import KEY_METRIC, KS
 
 WIDTH, HEIGHT, PAD = 420, 220, 36
@@ -68,13 +69,15 @@ def _drift_chart(drift: dict[str, Any]) -> str:
             f'<text x="4" y="{y + 5}" font-size="12">top-{churn["k"]} churn</text>'
             f'<rect x="{left}" y="{y - 10}" width="{churn["mean"] * scale:.1f}" height="20" fill="#ff9896">'
             f'<title>mean churn {churn["mean"]:.3f}</title></rect>'
-            f'<text x="{left + churn["mean"] * scale + 4:.1f}" y="{y + 5}" font-size="11">{churn["mean"]:.3f} '
-            f'(0 = same top-{churn["k"]}, 1 = all new)</text>')
+            f'<text x="{left + churn["mean"] * scale + 4:.1f}" y="{y + 5}" font-size="11">{churn["mean"]:.3f}</text>'
+            f'<text x="{left - 3}" y="{y + 24}" font-size="10">0</text>'
+            f'<text x="{left + scale - 3}" y="{y + 24}" font-size="10">1</text>')
         y += row
     axis = "".join(f'<text x="{x(v) - 8:.1f}" y="14" font-size="10">{v:g}</text>'
                    f'<line x1="{x(v):.1f}" x2="{x(v):.1f}" y1="18" y2="{y - row + 14}" stroke="#eee"/>'
                    for v in (-1, -0.5, 0, 0.5, 1))
-    return (f'<figure><figcaption>live vs new vectors (cosine axis −1…1; churn 0…1 on the same width)'
+    return (f'<figure><figcaption>cosine between live and new vectors (whiskers 5–95%, box 25–75%, red: median; '
+            f'axis −1…1) and mean top-{churn.get("k", CHURN_K)} churn (0: same top-k, 1: all new)'
             f'</figcaption><svg width="{width}" height="{y}" role="img" aria-label="drift against the live version">'
             f"{axis}{''.join(rows)}</svg></figure>")
 
@@ -90,8 +93,6 @@ def _metrics_table(columns: dict[str, dict[str, float] | None]) -> str:
 
 
 def _drift_section(manifest: dict[str, Any]) -> str:
-    from aefeatures.quality.drift import describe
-
     lines = describe(manifest.get("alignment"), manifest.get("drift"))
     if not lines:
         return ""
