@@ -198,3 +198,18 @@ def test_drift_in_every_interface(two_seeds):
         svc.stop()
     assert status == 200 and body["version"] == plain.version and body["drift"] == plain.manifest["drift"]
     assert body["alignment"]["aligned"] is False and body["valid_from"] == plain.manifest["valid_from"]
+
+
+def test_run_prints_the_drift(two_seeds):
+    from click.testing import CliRunner
+
+    from aefeatures.cli.app import cli
+
+    _, stores = two_seeds
+    out = CliRunner().invoke(cli, ["run", str(stores[False][2]), "--force"])
+    assert out.exit_code == 0, out.output
+    lines = [line for line in out.stdout.splitlines() if line.startswith("  drift")]
+    assert "not aligned to" in lines[0] and "`publish.align` is off" in lines[0]
+    assert any("user cosine vs live: median" in line for line in lines)
+    assert any("top-10 churn: mean" in line for line in lines)
+    assert any("anomaly ranks: Spearman" in line for line in lines)

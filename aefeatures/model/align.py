@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 FIT_USERS = 50_000  # shared users sampled for the Procrustes fit and the cosine figures
 CHURN_USERS = 1_000  # shared users whose top-k are compared
-SCORE_BLOCK = 256  # users scored at once for the churn
+SCORES_PER_BLOCK = 1 << 24  # float32 scores held at once for the churn (64 MiB)
 
 
 @dataclass(frozen=True)
@@ -142,8 +142,9 @@ def measure_drift(emb: Embeddings, matrix: InteractionMatrix, anomaly: np.ndarra
     churn_new, churn_live = _sample((new_u, live_u), CHURN_USERS, seed + 1)
     live_top, new_top = [], []
     new_item_ids, live_item_ids = matrix.item_ids.to_numpy(), live.item_ids
-    for start in range(0, len(churn_new), SCORE_BLOCK):
-        stop = start + SCORE_BLOCK
+    block = max(1, min(256, SCORES_PER_BLOCK // max(len(live_item_ids), len(new_item_ids), 1)))
+    for start in range(0, len(churn_new), block):
+        stop = start + block
         live_top.append(live_item_ids[drift.top_k(live.user_vectors[churn_live[start:stop]], live.item_vectors,
                                                   live.item_bias, k)])
         new_top.append(new_item_ids[drift.top_k(emb.user_vectors[churn_new[start:stop]], emb.item_vectors,
