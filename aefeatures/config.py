@@ -35,7 +35,7 @@ TIMESTAMP_UNITS = ("auto", "s", "ms", "us", "ns")
 ATTRIBUTE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 RESERVED_ATTRIBUTES = frozenset({
     "item_id", "user_id", "embedding", "bias", "popularity", "event_timestamp", "created_timestamp",
-    "n_interactions", "reconstruction_error", "anomaly_score", "version", "score", "rank",
+    "n_interactions", "reconstruction_error", "anomaly_score", "version", "score", "rank", "last_interaction",
     "user", "item", "k", "keep", "ts", "_row",
 })
 
@@ -108,6 +108,12 @@ class EvaluationConfig:
 class GateConfig:
     min_ratio: float = 0.9  # refuse below this × the live version's validation NDCG@100; 0 = off
     beat_popularity: bool = True  # refuse when validation NDCG@100 is not above popularity's
+    max_churn: float = 1.0  # refuse when the mean top-10 churn against the live version exceeds this; 1 = off
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    align: bool = True  # rotate a new model onto the live version's space (orthogonal Procrustes)
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,7 @@ class JobConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     items: ItemsConfig = field(default_factory=ItemsConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     source: Optional[Path] = None  # the job file this came from
 
     def to_dict(self) -> dict[str, Any]:
@@ -293,6 +300,7 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
         ("evaluation.holdout", cfg.evaluation.holdout, 0 < cfg.evaluation.holdout < 1, "it must be in (0, 1)"),
         ("retention.keep", cfg.retention.keep, cfg.retention.keep >= 0, "it must be 0 (keep all) or more"),
         ("gate.min_ratio", cfg.gate.min_ratio, cfg.gate.min_ratio >= 0, "it must be 0 or more"),
+        ("gate.max_churn", cfg.gate.max_churn, 0 <= cfg.gate.max_churn <= 1, "it must be in [0, 1] (1: off)"),
         ("model.precision", m.precision, m.precision in PRECISIONS, f"choose one of {', '.join(PRECISIONS)}"),
         ("model.full_softmax_max_items", m.full_softmax_max_items, m.full_softmax_max_items >= 1,
          "it must be at least 1"),

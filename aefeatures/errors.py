@@ -279,6 +279,18 @@ def ambiguous_feature_set(store: Path, available: Sequence[str]) -> StoreError:
     )
 
 
+class VersionGoneError(StoreError):
+    """A pinned version existed but retention has deleted it (HTTP 410)."""
+
+
+def version_gone(store: Path, name: str, version: str, removed_at: str | None) -> VersionGoneError:
+    when = f" by the run ended {removed_at}" if removed_at else ""
+    return VersionGoneError(
+        f"version `{version}` of feature set `{name}` in `{store}` was deleted by retention{when}. "
+        "Pin a retained version (list them with `aefeatures versions`) or read the live one."
+    )
+
+
 def no_such_version(store: Path, name: str, version: str) -> StoreError:
     return StoreError(
         f"feature set `{name}` in `{store}` has no version `{version}`. "
@@ -295,6 +307,13 @@ class InvalidIdError(BadInputError):
             f"{value!r} is not a valid {kind} id: {kind} ids of this feature set are {expected}. "
             f"Pass the {kind} id as the input spelled it."
         )
+
+
+def newer_schema(where: str, found: int, supported: int) -> StoreError:
+    return StoreError(
+        f"`{where}` was written with table schema {found}, but this aefeatures reads schemas up to "
+        f"{supported}. Upgrade aefeatures to read it."
+    )
 
 
 class NotFoundError(AEFeaturesError, KeyError):

@@ -64,8 +64,8 @@ def test_two_gloo_ranks_each_train_on_their_users_and_publish_one_version_like_o
     # Each rank wrote its users' rows; joined, the tables are those of one process.
     assert manifest["counts"] == single.manifest["counts"]
     assert manifest["input"] == single.manifest["input"]
-    for table, columns in (("interactions.parquet", None), ("users.parquet", ["user_id", "n_interactions", "event_timestamp"]),
-                           ("items.parquet", ["item_id", "popularity", "event_timestamp"])):
+    for table, columns in (("interactions.parquet", None), ("users.parquet", ["user_id", "n_interactions", "last_interaction"]),
+                           ("items.parquet", ["item_id", "popularity", "last_interaction"])):
         assert pl.read_parquet(version / table, columns=columns).equals(
             pl.read_parquet(single.path / table, columns=columns)), table
     users = pl.read_parquet(version / "users.parquet")
@@ -90,3 +90,24 @@ def test_two_gloo_ranks_each_train_on_their_users_and_publish_one_version_like_o
     assert "is up to date" in again.stdout
     runs = (folder / "runs.jsonl").read_text().splitlines()
     assert [json.loads(r)["status"] for r in runs] == ["published", "up_to_date"]
+
+
+def test_every_rank_folds_the_same_alignment(tmp_path):
+    """A second two-rank run aligns to the first: rank 0 fits the rotation and every rank folds
+    it, so all users' published vectors (rank 1's too) are what the saved model makes."""
+    from aefeatures.jobs.embed import embed_job
+
+    first = write_job(tmp_path, model={**MODEL, "epochs": 2}, filename="first.toml",
+                      gate={"beat_popularity": False, "min_ratio": 0.0})
+    assert _torchrun(first).returncode == 0
+    second = write_job(tmp_path, model={**MODEL, "epochs": 2, "seed": 1}, filename="second.toml",
+                       gate={"beat_popularity": False, "min_ratio": 0.0})
+    done = _torchrun(second)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fs = aefeatures.open_store(tmp_path / "store")["movies"]
+    assert fs.manifest["alignment"]["aligned"] and fs.manifest["drift"]["reason"] == "not measured under torchrun"
+    published = pl.read_parquet(fs.path / "users.parquet")
+    embedded = pl.read_parquet(embed_job(load_job_config(second), force=True).path / "users.parquet")
+    assert published.get_column("user_id").equals(embedded.get_column("user_id"))
+    np.testing.assert_allclose(np.stack(published.get_column("embedding").to_numpy()),
+                               np.stack(embedded.get_column("embedding").to_numpy()), atol=1e-5)

@@ -108,9 +108,10 @@ def test_tables_written_in_row_groups_equal_the_whole_tables(tmp_path, monkeypat
     np.testing.assert_array_equal(table.column("reconstruction_error").to_numpy(), whole[1])
     np.testing.assert_array_equal(table.column("anomaly_score").to_numpy(),
                                   anomaly_scores(whole[1], matrix.row_lengths()))
-    last_seen = table.column("event_timestamp").to_numpy().astype("datetime64[us]")
+    last_seen = table.column("last_interaction").to_numpy().astype("datetime64[us]")
     np.testing.assert_array_equal(last_seen, matrix.user_last_seen)
     assert set(table.column("created_timestamp").to_pylist()) == {created}
+    assert set(table.column("event_timestamp").to_pylist()) == {created}
 
     pairs = pq.ParquetFile(tmp_path / layout.INTERACTIONS)
     assert pairs.metadata.num_row_groups > 5

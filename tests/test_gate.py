@@ -32,6 +32,16 @@ def test_gate_rules():
     assert check(GateConfig(), None, previous).passed  # evaluation off: nothing to compare
 
 
+def test_max_churn_refuses_unstable_recommendations():
+    drift = {"churn": {"users": 1000, "k": 10, "mean": 0.4}}
+    assert check(GateConfig(), _evaluation(0.5, 0.1), None, drift=drift).passed  # 1.0: off
+    assert check(GateConfig(max_churn=0.5), _evaluation(0.5, 0.1), None, drift=drift).passed
+    refused = check(GateConfig(max_churn=0.3), _evaluation(0.5, 0.1), None, drift=drift)
+    assert not refused.passed and "churn against the live version is 0.400, above `gate.max_churn` = 0.3" \
+        in refused.reasons[0]
+    assert check(GateConfig(max_churn=0.3), _evaluation(0.5, 0.1), None, drift=None).passed  # first version
+
+
 def test_a_bad_model_is_refused_and_latest_stays_on_the_good_version(tmp_path):
     good = run_job(load_job_config(write_job(tmp_path, model={"epochs": 20})), progress=False)
     bad_job = write_job(tmp_path, model={"epochs": 0}, filename="bad.toml")

@@ -233,7 +233,8 @@ def test_a_known_user_with_nothing_left_is_not_reported_as_not_found(stores, app
     result = _runner().invoke(cli, ["recommend", "--store", str(root), "--users-file", str(users_file), "--json"])
     assert result.exit_code == 0, result.output
     assert "1 of 3 user(s) not found in shop" in result.stderr and "(5)" in result.stderr
-    assert f"1 of 3 known user(s) have no item left to recommend (every item is seen, excluded or filtered out; {full})" in result.stderr
+    assert ("1 of 3 known user(s) have no item left to recommend "
+            f"(every item is seen, excluded or filtered out; {full})") in result.stderr
     assert {r["user_id"] for r in _strict(result.stdout)} == {1}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -78,15 +79,18 @@ def test_published_tables_follow_the_schema(trained):
     assert users.schema.field("n_interactions").type == pa.int32()
     assert users.schema.field("reconstruction_error").type == pa.float32()
     for table in (users, items):
-        for col in ("event_timestamp", "created_timestamp"):
+        for col in ("last_interaction", "event_timestamp", "created_timestamp"):
             assert table.schema.field(col).type == pa.timestamp("us", tz="UTC")
         assert table.schema.metadata[b"aefeatures.dim"] == str(dim).encode()
-        assert table.schema.metadata[b"aefeatures.schema_version"] == b"1"
+        assert table.schema.metadata[b"aefeatures.schema_version"] == b"2"
+        # point-in-time: every row is valid from the version's valid_from, when it was written
+        valid_from = datetime.fromisoformat(result.manifest["valid_from"])
+        assert set(table.column("event_timestamp").to_pylist()) == {valid_from}
+        assert table.column("event_timestamp").equals(table.column("created_timestamp"))
+        assert pa.compute.max(table.column("last_interaction")).as_py() <= valid_from
     assert items.schema.field("popularity").type == pa.int32()
     assert users.column("user_id").to_numpy().tolist() == sorted(users.column("user_id").to_numpy().tolist())
     assert np.isfinite(users.column("reconstruction_error").to_numpy()).all()
-    # event_timestamp is the user's latest interaction, never after the run
-    assert pa.compute.max(users.column("event_timestamp")).as_py() <= pa.compute.min(users.column("created_timestamp")).as_py()
 
 
 def test_index_rows_are_item_rows_with_the_bias_folded_in(trained):
@@ -205,13 +209,18 @@ def test_vae_trains_and_its_recommendations_follow_the_planted_clusters(tmp_path
     assert in_cluster > 0.6
 
 
-def test_without_timestamps_event_time_is_the_runs_time(tmp_path):
+def test_event_time_is_after_training_and_last_interaction_null_without_timestamps(tmp_path):
     job = write_job(tmp_path, input={"path": str(FIXTURES / "interactions.parquet")}, model={"epochs": 1},
                     evaluation={"valid_share": 0.0})
+    started = datetime.now(timezone.utc)
     result = run_job(load_job_config(job), progress=False)
     users = pq.read_table(result.path / "users.parquet")
     assert users.column("event_timestamp").equals(users.column("created_timestamp"))
-    assert users.column("created_timestamp")[0].as_py().isoformat() == result.manifest["created_at"]
+    valid_from = users.column("event_timestamp")[0].as_py()
+    assert valid_from.isoformat() == result.manifest["valid_from"]
+    # the values did not exist before training ended
+    assert valid_from >= started + timedelta(seconds=result.timings["train"])
+    assert users.column("last_interaction").null_count == users.num_rows
 
 
 def test_asking_for_cuda_without_one_is_a_config_error(monkeypatch):

@@ -83,11 +83,11 @@ def test_real_world_export_trains_and_publishes_the_right_values(tmp_path, name)
     assert all(u["n_interactions"] == len(items[u["user_id"]]) for u in users)
     published_items = set(pq.read_table(folder / "items.parquet", columns=["item_id"]).column(0).to_pylist())
     assert published_items == set().union(*items.values())
-    if latest:  # event timestamps are the latest interaction of each user, read back by Python and DuckDB
-        assert {u["user_id"]: u["event_timestamp"] for u in users} == latest
+    if latest:  # each user's latest interaction (`last_interaction`), read back by Python and DuckDB
+        assert {u["user_id"]: u["last_interaction"] for u in users} == latest
         con = duckdb.connect()
         con.execute("SET TimeZone = 'UTC'")
-        back = dict(con.execute(f"SELECT user_id, event_timestamp FROM read_parquet('{folder / 'users.parquet'}')")
+        back = dict(con.execute(f"SELECT user_id, last_interaction FROM read_parquet('{folder / 'users.parquet'}')")
                     .fetchall())
         assert back == latest
         assert all(dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc) < t < dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)

@@ -10,6 +10,8 @@ from datetime import datetime, timedelta
 import duckdb
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 from click.testing import CliRunner
 
@@ -99,14 +101,37 @@ def test_similarity_macros_equal_numpy(con, three_versions, table, macro, query,
 def test_embedding_as_of_returns_the_version_live_then(con, three_versions):
     _, results = three_versions
     for i, result in enumerate(results):
-        live_from = datetime.fromisoformat(result.manifest["created_at"])
+        live_from = datetime.fromisoformat(result.manifest["valid_from"])
         at = live_from + timedelta(microseconds=1)
         rows = con.execute("SELECT version, embedding FROM movies_user_embedding_asof(42, $t)", {"t": at}).fetchall()
         assert [r[0] for r in rows] == [result.version], i
         ids, vectors = _vectors(result.path, "users")
         np.testing.assert_allclose(rows[0][1], vectors[np.searchsorted(ids, 42)], rtol=1e-6)
-    before = datetime.fromisoformat(results[0].manifest["created_at"]) - timedelta(seconds=1)
+    before = datetime.fromisoformat(results[0].manifest["valid_from"]) - timedelta(seconds=1)
     assert con.execute("SELECT * FROM movies_user_embedding_asof(42, $t)", {"t": before}).fetchall() == []
+
+
+def test_as_of_never_returns_a_version_before_it_existed(con, three_versions):
+    """Point-in-time: at any time, the as-of macros answer only with a version whose values had
+    been written (valid_from <= t), and valid_from comes after that version's training."""
+    _, results = three_versions
+    ends = [datetime.fromisoformat(r.manifest["valid_from"]) for r in results[1:]] + [None]
+    for result, valid_to in zip(results, ends):
+        valid_from = datetime.fromisoformat(result.manifest["valid_from"])
+        trained_from = datetime.fromisoformat(result.manifest["created_at"])
+        assert valid_from >= trained_from  # taken after training, when the tables were written
+        for at in (valid_from - timedelta(microseconds=1), valid_from, valid_from + timedelta(seconds=1)):
+            for macro, key in (("movies_user_embedding_asof", 42), ("movies_item_embedding_asof", 7)):
+                rows = con.execute(f"SELECT version, event_timestamp FROM {macro}($k, $t)",
+                                   {"k": key, "t": at}).fetchall()
+                for version, event_time in rows:
+                    assert event_time <= at, (macro, version, at)
+                live_then = at >= valid_from and (valid_to is None or at < valid_to)
+                assert (result.version in [r[0] for r in rows]) == live_then
+    # every row of every version: event_timestamp is its version's valid_from, last interaction before it
+    bad = con.sql("SELECT count(*) FROM movies_users_all u JOIN movies_versions v USING (version) "
+                  "WHERE u.event_timestamp <> v.valid_from OR u.last_interaction > v.valid_from").fetchall()[0][0]
+    assert bad == 0
 
 
 def test_sql_command_formats_and_parameters(three_versions, tmp_path):
@@ -189,3 +214,61 @@ def test_parse_param_types_id_parameters_by_the_id_type():
     # other parameters: an integer only when written as one canonically
     assert parse_param("k=10") == ("k", 10) and parse_param("code=0038") == ("code", "0038")
     assert parse_param("x=1.5") == ("x", 1.5) and parse_param("s=abc") == ("s", "abc")
+
+
+def _as_schema_1(folder):
+    """Rewrite a version as aefeatures wrote it before table schema 2."""
+    import pyarrow.parquet as pq
+
+    for table in ("users", "items"):
+        path = folder / f"{table}.parquet"
+        t = pq.read_table(path)
+        last = t.column("last_interaction")
+        t = t.drop_columns(["last_interaction", "event_timestamp"])
+        t = t.add_column(t.schema.get_field_index("created_timestamp"), "event_timestamp",
+                         pa.compute.coalesce(last, t.column("created_timestamp")))
+        pq.write_table(t, path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["schema_version"] = 1
+    del manifest["valid_from"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_schema_1_versions_stay_readable_with_schema_2_meaning(three_versions, tmp_path):
+    import shutil
+
+    root, results = three_versions
+    copy = tmp_path / "store"
+    shutil.copytree(root, copy)
+    old = [_as_schema_1(copy / "movies" / "versions" / r.version) for r in results[:2]]
+    con = connect(copy)
+    rows = con.execute("SELECT DISTINCT version, event_timestamp, schema_version FROM movies_users_all "
+                       "JOIN movies_versions USING (version) ORDER BY version").fetchall()
+    assert [r[0] for r in rows] == [r.version for r in results]
+    assert [r[2] for r in rows] == [1, 1, 2]
+    assert rows[0][1] == datetime.fromisoformat(old[0]["created_at"])
+    got = con.execute("SELECT user_id, last_interaction FROM movies_users_all WHERE version = $v ORDER BY user_id",
+                      {"v": results[0].version}).fetchall()
+    want = pl.read_parquet(results[0].path / "users.parquet").sort("user_id")
+    assert [r[0] for r in got] == want.get_column("user_id").to_list()
+    assert [r[1] for r in got] == want.get_column("last_interaction").to_list()
+    # a schema-1 live version: lookups and the live views work
+    _as_schema_1(copy / "movies" / "versions" / results[2].version)
+    assert aefeatures.open_store(copy)["movies"].recommend(42, k=5).ids.tolist() == \
+        aefeatures.open_store(root)["movies"].recommend(42, k=5).ids.tolist()
+    live = connect(copy).sql("SELECT count(*), count(DISTINCT event_timestamp) FROM movies_users").fetchall()[0]
+    assert live == (2030, 1)
+
+
+def test_a_newer_schema_is_refused_clearly(three_versions, tmp_path):
+    import shutil
+
+    root, results = three_versions
+    copy = tmp_path / "store"
+    shutil.copytree(root, copy)
+    path = copy / "movies" / "versions" / results[-1].version / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "schema_version": 99}))
+    with pytest.raises(aefeatures.errors.StoreError, match="table schema 99.*Upgrade aefeatures"):
+        aefeatures.open_store(copy)["movies"].recommend(42, k=5)

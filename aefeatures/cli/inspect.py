@@ -26,10 +26,13 @@ def versions(store_dir: Path, name: str | None, as_json: bool) -> None:
     if as_json:
         print_json({"feature_set": name, "versions": rows})
         return
-    print_table(["version", "status", "built", "created_at", "users", "items", "dim", "kind", "index",
-                  "ndcg@100", "popularity"],
-                 [[r["version"], r["status"], r["built"], r["created_at"][:19], r["users"], r["items"], r["dim"],
-                   r["kind"], r["index"], or_dash(r["ndcg@100"]), or_dash(r["popularity_ndcg@100"])]
+    print_table(["version", "status", "built", "valid_from", "users", "items", "dim", "kind", "index",
+                  "ndcg@100", "popularity", "aligned", "user_cos50", "churn@10"],
+                 [[r["version"], r["status"], r["built"], r["valid_from"][:19], r["users"], r["items"], r["dim"],
+                   r["kind"], r["index"], or_dash(r["ndcg@100"]), or_dash(r["popularity_ndcg@100"]),
+                   "-" if not r["alignment"] else ("yes" if r["alignment"]["aligned"] else "no"),
+                   or_dash(((r["drift"] or {}).get("user_cosine") or {}).get("q50")),
+                   or_dash(((r["drift"] or {}).get("churn") or {}).get("mean"))]
                   for r in rows])
 
 

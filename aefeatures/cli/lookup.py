@@ -1,4 +1,5 @@
-"""`recommend`, `similar` and `anomalies`: lookups in the live version (no torch import)."""
+"""`recommend`, `similar` and `anomalies`: lookups in the live version, or one pinned with
+`--version` (no torch import)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ from typing import Any
 
 import click
 
-from aefeatures.cli.options import EXIT_CODES_HELP, json_option, k_option, name_option, open_feature_set, store_option
+from aefeatures.cli.options import (
+    EXIT_CODES_HELP,
+    json_option,
+    k_option,
+    name_option,
+    open_feature_set,
+    store_option,
+    version_option,
+)
 from aefeatures.cli.output import print_json, print_table, ranked, typed, write_parquet
 from aefeatures.errors import BadInputError
 
@@ -27,6 +36,7 @@ def filter_options(command):
 @click.command(epilog=EXIT_CODES_HELP)
 @store_option
 @name_option
+@version_option
 @click.option("--user", default=None, help="One user id.")
 @click.option("--users-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Many users: a Parquet file (column `user_id`, or its only column) or a text file "
@@ -37,7 +47,7 @@ def filter_options(command):
 @click.option("--include-seen", is_flag=True, help="Do not leave out the items the user already has.")
 @filter_options
 @json_option
-def recommend(store_dir: Path, name: str | None, user: str | None, users_file: Path | None,
+def recommend(store_dir: Path, name: str | None, version: str | None, user: str | None, users_file: Path | None,
               output: Path | None, k: int, include_seen: bool, filter_text: str | None, items_file: Path | None,
               as_json: bool) -> None:
     """Items for a user (best model score first), without the items they already have.
@@ -51,7 +61,7 @@ def recommend(store_dir: Path, name: str | None, user: str | None, users_file: P
         raise click.UsageError("pass exactly one of --user or --users-file")
     if output is not None and users_file is None:
         raise click.UsageError("--output goes with --users-file")
-    fs = open_feature_set(store_dir, name)
+    fs = open_feature_set(store_dir, name, version)
     rules = {"filter": filter_text, "items": _read_ids_file(items_file, "item_id", "items") if items_file else None}
     if user is not None:
         found = fs.recommend(user, k, exclude_seen=not include_seen, **rules)
@@ -123,6 +133,7 @@ def _read_ids_file(path: Path, key: str, what: str) -> list[Any]:
 @click.command(epilog=EXIT_CODES_HELP)
 @store_option
 @name_option
+@version_option
 @click.option("--item", default=None, help="Items like this item.")
 @click.option("--user", default=None, help="Users like this user (cosine similarity of embeddings).")
 @click.option("--metric", type=click.Choice(["ip", "cosine"]), default=None,
@@ -131,8 +142,8 @@ def _read_ids_file(path: Path, key: str, what: str) -> list[Any]:
 @k_option
 @filter_options
 @json_option
-def similar(store_dir: Path, name: str | None, item: str | None, user: str | None, metric: str | None, k: int,
-            filter_text: str | None, items_file: Path | None, as_json: bool) -> None:
+def similar(store_dir: Path, name: str | None, version: str | None, item: str | None, user: str | None,
+            metric: str | None, k: int, filter_text: str | None, items_file: Path | None, as_json: bool) -> None:
     """Items like an item, or users like a user; the item or user itself is left out."""
     if (item is None) == (user is None):
         raise click.UsageError("pass exactly one of --item or --user")
@@ -141,7 +152,7 @@ def similar(store_dir: Path, name: str | None, item: str | None, user: str | Non
     if user is not None and metric is not None:
         raise click.UsageError("--metric goes with --item: users are compared by cosine similarity only")
     metric = metric or "ip"
-    fs = open_feature_set(store_dir, name)
+    fs = open_feature_set(store_dir, name, version)
     if item is not None:
         items = _read_ids_file(items_file, "item_id", "items") if items_file else None
         kind, query = "item", typed(fs.item_ids, item)
@@ -159,12 +170,13 @@ def similar(store_dir: Path, name: str | None, item: str | None, user: str | Non
 @click.command(epilog=EXIT_CODES_HELP)
 @store_option
 @name_option
+@version_option
 @click.option("-k", "k", type=click.IntRange(min=1), default=20, show_default=True, help="How many users.")
 @json_option
-def anomalies(store_dir: Path, name: str | None, k: int, as_json: bool) -> None:
+def anomalies(store_dir: Path, name: str | None, version: str | None, k: int, as_json: bool) -> None:
     """Users the autoencoder explains worst: highest anomaly score (reconstruction error
     compared with users of similar activity, as a robust z-score) first."""
-    fs = open_feature_set(store_dir, name)
+    fs = open_feature_set(store_dir, name, version)
     rows = fs.anomalies(k)
     if as_json:
         print_json({"feature_set": fs.name, "version": fs.version, "users": rows.to_dicts()})

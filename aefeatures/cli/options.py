@@ -22,10 +22,14 @@ k_option = click.option("-k", "k", type=click.IntRange(min=1), default=10, show_
                         help="How many results.")
 
 
-def open_feature_set(store_dir: Path, name: str | None):
+version_option = click.option("--version", "version", default=None,
+                              help="Read this version (see `aefeatures versions`) instead of the live one.")
+
+
+def open_feature_set(store_dir: Path, name: str | None, version: str | None = None):
     from aefeatures.serving.lookup import open_store
 
-    return open_store(store_dir).open(name)
+    return open_store(store_dir).open(name, version)
 
 
 def configure_logging(verbose: bool, log_format: str) -> None:

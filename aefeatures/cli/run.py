@@ -59,6 +59,11 @@ def run(job_file: Path, force: bool, as_json: bool) -> None:
         click.echo(f"  gate      metric checks skipped: {m['evaluation_skipped']}")
     click.echo(f"  index     {m['index']['factory']}, recall@10 vs exact {m['index']['recall_at_10']:.3f}")
     click.echo(f"  gate      {gate_summary(m['gate'])}")
+
+    from aefeatures.quality.drift import describe
+
+    for line in describe(m.get("alignment"), m.get("drift")):
+        click.echo(f"  drift     {line}")
     click.echo(f"  stored in {result.path}")
     sample = summary["sample"]
     click.echo(f"  items for user {sample['user']!r}: {', '.join(map(str, sample['recommend']))}")
@@ -146,7 +151,14 @@ def _run_summary(result) -> dict[str, Any]:
         "counts": result.manifest["counts"], "dim": result.manifest["dim"],
         "training": result.manifest["training"], "index": result.manifest["index"],
         "evaluation": result.manifest["evaluation"], "gate": result.manifest["gate"], "status": result.status,
+        "alignment": _public_alignment(result.manifest.get("alignment")), "drift": result.manifest.get("drift"),
         "timings": result.timings,
         "sample": {"user": user, "recommend": [plain(i) for i in fs.recommend(user, 5).ids],
                    "item": item, "similar": [plain(i) for i in fs.similar_items(item, 5).ids]},
     }
+
+
+def _public_alignment(alignment):
+    from aefeatures.quality.drift import public
+
+    return public(alignment)

@@ -2,15 +2,17 @@
 
 `duckdb -init STORE/catalog.sql` (or ``con.execute(open(...).read())``) defines, for every
 feature set, views over its live version (`<name>_users`, `<name>_items`,
-`<name>_interactions`), over every published version (`<name>_versions`, `<name>_users_all`,
+`<name>_interactions`), over every published version (`<name>_versions`, `<name>_drift`, `<name>_users_all`,
 `<name>_items_all`) and macros (`<name>_recommend`, `<name>_similar_items`,
-`<name>_similar_users`, `<name>_user_embedding_asof`, and the filtered `<name>_recommend_where`,
-`<name>_similar_items_where`). `<name>_items` carries the item attributes, if the job has any.
-Paths are absolute, so the script works from any working directory; it needs no DuckDB extension.
+`<name>_similar_users`, `<name>_user_embedding_asof`, `<name>_item_embedding_asof`, and the filtered
+`<name>_recommend_where`, `<name>_similar_items_where`). `<name>_items` carries the item attributes,
+if the job has any. Paths are absolute, so the script works from any working directory; it needs no
+DuckDB extension.
 """
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -43,7 +45,13 @@ def render_views(root: Path, name: str) -> str:
     manifests = {v: layout.read_manifest(root / name / layout.VERSIONS / v) for v in versions}
     dims = {int(m["dim"]) for m in manifests.values()}
     paths = {v: (root / name / layout.VERSIONS / v).resolve() for v in versions}
+    schemas = {v: int(m.get("schema_version", 1)) for v, m in manifests.items()}
+    live_v1 = schemas[live] == 1  # schema 1: event_timestamp held the latest interaction
     return _template().substitute(
+        live_last="event_timestamp" if live_v1 else "last_interaction",
+        live_event=(f"{_literal(layout.valid_from(manifests[live]))}::TIMESTAMPTZ" if live_v1
+                    else "event_timestamp"),
+        all_last="last_interaction" if max(schemas.values()) > 1 else "NULL::TIMESTAMPTZ",
         name=name,  # validated as [A-Za-z0-9_]+ by the job file
         dim=int(manifests[live]["dim"]),
         live=_literal(live),
@@ -52,6 +60,7 @@ def render_views(root: Path, name: str) -> str:
         interactions=_literal(folder / layout.INTERACTIONS),
         **_attribute_parts(folder, manifests[live]),
         version_rows=", ".join(_version_row(v, m) for v, m in manifests.items()),
+        drift_rows=", ".join([_NO_DRIFT] + [_drift_row(v, m) for v, m in manifests.items()]),
         users_all=_list(paths[v] / layout.USERS for v in versions),
         items_all=_list(paths[v] / layout.ITEMS for v in versions),
         all_type=f"FLOAT[{dims.pop()}]" if len(dims) == 1 else "FLOAT[]",  # dims changed: lists
@@ -99,8 +108,25 @@ def id_param_types(root: Path) -> dict[str, str]:
 
 def _version_row(version: str, m: dict) -> str:
     ndcg = ((m.get("evaluation") or {}).get("model") or {}).get("ndcg@100")
-    return (f"({_literal(version)}, {_literal(m['created_at'])}::TIMESTAMPTZ, {int(m['counts']['users'])}, "
-            f"{int(m['counts']['items'])}, {int(m['dim'])}, {'NULL' if ndcg is None else float(ndcg)}::DOUBLE)")
+    return (f"({_literal(version)}, {_literal(layout.valid_from(m))}::TIMESTAMPTZ, {int(m['counts']['users'])}, "
+            f"{int(m['counts']['items'])}, {int(m['dim'])}, {'NULL' if ndcg is None else float(ndcg)}::DOUBLE, "
+            f"{int(m.get('schema_version', 1))})")
+
+
+# A typed row of NULLs, so the view has its column types with no measured version yet.
+_NO_DRIFT = "(NULL::VARCHAR, NULL::VARCHAR, NULL::BOOLEAN" + ", NULL::DOUBLE" * 12 + ")"
+
+
+def _drift_row(version: str, m: dict) -> str:
+    a, d = m.get("alignment") or {}, m.get("drift") or {}
+    uc, ic = d.get("user_cosine") or {}, d.get("item_cosine") or {}
+    values = [a.get("residual"), *(uc.get(q) for q in ("q05", "q25", "q50", "q75", "q95")),
+              *(ic.get(q) for q in ("q05", "q50", "q95")), (d.get("churn") or {}).get("mean"),
+              (d.get("churn") or {}).get("all_changed"), (d.get("anomaly_rank") or {}).get("spearman")]
+    against = d.get("against") or a.get("to_version")
+    aligned = "NULL" if not a else ("true" if a.get("aligned") else "false")
+    return (f"({_literal(version)}, {'NULL' if against is None else _literal(against)}, {aligned}, "
+            + ", ".join(repr(float(v)) if v is not None and math.isfinite(v) else "NULL" for v in values) + ")")
 
 
 def _list(paths) -> str:

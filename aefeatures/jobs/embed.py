@@ -18,7 +18,7 @@ from typing import Any
 
 import polars as pl
 
-from aefeatures import errors
+from aefeatures import errors, schema
 from aefeatures.config import JobConfig
 from aefeatures.data.matrix import build_matrix
 from aefeatures.data.read import Interactions, read_interactions
@@ -49,7 +49,6 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -
     from aefeatures.model.autoencoder import load_model  # torch: only once there is work to do
     from aefeatures.model.embed import embed
 
-    created = datetime.now(timezone.utc)
     root, name = cfg.job.store, cfg.job.name
     source = layout.version_dir(root, name, live["version"])
     timings: dict[str, float] = {}
@@ -62,6 +61,7 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -
     with _timed(timings, "embed"):
         model = load_model(source / layout.MODEL_DIR)
         emb = embed(model, matrix)
+    created = datetime.now(timezone.utc)  # the values exist from now on: every row's event_timestamp
 
     version = layout.new_version_id(root, name, created)
     with publish.staged_version(root, name, version) as staging:
@@ -77,6 +77,10 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -
             **live,
             "version": version,
             "created_at": created.isoformat(),
+            "schema_version": schema.SCHEMA_VERSION,
+            "valid_from": created.isoformat(),
+            "alignment": None,  # the live version's model, unchanged: already in its space
+            "drift": None,  # not measured for an embedded version
             "fingerprint": None,  # not trained on this input: a later `run` must still train
             "embed_fingerprint": fingerprint,
             "embedded_with": {"version": live["version"], "unknown_only_users": len(unknown_only),

@@ -45,6 +45,7 @@ from aefeatures.store.index import build_index, item_rows, save_index, user_quer
 
 if TYPE_CHECKING:  # the training modules import torch: loaded only once a run trains
     from aefeatures.model import distributed
+    from aefeatures.model.align import LiveVectors
     from aefeatures.model.autoencoder import Autoencoder
     from aefeatures.model.embed import Embeddings
     from aefeatures.model.train import TrainResult
@@ -144,11 +145,14 @@ class _Built:
     emb: Embeddings
     timings: dict[str, float]
     evaluation_skipped: str | None = None  # why there is no validation (and so no metric gate)
+    live: LiveVectors | None = None  # the live version's vectors (rank 0), when there is one
+    alignment: dict[str, Any] | None = None  # the manifest's `alignment` record
 
 
 def _build_shard(cfg: JobConfig, progress: bool | None, group: distributed.Group | None) -> _Built:
     """Read, build the matrix, train and evaluate, embed: the whole input in one process, or
     under torchrun this rank's users (with every rank's items, so all share one model)."""
+    from aefeatures.model.align import LiveVectors, align_model, rotate
     from aefeatures.model.embed import embed
 
     timings: dict[str, float] = {}
@@ -158,9 +162,20 @@ def _build_shard(cfg: JobConfig, progress: bool | None, group: distributed.Group
         matrix = build_matrix(interactions, binarize=cfg.input.binarize, item_ids=_all_items(interactions, group))
     with _timed(timings, "train"):
         trained, evaluation, skipped = _train_and_evaluate(matrix, cfg, progress, group)
+    live, alignment = None, None
+    with _timed(timings, "align"):
+        live_manifest = _live_manifest(cfg.job.store, cfg.job.name) if group is None or group.is_leader else None
+        if live_manifest is not None:
+            live = LiveVectors.read(layout.version_dir(cfg.job.store, cfg.job.name, live_manifest["version"]))
+            alignment = align_model(trained.model, matrix, live, seed=cfg.model.seed) if cfg.publish.align else \
+                {"to_version": live.version, "aligned": False, "reason": "`publish.align` is off"}
+        if group is not None:  # every rank folds rank 0's rotation into its copy of the model
+            alignment = group.from_leader(alignment)
+            if alignment and alignment["aligned"] and not group.is_leader:
+                rotate(trained.model, np.asarray(alignment["rotation"]))
     with _timed(timings, "embed"):
         emb = embed(trained.model, matrix)
-    return _Built(interactions, matrix, trained, evaluation, emb, timings, skipped)
+    return _Built(interactions, matrix, trained, evaluation, emb, timings, skipped, live, alignment)
 
 
 def _all_items(interactions: Interactions, group: distributed.Group | None) -> pl.Series | None:
@@ -280,13 +295,16 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
                        group: distributed.Group | None) -> RunResult:
     """Build a version from scratch and publish it (the caller holds the lock). Under torchrun
     every rank builds and writes its share of users; rank 0 joins the parts and publishes."""
+    from aefeatures.model.align import measure_drift
     from aefeatures.model.autoencoder import save_model
 
-    created = datetime.now(timezone.utc)
     name, root = cfg.job.name, cfg.job.store
     attributes = read_attributes(cfg.items) if cfg.items.path is not None else None  # refused before training
     made = _build_shard(cfg, progress, group)
     interactions, matrix, emb, timings = made.interactions, made.matrix, made.emb, made.timings
+    # The version's values exist from now on: its event_timestamp (point-in-time), never before
+    # training ended (schema 2).
+    created = datetime.now(timezone.utc)
 
     previous = _live_manifest(root, name)
     version = layout.new_version_id(root, name, created)
@@ -316,14 +334,21 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
             save_index(built.index, staging / layout.INDEX)
         with _timed(timings, "check"):
             publish.check_finite(staging)  # a NaN embedding, bias or score is never published
+        drift = None
+        if made.live is not None:
+            with _timed(timings, "drift"):
+                drift = measure_drift(emb, matrix, anomaly_scores(emb.reconstruction_error, matrix.row_lengths()),
+                                      made.live, seed=cfg.model.seed) if group is None else \
+                    {"against": made.live.version, "reason": "not measured under torchrun"}
         verdict = gate.check(cfg.gate, made.evaluation, previous, index_recall=built.recall_at_10,
-                             min_recall=cfg.index.min_recall, skipped=made.evaluation_skipped)
+                             min_recall=cfg.index.min_recall, skipped=made.evaluation_skipped, drift=drift)
         manifest = {
             "schema_version": schema.SCHEMA_VERSION,
             "aefeatures_version": __version__,
             "feature_set": name,
             "version": version,
             "created_at": created.isoformat(),
+            "valid_from": created.isoformat(),  # every row's event_timestamp
             "config": cfg.to_dict(),
             "fingerprint": fingerprint,
             "input": {"files": [vars(f) for f in interactions.files], **read_counts, "pairs": counts["interactions"],
@@ -335,6 +360,8 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
             "evaluation": made.evaluation,
             "evaluation_skipped": made.evaluation_skipped,
             "gate": verdict.to_dict(),
+            "alignment": made.alignment,  # None for a feature set's first version
+            "drift": drift,
             "index": {"kind": cfg.index.kind, "factory": built.factory, "recall_at_10": built.recall_at_10,
                       "search": built.search},
             "timings": timings,

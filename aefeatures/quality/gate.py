@@ -20,20 +20,28 @@ class Verdict:
 
 
 def check(cfg: GateConfig, evaluation: dict[str, Any] | None, previous: dict[str, Any] | None, *,
-          index_recall: float = 1.0, min_recall: float = 0.0, skipped: str | None = None) -> Verdict:
-    """Compare a run's validation metrics with popularity and with the live version's, and its
-    index's measured recall with the floor.
+          index_recall: float = 1.0, min_recall: float = 0.0, skipped: str | None = None,
+          drift: dict[str, Any] | None = None) -> Verdict:
+    """Compare a run's validation metrics with popularity and with the live version's, its
+    index's measured recall with the floor, and its recommendation churn with `gate.max_churn`.
 
     ``evaluation`` is the run's manifest `evaluation` section (None when evaluation is off:
     no metric to compare; ``skipped`` says why). ``previous`` is the live version's manifest,
     if any. Without evaluation the metric checks are skipped, and the verdict says so
-    (``metric_checks: "skipped"``).
+    (``metric_checks: "skipped"``). ``drift`` is the run's manifest `drift` section (None
+    without a live version).
     """
     reasons = []
     checked: dict[str, Any] = {"index_recall_at_10": index_recall, "min_recall": min_recall}
     if index_recall < min_recall:
         reasons.append(f"the index's recall@10 against exact search is {index_recall:.3f}, below "
                        f"`index.min_recall` = {min_recall:g}")
+    churn = ((drift or {}).get("churn") or {}).get("mean")
+    if cfg.max_churn < 1 and churn is not None:
+        checked.update(churn=churn, max_churn=cfg.max_churn)
+        if churn > cfg.max_churn:
+            reasons.append(f"mean top-{drift['churn']['k']} churn against the live version is {churn:.3f}, above "
+                           f"`gate.max_churn` = {cfg.max_churn:g}")
     if not evaluation:
         why = skipped or "evaluation is off"
         return Verdict(not reasons, reasons, {**checked, "metric_checks": "skipped",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 from typing import Any, Sequence
 
+from aefeatures.quality.drift import CHURN_K, describe
 from aefeatures.schema import KEY_METRIC, KS
 
 WIDTH, HEIGHT, PAD = 420, 220, 36
@@ -39,6 +40,48 @@ def _chart(title: str, values: Sequence[float], best: int | None) -> str:
     )
 
 
+def _drift_chart(drift: dict[str, Any]) -> str:
+    """Box plots on a −1…1 axis of the cosine between each shared user's / item's live and new
+    vectors (whiskers 5–95%, box 25–75%, tick at the median), and the top-k churn on 0…1."""
+    width, row, left = 520, 46, 120
+    scale = width - left - 20
+
+    def x(v: float, lo: float = -1.0, hi: float = 1.0) -> float:
+        return left + (v - lo) / (hi - lo) * scale
+
+    rows, y = [], 30
+    for what in ("user", "item"):
+        c = drift.get(f"{what}_cosine") or {}
+        if not c.get("count"):
+            continue
+        label = f"{what} cosine (n={c['count']:,})"
+        rows.append(
+            f'<text x="4" y="{y + 5}" font-size="12">{html.escape(label)}</text>'
+            f'<line x1="{x(c["q05"]):.1f}" x2="{x(c["q95"]):.1f}" y1="{y}" y2="{y}" stroke="#555"/>'
+            f'<rect x="{x(c["q25"]):.1f}" y="{y - 10}" width="{x(c["q75"]) - x(c["q25"]):.1f}" height="20" '
+            f'fill="#aec7e8" stroke="#1f77b4"><title>25%–75%: {c["q25"]:.3f}–{c["q75"]:.3f}</title></rect>'
+            f'<line x1="{x(c["q50"]):.1f}" x2="{x(c["q50"]):.1f}" y1="{y - 12}" y2="{y + 12}" stroke="#d62728" '
+            f'stroke-width="3"><title>median {c["q50"]:.3f}</title></line>')
+        y += row
+    churn = drift.get("churn") or {}
+    if churn.get("users"):
+        rows.append(
+            f'<text x="4" y="{y + 5}" font-size="12">top-{churn["k"]} churn</text>'
+            f'<rect x="{left}" y="{y - 10}" width="{churn["mean"] * scale:.1f}" height="20" fill="#ff9896">'
+            f'<title>mean churn {churn["mean"]:.3f}</title></rect>'
+            f'<text x="{left + churn["mean"] * scale + 4:.1f}" y="{y + 5}" font-size="11">{churn["mean"]:.3f}</text>'
+            f'<text x="{left - 3}" y="{y + 24}" font-size="10">0</text>'
+            f'<text x="{left + scale - 3}" y="{y + 24}" font-size="10">1</text>')
+        y += row
+    axis = "".join(f'<text x="{x(v) - 8:.1f}" y="14" font-size="10">{v:g}</text>'
+                   f'<line x1="{x(v):.1f}" x2="{x(v):.1f}" y1="18" y2="{y - row + 14}" stroke="#eee"/>'
+                   for v in (-1, -0.5, 0, 0.5, 1))
+    return (f'<figure><figcaption>cosine between live and new vectors (whiskers 5–95%, box 25–75%, red: median; '
+            f'axis −1…1) and mean top-{churn.get("k", CHURN_K)} churn (0: same top-k, 1: all new)'
+            f'</figcaption><svg width="{width}" height="{y}" role="img" aria-label="drift against the live version">'
+            f"{axis}{''.join(rows)}</svg></figure>")
+
+
 def _metrics_table(columns: dict[str, dict[str, float] | None]) -> str:
     names = [f"{m}@{k}" for m in ("recall", "ndcg", "coverage") for k in KS]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
@@ -47,6 +90,16 @@ def _metrics_table(columns: dict[str, dict[str, float] | None]) -> str:
         cells = "".join(f"<td>{(col or {}).get(metric, float('nan')):.4f}</td>" for col in columns.values())
         rows.append(f"<tr><th>{metric}</th>{cells}</tr>")
     return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _drift_section(manifest: dict[str, Any]) -> str:
+    lines = describe(manifest.get("alignment"), manifest.get("drift"))
+    if not lines:
+        return ""
+    drift = manifest.get("drift") or {}
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    chart = _drift_chart(drift) if "user_cosine" in drift else ""
+    return f"<h2>Drift against {html.escape(str(drift.get('against', '')))}</h2><ul>{items}</ul>{chart}"
 
 
 def render(manifest: dict[str, Any], previous: dict[str, Any] | None) -> str:
@@ -74,6 +127,7 @@ td,th{{border:1px solid #ddd;padding:4px 8px;text-align:right}}figure{{display:i
 {html.escape(manifest['config']['model']['kind'])}, dim {manifest['dim']} · best epoch {best} of
 {len(history)} · quality gate {html.escape(verdict)}</p>
 {charts}
+{_drift_section(manifest)}
 <h2>Validation ({html.escape(str(evaluation.get('protocol', 'off')))})</h2>
 {_metrics_table(columns) if evaluation else skipped}
 </body></html>

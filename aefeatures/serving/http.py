@@ -13,7 +13,7 @@ import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Annotated, Any, Callable, Literal, Sequence, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Sequence, Union
 
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from aefeatures import __version__, errors
+from aefeatures.quality import drift
 from aefeatures.schema import KEY_METRIC, strict_json
 from aefeatures.serving.filters import MAX_FILTER_CHARS
 from aefeatures.serving.live import LiveStore
@@ -122,7 +123,7 @@ class Error(BaseModel):
     error: ErrorBody
 
 
-ERRORS = {code: {"model": Error} for code in (400, 404, 413, 422)}
+ERRORS = {code: {"model": Error} for code in (400, 404, 410, 413, 422)}
 FILTER_DOC = ("Keep only items whose attributes satisfy this SQL boolean expression over the attribute "
               "columns and item_id, e.g. `category = 'books' AND in_stock AND price < 20` or "
               "`list_contains(tags, 'kids')`. Comparisons, AND/OR/NOT, IN, BETWEEN, LIKE, IS NULL, casts "
@@ -181,6 +182,9 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
 
     k_query = Query(10, ge=1, le=limits.max_k, description=f"How many results (at most {limits.max_k}).")
     name_path = Path(description="Feature set name (letters, digits, `_`); any other name is simply not found.")
+    version_query = Query(None, alias="version", max_length=64,
+                          description="Pin a version (see `aefeatures versions`); default: the live one. "
+                                      "404 if it never was published, 410 once retention deleted it.")
     exclude_query = Query([], max_length=limits.max_exclude,
                           description="Item ids to leave out (repeat the parameter); unknown ids are ignored.")
     filter_query = Query(None, max_length=MAX_FILTER_CHARS, description=FILTER_DOC)
@@ -191,38 +195,43 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
         return {"status": "ok", "feature_sets": live.versions()}
 
     @app.get("/v1/{name}/version", summary="The version being served", responses=ERRORS)
-    async def version(name: str = name_path) -> Response:
-        fs = live.get(name)
+    async def version(name: str = name_path, pinned: Optional[str] = version_query) -> Response:
+        fs = live.get(name, pinned)
         m = fs.manifest
         return _json({
             "feature_set": fs.name, "version": fs.version, "created_at": m.get("created_at"),
+            "valid_from": m.get("valid_from") or m.get("created_at"), "schema_version": m.get("schema_version", 1),
             "users": m["counts"].get("users"), "items": m["counts"].get("items"), "dim": fs.dim,
             "model": (m.get("config") or {}).get("model", {}).get("kind"), "index": m.get("index"),
             KEY_METRIC: ((m.get("evaluation") or {}).get("model") or {}).get(KEY_METRIC),
+            "alignment": drift.public(m.get("alignment")), "drift": m.get("drift"),
         })
 
     @app.get("/v1/{name}/recommend", response_model=Recommendations, responses=ERRORS,
              summary="Items for a user, without the items they already have")
     async def recommend(name: str = name_path, user: str = Query(..., max_length=256), k: int = k_query,
                         exclude_seen: bool = True, exclude: list[str] = exclude_query,
-                        filter: str | None = filter_query, items: list[str] | None = items_query) -> Response:
-        fs = live.get(name)
+                        filter: str | None = filter_query, items: list[str] | None = items_query,
+                        pinned: Optional[str] = version_query) -> Response:
+        fs = live.get(name, pinned)
         call = partial(fs.recommend, user, k, exclude_seen=exclude_seen, exclude=exclude, filter=filter, items=items)
         found = call() if _quick(fs, filter) else await run_in_threadpool(call)
         return _json(_answer(fs, user=fs.user_id(user), items=_ranked(found, "item_id")))
 
     @app.post("/v1/{name}/recommend", response_model=BatchRecommendations, responses=ERRORS,
               summary="Items for many users at once")
-    async def recommend_batch(body: BatchRequest, name: str = name_path) -> Response:
-        fs = live.get(name)
+    async def recommend_batch(body: BatchRequest, name: str = name_path,
+                              pinned: Optional[str] = version_query) -> Response:
+        fs = live.get(name, pinned)
         return await run_in_threadpool(_batch, fs, body)
 
     @app.get("/v1/{name}/similar", response_model=SimilarItems, responses=ERRORS,
              summary="Items like an item (the item itself left out)")
     async def similar(name: str = name_path, item: str = Query(..., max_length=256), k: int = k_query,
                       metric: Literal["ip", "cosine"] = "ip", exclude: list[str] = exclude_query,
-                      filter: str | None = filter_query, items: list[str] | None = items_query) -> Response:
-        fs = live.get(name)
+                      filter: str | None = filter_query, items: list[str] | None = items_query,
+                      pinned: Optional[str] = version_query) -> Response:
+        fs = live.get(name, pinned)
         call = partial(fs.similar_items, item, k, metric=metric, exclude=exclude, filter=filter, items=items)
         found = call() if _quick(fs, filter) else await run_in_threadpool(call)
         return _json(_answer(fs, item=fs.item_id(item), items=_ranked(found, "item_id")))
@@ -230,22 +239,24 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
     @app.get("/v1/{name}/similar_users", response_model=SimilarUsers, responses=ERRORS,
              summary="Users like a user, by cosine similarity of their embeddings")
     async def similar_users(name: str = name_path, user: str = Query(..., max_length=256),
-                            k: int = k_query) -> Response:
-        fs = live.get(name)
+                            k: int = k_query, pinned: Optional[str] = version_query) -> Response:
+        fs = live.get(name, pinned)
         found = fs.similar_users(user, k)
         return _json(_answer(fs, user=fs.user_id(user), users=_ranked(found, "user_id")))
 
     @app.post("/v1/{name}/embeddings", response_model=Embeddings, responses=ERRORS,
               summary="Embeddings of users or of items (one of the two per request)")
-    async def embeddings(body: EmbeddingsRequest, name: str = name_path) -> Response:
-        fs = live.get(name)
+    async def embeddings(body: EmbeddingsRequest, name: str = name_path,
+                         pinned: Optional[str] = version_query) -> Response:
+        fs = live.get(name, pinned)
         return await run_in_threadpool(_embeddings, fs, body.users, body.items)
 
     @app.get("/v1/{name}/anomalies", responses=ERRORS,
              summary="Users the model explains worst: bots, random clickers, fraud")
     async def anomalies(name: str = name_path, k: int = Query(20, ge=1, le=limits.max_k, description=(
-            f"How many users (at most {limits.max_k}); 20 as in the CLI and Python API."))) -> Response:
-        fs = live.get(name)
+            f"How many users (at most {limits.max_k}); 20 as in the CLI and Python API.")),
+                        pinned: Optional[str] = version_query) -> Response:
+        fs = live.get(name, pinned)
         return _json(_answer(fs, users=fs.anomalies(k).to_dicts()))
 
     @app.get("/docs", include_in_schema=False)
@@ -314,6 +325,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.NotFoundError)
     async def not_found(request: Request, exc: errors.NotFoundError) -> Response:
         return _error(404, "not_found", str(exc))
+
+    @app.exception_handler(errors.VersionGoneError)
+    async def version_gone(request: Request, exc: errors.VersionGoneError) -> Response:
+        return _error(410, "version_gone", str(exc))
 
     @app.exception_handler(errors.StoreError)
     async def no_feature_set(request: Request, exc: errors.StoreError) -> Response:

@@ -19,6 +19,8 @@ from aefeatures.store import layout
 
 log = logging.getLogger(__name__)
 
+PINNED = 4  # versions pinned by id (`?version=`) kept loaded beside the live ones
+
 
 def pointed_versions(root: Path) -> dict[str, str]:
     """``{name: version}`` the LATEST pointers of the store at ``root`` name (nothing loaded)."""
@@ -37,14 +39,28 @@ class LiveStore:
         self._sets: dict[str, FeatureSet] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pinned: dict[tuple[str, str], FeatureSet] = {}  # versions asked for by id, oldest first
+        self._pin_lock = threading.Lock()
         self.refresh()
 
-    def get(self, name: str) -> FeatureSet:
-        """The current version of ``name``; raises :class:`StoreError` for an unknown name."""
+    def get(self, name: str, version: str | None = None) -> FeatureSet:
+        """The current version of ``name``, or ``version`` pinned (loaded whole on first use and
+        kept, the :data:`PINNED` most recently loaded); raises :class:`StoreError` for an unknown
+        name or version, :class:`VersionGoneError` for a version retention deleted."""
         try:
-            return self._sets[name]
+            current = self._sets[name]
         except KeyError:
             raise errors.not_served(name, sorted(self._sets)) from None
+        if version is None or version == current.version:
+            return current
+        with self._pin_lock:
+            pinned = self._pinned.get((name, version))
+            if pinned is None:
+                pinned = FeatureSet(self.root, name, version).load()
+                self._pinned[(name, version)] = pinned
+                while len(self._pinned) > PINNED:
+                    self._pinned.pop(next(iter(self._pinned)))
+            return pinned
 
     def versions(self) -> dict[str, str]:
         """``{name: version}`` of what is being served now."""

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aefeatures import errors
+from aefeatures.quality import drift
 from aefeatures.schema import KEY_METRIC, distinct, parse_id, parse_ids  # noqa: F401 (public here too)
 from aefeatures.serving.filters import FilterEngine, empty_attributes
 from aefeatures.store import layout
@@ -649,8 +650,13 @@ class Store:
     def names(self) -> list[str]:
         return layout.feature_sets(self.root)
 
-    def __getitem__(self, name: str) -> FeatureSet:
-        return self.open(name)
+    def __getitem__(self, key: str | tuple[str, str]) -> FeatureSet:
+        """``store[name]``: the live version; ``store[name, version]``: that version, pinned
+        (``StoreError`` if it never was published, ``VersionGoneError`` once retention deleted it)."""
+        if isinstance(key, tuple):
+            name, version = key
+            return self.open(name, version)
+        return self.open(key)
 
     def __contains__(self, name: str) -> bool:
         return name in self.names()
@@ -697,10 +703,13 @@ class Store:
                 "built": "attributes" if m.get("attributes_from") else "embedded" if m.get("embedded_with")
                 else "trained",
                 "embedded_with": (m.get("embedded_with") or {}).get("version"),
-                "created_at": m["created_at"], "users": m["counts"]["users"], "items": m["counts"]["items"],
+                "created_at": m["created_at"], "valid_from": layout.valid_from(m),
+                "schema_version": int(m.get("schema_version", 1)),
+                "users": m["counts"]["users"], "items": m["counts"]["items"],
                 "dim": m["dim"], "kind": m["config"]["model"]["kind"], "index": m["index"]["factory"],
                 KEY_METRIC: ((m.get("evaluation") or {}).get("model") or {}).get(KEY_METRIC),
                 "popularity_" + KEY_METRIC: ((m.get("evaluation") or {}).get("popularity") or {}).get(KEY_METRIC),
+                "alignment": drift.public(m.get("alignment")), "drift": m.get("drift"),
             })
         return out
 

@@ -13,12 +13,13 @@ Readers resolve LATEST once and then read inside that version only. No torch imp
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aefeatures import errors
-from aefeatures.store.runlog import RUN_LOG, published_versions
+from aefeatures import errors, schema
+from aefeatures.store.runlog import RUN_LOG, published_versions, read_runs
 
 if TYPE_CHECKING:
     pass
@@ -32,6 +33,7 @@ ATTRIBUTES = "attributes.parquet"  # optional: item attributes in item-row order
 INDEX = "items.faiss"
 MODEL_DIR = "model"
 VERSION_FORMAT = "%Y%m%dT%H%M%S.%fZ"
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # one plain path component (ids are VERSION_FORMAT)
 
 
 def feature_sets(store: Path) -> list[str]:
@@ -60,8 +62,15 @@ def live_version(store: Path, name: str) -> str:
 
 
 def version_dir(store: Path, name: str, version: str) -> Path:
+    """The folder of published ``version``. Raises ``VersionGoneError`` when retention deleted
+    it (the run log says so), ``StoreError`` when it never was published."""
+    if not VERSION_PATTERN.fullmatch(version):  # also keeps a pinned id from naming another path
+        raise errors.no_such_version(store, name, version)
     path = store / name / VERSIONS / version
     if not (path / MANIFEST).is_file():
+        for run in reversed(read_runs(store / name)):
+            if f"{VERSIONS}/{version}" in (run.get("removed_by_retention") or []):
+                raise errors.version_gone(store, name, version, run.get("ended"))
         raise errors.no_such_version(store, name, version)
     return path
 
@@ -88,7 +97,17 @@ def never_live(version: str, live: str, published: set[str]) -> bool:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    """A version's manifest, its `schema_version` checked readable (a version written by a newer
+    aefeatures raises ``StoreError``; schema 1 versions stay readable)."""
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    schema.check_schema_version(manifest.get("schema_version", 1), str(folder))
+    return manifest
+
+
+def valid_from(manifest: dict[str, Any]) -> str:
+    """ISO time from which a version's values are valid (its rows' `event_timestamp`). Schema 1
+    manifests have no `valid_from`: their `created_at` (the run's start) stands in."""
+    return manifest.get("valid_from") or manifest["created_at"]
 
 
 def new_version_id(store: Path, name: str, now: datetime) -> str:

@@ -54,6 +54,11 @@ def write_tables(folder: Path, matrix: InteractionMatrix, emb: Embeddings, *,
                  name: str, version: str, created: datetime, shard: Shard | None = None) -> dict[str, int]:
     """Write users, items and interactions Parquet files; return their row counts.
 
+    ``created`` is the instant the version's values became valid: every row's
+    `event_timestamp` and `created_timestamp` (schema 2, see :func:`aefeatures.schema.users_schema`);
+    callers take it after training, just before writing, and record it as the manifest's
+    `valid_from`. Each row's latest interaction goes to `last_interaction`.
+
     Users and interactions are written a row group at a time, and user vectors are taken from
     ``emb`` a row group at a time (:func:`aefeatures.model.embed.embed` computes them then), so
     memory holds one row group's vectors and pairs whatever the number of users.
@@ -77,8 +82,9 @@ def write_tables(folder: Path, matrix: InteractionMatrix, emb: Embeddings, *,
             _fixed_list(emb.item_vectors),
             pa.array(emb.item_bias),
             pa.array(shard.item_popularity.astype(np.int32)),
-            _timestamps(shard.item_last_seen, created_us),
-            _timestamps(np.full(matrix.shape[1], created_us), created_us),
+            _timestamps(shard.item_last_seen),
+            _timestamps(np.full(matrix.shape[1], created_us)),
+            _timestamps(np.full(matrix.shape[1], created_us)),
         ], schema=schema.items_schema(item_ids.type, emb.dim).with_metadata(meta))
         pq.write_table(items, folder / ITEMS, compression=_compression(items.schema))
     return {"users": matrix.shape[0], "items": matrix.shape[1], "interactions": matrix.nnz}
@@ -115,7 +121,7 @@ def _part_paths(folder: Path, rank: int, *, create: bool = False) -> tuple[Path,
 def _write_users(path: Path, matrix: InteractionMatrix, emb: Embeddings, user_ids: pa.Array,
                  anomaly: np.ndarray, table_schema: pa.Schema, created_us: np.datetime64) -> None:
     n_interactions = matrix.row_lengths().astype(np.int32)
-    last_seen = _timestamps(matrix.user_last_seen, created_us)
+    last_seen = _timestamps(matrix.user_last_seen)
     with pq.ParquetWriter(path, table_schema, compression=_compression(table_schema)) as writer:
         for start in range(0, matrix.shape[0], USERS_PER_ROW_GROUP):
             stop = min(start + USERS_PER_ROW_GROUP, matrix.shape[0])
@@ -126,7 +132,8 @@ def _write_users(path: Path, matrix: InteractionMatrix, emb: Embeddings, user_id
                 pa.array(emb.reconstruction_error[start:stop]),
                 pa.array(anomaly[start:stop]),
                 last_seen[start:stop],
-                _timestamps(np.full(stop - start, created_us), created_us),
+                _timestamps(np.full(stop - start, created_us)),
+                _timestamps(np.full(stop - start, created_us)),
             ], schema=table_schema))
 
 
@@ -165,6 +172,7 @@ def _fixed_list(vectors: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
 
 
-def _timestamps(values: np.ndarray, fallback: np.datetime64) -> pa.Array:
-    filled = np.where(np.isnat(values), fallback, values).astype("datetime64[us]")
-    return pa.array(filled, type=pa.timestamp("us")).cast(schema.TIMESTAMP_TYPE)
+def _timestamps(values: np.ndarray) -> pa.Array:
+    """datetime64 values as UTC timestamps, NaT as null."""
+    values = values.astype("datetime64[us]")
+    return pa.array(values, type=pa.timestamp("us"), mask=np.isnat(values)).cast(schema.TIMESTAMP_TYPE)
