@@ -12,6 +12,7 @@ from aefeatures.store.index import (
     item_rows,
     load_index,
     on_sphere,
+    pq_split,
     save_index,
     search,
     stored_rows,
@@ -37,7 +38,20 @@ def test_named_kinds_and_verbatim_factory_strings():
     assert factory_string("IVF64,SQ8", 10_000, 65) == "IVF64,SQ8"
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize("width", range(2, 300))
+def test_product_quantization_codes_sub_vectors_of_4_to_16_dims_at_every_width(width):
+    padded_width, m = pq_split(width)
+    assert padded_width >= width and padded_width % m == 0 and 4 <= padded_width // m <= 16
+    assert padded_width - width < 4  # padding only as far as the next width with a good split
+
+
+def test_ivfpq_at_a_prime_width_pads_instead_of_one_dimensional_sub_quantizers():
+    # 15 dims + bias + the sphere's column = 17, a prime: it used to give PQ17 (17 one-dim codes)
+    assert factory_string("ivfpq", 5000, 17) == "Pad18,IVF128,PQ2"
+    assert factory_string("ivfpq", 5000, 16) == "IVF128,PQ2"
+    assert factory_string("ivfpq", 5000, 64) == "IVF128,PQ8"
+
+
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfpq"])
 def test_every_kind_reopens_memory_mapped_with_the_same_answers(tmp_path, kind):
     rng = np.random.default_rng(0)

@@ -101,9 +101,33 @@ def factory_string(kind: str, n_items: int, width: int) -> str:
     if kind == "ivf":
         return f"IVF{nlist},Flat"
     if kind == "ivfpq":
-        m = next(m for m in range(max(1, math.ceil(width / 8)), width + 1) if width % m == 0)
-        return f"IVF{nlist},PQ{m}"
+        padded_width, m = pq_split(width)
+        pad = f"Pad{padded_width}," if padded_width != width else ""
+        return f"{pad}IVF{nlist},PQ{m}"
     return kind  # a FAISS factory string given verbatim
+
+
+PQ_SUB_DIMS = (4, 16)  # dims a product-quantization sub-vector may have; 8 is the aim
+
+
+def pq_split(width: int) -> tuple[int, int]:
+    """(padded width, sub-quantizer count M) for product quantization of ``width``-wide rows.
+
+    Each of the M sub-quantizers codes ``padded width / M`` dims in one byte (256 centroids),
+    so about 8 dims each keeps the codes ~``width / 8`` bytes an item (Jégou et al. 2011,
+    "Product quantization for nearest neighbor search"). M divides the width, with the
+    sub-vector width closest to 8 among 4..16; a width with no such divisor (a prime such as
+    17) is padded with zero columns to the nearest one that has (FAISS ``PadN``), rather than
+    cut into one-dimensional sub-vectors (17 one-byte codes, each training its own k-means).
+    """
+    low, high = PQ_SUB_DIMS
+    padded_width = max(width, low)
+    while True:
+        splits = [m for m in range(1, padded_width + 1)
+                  if padded_width % m == 0 and low <= padded_width // m <= high]
+        if splits:
+            return padded_width, min(splits, key=lambda m: (abs(padded_width // m - 8), -m))
+        padded_width += 1
 
 
 def build_index(rows: np.ndarray, kind: str, *, sample_queries: np.ndarray | None = None,
