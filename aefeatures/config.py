@@ -261,15 +261,35 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
         ("model.device", m.device, re.fullmatch(r"auto|cpu|cuda(:\d+)?", m.device),
          "use auto, cpu, cuda or cuda:N"),
         ("index.min_recall", cfg.index.min_recall, 0 <= cfg.index.min_recall <= 1, "it must be in [0, 1]"),
-        ("index.kind", cfg.index.kind, cfg.index.kind.strip() != "",
-         f"use one of {', '.join(INDEX_KINDS)} or a FAISS factory string"),
     ]
     for key, value, ok, rule in rules:
         if not ok:
             raise errors.bad_value(path, key, value, rule)
+    _check_index_kind(path, cfg.index.kind, cfg.model.dim + 1)
     if cfg.input.min_weight is not None and cfg.input.weight_col is None:
         raise errors.bad_value(path, "input.min_weight", cfg.input.min_weight,
                                "it needs `input.weight_col` to know which column to compare")
     for key in ("user_col", "item_col"):
         if getattr(cfg.input, key) == "":
             raise errors.bad_value(path, f"input.{key}", "", "name a column")
+
+
+def _check_index_kind(path: Path, kind: str, width: int) -> None:
+    """A named kind, or a FAISS factory string FAISS can make for ``width``-wide rows (an item's
+    vector and bias, which a verbatim string indexes as they are). Only making the index is
+    tried, not training it, so this costs milliseconds; FAISS is imported only for a string
+    that is not a named kind."""
+    if kind in INDEX_KINDS:
+        return
+    reason = "it is empty"
+    if kind.strip():
+        import faiss  # here only: loading a job file with a named kind needs no FAISS
+
+        try:
+            faiss.index_factory(width, kind, faiss.METRIC_INNER_PRODUCT)
+            return
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[-1].split("Error: ")[-1][:160]
+    name_like = re.fullmatch(r"[A-Za-z_-]+", kind.strip())  # a misspelt name rather than a factory string
+    close = difflib.get_close_matches(kind.lower().replace("_", "").replace("-", ""), INDEX_KINDS, n=1) if name_like else []
+    raise errors.bad_index_kind(path, kind, width, reason, INDEX_KINDS, close[0] if close else None)

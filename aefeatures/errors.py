@@ -73,6 +73,16 @@ def bad_value(path: Path | str, key: str, value: object, rule: str) -> ConfigErr
     return ConfigError(path, f"`{key}` = {value!r} is not allowed: {rule}.")
 
 
+def bad_index_kind(path: Path | str, kind: str, width: int, reason: str, kinds: Sequence[str],
+                   suggestion: str | None) -> ConfigError:
+    hint = f'did you mean "{suggestion}"? ' if suggestion else ""
+    return ConfigError(
+        path, f"`index.kind` = {kind!r} is neither a named kind nor a FAISS factory string FAISS can make "
+        f"for {width}-wide rows ({reason}); {hint}use one of {', '.join(kinds)} or a factory string such "
+        'as "HNSW32,Flat".'
+    )
+
+
 def sparse_updates_under_torchrun() -> BadInputError:
     return BadInputError(
         '`model.sparse_updates` = "on" does not work under torchrun: DistributedDataParallel '
