@@ -141,11 +141,11 @@ def load_job_config(path: Path | str) -> JobConfig:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise errors.ConfigError(path, "file not found. Pass the path of an existing job file.")
+        raise errors.job_file_missing(path)
     except (OSError, UnicodeDecodeError) as exc:
-        raise errors.ConfigError(path, f"cannot be read ({exc}).")
+        raise errors.job_file_unreadable(path, exc)
     except tomllib.TOMLDecodeError as exc:
-        raise errors.ConfigError(path, f"is not valid TOML ({exc}). Fix the syntax.")
+        raise errors.job_file_not_toml(path, exc)
     return config_from_dict(raw, path)
 
 
@@ -156,7 +156,7 @@ def config_from_dict(raw: dict[str, Any], path: Path) -> JobConfig:
     _reject_unknown(path, "", raw, list(sections))
     for required in ("job", "input"):
         if required not in raw:
-            raise errors.ConfigError(path, f"missing section `[{required}]`. Add it (see jobs/example.toml).")
+            raise errors.missing_section(path, required)
     parts = {}
     for name, cls in sections.items():
         table = raw.get(name, {})
@@ -198,7 +198,7 @@ def _build(path: Path, section: str, cls: type, table: dict[str, Any]) -> Any:
         if fld.name in table:
             values[fld.name] = _coerce(path, key, table[fld.name], hints[fld.name])
         elif fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
-            raise errors.ConfigError(path, f"missing key `{key}`. Add it to the `[{section}]` section.")
+            raise errors.missing_key(path, key, section)
     return cls(**values)
 
 

@@ -15,7 +15,7 @@ import click
 
 from aefeatures.cli import inspect, lookup, run, serve, sql
 from aefeatures.cli.options import EXIT_CODES_HELP
-from aefeatures.errors import AEFeaturesError
+from aefeatures.errors import AEFeaturesError, cli_message
 
 
 class _Group(click.Group):
@@ -23,7 +23,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except AEFeaturesError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {cli_message(exc)}", err=True)
             ctx.exit(exc.exit_code)
 
 

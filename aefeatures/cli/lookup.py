@@ -7,12 +7,20 @@ from typing import Any
 
 import click
 
-from aefeatures.cli.options import EXIT_CODES_HELP, json_option, k_option, name_option, open_feature_set, store_option
+from aefeatures import errors
+from aefeatures.cli.options import (
+    LOOKUP_EXIT_CODES_HELP,
+    READ_EXIT_CODES_HELP,
+    json_option,
+    k_option,
+    name_option,
+    open_feature_set,
+    store_option,
+)
 from aefeatures.cli.output import print_json, print_table, ranked, typed, write_parquet
-from aefeatures.errors import BadInputError
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=LOOKUP_EXIT_CODES_HELP)
 @store_option
 @name_option
 @click.option("--user", default=None, help="One user id.")
@@ -70,17 +78,16 @@ def _read_users_file(path: Path) -> list[Any]:
         try:
             frame = pl.read_parquet(path)
         except Exception as exc:  # polars raises several types for unreadable files
-            raise BadInputError(f"users file `{path}` is not a readable Parquet file ({exc}).") from None
+            raise errors.users_file_unreadable(path, exc) from None
         column = "user_id" if "user_id" in frame.columns else (frame.columns[0] if frame.width == 1 else None)
         if column is None:
-            raise BadInputError(f"users file `{path}` has no `user_id` column; found {frame.columns}. "
-                                "Name the column `user_id` or keep a single column.")
+            raise errors.users_file_without_ids(path, frame.columns)
         return frame.get_column(column).drop_nulls().to_list()
     lines = path.read_text(encoding="utf-8").splitlines()
     return [line.strip() for line in lines if line.strip()]
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=LOOKUP_EXIT_CODES_HELP)
 @store_option
 @name_option
 @click.option("--item", default=None, help="Items like this item.")
@@ -107,7 +114,7 @@ def similar(store_dir: Path, name: str | None, item: str | None, user: str | Non
     print_table(["rank", f"{kind}_id", "score"], [list(r.values()) for r in rows])
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=READ_EXIT_CODES_HELP)
 @store_option
 @name_option
 @k_option

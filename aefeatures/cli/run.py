@@ -9,12 +9,12 @@ from typing import Any, Iterator
 
 import click
 
-from aefeatures.cli.options import EXIT_CODES_HELP, json_option
+from aefeatures.cli.options import EMBED_EXIT_CODES_HELP, RUN_EXIT_CODES_HELP, json_option
 from aefeatures.cli.output import echo_metrics, plain, print_json
 from aefeatures.errors import Interrupted
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=RUN_EXIT_CODES_HELP)
 @click.argument("job_file", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Run even if the live version has the same input and config.")
 @json_option
@@ -60,7 +60,7 @@ def run(job_file: Path, force: bool, as_json: bool) -> None:
     click.echo(f"  items like item {sample['item']!r}: {', '.join(map(str, sample['similar']))}")
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=EMBED_EXIT_CODES_HELP)
 @click.argument("job_file", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Embed even if the live version was embedded from the same input.")
 @json_option

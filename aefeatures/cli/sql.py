@@ -7,13 +7,13 @@ from pathlib import Path
 
 import click
 
-from aefeatures.cli.options import EXIT_CODES_HELP, name_option, store_option
+from aefeatures import errors
+from aefeatures.cli.options import READ_EXIT_CODES_HELP, name_option, store_option
 from aefeatures.cli.output import json_default, write_parquet
-from aefeatures.errors import BadInputError
 from aefeatures.store.publish import atomic_write
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=READ_EXIT_CODES_HELP)
 @store_option
 @click.option("-c", "command", default=None, help="SQL to run.")
 @click.option("-f", "file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -54,7 +54,7 @@ def sql(store_dir: Path, command: str | None, file: Path | None, params: tuple[s
         relation = con.sql(text, params=bound or None)  # the last statement's result, if a query
         frame = _frame(relation)
     except duckdb.Error as exc:
-        raise BadInputError(f"SQL failed: {str(exc).splitlines()[0]}") from None
+        raise errors.sql_failed(str(exc).splitlines()[0]) from None
     if frame is not None:
         _write_frame(frame, fmt, output)
 
@@ -106,7 +106,7 @@ def _write_frame(frame, fmt: str, output: Path | None) -> None:
         atomic_write(output, text)
 
 
-@click.command("feast-export", epilog=EXIT_CODES_HELP)
+@click.command("feast-export", epilog=READ_EXIT_CODES_HELP)
 @store_option
 @name_option
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), required=True,

@@ -288,8 +288,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def not_found(request: Request, exc: errors.NotFoundError) -> Response:
         return _error(404, "not_found", str(exc))
 
-    @app.exception_handler(errors.StoreError)
-    async def no_feature_set(request: Request, exc: errors.StoreError) -> Response:
+    @app.exception_handler(errors.FeatureSetNotFoundError)
+    async def no_feature_set(request: Request, exc: errors.FeatureSetNotFoundError) -> Response:
         return _error(404, "no_feature_set", str(exc))
 
     @app.exception_handler(errors.BadInputError)

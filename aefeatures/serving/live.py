@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def pointed_versions(root: Path) -> dict[str, str]:
     """``{name: version}`` the LATEST pointers of the store at ``root`` name (nothing loaded)."""
     if not root.is_dir():
-        raise errors.StoreError(f"store `{root}` does not exist. Run a job first or pass an existing `--store`.")
+        raise errors.no_store(root)
     return {name: layout.live_version(root, name) for name in layout.feature_sets(root)}
 
 
@@ -40,7 +40,7 @@ class LiveStore:
         self.refresh()
 
     def get(self, name: str) -> FeatureSet:
-        """The current version of ``name``; raises :class:`StoreError` for an unknown name."""
+        """The current version of ``name``; raises :class:`FeatureSetNotFoundError` for an unknown name."""
         try:
             return self._sets[name]
         except KeyError:

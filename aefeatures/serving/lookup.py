@@ -223,7 +223,7 @@ class FeatureSet:
         if metric == "cosine":
             return self._cosine_neighbours(self._unit_items, self._item_ids.ids, skip, k)
         if metric != "ip":
-            raise errors.BadInputError(f"`metric` must be \"ip\" or \"cosine\", got {metric!r}.")
+            raise errors.bad_metric(metric)
         queries = item_queries(self._item_vectors[0][[row]])
         k = min(k, self.n_items - len(skip))
         scores, found = search(self.index, queries, max(min(k + len(skip), self.n_items), 1))
@@ -264,8 +264,7 @@ class FeatureSet:
         clickers, fraud. Columns `user_id, n_interactions, reconstruction_error, anomaly_score`."""
         _check_k(k)
         if self._anomaly_table is None:
-            raise errors.BadInputError(f"version {self.version} of `{self.name}` has no anomaly scores "
-                                       "(it was written by an older aefeatures); run the job again to add them.")
+            raise errors.no_anomaly_scores(self.name, self.version)
         return self._anomaly_table.head(k)
 
     # --- internals ---------------------------------------------------------------------------
@@ -361,7 +360,7 @@ class FeatureSet:
 
 def _check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise errors.BadInputError(f"`k` must be an integer of at least 1, got {k!r}.")
+        raise errors.bad_k(k)
 
 
 def _normalised(vectors: np.ndarray) -> np.ndarray:
@@ -394,7 +393,7 @@ class Store:
     def __init__(self, root: Path | str):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise errors.StoreError(f"store `{self.root}` does not exist. Run a job first or pass an existing `--store`.")
+            raise errors.no_store(self.root)
 
     def names(self) -> list[str]:
         return layout.feature_sets(self.root)
