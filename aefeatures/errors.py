@@ -286,6 +286,22 @@ def cli_message(exc: AEFeaturesError) -> str:
     return f"{exc} {hint}" if hint else str(exc)
 
 
+def query_width(shape: tuple, width: int) -> BadInputError:
+    return BadInputError(f"index queries must be {width} wide (the embedding plus one column), got an array "
+                         f"of shape {tuple(shape)}; build them with user_queries or item_queries.")
+
+
+def index_width_mismatch(path: Path | str, index_width: int, dim: int) -> BadInputError:
+    return BadInputError(f"index `{path}` holds {index_width}-wide rows but its version's manifest says "
+                         f"dim {dim} (rows {dim + 1} or {dim + 2} wide); the version's files disagree: "
+                         "run the job again to rebuild it.")
+
+
+def index_metric_mismatch(path: Path | str, metric: int) -> BadInputError:
+    return BadInputError(f"index `{path}` does not score by inner product (FAISS metric {metric}); "
+                         "run the job again to rebuild it.")
+
+
 def bad_metric(metric: object) -> BadInputError:
     return BadInputError(f"`metric` must be \"ip\" or \"cosine\", got {metric!r}.")
 

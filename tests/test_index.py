@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
+from aefeatures.errors import BadInputError
 from aefeatures.store.index import (
+    EmbeddingIndex,
     build_index,
     factory_string,
     item_queries,
@@ -112,3 +115,30 @@ def test_search_effort_rises_until_the_recall_target_is_met(tmp_path):
         save_index(tuned.index, tmp_path / "index.faiss")
         from aefeatures.store.index import search_effort
         assert search_effort(load_index(tmp_path / "index.faiss")) == tuned.search  # saved with it
+
+
+def test_the_embedding_index_checks_the_manifests_width_and_refuses_queries_of_another(tmp_path):
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(3000, 8)).astype(np.float32)
+    rows = item_rows(vectors, rng.normal(size=3000).astype(np.float32))
+    for kind in ("flat", "ivf"):  # 9-wide rows; 10-wide on a sphere
+        save_index(build_index(rows, kind).index, tmp_path / f"{kind}.faiss")
+        index = EmbeddingIndex.open(tmp_path / f"{kind}.faiss", dim=8)
+        queries = user_queries(vectors[:5])
+        np.testing.assert_array_equal(index.search(queries, 10)[1], search(index.faiss, queries, 10)[1])
+        for wrong in (queries[:, :8], queries[:, :4], np.hstack([queries, queries])):  # no silent zero-padding
+            with pytest.raises(BadInputError, match=r"index queries must be 9 wide .* shape \(5, "):
+                index.search(wrong, 10)
+        for dim in (6, 12):
+            with pytest.raises(BadInputError, match=rf"holds {9 if kind == 'flat' else 10}-wide rows but its "
+                                                    rf"version's manifest says dim {dim}"):
+                EmbeddingIndex.open(tmp_path / f"{kind}.faiss", dim=dim)
+    with pytest.raises(BadInputError, match="does not score by inner product"):
+        EmbeddingIndex(faiss.IndexFlatL2(9), dim=8)
+
+
+def test_search_pads_only_the_spheres_column():
+    rows = item_rows(np.eye(6, 4, dtype=np.float32), np.zeros(6, np.float32))
+    built = build_index(rows, "HNSW4,Flat")  # verbatim: 5-wide rows, as they are
+    with pytest.raises(BadInputError, match="must be 5 wide"):
+        search(built.index, user_queries(np.eye(2, 2, dtype=np.float32)), 3)  # used to be padded with zeros

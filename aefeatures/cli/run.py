@@ -127,7 +127,7 @@ def _sample(path: Path, dim: int, k: int = 5) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from aefeatures.store import layout
-    from aefeatures.store.index import item_queries, load_index, search, user_queries
+    from aefeatures.store.index import EmbeddingIndex, item_queries, user_queries
 
     def first_row(table: str, columns: list[str]):
         return next(pq.ParquetFile(path / table).iter_batches(batch_size=1, columns=columns))
@@ -142,11 +142,11 @@ def _sample(path: Path, dim: int, k: int = 5) -> dict[str, Any]:
         seen += batch.column("item_row").to_numpy()[rows == 0].tolist()
         if (rows != 0).any():
             break
-    index = load_index(path / layout.INDEX)
+    index = EmbeddingIndex.open(path / layout.INDEX, dim)
     item_ids = pq.ParquetFile(path / layout.ITEMS).read(columns=["item_id"]).column("item_id")
 
     def top(query: np.ndarray, skip: set[int]) -> list[Any]:
-        found = search(index, query, min(index.ntotal, k + len(skip)))[1][0]
+        found = index.search(query, min(index.ntotal, k + len(skip)))[1][0]
         return [plain(item_ids[int(r)].as_py()) for r in found if r >= 0 and int(r) not in skip][:k]
 
     return {"user": plain(user.column("user_id")[0].as_py()), "recommend": top(user_queries(vector(user)), set(seen)),

@@ -12,7 +12,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
-import faiss
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
@@ -20,7 +19,7 @@ import pyarrow.parquet as pq
 from aefeatures import errors
 from aefeatures.schema import KEY_METRIC
 from aefeatures.store import layout
-from aefeatures.store.index import item_queries, item_rows, load_index, search, stored_rows, user_queries
+from aefeatures.store.index import EmbeddingIndex, item_queries, item_rows, user_queries
 
 
 class Neighbours(NamedTuple):
@@ -98,11 +97,7 @@ class FeatureSet:
 
     def _index_holds_items(self) -> bool:
         """Whether item vectors can come from the (memory-mapped) index at any later time."""
-        index = faiss.downcast_index(self.index)
-        if isinstance(index, faiss.IndexHNSW):
-            index = faiss.downcast_index(index.storage)
-        return isinstance(index, faiss.IndexFlat) or (
-            isinstance(index, faiss.IndexIVFFlat) and index.direct_map.type != faiss.DirectMap.NoMap)
+        return self.index.holds_items()
 
     @cached_property
     def _seen(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -116,8 +111,9 @@ class FeatureSet:
         return indptr, items, users * self.n_items + items  # sorted: the file is in CSR order
 
     @cached_property
-    def index(self):
-        return load_index(self.path / layout.INDEX)
+    def index(self) -> EmbeddingIndex:
+        """The item index, checked against the manifest's ``dim`` when opened."""
+        return EmbeddingIndex.open(self.path / layout.INDEX, self.dim)
 
     @cached_property
     def _anomaly_table(self) -> pl.DataFrame | None:
@@ -226,7 +222,7 @@ class FeatureSet:
             raise errors.bad_metric(metric)
         queries = item_queries(self._item_vectors[0][[row]])
         k = min(k, self.n_items - len(skip))
-        scores, found = search(self.index, queries, max(min(k + len(skip), self.n_items), 1))
+        scores, found = self.index.search(queries, max(min(k + len(skip), self.n_items), 1))
         keep = ~np.isin(found[0], skip) & (found[0] >= 0)
         rows, scores = found[0][keep][:k], scores[0][keep][:k]
         if len(rows) < k:  # an approximate index came back short: score exactly
@@ -323,7 +319,7 @@ class FeatureSet:
         """Fill out_rows/out_scores from one index search of ``fetch`` candidates per user,
         scoring exactly any user the approximate search left short."""
         indptr, seen_items, seen_codes = self._seen
-        scores, found = search(self.index, queries, max(fetch, 1))
+        scores, found = self.index.search(queries, max(fetch, 1))
         valid = found >= 0
         if exclude_seen:
             valid &= ~_is_seen(seen_codes, self.n_items, rows, found)
@@ -348,8 +344,7 @@ class FeatureSet:
     def _stored_rows(self) -> np.ndarray | None:
         """(n_items, dim + 1) the index's rows, without the last column an approximate index's
         rows on a sphere add (see :func:`aefeatures.store.index.on_sphere`)."""
-        rows = stored_rows(self.index)
-        return None if rows is None else rows[:, : self.dim + 1]
+        return self.index.stored_rows()
 
     def _exact_top(self, query: np.ndarray, skip, n: int) -> tuple[np.ndarray, np.ndarray]:
         scores = self._index_rows @ query

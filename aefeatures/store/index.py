@@ -58,10 +58,13 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
 
 
 def padded(queries: np.ndarray, width: int) -> np.ndarray:
-    """(n, width) float32 ``queries`` with zeros after their own columns: indexes built over
-    :func:`on_sphere` rows are one column wider than the queries."""
+    """(n, width) float32 ``queries``, with a zero column added where the index holds
+    :func:`on_sphere` rows, one column wider than the queries. Any other width is refused
+    (:class:`BadInputError`): zeros would score a narrower query silently wrong."""
+    if queries.ndim != 2 or queries.shape[1] not in (width, width - 1):
+        raise errors.query_width(queries.shape, width)
     if queries.shape[1] < width:
-        queries = np.hstack([queries, np.zeros((len(queries), width - queries.shape[1]), np.float32)])
+        queries = np.hstack([queries, np.zeros((len(queries), 1), np.float32)])
     return np.ascontiguousarray(queries, dtype=np.float32)
 
 
@@ -278,3 +281,62 @@ def load_index(path: Path) -> faiss.Index:
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
     except RuntimeError:
         return faiss.read_index(str(path))
+
+
+class EmbeddingIndex:
+    """The read side's item index: a FAISS inner-product index over ``(n_items, dim + 1)``
+    item rows ``[W[j], b[j]]`` (plus the :func:`on_sphere` column for approximate kinds), with
+    the embedding width ``dim`` its queries must have.
+
+    Queries are ``(n, dim + 1)`` float32 (:func:`user_queries`, :func:`item_queries`); any
+    other width raises :class:`BadInputError` rather than being padded. Scores are inner
+    products (``metric`` "ip"), exactly the model's ``z · W[j] + b[j]`` for exact kinds.
+    """
+
+    metric = "ip"
+
+    def __init__(self, index: faiss.Index, dim: int, *, source: Path | str = "(in memory)"):
+        if index.d not in (dim + 1, dim + 2):
+            raise errors.index_width_mismatch(source, index.d, dim)
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise errors.index_metric_mismatch(source, int(index.metric_type))
+        self.faiss, self.dim = index, dim
+
+    @classmethod
+    def open(cls, path: Path, dim: int) -> "EmbeddingIndex":
+        """The index at ``path`` (memory-mapped where FAISS can, see :func:`load_index`),
+        checked against ``dim``, the embedding width the version's manifest records.
+
+        Raises
+        ------
+        BadInputError
+            The index holds rows of another width than ``dim`` + 1 (or + 2 on a sphere), or
+            does not score by inner product: the files of the version disagree.
+        """
+        return cls(load_index(path), dim, source=path)
+
+    @property
+    def ntotal(self) -> int:
+        """Number of items indexed."""
+        return int(self.faiss.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (n, k) float32, item rows (n, k) int64, -1 where fewer were found) of the
+        ``k`` best items for ``(n, dim + 1)`` ``queries``."""
+        if queries.ndim != 2 or queries.shape[1] != self.dim + 1:
+            raise errors.query_width(queries.shape, self.dim + 1)
+        return search(self.faiss, queries, k)
+
+    def stored_rows(self) -> np.ndarray | None:
+        """(n_items, dim + 1) the item rows where the index stores them whole, else None
+        (see :func:`stored_rows`; the sphere's column is dropped)."""
+        rows = stored_rows(self.faiss)
+        return None if rows is None else rows[:, : self.dim + 1]
+
+    def holds_items(self) -> bool:
+        """Whether item rows can come from the (memory-mapped) index at any later time."""
+        index = faiss.downcast_index(self.faiss)
+        if isinstance(index, faiss.IndexHNSW):
+            index = faiss.downcast_index(index.storage)
+        return isinstance(index, faiss.IndexFlat) or (
+            isinstance(index, faiss.IndexIVFFlat) and index.direct_map.type != faiss.DirectMap.NoMap)
