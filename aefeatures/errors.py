@@ -302,6 +302,16 @@ def index_metric_mismatch(path: Path | str, metric: int) -> BadInputError:
                          "run the job again to rebuild it.")
 
 
+def bad_manifest(path: Path | str, problem: str) -> BadInputError:
+    return BadInputError(f"manifest `{path}` cannot be read: {problem}. The version is damaged: run the job "
+                         "again, or remove that version's folder.")
+
+
+def newer_manifest(path: Path | str, found: int, supported: int) -> BadInputError:
+    return BadInputError(f"manifest `{path}` has schema_version {found}, newer than the {supported} this "
+                         "aefeatures reads: it was written by a newer release. Upgrade aefeatures to read it.")
+
+
 def bad_metric(metric: object) -> BadInputError:
     return BadInputError(f"`metric` must be \"ip\" or \"cosine\", got {metric!r}.")
 

@@ -4,12 +4,76 @@ a published version holds (see README "Store layout").
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import pyarrow as pa
+
+from aefeatures import errors
 
 KS = (10, 20, 100)  # cut-offs of the ranking metrics (Recall@k, NDCG@k, coverage@k)
 KEY_METRIC = "ndcg@100"  # the metric that chooses epochs, gates versions and compares them
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # of the tables and of manifest.json; a reader refuses newer ones
+
+
+class Manifest(dict):
+    """A version's ``manifest.json``: the JSON object itself (keys unchanged, so every reader
+    that indexes it by key keeps working), with typed accessors for the facts every reader
+    needs. Made only by :meth:`from_json`, which checks ``schema_version``.
+    """
+
+    REQUIRED = ("version", "dim")  # what opening a version needs; other keys are read where used
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.get("schema_version", 1))  # the first manifests had no such key
+
+    @property
+    def feature_set(self) -> str:
+        return str(self["feature_set"])
+
+    @property
+    def version(self) -> str:
+        return str(self["version"])
+
+    @property
+    def dim(self) -> int:
+        """Width of the user and item embeddings."""
+        return int(self["dim"])
+
+    @property
+    def embedded_with(self) -> str | None:
+        """The version whose model embedded this one's users (`aefeatures embed`), or None for a
+        trained version."""
+        return (self.get("embedded_with") or {}).get("version")
+
+    @classmethod
+    def from_json(cls, text: str, where: Path | str) -> "Manifest":
+        """Parse ``text`` (the manifest at ``where``).
+
+        Raises
+        ------
+        BadInputError
+            Not a JSON object, a required key missing, or a ``schema_version`` newer than
+            this aefeatures reads (written by a newer release).
+        """
+        try:
+            raw: Any = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise errors.bad_manifest(where, f"it is not JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise errors.bad_manifest(where, "it is not a JSON object")
+        found = raw.get("schema_version", 1)
+        if not isinstance(found, int) or isinstance(found, bool) or found < 1:
+            raise errors.bad_manifest(where, f"`schema_version` is {found!r}, not a positive integer")
+        if found > SCHEMA_VERSION:
+            raise errors.newer_manifest(where, found, SCHEMA_VERSION)
+        missing = [key for key in cls.REQUIRED if key not in raw]
+        if missing:
+            raise errors.bad_manifest(where, f"it lacks {', '.join(f'`{k}`' for k in missing)}")
+        return cls(raw)
 
 # Canonical column names of the interaction frame after reading (whatever the input calls them).
 USER, ITEM, WEIGHT, TIMESTAMP = "user_id", "item_id", "weight", "timestamp"

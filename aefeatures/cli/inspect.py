@@ -58,7 +58,8 @@ def evaluate(store_dir: Path, name: str | None, version: str | None, as_json: bo
         return
     echo_metrics(out["evaluation"])
     gate = out["gate"] or {}
-    click.echo("quality gate: " + ("passed" if gate.get("passed", True) else "refused: " + "; ".join(gate["reasons"])))
+    click.echo("quality gate: " + (gate.get("why", "not run") if gate.get("skipped") else "passed"
+                                   if gate.get("passed", True) else "refused: " + "; ".join(gate["reasons"])))
 
 
 @click.command(epilog=READ_EXIT_CODES_HELP)

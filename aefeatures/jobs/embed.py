@@ -18,13 +18,14 @@ from typing import Any
 
 import polars as pl
 
-from aefeatures import errors
+from aefeatures import __version__, errors
 from aefeatures.config import JobConfig
 from aefeatures.data.matrix import build_matrix
 from aefeatures.data.read import Interactions, read_interactions
-from aefeatures.jobs.run import RunResult, _refresh_sql_catalog, _timed, scheduled
+from aefeatures.jobs.run import REPORT, RunResult, _refresh_sql_catalog, _timed, scheduled
 from aefeatures.model.autoencoder import load_model
 from aefeatures.model.embed import embed
+from aefeatures.quality import report
 from aefeatures.schema import ITEM, USER
 from aefeatures.store import layout, publish, tables
 
@@ -70,6 +71,13 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -
             _link_or_copy(source / layout.INDEX, staging / layout.INDEX)
         manifest = {
             **live,
+            "aefeatures_version": __version__,
+            # this job's own file: its input (path, min_weight, …); model and index are the live
+            # version's, which made the vectors and the index this version reuses
+            "config": {**cfg.to_dict(), "model": live["config"]["model"], "index": live["config"]["index"]},
+            # no gate ran: the model, its metrics and the index are the live version's
+            "gate": {"passed": None, "skipped": True, "reasons": [],
+                     "why": f"not run: users embedded with the model of version {live['version']}"},
             "version": version,
             "created_at": created.isoformat(),
             "fingerprint": None,  # not trained on this input: a later `run` must still train
@@ -83,6 +91,7 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -
         }
         with _timed(timings, "publish"):
             publish.write_manifest(staging, manifest)
+            publish.atomic_write(staging / REPORT, report.render(manifest, live))
             final = publish.publish(root, name, staging)
             _refresh_sql_catalog(root)
     if unknown_only:

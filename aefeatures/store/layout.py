@@ -12,16 +12,15 @@ Readers resolve LATEST once and then read inside that version only. No torch imp
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aefeatures import errors
 from aefeatures.store.runlog import published_versions
 
 if TYPE_CHECKING:
-    pass
+    from aefeatures.schema import Manifest
 LATEST = "LATEST"
 VERSIONS = "versions"
 STAGING = ".staging"
@@ -77,8 +76,13 @@ def never_live(version: str, live: str, published: set[str]) -> bool:
     return version > live and version not in published
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+def read_manifest(folder: Path) -> "Manifest":
+    """The manifest of the version in ``folder``: the one reader, which checks its
+    ``schema_version`` (see :class:`aefeatures.schema.Manifest`)."""
+    from aefeatures.schema import Manifest  # pyarrow, which schema needs, only once a manifest is read
+
+    path = folder / MANIFEST
+    return Manifest.from_json(path.read_text(encoding="utf-8"), path)
 
 
 def new_version_id(store: Path, name: str, now: datetime) -> str:
