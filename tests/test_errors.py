@@ -82,3 +82,10 @@ def test_the_http_service_answers_404_for_an_unknown_feature_set_only():
     assert status(errors.no_feature_set(Path("store"), "books", ["movies"])) == 404
     assert status(errors.no_store(Path("store"))) == 404
     assert status(errors.store_not_writable(Path("store"), "Permission denied")) == 400
+
+
+def test_the_readme_lists_the_same_exit_codes():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("Exit codes:"):].split("\n\n")[1]
+    listed = {line.split("|")[1].strip() for line in table.splitlines()[2:]}
+    assert listed == {" / ".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in errors.EXIT_CODES}
