@@ -35,16 +35,13 @@ def sql(store_dir: Path, command: str | None, file: Path | None, params: tuple[s
     """
     import duckdb
 
-    from aefeatures.export.catalog import connect, parse_param
+    from aefeatures.export.catalog import connect
 
     if command is not None and file is not None:
         raise click.UsageError("pass -c or -f, not both")
     if fmt == "parquet" and output is None:
         raise click.UsageError("--format parquet needs --output FILE")
-    try:
-        bound = dict(parse_param(p) for p in params)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+    bound = dict(_parse_param(p) for p in params)
     con = connect(store_dir)
     text = command if command is not None else file.read_text(encoding="utf-8") if file else None
     try:
@@ -120,3 +117,17 @@ def feast_export(store_dir: Path, name: str | None, output: Path) -> None:
     name = name or open_store(store_dir).default_name()
     for path in export_feast_repo(store_dir, name, output):
         click.echo(f"wrote {path}")
+
+
+def _parse_param(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` from the command line → (name, int | float | str). The value only ever
+    reaches SQL as a bound parameter (``$NAME``), never as SQL text."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise click.UsageError(f"`--param {text}` must look like NAME=VALUE, with NAME a plain identifier")
+    for cast in (int, float):
+        try:
+            return name, cast(value)
+        except ValueError:
+            pass
+    return name, value

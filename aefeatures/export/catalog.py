@@ -85,17 +85,3 @@ def connect(root: Path):
     if catalog.strip():
         con.execute(catalog)
     return con
-
-
-def parse_param(text: str) -> tuple[str, object]:
-    """``NAME=VALUE`` from the command line → (name, int | float | str). The value only ever
-    reaches SQL as a bound parameter (``$NAME``), never as SQL text."""
-    name, sep, value = text.partition("=")
-    if not sep or not name.isidentifier():
-        raise ValueError(f"`--param {text}` must look like NAME=VALUE, with NAME a plain identifier")
-    for cast in (int, float):
-        try:
-            return name, cast(value)
-        except ValueError:
-            pass
-    return name, value
