@@ -291,9 +291,9 @@ def query_width(shape: tuple, width: int) -> BadInputError:
                          f"of shape {tuple(shape)}; build them with user_queries or item_queries.")
 
 
-def index_width_mismatch(path: Path | str, index_width: int, dim: int) -> BadInputError:
+def index_width_mismatch(path: Path | str, index_width: int, dim: int, widths: Sequence[int]) -> BadInputError:
     return BadInputError(f"index `{path}` holds {index_width}-wide rows but its version's manifest says "
-                         f"dim {dim} (rows {dim + 1} or {dim + 2} wide); the version's files disagree: "
+                         f"dim {dim} (rows {' or '.join(map(str, widths))} wide); the version's files disagree: "
                          "run the job again to rebuild it.")
 
 

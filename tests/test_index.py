@@ -133,6 +133,8 @@ def test_the_embedding_index_checks_the_manifests_width_and_refuses_queries_of_a
             with pytest.raises(BadInputError, match=rf"holds {9 if kind == 'flat' else 10}-wide rows but its "
                                                     rf"version's manifest says dim {dim}"):
                 EmbeddingIndex.open(tmp_path / f"{kind}.faiss", dim=dim)
+    with pytest.raises(BadInputError, match=r"holds 10-wide rows but its version's manifest says dim 8 \(rows 9 wide\)"):
+        EmbeddingIndex.open(tmp_path / "ivf.faiss", dim=8, on_sphere=False)  # a manifest saying "flat"
     with pytest.raises(BadInputError, match="does not score by inner product"):
         EmbeddingIndex(faiss.IndexFlatL2(9), dim=8)
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from aefeatures import errors
 from aefeatures.schema import KEY_METRIC
 from aefeatures.store import layout
-from aefeatures.store.index import EmbeddingIndex, item_queries, item_rows, user_queries
+from aefeatures.store.index import EmbeddingIndex, holds_rows_on_sphere, item_queries, item_rows, user_queries
 
 
 class Neighbours(NamedTuple):
@@ -113,7 +113,10 @@ class FeatureSet:
     @cached_property
     def index(self) -> EmbeddingIndex:
         """The item index, checked against the manifest's ``dim`` when opened."""
-        return EmbeddingIndex.open(self.path / layout.INDEX, self.dim)
+        built = self.manifest.get("index") or {}
+        sphere = (holds_rows_on_sphere(built["kind"], built["factory"])
+                  if {"kind", "factory"} <= set(built) else None)
+        return EmbeddingIndex.open(self.path / layout.INDEX, self.dim, on_sphere=sphere)
 
     @cached_property
     def _anomaly_table(self) -> pl.DataFrame | None:

@@ -150,7 +150,7 @@ def build_index(rows: np.ndarray, kind: str, *, sample_queries: np.ndarray | Non
     n, width = rows.shape
     factory = factory_string(kind, n, width)
     exact_rows = rows
-    if factory != "Flat" and kind in INDEX_KINDS:  # a verbatim factory string indexes the rows as they are
+    if holds_rows_on_sphere(kind, factory):  # a verbatim factory string indexes the rows as they are
         rows = on_sphere(rows)
         factory = factory_string(kind, n, width + 1)
     try:
@@ -283,6 +283,12 @@ def load_index(path: Path) -> faiss.Index:
         return faiss.read_index(str(path))
 
 
+def holds_rows_on_sphere(kind: str, factory: str) -> bool:
+    """Whether :func:`build_index` built ``factory`` (from the job file's ``kind``) over the
+    :func:`on_sphere` rows, one column wider than the queries."""
+    return factory != "Flat" and kind in INDEX_KINDS
+
+
 class EmbeddingIndex:
     """The read side's item index: a FAISS inner-product index over ``(n_items, dim + 1)``
     item rows ``[W[j], b[j]]`` (plus the :func:`on_sphere` column for approximate kinds), with
@@ -295,17 +301,20 @@ class EmbeddingIndex:
 
     metric = "ip"
 
-    def __init__(self, index: faiss.Index, dim: int, *, source: Path | str = "(in memory)"):
-        if index.d not in (dim + 1, dim + 2):
-            raise errors.index_width_mismatch(source, index.d, dim)
+    def __init__(self, index: faiss.Index, dim: int, *, on_sphere: bool | None = None,
+                 source: Path | str = "(in memory)"):
+        widths = {None: (dim + 1, dim + 2), False: (dim + 1,), True: (dim + 2,)}[on_sphere]
+        if index.d not in widths:
+            raise errors.index_width_mismatch(source, index.d, dim, widths)
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise errors.index_metric_mismatch(source, int(index.metric_type))
         self.faiss, self.dim = index, dim
 
     @classmethod
-    def open(cls, path: Path, dim: int) -> "EmbeddingIndex":
+    def open(cls, path: Path, dim: int, *, on_sphere: bool | None = None) -> "EmbeddingIndex":
         """The index at ``path`` (memory-mapped where FAISS can, see :func:`load_index`),
-        checked against ``dim``, the embedding width the version's manifest records.
+        checked against ``dim``, the embedding width the version's manifest records, and,
+        where known (:func:`holds_rows_on_sphere`), whether it holds rows on a sphere.
 
         Raises
         ------
@@ -313,7 +322,7 @@ class EmbeddingIndex:
             The index holds rows of another width than ``dim`` + 1 (or + 2 on a sphere), or
             does not score by inner product: the files of the version disagree.
         """
-        return cls(load_index(path), dim, source=path)
+        return cls(load_index(path), dim, on_sphere=on_sphere, source=path)
 
     @property
     def ntotal(self) -> int:
