@@ -186,11 +186,11 @@ def load_job_config(path: Path | str) -> JobConfig:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise errors.ConfigError(path, "file not found. Pass the path of an existing job file.")
+        raise errors.job_file_missing(path)
     except (OSError, UnicodeDecodeError) as exc:
-        raise errors.ConfigError(path, f"cannot be read ({exc}).")
+        raise errors.job_file_unreadable(path, exc)
     except tomllib.TOMLDecodeError as exc:
-        raise errors.ConfigError(path, f"is not valid TOML ({exc}). Fix the syntax.")
+        raise errors.job_file_not_toml(path, exc)
     return config_from_dict(raw, path)
 
 
@@ -201,7 +201,7 @@ def config_from_dict(raw: dict[str, Any], path: Path) -> JobConfig:
     _reject_unknown(path, "", raw, list(sections))
     for required in ("job", "input"):
         if required not in raw:
-            raise errors.ConfigError(path, f"missing section `[{required}]`. Add it (see jobs/example.toml).")
+            raise errors.missing_section(path, required)
     parts = {}
     for name, cls in sections.items():
         table = raw.get(name, {})
@@ -245,7 +245,7 @@ def _build(path: Path, section: str, cls: type, table: dict[str, Any]) -> Any:
         if fld.name in table:
             values[fld.name] = _coerce(path, key, table[fld.name], hints[fld.name])
         elif fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
-            raise errors.ConfigError(path, f"missing key `{key}`. Add it to the `[{section}]` section.")
+            raise errors.missing_key(path, key, section)
     return cls(**values)
 
 
@@ -310,12 +310,11 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
         ("model.device", m.device, re.fullmatch(r"auto|cpu|cuda(:\d+)?", m.device),
          "use auto, cpu, cuda or cuda:N"),
         ("index.min_recall", cfg.index.min_recall, 0 <= cfg.index.min_recall <= 1, "it must be in [0, 1]"),
-        ("index.kind", cfg.index.kind, cfg.index.kind.strip() != "",
-         f"use one of {', '.join(INDEX_KINDS)} or a FAISS factory string"),
     ]
     for key, value, ok, rule in rules:
         if not ok:
             raise errors.bad_value(path, key, value, rule)
+    _check_index_kind(path, cfg.index.kind, cfg.model.dim + 1)
     if cfg.input.min_weight is not None and cfg.input.weight_col is None:
         raise errors.bad_value(path, "input.min_weight", cfg.input.min_weight,
                                "it needs `input.weight_col` to know which column to compare")
@@ -351,3 +350,24 @@ def timestamp_bound(value: str) -> datetime:
     """An ISO 8601 date or time as an aware UTC datetime (naive values are taken as UTC)."""
     parsed = datetime.fromisoformat(value)
     return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+
+
+def _check_index_kind(path: Path, kind: str, width: int) -> None:
+    """A named kind, or a FAISS factory string FAISS can make for ``width``-wide rows (an item's
+    vector and bias, which a verbatim string indexes as they are). Only making the index is
+    tried, not training it, so this costs milliseconds; FAISS is imported only for a string
+    that is not a named kind."""
+    if kind in INDEX_KINDS:
+        return
+    reason = "it is empty"
+    if kind.strip():
+        import faiss  # here only: loading a job file with a named kind needs no FAISS
+
+        try:
+            faiss.index_factory(width, kind, faiss.METRIC_INNER_PRODUCT)
+            return
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[-1].split("Error: ")[-1][:160]
+    name_like = re.fullmatch(r"[A-Za-z_-]+", kind.strip())  # a misspelt name rather than a factory string
+    close = difflib.get_close_matches(kind.lower().replace("_", "").replace("-", ""), INDEX_KINDS, n=1) if name_like else []
+    raise errors.bad_index_kind(path, kind, width, reason, INDEX_KINDS, close[0] if close else None)

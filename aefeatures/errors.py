@@ -1,8 +1,7 @@
 """Every failure a user can meet, with the message it shows.
 
 All errors derive from :class:`AEFeaturesError` and carry the CLI exit code that reports them
-(0 done, 1 unexpected failure, 2 bad input or config, 3 quality gate refused publishing,
-4 another run holds the lock, 5 id not found). Each class also derives
+(:data:`EXIT_CODES`, the one list of them; the CLI's help is made from it). Each class also derives
 from the matching built-in so callers can catch ``KeyError`` / ``ValueError`` as usual. Messages
 are built here, from typed fields, and nowhere else: one or two sentences saying what is wrong,
 where, and what to do.
@@ -19,6 +18,24 @@ EXIT_BAD_INPUT = 2
 EXIT_GATE_REFUSED = 3
 EXIT_LOCKED = 4
 EXIT_NOT_FOUND = 5
+EXIT_INTERRUPTED = (130, 143)  # 128 + SIGINT, 128 + SIGTERM
+
+EXIT_CODES: dict[int | tuple[int, ...], str] = {
+    EXIT_OK: "done",
+    EXIT_FAILURE: "unexpected failure",
+    EXIT_BAD_INPUT: "bad input, config or store",
+    EXIT_GATE_REFUSED: "quality gate refused publishing",
+    EXIT_LOCKED: "another run holds the lock",
+    EXIT_NOT_FOUND: "user or item not found",
+    EXIT_INTERRUPTED: "stopped by Ctrl-C/SIGTERM",
+}
+
+
+def exit_codes_help(codes: Sequence[int | tuple[int, ...]] | None = None) -> str:
+    """"Exit codes: 0 done, …" for ``codes`` (default: all of :data:`EXIT_CODES`), in their order."""
+    shown = [c for c in EXIT_CODES if codes is None or c in codes]
+    return "Exit codes: " + ", ".join(
+        f"{'/'.join(map(str, c)) if isinstance(c, tuple) else c} {EXIT_CODES[c]}" for c in shown) + "."
 
 
 def _show(values: Sequence[object], limit: int = 12) -> str:
@@ -71,6 +88,16 @@ def wrong_type(path: Path | str, key: str, expected: str, value: object) -> Conf
 
 def bad_value(path: Path | str, key: str, value: object, rule: str) -> ConfigError:
     return ConfigError(path, f"`{key}` = {value!r} is not allowed: {rule}.")
+
+
+def bad_index_kind(path: Path | str, kind: str, width: int, reason: str, kinds: Sequence[str],
+                   suggestion: str | None) -> ConfigError:
+    hint = f'did you mean "{suggestion}"? ' if suggestion else ""
+    return ConfigError(
+        path, f"`index.kind` = {kind!r} is neither a named kind nor a FAISS factory string FAISS can make "
+        f"for {width}-wide rows ({reason}); {hint}use one of {', '.join(kinds)} or a factory string such "
+        'as "HNSW32,Flat".'
+    )
 
 
 def sparse_updates_under_torchrun() -> BadInputError:
@@ -246,56 +273,185 @@ def non_finite_json(where: str) -> AEFeaturesError:
 
 
 class StoreError(BadInputError):
-    """The store directory or feature set cannot be opened as asked."""
+    """The store cannot be written where a job needs to (exit code 2): not writable, or the
+    folder of a feature set given as a store."""
 
     def __init__(self, message: str):
         super().__init__(message)
 
 
-def no_feature_set(store: Path, name: str, available: Sequence[str]) -> StoreError:
+def store_not_writable(root: Path, reason: str) -> StoreError:
+    return StoreError(f"store directory `{root}` is not writable ({reason}). Fix its permissions or "
+                      "point `job.store` elsewhere.")
+
+
+def cannot_create(path: Path, reason: str) -> StoreError:
+    return StoreError(f"cannot create `{path}` ({reason}). Make the store directory writable "
+                      "or point `job.store` elsewhere.")
+
+
+class FeatureSetNotFoundError(BadInputError, LookupError):
+    """What a lookup asked to read is not there: the store, a feature set in it, or a version
+    of it (exit code 2; the HTTP service answers 404). ``missing`` is "store", "name" or
+    "version", which the CLI turns into the option to fix."""
+
+    def __init__(self, message: str, missing: str):
+        self.missing = missing
+        super().__init__(message)
+
+
+def no_store(store: Path) -> FeatureSetNotFoundError:
+    return FeatureSetNotFoundError(f"store `{store}` does not exist; run a job first.", "store")
+
+
+def no_feature_set(store: Path, name: str, available: Sequence[str]) -> FeatureSetNotFoundError:
     have = f"it holds {_show(available)}" if available else "it holds no published feature set"
-    return StoreError(
-        f"store `{store}` has no feature set `{name}`; {have}. "
-        "Run its job first or pass an existing `--name`."
-    )
+    return FeatureSetNotFoundError(
+        f"store `{store}` has no feature set `{name}`; {have}. Run its job first or name one it holds.",
+        "name")
 
 
-def not_served(name: str, served: Sequence[str]) -> StoreError:
+def not_served(name: str, served: Sequence[str]) -> FeatureSetNotFoundError:
     """An HTTP request named a feature set the service does not serve (no CLI flags here)."""
     have = f"it serves {_show(served)}" if served else "it serves no feature set yet (run a job into its store)"
-    return StoreError(f"feature set `{name}` is not served here; {have}. GET /healthz lists them.")
+    return FeatureSetNotFoundError(f"feature set `{name}` is not served here; {have}. GET /healthz lists them.",
+                                   "name")
 
 
-def empty_store(store: Path) -> StoreError:
-    return StoreError(
+def empty_store(store: Path) -> FeatureSetNotFoundError:
+    return FeatureSetNotFoundError(
         f"store `{store}` holds no feature set yet. Run a job into it first (`aefeatures run JOB.toml`), "
-        "or point at the store the job file names (`job.store`)."
-    )
+        "or point at the store the job file names (`job.store`).", "store")
 
 
-def ambiguous_feature_set(store: Path, available: Sequence[str]) -> StoreError:
-    return StoreError(
-        f"store `{store}` holds several feature sets {_show(available)}; pass `--name` to pick one."
-    )
+class VersionGoneError(FeatureSetNotFoundError):
+    """A pinned version existed but retention has deleted it (exit code 2; HTTP 410)."""
 
-
-class VersionGoneError(StoreError):
-    """A pinned version existed but retention has deleted it (HTTP 410)."""
+    def __init__(self, message: str):
+        super().__init__(message, "version")
 
 
 def version_gone(store: Path, name: str, version: str, removed_at: str | None) -> VersionGoneError:
     when = f" by the run ended {removed_at}" if removed_at else ""
     return VersionGoneError(
         f"version `{version}` of feature set `{name}` in `{store}` was deleted by retention{when}. "
-        "Pin a retained version (list them with `aefeatures versions`) or read the live one."
+        "Pin a retained version (listed by `Store.versions`, `aefeatures versions`) or read the live one."
     )
 
 
-def no_such_version(store: Path, name: str, version: str) -> StoreError:
-    return StoreError(
-        f"feature set `{name}` in `{store}` has no version `{version}`. "
-        "List them with `aefeatures versions`."
-    )
+def no_such_version(store: Path, name: str, version: str) -> FeatureSetNotFoundError:
+    return FeatureSetNotFoundError(
+        f"feature set `{name}` in `{store}` has no version `{version}`; its versions are listed by "
+        "`Store.versions` (`aefeatures versions`).", "version")
+
+
+class AmbiguousFeatureSetError(BadInputError):
+    """No feature set was named and the store holds several (exit code 2)."""
+
+    def __init__(self, store: Path, available: Sequence[str]):
+        self.available = list(available)
+        super().__init__(f"store `{store}` holds several feature sets {_show(available)}; name one of them.")
+
+
+def ambiguous_feature_set(store: Path, available: Sequence[str]) -> AmbiguousFeatureSetError:
+    return AmbiguousFeatureSetError(store, available)
+
+
+# What the CLI adds after a library message to name the option to change (the library itself
+# speaks of arguments, not flags: an HTTP client or a Python caller has no `--name`).
+CLI_HINTS = {"store": "Pass an existing `--store`.", "name": "Pass an existing `--name`.",
+             "version": "", "ambiguous": "Pass `--name` to pick one."}
+
+
+def cli_message(exc: AEFeaturesError) -> str:
+    """``exc``'s message as the CLI shows it: with the option to fix where the library's
+    message names an argument."""
+    key = exc.missing if isinstance(exc, FeatureSetNotFoundError) else (
+        "ambiguous" if isinstance(exc, AmbiguousFeatureSetError) else None)
+    hint = CLI_HINTS.get(key, "") if key else ""
+    return f"{exc} {hint}" if hint else str(exc)
+
+
+def query_width(shape: tuple, width: int) -> BadInputError:
+    return BadInputError(f"index queries must be {width} wide (the embedding plus one column), got an array "
+                         f"of shape {tuple(shape)}; build them with user_queries or item_queries.")
+
+
+def index_width_mismatch(path: Path | str, index_width: int, dim: int, widths: Sequence[int]) -> BadInputError:
+    return BadInputError(f"index `{path}` holds {index_width}-wide rows but its version's manifest says "
+                         f"dim {dim} (rows {' or '.join(map(str, widths))} wide); the version's files disagree: "
+                         "run the job again to rebuild it.")
+
+
+def index_metric_mismatch(path: Path | str, metric: int) -> BadInputError:
+    return BadInputError(f"index `{path}` does not score by inner product (FAISS metric {metric}); "
+                         "run the job again to rebuild it.")
+
+
+def bad_manifest(path: Path | str, problem: str) -> BadInputError:
+    return BadInputError(f"manifest `{path}` cannot be read: {problem}. The version is damaged: run the job "
+                         "again, or remove that version's folder.")
+
+
+def newer_manifest(path: Path | str, found: int, supported: int) -> BadInputError:
+    return BadInputError(f"manifest `{path}` has schema_version {found}, newer than the {supported} this "
+                         "aefeatures reads: it was written by a newer release. Upgrade aefeatures to read it.")
+
+
+def bad_metric(metric: object) -> BadInputError:
+    return BadInputError(f"`metric` must be \"ip\" or \"cosine\", got {metric!r}.")
+
+
+def bad_k(k: object) -> BadInputError:
+    return BadInputError(f"`k` must be an integer of at least 1, got {k!r}.")
+
+
+def no_anomaly_scores(name: str, version: str) -> BadInputError:
+    return BadInputError(f"version {version} of `{name}` has no anomaly scores (it was written by an "
+                         "older aefeatures); run the job again to add them.")
+
+
+def cannot_listen(host: str, port: int, reason: str) -> BadInputError:
+    return BadInputError(f"cannot listen on {host}:{port} ({reason}). "
+                         "Use another port (0 picks a free one) or host.")
+
+
+def ids_file_unreadable(path: Path, what: str, reason: object) -> BadInputError:
+    return BadInputError(f"{what} file `{path}` is not a readable Parquet file ({reason}).")
+
+
+def ids_file_without_ids(path: Path, what: str, key: str, columns: Sequence[str]) -> BadInputError:
+    return BadInputError(f"{what} file `{path}` has no `{key}` column; found {list(columns)}. "
+                         f"Name the column `{key}` or keep a single column.")
+
+
+def ids_file_not_utf8(path: Path, what: str, exc: UnicodeDecodeError) -> BadInputError:
+    return BadInputError(f"{what} file `{path}` is not UTF-8 text ({exc.reason} at byte {exc.start}). "
+                         "Save it as UTF-8, or pass a Parquet file.")
+
+
+def sql_failed(reason: str) -> BadInputError:
+    return BadInputError(f"SQL failed: {reason}")
+
+
+def job_file_missing(path: Path) -> ConfigError:
+    return ConfigError(path, "file not found. Pass the path of an existing job file.")
+
+
+def job_file_unreadable(path: Path, reason: object) -> ConfigError:
+    return ConfigError(path, f"cannot be read ({reason}).")
+
+
+def job_file_not_toml(path: Path, reason: object) -> ConfigError:
+    return ConfigError(path, f"is not valid TOML ({reason}). Fix the syntax.")
+
+
+def missing_section(path: Path, section: str) -> ConfigError:
+    return ConfigError(path, f"missing section `[{section}]`. Add it (see jobs/example.toml).")
+
+
+def missing_key(path: Path, key: str, section: str) -> ConfigError:
+    return ConfigError(path, f"missing key `{key}`. Add it to the `[{section}]` section.")
 
 
 class InvalidIdError(BadInputError):
@@ -307,13 +463,6 @@ class InvalidIdError(BadInputError):
             f"{value!r} is not a valid {kind} id: {kind} ids of this feature set are {expected}. "
             f"Pass the {kind} id as the input spelled it."
         )
-
-
-def newer_schema(where: str, found: int, supported: int) -> StoreError:
-    return StoreError(
-        f"`{where}` was written with table schema {found}, but this aefeatures reads schemas up to "
-        f"{supported}. Upgrade aefeatures to read it."
-    )
 
 
 class NotFoundError(AEFeaturesError, KeyError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -19,8 +20,66 @@ KEY_METRIC = "ndcg@100"  # the metric that chooses epochs, gates versions and co
 
 # 2: `event_timestamp` is when the version's values became valid (the moment its tables were
 #    written, after training), not the entity's latest interaction, which moved to its own column
-#    `last_interaction`. Readers accept every version up to SCHEMA_VERSION (see `check_schema_version`).
+#    `last_interaction`. Readers accept every version up to SCHEMA_VERSION (see `Manifest.from_json`).
 SCHEMA_VERSION = 2
+
+
+class Manifest(dict):
+    """A version's ``manifest.json``: the JSON object itself (keys unchanged, so every reader
+    that indexes it by key keeps working), with typed accessors for the facts every reader
+    needs. Made only by :meth:`from_json`, which checks ``schema_version``.
+    """
+
+    REQUIRED = ("version", "dim")  # what opening a version needs; other keys are read where used
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.get("schema_version", 1))  # the first manifests had no such key
+
+    @property
+    def feature_set(self) -> str:
+        return str(self["feature_set"])
+
+    @property
+    def version(self) -> str:
+        return str(self["version"])
+
+    @property
+    def dim(self) -> int:
+        """Width of the user and item embeddings."""
+        return int(self["dim"])
+
+    @property
+    def embedded_with(self) -> str | None:
+        """The version whose model embedded this one's users (`aefeatures embed`), or None for a
+        trained version."""
+        return (self.get("embedded_with") or {}).get("version")
+
+    @classmethod
+    def from_json(cls, text: str, where: Path | str) -> "Manifest":
+        """Parse ``text`` (the manifest at ``where``).
+
+        Raises
+        ------
+        BadInputError
+            Not a JSON object, a required key missing, or a ``schema_version`` newer than
+            this aefeatures reads (written by a newer release).
+        """
+        try:
+            raw: Any = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise errors.bad_manifest(where, f"it is not JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise errors.bad_manifest(where, "it is not a JSON object")
+        found = raw.get("schema_version", 1)
+        if not isinstance(found, int) or isinstance(found, bool) or found < 1:
+            raise errors.bad_manifest(where, f"`schema_version` is {found!r}, not a positive integer")
+        if found > SCHEMA_VERSION:
+            raise errors.newer_manifest(where, found, SCHEMA_VERSION)
+        missing = [key for key in cls.REQUIRED if key not in raw]
+        if missing:
+            raise errors.bad_manifest(where, f"it lacks {', '.join(f'`{k}`' for k in missing)}")
+        return cls(raw)
 
 # Canonical column names of the interaction frame after reading (whatever the input calls them).
 USER, ITEM, WEIGHT, TIMESTAMP = "user_id", "item_id", "weight", "timestamp"
@@ -173,14 +232,3 @@ def distinct(ids: Sequence[Any]) -> list[Any]:
     """Parsed ids without repeats, in first-seen order (a batch answers each id once)."""
     return list(dict.fromkeys(ids))
 
-
-def check_schema_version(found: object, where: str) -> int:
-    """The schema version a manifest declares, checked readable: 1 (before `last_interaction`;
-    its `event_timestamp` was the latest interaction) up to :data:`SCHEMA_VERSION`.
-
-    Raises ``errors.StoreError`` (exit 2) for a version written by a newer aefeatures.
-    """
-    version = int(found) if isinstance(found, (int, str)) and str(found).isdigit() else 1
-    if version > SCHEMA_VERSION:
-        raise errors.newer_schema(where, version, SCHEMA_VERSION)
-    return version

@@ -325,7 +325,8 @@ def test_missing_job_file(tmp_path, runner):
 
 def test_index_kind_faiss_cannot_parse(tmp_path, runner):
     job = write_job(tmp_path, _good_input(tmp_path), extra={"index": {"kind": "NotAnIndex"}, **NO_GATE})
-    assert_refused(run(runner, job), tmp_path / "store", "`index.kind` = 'NotAnIndex' is not a FAISS index")
+    assert_refused(run(runner, job), tmp_path / "store",
+                   f"error: job file `{job}`: `index.kind` = 'NotAnIndex' is neither a named kind nor a FAISS factory")
 
 
 def test_index_that_cannot_be_trained_on_the_catalogue(tmp_path, runner):

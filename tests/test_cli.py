@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
+import aefeatures
 from aefeatures.cli.app import cli
 from tests.conftest import write_job
 
@@ -35,7 +36,26 @@ def test_run_publishes_and_prints_a_summary_with_a_sample_lookup(tmp_path, runne
 
     again = runner.invoke(cli, ["run", "--json", str(write_job(tmp_path, model={"epochs": 2}))])
     summary = json.loads(again.stdout)
-    assert summary["counts"]["users"] == 2030 and len(summary["sample"]["recommend"]) == 5
+    assert summary["counts"]["users"] == 2030 and summary["status"] == "up_to_date"
+    assert summary["sample"] is None  # nothing ran: no table is read for a sample
+
+
+def test_the_run_sample_equals_the_lookups_without_loading_a_feature_set(trained, monkeypatch):
+    from aefeatures.cli.run import _sample
+    from aefeatures.serving import lookup
+
+    root, result = trained
+    fs = aefeatures.open_store(root)["movies"]
+    user, item = fs.user_ids[0], fs.item_ids[0]
+    expected = {"user": user, "recommend": fs.recommend(user, 5).ids.tolist(),
+                "item": item, "similar": fs.similar_items(item, 5).ids.tolist()}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the sample must not load whole tables")
+
+    monkeypatch.setattr(lookup.FeatureSet, "__init__", refuse)
+    monkeypatch.setattr(lookup.pq, "read_table", refuse)
+    assert _sample(fs.path, fs.dim) == expected
 
 
 def test_recommend_json_prints_k_unseen_items(trained, runner):

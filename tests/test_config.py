@@ -219,10 +219,26 @@ def test_coercion_of_an_unknown_type_is_a_programming_error():
     ("[model]\nanneal_steps = 0", r"`model\.anneal_steps` = 0 is not allowed: it must be at least 1\."),
     ('[model]\ndevice = "gpu"', r"`model\.device` = 'gpu' is not allowed: use auto, cpu, cuda or cuda:N\."),
     ('[model]\ndevice = "cuda:x"', r"`model\.device` = 'cuda:x' is not allowed"),
-    ('[index]\nkind = "  "', r"`index\.kind` = '  ' is not allowed: use one of auto, flat, hnsw, ivf, ivfpq or a"),
+    ('[index]\nkind = "  "', r"`index\.kind` = '  ' is neither a named kind .* \(it is empty\); use one of auto, "
+                              r"flat, hnsw, ivf, ivfpq or a factory string"),
 ], ids=lambda v: v.split("\n")[1] if "\n" in v else None)
 def test_bad_values(tmp_path, extra, message):
     fails(write(tmp_path, MINIMAL + extra + "\n"), message)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("ivf_pq", r"`index\.kind` = 'ivf_pq' is neither a named kind nor a FAISS factory string FAISS can make for "
+               r"65-wide rows \(.+\); did you mean \"ivfpq\"\?"),
+    ("HSNW", r"`index\.kind` = 'HSNW' .*; did you mean \"hnsw\"\?"),
+    ("IVF64,PQ7", r"`index\.kind` = 'IVF64,PQ7' is neither .* 65-wide rows \(.+\); use one of"),  # 7 does not divide 65
+])
+def test_index_kind_is_checked_when_the_job_file_is_loaded(tmp_path, kind, message):
+    fails(write(tmp_path, MINIMAL + f'[index]\nkind = "{kind}"\n'), message)
+
+
+@pytest.mark.parametrize("kind", ["auto", "flat", "hnsw", "ivf", "ivfpq", "HNSW16,Flat", "IVF64,PQ13", "OPQ13,IVF64,PQ13"])
+def test_named_kinds_and_factory_strings_faiss_can_make_load(tmp_path, kind):
+    assert load_job_config(write(tmp_path, MINIMAL + f'[index]\nkind = "{kind}"\n')).index.kind == kind
 
 
 @pytest.mark.parametrize("name", ["my-set", "has space", "dot.ted", "", "ümlaut"])

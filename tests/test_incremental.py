@@ -84,3 +84,21 @@ def test_embed_command(setup):
 def test_embed_needs_a_live_version(tmp_path):
     out = CliRunner().invoke(cli, ["embed", str(write_job(tmp_path, model=FAST))])
     assert out.exit_code == 2 and "has no feature set `movies`" in out.stderr
+
+
+def test_an_embedded_version_records_its_own_input_no_gate_the_running_release_and_a_report(setup):
+    root, trained, later = setup
+    live_manifest = trained.path / "manifest.json"
+    stale = json.loads(live_manifest.read_text())
+    live_manifest.write_text(json.dumps({**stale, "aefeatures_version": "0.0.1-older"}))  # made by an older release
+    result = embed_job(load_job_config(later))
+    m = aefeatures.open_store(root).manifest("movies", result.version)
+    cfg = load_job_config(later)
+    assert m["config"]["input"]["path"] == cfg.input.path != stale["config"]["input"]["path"]
+    assert m["config"]["input"] == cfg.to_dict()["input"]  # its min_weight and columns too
+    assert m["config"]["model"] == stale["config"]["model"]  # the model that embedded the users
+    assert m["gate"]["skipped"] is True and m["gate"]["passed"] is None
+    assert m["aefeatures_version"] == aefeatures.__version__
+    assert m.embedded_with == trained.version
+    page = (result.path / "report.html").read_text()
+    assert result.version in page and f"not run: users embedded with the model of version {trained.version}" in page

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
+from aefeatures.errors import BadInputError
 from aefeatures.store.index import (
+    EmbeddingIndex,
     build_index,
     factory_string,
     item_queries,
     item_rows,
     load_index,
     on_sphere,
+    pq_split,
     save_index,
     search,
     stored_rows,
@@ -37,7 +41,20 @@ def test_named_kinds_and_verbatim_factory_strings():
     assert factory_string("IVF64,SQ8", 10_000, 65) == "IVF64,SQ8"
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize("width", range(2, 300))
+def test_product_quantization_codes_sub_vectors_of_4_to_16_dims_at_every_width(width):
+    padded_width, m = pq_split(width)
+    assert padded_width >= width and padded_width % m == 0 and 4 <= padded_width // m <= 16
+    assert padded_width - width < 4  # padding only as far as the next width with a good split
+
+
+def test_ivfpq_at_a_prime_width_pads_instead_of_one_dimensional_sub_quantizers():
+    # 15 dims + bias + the sphere's column = 17, a prime: it used to give PQ17 (17 one-dim codes)
+    assert factory_string("ivfpq", 5000, 17) == "Pad18,IVF128,PQ2"
+    assert factory_string("ivfpq", 5000, 16) == "IVF128,PQ2"
+    assert factory_string("ivfpq", 5000, 64) == "IVF128,PQ8"
+
+
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfpq"])
 def test_every_kind_reopens_memory_mapped_with_the_same_answers(tmp_path, kind):
     rng = np.random.default_rng(0)
@@ -98,3 +115,32 @@ def test_search_effort_rises_until_the_recall_target_is_met(tmp_path):
         save_index(tuned.index, tmp_path / "index.faiss")
         from aefeatures.store.index import search_effort
         assert search_effort(load_index(tmp_path / "index.faiss")) == tuned.search  # saved with it
+
+
+def test_the_embedding_index_checks_the_manifests_width_and_refuses_queries_of_another(tmp_path):
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(3000, 8)).astype(np.float32)
+    rows = item_rows(vectors, rng.normal(size=3000).astype(np.float32))
+    for kind in ("flat", "ivf"):  # 9-wide rows; 10-wide on a sphere
+        save_index(build_index(rows, kind).index, tmp_path / f"{kind}.faiss")
+        index = EmbeddingIndex.open(tmp_path / f"{kind}.faiss", dim=8)
+        queries = user_queries(vectors[:5])
+        np.testing.assert_array_equal(index.search(queries, 10)[1], search(index.faiss, queries, 10)[1])
+        for wrong in (queries[:, :8], queries[:, :4], np.hstack([queries, queries])):  # no silent zero-padding
+            with pytest.raises(BadInputError, match=r"index queries must be 9 wide .* shape \(5, "):
+                index.search(wrong, 10)
+        for dim in (6, 12):
+            with pytest.raises(BadInputError, match=rf"holds {9 if kind == 'flat' else 10}-wide rows but its "
+                                                    rf"version's manifest says dim {dim}"):
+                EmbeddingIndex.open(tmp_path / f"{kind}.faiss", dim=dim)
+    with pytest.raises(BadInputError, match=r"holds 10-wide rows but its version's manifest says dim 8 \(rows 9 wide\)"):
+        EmbeddingIndex.open(tmp_path / "ivf.faiss", dim=8, on_sphere=False)  # a manifest saying "flat"
+    with pytest.raises(BadInputError, match="does not score by inner product"):
+        EmbeddingIndex(faiss.IndexFlatL2(9), dim=8)
+
+
+def test_search_pads_only_the_spheres_column():
+    rows = item_rows(np.eye(6, 4, dtype=np.float32), np.zeros(6, np.float32))
+    built = build_index(rows, "HNSW4,Flat")  # verbatim: 5-wide rows, as they are
+    with pytest.raises(BadInputError, match="must be 5 wide"):
+        search(built.index, user_queries(np.eye(2, 2, dtype=np.float32)), 3)  # used to be padded with zeros

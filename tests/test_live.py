@@ -46,9 +46,9 @@ def test_a_version_that_cannot_load_leaves_the_previous_one_serving(store_copy, 
 def test_unknown_names_and_missing_stores(store_copy, tmp_path):
     live = LiveStore(store_copy)
     assert live.versions() == {"movies": live.get("movies").version}
-    with pytest.raises(errors.StoreError, match="feature set `nope` is not served here; it serves"):
+    with pytest.raises(errors.FeatureSetNotFoundError, match="feature set `nope` is not served here; it serves"):
         live.get("nope")
-    with pytest.raises(errors.StoreError, match="does not exist"):
+    with pytest.raises(errors.FeatureSetNotFoundError, match="does not exist"):
         LiveStore(tmp_path / "missing")
 
 

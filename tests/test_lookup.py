@@ -10,7 +10,7 @@ import pytest
 
 import aefeatures
 from aefeatures.config import load_job_config
-from aefeatures.errors import NotFoundError, StoreError
+from aefeatures.errors import FeatureSetNotFoundError, NotFoundError
 from aefeatures.jobs.run import run_job
 from tests.conftest import write_job
 
@@ -133,11 +133,11 @@ def test_k_below_one_is_rejected(fs):
 
 def test_store_errors_name_what_exists(tmp_path, trained):
     root, _ = trained
-    with pytest.raises(StoreError, match="does not exist"):
+    with pytest.raises(FeatureSetNotFoundError, match="does not exist"):
         aefeatures.open_store(tmp_path / "nowhere")
-    with pytest.raises(StoreError, match=r"has no feature set `books`; it holds \['movies'\]"):
+    with pytest.raises(FeatureSetNotFoundError, match=r"has no feature set `books`; it holds \['movies'\]"):
         aefeatures.open_store(root)["books"]
-    with pytest.raises(StoreError, match="has no version `v0`"):
+    with pytest.raises(FeatureSetNotFoundError, match="has no version `v0`"):
         aefeatures.open_store(root).open("movies", "v0")
 
 

@@ -19,7 +19,7 @@ from aefeatures.data.matrix import build_matrix
 from aefeatures.data.read import Interactions
 from aefeatures.model.embed import Embeddings
 from aefeatures.store import layout, publish, tables
-from aefeatures.store.index import build_index, item_rows, save_index
+from aefeatures.store.index import EmbeddingIndex, build_index, item_rows, save_index
 
 CATEGORIES = ["books", "toys", "food"]
 TAGS = ["kids", "new", "sale"]
@@ -213,7 +213,7 @@ def test_a_filter_selecting_5_of_100k_items_returns_them_without_searching_the_i
     def no_index(*args, **kwargs):
         raise AssertionError("the index was searched")
 
-    monkeypatch.setattr(lookup, "search", no_index)
+    monkeypatch.setattr(EmbeddingIndex, "search", no_index)
     monkeypatch.setattr(lookup, "search_selected", no_index)
     user = fs.user_ids[5]  # user u has the items i with i % 40 == u: user 5 none of the rare ones
     found = fs.recommend(user, k=10, filter="category = 'rare'")
@@ -284,7 +284,7 @@ def test_an_approximate_index_that_comes_back_short_still_answers_exactly_k(tmp_
     """IVF2 searched with nprobe = 1 often finds fewer candidates than asked for (FAISS pads with
     -1): filtered lookups still return exactly min(k, items left), every one allowed."""
     fs, matrix = make_store(tmp_path_factory.mktemp("a"), seed, 4, n_items, 3, "IVF2,Flat")
-    faiss.extract_index_ivf(fs.index).nprobe = 1
+    faiss.extract_index_ivf(fs.index.faiss).nprobe = 1
     text, predicate = flt
     allowed = {r["item_id"] for r in fs.attributes.to_dicts() if predicate(r) is True}
     for row, user in enumerate(fs.user_ids):

@@ -40,9 +40,9 @@ def test_python_pins_a_version(three):
     assert not np.allclose(pinned.user_embedding(42), store["movies"].user_embedding(42))
     with pytest.raises(aefeatures.errors.VersionGoneError, match="deleted by retention"):
         store["movies", gone.version]
-    with pytest.raises(aefeatures.errors.StoreError, match="has no version `20990101T000000.000000Z`"):
+    with pytest.raises(aefeatures.errors.FeatureSetNotFoundError, match="has no version `20990101T000000.000000Z`"):
         store["movies", "20990101T000000.000000Z"]
-    with pytest.raises(aefeatures.errors.StoreError, match="has no version"):
+    with pytest.raises(aefeatures.errors.FeatureSetNotFoundError, match="has no version"):
         store["movies", "../../etc"]
 
 

@@ -270,5 +270,5 @@ def test_a_newer_schema_is_refused_clearly(three_versions, tmp_path):
     path = copy / "movies" / "versions" / results[-1].version / "manifest.json"
     manifest = json.loads(path.read_text())
     path.write_text(json.dumps({**manifest, "schema_version": 99}))
-    with pytest.raises(aefeatures.errors.StoreError, match="table schema 99.*Upgrade aefeatures"):
+    with pytest.raises(aefeatures.errors.BadInputError, match="schema_version 99.*Upgrade aefeatures"):
         aefeatures.open_store(copy)["movies"].recommend(42, k=5)

@@ -14,7 +14,7 @@ import click
 
 from aefeatures.cli import inspect, lookup, run, serve, sql
 from aefeatures.cli.options import EXIT_CODES_HELP, configure_logging, logging_options
-from aefeatures.errors import AEFeaturesError
+from aefeatures.errors import AEFeaturesError, cli_message
 
 
 class _Group(click.Group):
@@ -24,10 +24,10 @@ class _Group(click.Group):
         except AEFeaturesError as exc:
             if ctx.meta.get("aefeatures.logging", {}).get("log_format") == "json":
                 click.echo(json.dumps({"time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                       "level": "ERROR", "logger": "aefeatures", "message": str(exc),
+                                       "level": "ERROR", "logger": "aefeatures", "message": cli_message(exc),
                                        "exit_code": exc.exit_code}), err=True)
             else:
-                click.echo(f"error: {exc}", err=True)
+                click.echo(f"error: {cli_message(exc)}", err=True)
             ctx.exit(exc.exit_code)
 
 

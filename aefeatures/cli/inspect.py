@@ -7,11 +7,11 @@ from typing import Any
 
 import click
 
-from aefeatures.cli.options import EXIT_CODES_HELP, json_option, name_option, store_option
+from aefeatures.cli.options import READ_EXIT_CODES_HELP, json_option, name_option, store_option
 from aefeatures.cli.output import echo_curve, echo_metrics, gate_summary, or_dash, print_json, print_table
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=READ_EXIT_CODES_HELP)
 @store_option
 @name_option
 @json_option
@@ -36,7 +36,7 @@ def versions(store_dir: Path, name: str | None, as_json: bool) -> None:
                   for r in rows])
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=READ_EXIT_CODES_HELP)
 @store_option
 @name_option
 @click.option("--version", "version", default=None, help="A version id (default: the live one).")
@@ -66,7 +66,7 @@ def evaluate(store_dir: Path, name: str | None, version: str | None, as_json: bo
     click.echo("quality gate: " + gate_summary(out["gate"]))
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=READ_EXIT_CODES_HELP)
 @store_option
 @name_option
 @click.option("-n", "last", type=click.IntRange(min=1), default=20, show_default=True, help="How many recent runs.")

@@ -8,8 +8,10 @@ from typing import Any
 
 import click
 
+from aefeatures import errors
 from aefeatures.cli.options import (
-    EXIT_CODES_HELP,
+    LOOKUP_EXIT_CODES_HELP,
+    READ_EXIT_CODES_HELP,
     json_option,
     k_option,
     name_option,
@@ -18,7 +20,6 @@ from aefeatures.cli.options import (
     version_option,
 )
 from aefeatures.cli.output import print_json, print_table, ranked, typed, write_parquet
-from aefeatures.errors import BadInputError
 
 FILTER_HELP = ("Keep only items whose attributes satisfy this SQL boolean expression, e.g. "
                "\"category = 'books' AND in_stock\" (see README, Item attributes and filters).")
@@ -33,7 +34,7 @@ def filter_options(command):
     return click.option("--filter", "filter_text", default=None, metavar="EXPR", help=FILTER_HELP)(command)
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=LOOKUP_EXIT_CODES_HELP)
 @store_option
 @name_option
 @version_option
@@ -113,11 +114,10 @@ def _read_ids_file(path: Path, key: str, what: str) -> list[Any]:
         try:
             frame = pl.read_parquet(path)
         except Exception as exc:  # polars raises several types for unreadable files
-            raise BadInputError(f"{what} file `{path}` is not a readable Parquet file ({exc}).") from None
+            raise errors.ids_file_unreadable(path, what, exc) from None
         column = key if key in frame.columns else (frame.columns[0] if frame.width == 1 else None)
         if column is None:
-            raise BadInputError(f"{what} file `{path}` has no `{key}` column; found {frame.columns}. "
-                                f"Name the column `{key}` or keep a single column.")
+            raise errors.ids_file_without_ids(path, what, key, frame.columns)
         series = frame.get_column(column).drop_nulls()
         if series.dtype == pl.Categorical or isinstance(series.dtype, pl.Enum):
             series = series.cast(pl.String)
@@ -125,12 +125,11 @@ def _read_ids_file(path: Path, key: str, what: str) -> list[Any]:
     try:
         text = path.read_text(encoding="utf-8-sig")  # a BOM (Excel, Notepad) is not part of the first id
     except UnicodeDecodeError as exc:
-        raise BadInputError(f"{what} file `{path}` is not UTF-8 text ({exc.reason} at byte {exc.start}). "
-                            "Save it as UTF-8, or pass a Parquet file.") from None
+        raise errors.ids_file_not_utf8(path, what, exc) from None
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=LOOKUP_EXIT_CODES_HELP)
 @store_option
 @name_option
 @version_option
@@ -167,7 +166,7 @@ def similar(store_dir: Path, name: str | None, version: str | None, item: str | 
     print_table(["rank", f"{kind}_id", "score"], [list(r.values()) for r in rows])
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=READ_EXIT_CODES_HELP)
 @store_option
 @name_option
 @version_option

@@ -6,11 +6,17 @@ from pathlib import Path
 
 import click
 
-EXIT_CODES_HELP = (
-    "Exit codes: 0 done, 1 unexpected failure, 2 bad input or config, "
-    "3 quality gate refused publishing, 4 another run holds the lock, 5 user or item not found, "
-    "130/143 stopped by Ctrl-C/SIGTERM."
-)
+from aefeatures import errors
+
+EXIT_CODES_HELP = errors.exit_codes_help()  # every code; the commands list the ones they can return
+RUN_EXIT_CODES_HELP = errors.exit_codes_help([errors.EXIT_OK, errors.EXIT_FAILURE, errors.EXIT_BAD_INPUT,
+                                              errors.EXIT_GATE_REFUSED, errors.EXIT_LOCKED, errors.EXIT_INTERRUPTED])
+EMBED_EXIT_CODES_HELP = errors.exit_codes_help([errors.EXIT_OK, errors.EXIT_FAILURE, errors.EXIT_BAD_INPUT,
+                                                errors.EXIT_LOCKED, errors.EXIT_INTERRUPTED])
+LOOKUP_EXIT_CODES_HELP = errors.exit_codes_help([errors.EXIT_OK, errors.EXIT_FAILURE, errors.EXIT_BAD_INPUT,
+                                                 errors.EXIT_NOT_FOUND, errors.EXIT_INTERRUPTED])
+READ_EXIT_CODES_HELP = errors.exit_codes_help([errors.EXIT_OK, errors.EXIT_FAILURE, errors.EXIT_BAD_INPUT,
+                                               errors.EXIT_INTERRUPTED])
 
 
 store_option = click.option("--store", "store_dir", required=True, type=click.Path(path_type=Path),

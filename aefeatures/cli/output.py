@@ -7,12 +7,13 @@ from typing import Any, Sequence
 
 import click
 
-from aefeatures.schema import parse_id, strict_json
 from aefeatures.store.publish import atomic_file
 
 
 def print_json(value: Any) -> None:
     """Strict JSON (RFC 8259): a NaN or infinite float is written as null."""
+    from aefeatures.schema import strict_json  # schema needs pyarrow: not on the --help path
+
     click.echo(strict_json(value, indent=2, default=json_default))
 
 
@@ -39,6 +40,8 @@ def ranked(ids, scores, key: str = "item_id") -> list[dict[str, Any]]:
 def typed(ids, value: str) -> Any:
     """A command-line id as the store types it (42, not "42", for integer ids); the one rule
     of :func:`aefeatures.schema.parse_id`."""
+    from aefeatures.schema import parse_id
+
     return parse_id(value, ids.dtype)
 
 
@@ -69,6 +72,8 @@ def gate_summary(gate: dict[str, Any] | None) -> str:
     gate = gate or {}
     if not gate:
         return "not recorded"
+    if gate.get("skipped"):  # a version `aefeatures embed` made: no gate ran
+        return gate.get("why", "not run")
     if not gate.get("passed", True):
         return "refused: " + "; ".join(gate.get("reasons", []))
     checks = []

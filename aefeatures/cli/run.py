@@ -9,12 +9,12 @@ from typing import Any, Iterator
 
 import click
 
-from aefeatures.cli.options import EXIT_CODES_HELP, json_option
+from aefeatures.cli.options import EMBED_EXIT_CODES_HELP, RUN_EXIT_CODES_HELP, json_option
 from aefeatures.cli.output import echo_metrics, gate_summary, plain, print_json
 from aefeatures.errors import Interrupted
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=RUN_EXIT_CODES_HELP)
 @click.argument("job_file", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Run even if the live version has the same input and config.")
 @json_option
@@ -65,12 +65,12 @@ def run(job_file: Path, force: bool, as_json: bool) -> None:
     for line in describe(m.get("alignment"), m.get("drift")):
         click.echo(f"  drift     {line}")
     click.echo(f"  stored in {result.path}")
-    sample = summary["sample"]
+    sample = summary["sample"]  # a published run always has one
     click.echo(f"  items for user {sample['user']!r}: {', '.join(map(str, sample['recommend']))}")
     click.echo(f"  items like item {sample['item']!r}: {', '.join(map(str, sample['similar']))}")
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=EMBED_EXIT_CODES_HELP)
 @click.argument("job_file", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Embed even if the live version was embedded from the same input.")
 @json_option
@@ -100,7 +100,7 @@ def embed(job_file: Path, force: bool, as_json: bool) -> None:
                        f"e.g. {', '.join(map(str, info['unknown_only_sample'][:5]))}")
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=EMBED_EXIT_CODES_HELP)
 @click.argument("job_file", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Republish even if the live version has the same attribute files.")
 @json_option
@@ -142,10 +142,8 @@ def _signals_as_errors() -> Iterator[None]:
 
 
 def _run_summary(result) -> dict[str, Any]:
-    from aefeatures.serving.lookup import FeatureSet
-
-    fs = FeatureSet(result.path.parent.parent.parent, result.name, result.version)
-    user, item = plain(fs.user_ids[0]), plain(fs.item_ids[0])
+    """What `run` prints: the manifest's facts and, when a version was published, a sample
+    lookup (:func:`_sample`); an up-to-date run reads no table."""
     return {
         "name": result.name, "version": result.version, "path": str(result.path),
         "counts": result.manifest["counts"], "dim": result.manifest["dim"],
@@ -153,8 +151,7 @@ def _run_summary(result) -> dict[str, Any]:
         "evaluation": result.manifest["evaluation"], "gate": result.manifest["gate"], "status": result.status,
         "alignment": _public_alignment(result.manifest.get("alignment")), "drift": result.manifest.get("drift"),
         "timings": result.timings,
-        "sample": {"user": user, "recommend": [plain(i) for i in fs.recommend(user, 5).ids],
-                   "item": item, "similar": [plain(i) for i in fs.similar_items(item, 5).ids]},
+        "sample": None if result.status == "up_to_date" else _sample(result.path, int(result.manifest["dim"])),
     }
 
 
@@ -162,3 +159,39 @@ def _public_alignment(alignment):
     from aefeatures.quality.drift import public
 
     return public(alignment)
+
+
+def _sample(path: Path, dim: int, k: int = 5) -> dict[str, Any]:
+    """The first user's ``k`` best unseen items and the first item's ``k`` nearest items (by
+    inner product), as :meth:`FeatureSet.recommend` and :meth:`FeatureSet.similar_items` give
+    them, read cheaply: the first rows of the users, items and interactions tables, the item id
+    column, and the memory-mapped index; not the whole tables a :class:`FeatureSet` loads.
+    Fewer than ``k`` ids where an approximate index returns fewer."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from aefeatures.store import layout
+    from aefeatures.store.index import EmbeddingIndex, item_queries, user_queries
+
+    def first_row(table: str, columns: list[str]):
+        return next(pq.ParquetFile(path / table).iter_batches(batch_size=1, columns=columns))
+
+    def vector(batch) -> np.ndarray:
+        return np.asarray(batch.column("embedding")[0].as_py(), np.float32).reshape(1, dim)
+
+    user, item = first_row(layout.USERS, ["user_id", "embedding"]), first_row(layout.ITEMS, ["item_id", "embedding"])
+    seen: list[int] = []  # item rows of user row 0: the first rows of the interactions (CSR order)
+    for batch in pq.ParquetFile(path / layout.INTERACTIONS).iter_batches(batch_size=4096, columns=["user_row", "item_row"]):
+        rows = batch.column("user_row").to_numpy()
+        seen += batch.column("item_row").to_numpy()[rows == 0].tolist()
+        if (rows != 0).any():
+            break
+    index = EmbeddingIndex.open(path / layout.INDEX, dim)
+    item_ids = pq.ParquetFile(path / layout.ITEMS).read(columns=["item_id"]).column("item_id")
+
+    def top(query: np.ndarray, skip: set[int]) -> list[Any]:
+        found = index.search(query, min(index.ntotal, k + len(skip)))[1][0]
+        return [plain(item_ids[int(r)].as_py()) for r in found if r >= 0 and int(r) not in skip][:k]
+
+    return {"user": plain(user.column("user_id")[0].as_py()), "recommend": top(user_queries(vector(user)), set(seen)),
+            "item": plain(item.column("item_id")[0].as_py()), "similar": top(item_queries(vector(item)), {0})}

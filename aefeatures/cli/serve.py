@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from aefeatures.cli.options import EXIT_CODES_HELP, store_option
+from aefeatures.cli.options import READ_EXIT_CODES_HELP, store_option
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=READ_EXIT_CODES_HELP)
 @store_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. The default answers this machine only; 0.0.0.0 opens it to the network.")

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import click
 
-from aefeatures.cli.options import EXIT_CODES_HELP, json_option, name_option, store_option
+from aefeatures import errors
+from aefeatures.cli.options import READ_EXIT_CODES_HELP, json_option, name_option, store_option
 from aefeatures.cli.output import json_default, print_json, write_parquet
 from aefeatures.errors import BadInputError
-from aefeatures.schema import strict_json
 from aefeatures.store.publish import atomic_write
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=READ_EXIT_CODES_HELP)
 @store_option
 @click.option("-c", "command", default=None, help="SQL to run.")
 @click.option("-f", "file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -60,7 +60,7 @@ def sql(store_dir: Path, command: str | None, file: Path | None, params: tuple[s
         relation = con.sql(text, params=bound or None)  # the last statement's result, if a query
         frame = _frame(relation)
     except duckdb.Error as exc:
-        raise BadInputError(f"SQL failed: {str(exc).splitlines()[0]}") from None
+        raise errors.sql_failed(str(exc).splitlines()[0]) from None
     if frame is not None:
         _write_frame(frame, fmt, output)
 
@@ -102,6 +102,8 @@ def _write_frame(frame, fmt: str, output: Path | None) -> None:
     if fmt == "csv":
         text = frame.write_csv()
     elif fmt == "json":
+        from aefeatures.schema import strict_json
+
         text = strict_json(frame.to_dicts(), indent=2, default=json_default) + "\n"  # NaN/inf as null
     else:
         with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=60, tbl_hide_dataframe_shape=True):
@@ -112,7 +114,7 @@ def _write_frame(frame, fmt: str, output: Path | None) -> None:
         atomic_write(output, text)
 
 
-@click.command("feast-export", epilog=EXIT_CODES_HELP)
+@click.command("feast-export", epilog=READ_EXIT_CODES_HELP)
 @store_option
 @name_option
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -131,3 +133,4 @@ def feast_export(store_dir: Path, name: str | None, output: Path, as_json: bool)
         return
     for path in written:
         click.echo(f"wrote {path}")
+

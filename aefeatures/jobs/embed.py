@@ -18,11 +18,12 @@ from typing import Any
 
 import polars as pl
 
-from aefeatures import errors, schema
+from aefeatures import __version__, errors, schema
 from aefeatures.config import JobConfig
 from aefeatures.data.matrix import build_matrix
 from aefeatures.data.read import Interactions, read_interactions
-from aefeatures.jobs.run import RunResult, _refresh_sql_catalog, _timed, scheduled
+from aefeatures.jobs.run import REPORT, RunResult, _refresh_sql_catalog, _timed, scheduled
+from aefeatures.quality import report
 from aefeatures.schema import ITEM, USER
 from aefeatures.store import layout, publish, tables
 
@@ -75,6 +76,13 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -
             publish.check_finite(staging)  # a NaN embedding, bias or score is never published
         manifest = {
             **live,
+            "aefeatures_version": __version__,
+            # this job's own file: its input (path, min_weight, …); model and index are the live
+            # version's, which made the vectors and the index this version reuses
+            "config": {**cfg.to_dict(), "model": live["config"]["model"], "index": live["config"]["index"]},
+            # no gate ran: the model, its metrics and the index are the live version's
+            "gate": {"passed": None, "skipped": True, "reasons": [],
+                     "why": f"not run: users embedded with the model of version {live['version']}"},
             "version": version,
             "created_at": created.isoformat(),
             "schema_version": schema.SCHEMA_VERSION,
@@ -94,6 +102,7 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -
         manifest.pop("attributes_from", None)  # this version's users are new, not only its attributes
         with _timed(timings, "publish"):
             publish.write_manifest(staging, manifest)
+            publish.atomic_write(staging / REPORT, report.render(manifest, live))
             final = publish.publish(root, name, staging)
             _refresh_sql_catalog(root)
     if unknown_only:

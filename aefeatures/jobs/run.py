@@ -281,10 +281,7 @@ def _check_store(root: Path, name: str) -> None:
         probe = tempfile.NamedTemporaryFile(dir=root / name, prefix=".probe-")
         probe.close()
     except OSError as exc:
-        raise errors.StoreError(
-            f"store directory `{root}` is not writable ({exc.strerror}). Fix its permissions or "
-            "point `job.store` elsewhere."
-        ) from None
+        raise errors.store_not_writable(root, exc.strerror) from None
 
 
 def _now() -> str:

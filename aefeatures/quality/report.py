@@ -113,7 +113,8 @@ def render(manifest: dict[str, Any], previous: dict[str, Any] | None) -> str:
     columns = {"this version": evaluation.get("model"), "popularity": evaluation.get("popularity")}
     if previous:
         columns[f"previous ({previous['version']})"] = (previous.get("evaluation") or {}).get("model")
-    verdict = "passed" if gate.get("passed", True) else "refused: " + "; ".join(gate.get("reasons", []))
+    verdict = (gate.get("why", "not run") if gate.get("skipped") else
+               "passed" if gate.get("passed", True) else "refused: " + "; ".join(gate.get("reasons", [])))
     charts = _chart("training loss per user", [h["loss"] for h in history], best)
     if evaluation:
         charts += _chart(f"validation {KEY_METRIC}", [h.get(KEY_METRIC, 0.0) for h in history], best)

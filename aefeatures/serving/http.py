@@ -330,8 +330,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def version_gone(request: Request, exc: errors.VersionGoneError) -> Response:
         return _error(410, "version_gone", str(exc))
 
-    @app.exception_handler(errors.StoreError)
-    async def no_feature_set(request: Request, exc: errors.StoreError) -> Response:
+    @app.exception_handler(errors.FeatureSetNotFoundError)
+    async def no_feature_set(request: Request, exc: errors.FeatureSetNotFoundError) -> Response:
         return _error(404, "no_feature_set", str(exc))
 
     @app.exception_handler(errors.FilterError)

@@ -25,7 +25,7 @@ PINNED = 4  # versions pinned by id (`?version=`) kept loaded beside the live on
 def pointed_versions(root: Path) -> dict[str, str]:
     """``{name: version}`` the LATEST pointers of the store at ``root`` name (nothing loaded)."""
     if not root.is_dir():
-        raise errors.StoreError(f"store `{root}` does not exist. Run a job first or pass an existing `--store`.")
+        raise errors.no_store(root)
     return {name: layout.live_version(root, name) for name in layout.feature_sets(root)}
 
 
@@ -45,7 +45,7 @@ class LiveStore:
 
     def get(self, name: str, version: str | None = None) -> FeatureSet:
         """The current version of ``name``, or ``version`` pinned (loaded whole on first use and
-        kept, the :data:`PINNED` most recently loaded); raises :class:`StoreError` for an unknown
+        kept, the :data:`PINNED` most recently loaded); raises :class:`FeatureSetNotFoundError` for an unknown
         name or version, :class:`VersionGoneError` for a version retention deleted."""
         try:
             current = self._sets[name]

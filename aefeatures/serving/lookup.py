@@ -14,7 +14,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
-import faiss
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -26,12 +25,11 @@ from aefeatures.schema import KEY_METRIC, distinct, parse_id, parse_ids  # noqa:
 from aefeatures.serving.filters import FilterEngine, empty_attributes
 from aefeatures.store import layout
 from aefeatures.store.index import (
+    EmbeddingIndex,
+    holds_rows_on_sphere,
     item_queries,
     item_rows,
-    load_index,
-    search,
     search_selected,
-    stored_rows,
     user_queries,
 )
 
@@ -153,11 +151,7 @@ class FeatureSet:
 
     def _index_holds_items(self) -> bool:
         """Whether item vectors can come from the (memory-mapped) index at any later time."""
-        index = faiss.downcast_index(self.index)
-        if isinstance(index, faiss.IndexHNSW):
-            index = faiss.downcast_index(index.storage)
-        return isinstance(index, faiss.IndexFlat) or (
-            isinstance(index, faiss.IndexIVFFlat) and index.direct_map.type != faiss.DirectMap.NoMap)
+        return self.index.holds_items()
 
     @cached_property
     def _seen(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -171,8 +165,12 @@ class FeatureSet:
         return indptr, items, users * self.n_items + items  # sorted: the file is in CSR order
 
     @cached_property
-    def index(self):
-        return load_index(self.path / layout.INDEX)
+    def index(self) -> EmbeddingIndex:
+        """The item index, checked against the manifest's ``dim`` when opened."""
+        built = self.manifest.get("index") or {}
+        sphere = (holds_rows_on_sphere(built["kind"], built["factory"])
+                  if {"kind", "factory"} <= set(built) else None)
+        return EmbeddingIndex.open(self.path / layout.INDEX, self.dim, on_sphere=sphere)
 
     @cached_property
     def _anomaly_table(self) -> pl.DataFrame | None:
@@ -325,12 +323,12 @@ class FeatureSet:
         if metric == "cosine":
             return self._cosine_neighbours(self._unit_items, self._item_ids.ids, row, skip, k, allowed)
         if metric != "ip":
-            raise errors.BadInputError(f"`metric` must be \"ip\" or \"cosine\", got {metric!r}.")
+            raise errors.bad_metric(metric)
         queries = item_queries(self._item_vectors[0][[row]])
         if allowed is not None:
             return self._similar_allowed(queries, skip, k, allowed)
         k = min(k, self.n_items - len(skip))
-        scores, found = search(self.index, queries, max(min(k + len(skip), self.n_items), 1))
+        scores, found = self.index.search(queries, max(min(k + len(skip), self.n_items), 1))
         keep = ~np.isin(found[0], skip) & (found[0] >= 0)
         rows, scores = found[0][keep][:k], scores[0][keep][:k]
         if len(rows) < k:  # an approximate index came back short: score exactly
@@ -374,8 +372,7 @@ class FeatureSet:
         clickers, fraud. Columns `user_id, n_interactions, reconstruction_error, anomaly_score`."""
         _check_k(k)
         if self._anomaly_table is None:
-            raise errors.BadInputError(f"version {self.version} of `{self.name}` has no anomaly scores "
-                                       "(it was written by an older aefeatures); run the job again to add them.")
+            raise errors.no_anomaly_scores(self.name, self.version)
         return self._anomaly_table.head(k)
 
     # --- internals ---------------------------------------------------------------------------
@@ -527,8 +524,8 @@ class FeatureSet:
             width = n + int(allowed.mask[skip].sum())
             over = int(min(np.ceil(width * OVERFETCH * self.n_items / len(allowed)), self.n_items))
             for selected, fetch in ((False, over), (True, min(width, self.n_items))):
-                scores, found = (search_selected(self.index, queries, fetch, allowed.bitmap) if selected
-                                 else search(self.index, queries, fetch))
+                scores, found = (search_selected(self.index.faiss, queries, fetch, allowed.bitmap) if selected
+                                 else self.index.search(queries, fetch))
                 keep = (found[0] >= 0) & ~np.isin(found[0], skip)
                 keep &= allowed.mask[np.where(keep, found[0], 0)]
                 rows, got = found[0][keep][:n], scores[0][keep][:n]
@@ -547,12 +544,12 @@ class FeatureSet:
         again among the allowed items alone (FAISS bitmap selector, ``widths`` candidates: k
         plus what the user skips). Any user still short (an approximate index) is scored exactly."""
         indptr, seen_items, _ = self._seen
-        scores, found = search(self.index, queries, max(fetch, 1))
+        scores, found = self.index.search(queries, max(fetch, 1))
         counts = self._take(scores, found, rows, want, exclude_seen, excluded, allowed, out_rows, out_scores)
         short = np.flatnonzero(counts < want)
         if allowed is not None and len(short) and fetch < self.n_items:
             width = int(min(widths[short].max(), self.n_items))
-            again, found = search_selected(self.index, queries[short], max(width, 1), allowed.bitmap)
+            again, found = search_selected(self.index.faiss, queries[short], max(width, 1), allowed.bitmap)
             sub_rows, sub_scores = out_rows[short], out_scores[short]
             counts = self._take(again, found, rows[short], want[short], exclude_seen, excluded, allowed,
                                 sub_rows, sub_scores)
@@ -591,8 +588,7 @@ class FeatureSet:
     def _stored_rows(self) -> np.ndarray | None:
         """(n_items, dim + 1) the index's rows, without the last column an approximate index's
         rows on a sphere add (see :func:`aefeatures.store.index.on_sphere`)."""
-        rows = stored_rows(self.index)
-        return None if rows is None else rows[:, : self.dim + 1]
+        return self.index.stored_rows()
 
     def _exact_top(self, query: np.ndarray, skip, n: int,
                    allowed: Allowed | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -606,7 +602,7 @@ class FeatureSet:
 
 def _check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise errors.BadInputError(f"`k` must be an integer of at least 1, got {k!r}.")
+        raise errors.bad_k(k)
 
 
 def _best(scores: np.ndarray, n: int) -> np.ndarray:
@@ -645,7 +641,7 @@ class Store:
     def __init__(self, root: Path | str):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise errors.StoreError(f"store `{self.root}` does not exist. Run a job first or pass an existing `--store`.")
+            raise errors.no_store(self.root)
 
     def names(self) -> list[str]:
         return layout.feature_sets(self.root)

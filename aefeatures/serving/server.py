@@ -96,8 +96,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise errors.BadInputError(f"cannot listen on {host}:{port} ({exc.strerror}). "
-                                   "Pass another --port (0 picks a free one) or --host.") from None
+        raise errors.cannot_listen(host, port, exc.strerror) from None
     sock.listen(2048)  # connections queue from now on, even before the first accept
     sock.set_inheritable(True)
     return sock

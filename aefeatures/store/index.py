@@ -74,10 +74,13 @@ def search_selected(index: faiss.Index, queries: np.ndarray, k: int, bitmap: np.
 
 
 def padded(queries: np.ndarray, width: int) -> np.ndarray:
-    """(n, width) float32 ``queries`` with zeros after their own columns: indexes built over
-    :func:`on_sphere` rows are one column wider than the queries."""
+    """(n, width) float32 ``queries``, with a zero column added where the index holds
+    :func:`on_sphere` rows, one column wider than the queries. Any other width is refused
+    (:class:`BadInputError`): zeros would score a narrower query silently wrong."""
+    if queries.ndim != 2 or queries.shape[1] not in (width, width - 1):
+        raise errors.query_width(queries.shape, width)
     if queries.shape[1] < width:
-        queries = np.hstack([queries, np.zeros((len(queries), width - queries.shape[1]), np.float32)])
+        queries = np.hstack([queries, np.zeros((len(queries), 1), np.float32)])
     return np.ascontiguousarray(queries, dtype=np.float32)
 
 
@@ -117,9 +120,33 @@ def factory_string(kind: str, n_items: int, width: int) -> str:
     if kind == "ivf":
         return f"IVF{nlist},Flat"
     if kind == "ivfpq":
-        m = next(m for m in range(max(1, math.ceil(width / 8)), width + 1) if width % m == 0)
-        return f"IVF{nlist},PQ{m}"
+        padded_width, m = pq_split(width)
+        pad = f"Pad{padded_width}," if padded_width != width else ""
+        return f"{pad}IVF{nlist},PQ{m}"
     return kind  # a FAISS factory string given verbatim
+
+
+PQ_SUB_DIMS = (4, 16)  # dims a product-quantization sub-vector may have; 8 is the aim
+
+
+def pq_split(width: int) -> tuple[int, int]:
+    """(padded width, sub-quantizer count M) for product quantization of ``width``-wide rows.
+
+    Each of the M sub-quantizers codes ``padded width / M`` dims in one byte (256 centroids),
+    so about 8 dims each keeps the codes ~``width / 8`` bytes an item (Jégou et al. 2011,
+    "Product quantization for nearest neighbor search"). M divides the width, with the
+    sub-vector width closest to 8 among 4..16; a width with no such divisor (a prime such as
+    17) is padded with zero columns to the nearest one that has (FAISS ``PadN``), rather than
+    cut into one-dimensional sub-vectors (17 one-byte codes, each training its own k-means).
+    """
+    low, high = PQ_SUB_DIMS
+    padded_width = max(width, low)
+    while True:
+        splits = [m for m in range(1, padded_width + 1)
+                  if padded_width % m == 0 and low <= padded_width // m <= high]
+        if splits:
+            return padded_width, min(splits, key=lambda m: (abs(padded_width // m - 8), -m))
+        padded_width += 1
 
 
 def build_index(rows: np.ndarray, kind: str, *, sample_queries: np.ndarray | None = None,
@@ -139,7 +166,7 @@ def build_index(rows: np.ndarray, kind: str, *, sample_queries: np.ndarray | Non
     n, width = rows.shape
     factory = factory_string(kind, n, width)
     exact_rows = rows
-    if factory != "Flat" and kind in INDEX_KINDS:  # a verbatim factory string indexes the rows as they are
+    if holds_rows_on_sphere(kind, factory):  # a verbatim factory string indexes the rows as they are
         rows = on_sphere(rows)
         factory = factory_string(kind, n, width + 1)
     try:
@@ -270,3 +297,71 @@ def load_index(path: Path) -> faiss.Index:
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
     except RuntimeError:
         return faiss.read_index(str(path))
+
+
+def holds_rows_on_sphere(kind: str, factory: str) -> bool:
+    """Whether :func:`build_index` built ``factory`` (from the job file's ``kind``) over the
+    :func:`on_sphere` rows, one column wider than the queries."""
+    return factory != "Flat" and kind in INDEX_KINDS
+
+
+class EmbeddingIndex:
+    """The read side's item index: a FAISS inner-product index over ``(n_items, dim + 1)``
+    item rows ``[W[j], b[j]]`` (plus the :func:`on_sphere` column for approximate kinds), with
+    the embedding width ``dim`` its queries must have.
+
+    Queries are ``(n, dim + 1)`` float32 (:func:`user_queries`, :func:`item_queries`); any
+    other width raises :class:`BadInputError` rather than being padded. Scores are inner
+    products (``metric`` "ip"), exactly the model's ``z · W[j] + b[j]`` for exact kinds.
+    """
+
+    metric = "ip"
+
+    def __init__(self, index: faiss.Index, dim: int, *, on_sphere: bool | None = None,
+                 source: Path | str = "(in memory)"):
+        widths = {None: (dim + 1, dim + 2), False: (dim + 1,), True: (dim + 2,)}[on_sphere]
+        if index.d not in widths:
+            raise errors.index_width_mismatch(source, index.d, dim, widths)
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise errors.index_metric_mismatch(source, int(index.metric_type))
+        self.faiss, self.dim = index, dim
+
+    @classmethod
+    def open(cls, path: Path, dim: int, *, on_sphere: bool | None = None) -> "EmbeddingIndex":
+        """The index at ``path`` (memory-mapped where FAISS can, see :func:`load_index`),
+        checked against ``dim``, the embedding width the version's manifest records, and,
+        where known (:func:`holds_rows_on_sphere`), whether it holds rows on a sphere.
+
+        Raises
+        ------
+        BadInputError
+            The index holds rows of another width than ``dim`` + 1 (or + 2 on a sphere), or
+            does not score by inner product: the files of the version disagree.
+        """
+        return cls(load_index(path), dim, on_sphere=on_sphere, source=path)
+
+    @property
+    def ntotal(self) -> int:
+        """Number of items indexed."""
+        return int(self.faiss.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (n, k) float32, item rows (n, k) int64, -1 where fewer were found) of the
+        ``k`` best items for ``(n, dim + 1)`` ``queries``."""
+        if queries.ndim != 2 or queries.shape[1] != self.dim + 1:
+            raise errors.query_width(queries.shape, self.dim + 1)
+        return search(self.faiss, queries, k)
+
+    def stored_rows(self) -> np.ndarray | None:
+        """(n_items, dim + 1) the item rows where the index stores them whole, else None
+        (see :func:`stored_rows`; the sphere's column is dropped)."""
+        rows = stored_rows(self.faiss)
+        return None if rows is None else rows[:, : self.dim + 1]
+
+    def holds_items(self) -> bool:
+        """Whether item rows can come from the (memory-mapped) index at any later time."""
+        index = faiss.downcast_index(self.faiss)
+        if isinstance(index, faiss.IndexHNSW):
+            index = faiss.downcast_index(index.storage)
+        return isinstance(index, faiss.IndexFlat) or (
+            isinstance(index, faiss.IndexIVFFlat) and index.direct_map.type != faiss.DirectMap.NoMap)

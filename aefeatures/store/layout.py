@@ -12,17 +12,16 @@ Readers resolve LATEST once and then read inside that version only. No torch imp
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aefeatures import errors, schema
+from aefeatures import errors
 from aefeatures.store.runlog import RUN_LOG, published_versions, read_runs
 
 if TYPE_CHECKING:
-    pass
+    from aefeatures.schema import Manifest
 LATEST = "LATEST"
 VERSIONS = "versions"
 STAGING = ".staging"
@@ -96,12 +95,13 @@ def never_live(version: str, live: str, published: set[str]) -> bool:
     return version > live and version not in published
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """A version's manifest, its `schema_version` checked readable (a version written by a newer
-    aefeatures raises ``StoreError``; schema 1 versions stay readable)."""
-    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    schema.check_schema_version(manifest.get("schema_version", 1), str(folder))
-    return manifest
+def read_manifest(folder: Path) -> "Manifest":
+    """The manifest of the version in ``folder``: the one reader, which checks its
+    ``schema_version`` (see :class:`aefeatures.schema.Manifest`)."""
+    from aefeatures.schema import Manifest  # pyarrow, which schema needs, only once a manifest is read
+
+    path = folder / MANIFEST
+    return Manifest.from_json(path.read_text(encoding="utf-8"), path)
 
 
 def valid_from(manifest: dict[str, Any]) -> str:

@@ -50,10 +50,7 @@ def start_version(store: Path, name: str, version: str) -> Path:
     try:
         staging.mkdir(parents=True)
     except OSError as exc:
-        raise errors.StoreError(
-            f"cannot create `{staging}` ({exc.strerror}). Make the store directory writable "
-            "or point `job.store` elsewhere."
-        ) from None
+        raise errors.cannot_create(staging, exc.strerror) from None
     return staging
 
 
