@@ -60,6 +60,10 @@ class ModelConfig:
     beta_cap: float = 0.2  # vae: KL weight is annealed linearly up to this cap
     anneal_steps: int = 20000  # vae: optimizer steps to reach beta_cap
     patience: int = 10  # stop after this many epochs without a better validation NDCG@100; 0 = never
+    # Optimizer steps before patience may stop training; the epoch cap is raised to reach them
+    # when epochs are a few steps (small data), so small data is not cut off by `epochs`.
+    min_steps: int = 1000
+    max_minutes: float = 0.0  # wall-clock budget for training (validation and refit); 0 = none
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when available) | "cpu" | "cuda" | "cuda:N"
     precision: str = "auto"  # "fp32" | "bf16" | "auto": bf16 on CUDA, fp32 on CPU
@@ -77,12 +81,22 @@ class EvaluationConfig:
     valid_share: float = 0.1  # share of users held out of training for validation; 0 = no evaluation
     max_valid_users: int = 10000  # cap on validation users (they cost a full ranking per epoch)
     holdout: float = 0.2  # share of each validation user's items hidden and ranked
+    # With refit: hold out at least this many users (at most half of them) when valid_share
+    # gives fewer, so that small data stops training on a steady metric (59 users is noise).
+    min_valid_users: int = 1000
+    # After validation chose the epochs, train again on every user (the validation users too)
+    # for that many epochs and publish that model; the manifest keeps the validation metrics.
+    refit: bool = True
+    # EASE (Steck 2019) on the same split as a reference, when its system (items, or training
+    # users when fewer) is at most this size; 0 = never.
+    reference_max_items: int = 20000
 
 
 @dataclass(frozen=True)
 class GateConfig:
     min_ratio: float = 0.9  # refuse below this × the live version's validation NDCG@100; 0 = off
     beat_popularity: bool = True  # refuse when validation NDCG@100 is not above popularity's
+    min_vs_reference: float = 0.0  # refuse below this × EASE's validation NDCG@100 (when computed); 0 = off
 
 
 @dataclass(frozen=True)
@@ -245,10 +259,17 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
         ("model.beta_cap", m.beta_cap, m.beta_cap >= 0, "it must be 0 or more"),
         ("model.anneal_steps", m.anneal_steps, m.anneal_steps >= 1, "it must be at least 1"),
         ("model.patience", m.patience, m.patience >= 0, "it must be 0 or more"),
+        ("model.min_steps", m.min_steps, m.min_steps >= 0, "it must be 0 or more"),
+        ("model.max_minutes", m.max_minutes, m.max_minutes >= 0, "it must be 0 (no limit) or more"),
         ("evaluation.valid_share", cfg.evaluation.valid_share, 0 <= cfg.evaluation.valid_share < 1,
          "it must be in [0, 1)"),
         ("evaluation.max_valid_users", cfg.evaluation.max_valid_users, cfg.evaluation.max_valid_users >= 1,
          "it must be at least 1"),
+        ("evaluation.min_valid_users", cfg.evaluation.min_valid_users, cfg.evaluation.min_valid_users >= 0,
+         "it must be 0 or more"),
+        ("evaluation.reference_max_items", cfg.evaluation.reference_max_items,
+         cfg.evaluation.reference_max_items >= 0, "it must be 0 (no reference) or more"),
+        ("gate.min_vs_reference", cfg.gate.min_vs_reference, cfg.gate.min_vs_reference >= 0, "it must be 0 or more"),
         ("evaluation.holdout", cfg.evaluation.holdout, 0 < cfg.evaluation.holdout < 1, "it must be in (0, 1)"),
         ("retention.keep", cfg.retention.keep, cfg.retention.keep >= 0, "it must be 0 (keep all) or more"),
         ("gate.min_ratio", cfg.gate.min_ratio, cfg.gate.min_ratio >= 0, "it must be 0 or more"),

@@ -200,7 +200,7 @@ def main() -> None:
     overrides = json.loads(args.model)
     if "hidden" in overrides:
         overrides["hidden"] = tuple(overrides["hidden"])
-    model = replace(ModelConfig(), **{**overrides, "epochs": 1, "patience": 0})
+    model = replace(ModelConfig(), **{**overrides, "epochs": 1, "patience": 0, "min_steps": 0})
     result = run_stages(args.data_dir, args.work_dir, model, single=args.single, batch=args.batch, k=args.k)
     args.json_out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"
 
 # Small but real: enough epochs for the planted structure to show, fast on 2 cores.
-FAST_MODEL = {"kind": "dae", "dim": 32, "hidden": [128], "epochs": 30, "batch_size": 256, "seed": 0}
+FAST_MODEL = {"kind": "dae", "dim": 32, "hidden": [128], "epochs": 30, "batch_size": 256, "seed": 0,
+              "min_steps": 0}  # tests run exactly `epochs`
 
 
 def _toml_value(value: Any) -> str:

@@ -17,7 +17,7 @@ from aefeatures.cli.output import echo_metrics, or_dash, print_json, print_table
 @json_option
 def versions(store_dir: Path, name: str | None, as_json: bool) -> None:
     """Versions of a feature set, oldest first: live, published (superseded) or refused by the
-    quality gate, with validation NDCG@100."""
+    quality gate, with validation NDCG@100 beside popularity's and EASE's."""
     from aefeatures.serving.lookup import open_store
 
     store = open_store(store_dir)
@@ -27,9 +27,10 @@ def versions(store_dir: Path, name: str | None, as_json: bool) -> None:
         print_json({"feature_set": name, "versions": rows})
         return
     print_table(["version", "status", "built", "created_at", "users", "items", "dim", "kind", "index",
-                  "ndcg@100", "popularity"],
+                  "ndcg@100", "popularity", "EASE"],
                  [[r["version"], r["status"], r["built"], r["created_at"][:19], r["users"], r["items"], r["dim"],
-                   r["kind"], r["index"], or_dash(r["ndcg@100"]), or_dash(r["popularity_ndcg@100"])]
+                   r["kind"], r["index"], or_dash(r["ndcg@100"]), or_dash(r["popularity_ndcg@100"]),
+                   or_dash(r.get("ease_ndcg@100"))]
                   for r in rows])
 
 

@@ -49,8 +49,13 @@ def run(job_file: Path, force: bool, as_json: bool) -> None:
                f"{m['input']['rows_kept']:,} kept, {m['input']['pairs']:,} distinct (user, item) pairs")
     final = f", final loss {train['epoch_losses'][-1]:.3f}" if train["epoch_losses"] else ""
     click.echo(f"  training  {train['epochs']} epochs on {train['device']} in {train['seconds']:.1f}s{final}")
-    click.echo(f"  training  best epoch {train['best_epoch']}"
-               + (" (stopped early)" if train["stopped_early"] else ""))
+    click.echo(f"  training  best epoch {train['best_epoch']} of at most {train.get('max_epochs', '?')}, "
+               f"stopped by {train.get('stop_reason', '?')}")
+    refit = train.get("refit")
+    if refit:
+        click.echo(f"  refit     {refit['status']}" + (f" on all {refit['users']:,} users, {refit['epochs']} epochs in "
+                                                      f"{refit['seconds']:.1f}s" if refit["status"] == "published"
+                                                      else f": {refit['reason']}"))
     if m["evaluation"]:
         echo_metrics(m["evaluation"], indent="  ")
     click.echo(f"  index     {m['index']['factory']}, recall@10 vs exact {m['index']['recall_at_10']:.3f}")

@@ -45,6 +45,13 @@ class TrainResult:
     stopped_early: bool = False
     steps: int = 0
     seconds: float = 0.0
+    best_step: int = 0  # optimizer steps taken when the kept weights were
+    max_epochs: int = 0  # the epoch cap this run had (cfg.epochs, raised to reach cfg.min_steps)
+    # why training ended: "patience" (no better validation for model.patience epochs), "epochs"
+    # (the cap), "max_minutes" (the wall-clock budget ran out; the best weights so far are kept)
+    stop_reason: str = "epochs"
+    chosen: dict[str, float] = field(default_factory=dict)  # hyperparameters validation chose (dlae: dropout)
+    refit: dict | None = None  # set by the job: how the published model was retrained on every user
 
 
 def select_device(requested: str) -> torch.device:
@@ -132,13 +139,23 @@ class DeviceCSR:
 
 
 def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | None = None,
-          validate: Validator | None = None, progress: bool | None = None) -> TrainResult:
+          validate: Validator | None = None, progress: bool | None = None, epochs: int | None = None,
+          deadline: float | None = None) -> TrainResult:
     """Train an autoencoder on the users at ``rows`` of ``matrix`` (default: all of them).
 
-    With ``validate``, the model is scored after every epoch; training stops once
-    ``cfg.patience`` epochs pass without a better ``validate(model)[KEY_METRIC]``, and the
-    best epoch's weights are restored. Seeded: the same matrix and config give the same
-    weights on the same device. ``progress=None`` shows a bar only on a terminal.
+    The budget fits the data: at most ``cfg.epochs`` epochs, a cap raised so that training takes
+    at least ``cfg.min_steps`` optimizer steps when an epoch is a few steps (1,000 users at
+    batch 512 make 2 steps an epoch: 50 epochs were 100 steps, cut off while still improving).
+    ``epochs`` given (a refit for a budget chosen on validation) runs exactly that many.
+
+    With ``validate``, the model is scored after every epoch (every few epochs when an epoch is
+    under :data:`VALIDATE_EVERY_STEPS` steps); once ``cfg.min_steps`` steps are done, training
+    stops when ``cfg.patience`` epochs pass without a better ``validate(model)[KEY_METRIC]``,
+    and the best epoch's weights are restored. ``deadline`` (a ``time.perf_counter()`` value;
+    default ``cfg.max_minutes`` from now, when set) ends training within one optimizer step of
+    it, keeping the best weights so far; ``stop_reason`` says which rule ended it. Seeded: the
+    same matrix and config give the same weights on the same device. ``progress=None`` shows a
+    bar only on a terminal.
 
     In a torchrun process group (:mod:`aefeatures.model.distributed`) every rank calls this with its
     own shard of users (the same items): each step every rank trains on ``cfg.batch_size /
@@ -160,26 +177,35 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     # Under torchrun every rank must take the same number of steps: those of the largest shard.
     users_per_epoch = len(rows) if group is None else int(group.reduce_array(np.array([len(rows)]), "max")[0])
     started = time.perf_counter()
+    if deadline is None and cfg.max_minutes > 0:
+        deadline = started + 60.0 * cfg.max_minutes
+    steps_per_epoch = max(1, -(-users_per_epoch // step.batch_size))
+    result.max_epochs = max_epochs = epochs if epochs is not None else budget_epochs(cfg, steps_per_epoch)
+    every = max(1, -(-VALIDATE_EVERY_STEPS // steps_per_epoch))  # epochs between validations
 
     # --- training loop: one shuffled pass over the users per epoch, then validation
-    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch",
+    bar = tqdm(range(1, max_epochs + 1), desc="train", unit="epoch",
                disable=_bar_off(progress) if distributed.is_leader() else True)
     for epoch in bar:
         model.train()
-        loss, beta = _epoch(step, _epoch_order(rng, rows, users_per_epoch), result)
-        record = {"epoch": epoch, "loss": round(loss, 5), "beta": round(beta, 5)}
-        if validate is not None:
+        loss, beta, out_of_time = _epoch(step, _epoch_order(rng, rows, users_per_epoch), result, deadline)
+        record = {"epoch": epoch, "loss": round(loss, 5), "beta": round(beta, 5), "steps": result.steps}
+        if validate is not None and (epoch % every == 0 or epoch == max_epochs or out_of_time):
             record.update(_validated(model, validate, group))
             if record[KEY_METRIC] > best_score:
-                best_score, result.best_epoch = record[KEY_METRIC], epoch
+                best_score, result.best_epoch, result.best_step = record[KEY_METRIC], epoch, result.steps
                 best_state = _kept_copy(model, best_state)
-            elif cfg.patience and epoch - result.best_epoch >= cfg.patience:
-                result.stopped_early = True
-        else:
-            result.best_epoch = epoch
+            elif cfg.patience and epoch - result.best_epoch >= cfg.patience and result.steps >= cfg.min_steps:
+                result.stopped_early, result.stop_reason = True, "patience"
+        elif validate is None:
+            result.best_epoch, result.best_step = epoch, result.steps
         result.epoch_losses.append(loss)
         result.history.append(record)
         bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in ("loss", KEY_METRIC)})
+        if out_of_time:
+            result.stopped_early, result.stop_reason = True, "max_minutes"
+            log.warning("model.max_minutes = %g reached after %d steps: training stopped, keeping the best "
+                        "weights so far (epoch %d)", cfg.max_minutes, result.steps, result.best_epoch)
         if result.stopped_early:
             break
 
@@ -212,20 +238,41 @@ def _epoch_order(rng: np.random.Generator, rows: np.ndarray, users: int) -> np.n
     return order[:users]
 
 
-def _epoch(step: "_Step", order: np.ndarray, result: TrainResult) -> tuple[float, float]:
-    """One pass over the users in ``order``: (mean loss per user, last KL weight)."""
+def _epoch(step: "_Step", order: np.ndarray, result: TrainResult,
+           deadline: float | None = None) -> tuple[float, float, bool]:
+    """One pass over the users in ``order``: (mean loss per user, last KL weight, whether the
+    ``deadline`` passed and the pass was cut short). Under torchrun the ranks agree on the
+    deadline through rank 0's clock, checked once a step."""
     cfg = step.cfg
-    total, beta = torch.zeros((), device=step.device), 0.0
+    total, beta, users, out_of_time = torch.zeros((), device=step.device), 0.0, 0, False
     for start in range(0, len(order), step.batch_size):
+        if deadline is not None and _past(deadline, step.group):
+            out_of_time = True
+            break
         if cfg.kind == "vae":
             beta = kl_weight(result.steps, cfg)
-        total += step(order[start : start + step.batch_size], beta)
+        batch = order[start : start + step.batch_size]
+        total += step(batch, beta)
+        users += len(batch)
         result.steps += 1
-    users = len(order)
     if step.group is not None:
         total = step.group.total(total)
         users *= step.world
-    return float(total) / max(users, 1), beta  # the epoch's one host sync
+    return float(total) / max(users, 1), beta, out_of_time  # the epoch's one host sync
+
+
+def _past(deadline: float, group: distributed.Group | None) -> bool:
+    late = time.perf_counter() >= deadline
+    return late if group is None else bool(group.from_leader(late))
+
+
+VALIDATE_EVERY_STEPS = 8  # with smaller epochs, validate every few epochs (each ranks every item)
+
+
+def budget_epochs(cfg: ModelConfig, steps_per_epoch: int) -> int:
+    """The epoch cap: ``cfg.epochs``, raised to reach ``cfg.min_steps`` optimizer steps when an
+    epoch is ``steps_per_epoch`` steps (never lowered)."""
+    return max(cfg.epochs, -(-cfg.min_steps // max(1, steps_per_epoch))) if cfg.epochs else 0
 
 
 def _validated(model: Autoencoder, validate: Validator, group: distributed.Group | None) -> dict[str, float]:

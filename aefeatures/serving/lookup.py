@@ -441,6 +441,7 @@ class Store:
                 "dim": m["dim"], "kind": m["config"]["model"]["kind"], "index": m["index"]["factory"],
                 KEY_METRIC: ((m.get("evaluation") or {}).get("model") or {}).get(KEY_METRIC),
                 "popularity_" + KEY_METRIC: ((m.get("evaluation") or {}).get("popularity") or {}).get(KEY_METRIC),
+                "ease_" + KEY_METRIC: ((m.get("evaluation") or {}).get("reference") or {}).get(KEY_METRIC),
             })
         return out
 
