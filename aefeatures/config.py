@@ -24,7 +24,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_]+")
-MODEL_KINDS = ("dae", "vae")
+MODEL_KINDS = ("dae", "vae", "dlae")
 PRECISIONS = ("auto", "fp32", "bf16")
 SPARSE_UPDATES = ("auto", "on", "off")
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
@@ -49,7 +49,9 @@ class InputConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str = "dae"  # "dae" (denoising AE) | "vae" (Mult-VAE)
+    # "dae" (denoising AE) | "vae" (Mult-VAE) | "dlae" (low-rank denoising linear AE in closed form,
+    # Steck 2020: no hidden layer, no epochs; validation picks its dropout)
+    kind: str = "dae"
     dim: int = 64  # bottleneck width = user-embedding size
     hidden: tuple[int, ...] = (600,)  # encoder hidden layers; the decoder is one linear layer
     epochs: int = 50
@@ -57,6 +59,7 @@ class ModelConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     dropout: float = 0.5  # input dropout, the "denoising" corruption
+    l2: float = 100.0  # dlae: the L2 weight λ added to the dropout's penalty
     beta_cap: float = 0.2  # vae: KL weight is annealed linearly up to this cap
     anneal_steps: int = 20000  # vae: optimizer steps to reach beta_cap
     patience: int = 10  # stop after this many epochs without a better validation NDCG@100; 0 = never
@@ -254,6 +257,7 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
         ("model.epochs", m.epochs, m.epochs >= 0, "it must be 0 or more"),
         ("model.batch_size", m.batch_size, m.batch_size >= 1, "it must be at least 1"),
         ("model.lr", m.lr, m.lr > 0, "it must be positive"),
+        ("model.l2", m.l2, m.l2 > 0, "it must be positive"),
         ("model.weight_decay", m.weight_decay, m.weight_decay >= 0, "it must be 0 or more"),
         ("model.dropout", m.dropout, 0 <= m.dropout < 1, "it must be in [0, 1)"),
         ("model.beta_cap", m.beta_cap, m.beta_cap >= 0, "it must be 0 or more"),

@@ -78,3 +78,17 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trained")
     result = run_job(load_job_config(write_job(folder)), progress=False)
     return folder / "store", result
+
+
+@pytest.fixture(scope="session", params=["dae", "dlae"])
+def trained_kind(request, tmp_path_factory):
+    """:func:`trained` for every model kind that publishes (vae shares dae's layers): (store dir,
+    RunResult)."""
+    if request.param == "dae":
+        return request.getfixturevalue("trained")
+    from aefeatures.config import load_job_config
+    from aefeatures.jobs.run import run_job
+
+    folder = tmp_path_factory.mktemp(f"trained_{request.param}")
+    result = run_job(load_job_config(write_job(folder, model={"kind": request.param})), progress=False)
+    return folder / "store", result

@@ -163,6 +163,8 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     ``cfg.batch_size`` users. Every rank runs ``validate``, which must combine all ranks'
     results, so all ranks decide alike when to stop. The group stays joined.
     """
+    if cfg.kind == "dlae":
+        return _train_dlae(matrix, cfg, rows=rows, validate=validate, deadline=deadline)
     # --- setup: seed, device, precision, model, optimizer, fixed once here
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -440,3 +442,68 @@ def kl_weight(step: int, cfg: ModelConfig) -> float:
 
 def _bar_off(progress: bool | None) -> bool | None:
     return None if progress is None else not progress
+
+
+DLAE_DROPOUTS = (0.5, 0.67, 0.8, 0.9)  # p tried on validation; Last.fm and ML-100k chose 0.8-0.9
+TEMPERATURE_SAMPLE = 2000  # training users that set a dlae's softmax temperature
+
+
+def _train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | None,
+                validate: Validator | None, deadline: float | None) -> TrainResult:
+    """The closed-form low-rank DLAE (:mod:`aefeatures.model.linear`) as an :class:`Autoencoder`
+    with no hidden layer. With ``validate``, each dropout p of :data:`DLAE_DROPOUTS` (and
+    ``cfg.dropout``) is fitted and validated ("epoch" i of the history is the i-th p) and the
+    best is kept (``chosen``); without it ``cfg.dropout`` is used. ``deadline`` stops the search
+    between fits, keeping the best so far."""
+
+    started = time.perf_counter()
+    device = select_device(cfg.device)
+    rows = np.arange(matrix.shape[0]) if rows is None else rows
+    candidates = sorted({*DLAE_DROPOUTS, cfg.dropout}) if validate is not None else [cfg.dropout]
+    result = TrainResult(model=None, device=str(device), max_epochs=len(candidates))  # type: ignore[arg-type]
+    best_score, best = -np.inf, None
+    for epoch, dropout in enumerate(candidates, start=1):
+        if deadline is not None and time.perf_counter() >= deadline and best is not None:
+            result.stopped_early, result.stop_reason = True, "max_minutes"
+            break
+        model = _dlae_model(matrix, cfg, rows, dropout, device)
+        result.steps += 1
+        record: dict[str, float] = {"epoch": epoch, "dropout": dropout, "loss": 0.0, "beta": 0.0}
+        if validate is not None:
+            record.update(validate(model))
+            model.eval()
+        result.history.append(record)
+        result.epoch_losses.append(0.0)
+        score = record.get(KEY_METRIC, 0.0)
+        if best is None or score > best_score:
+            best_score, best = score, model
+            result.best_epoch = result.best_step = epoch
+            result.chosen = {"dropout": dropout} if validate is not None else {}
+    result.model = best
+    result.seconds = time.perf_counter() - started
+    log.info("dlae: %d fit(s) in %.1fs; dropout %s", len(result.history), result.seconds,
+             result.chosen.get("dropout", cfg.dropout))
+    return result
+
+
+def _dlae_model(matrix: InteractionMatrix, cfg: ModelConfig, rows: np.ndarray, dropout: float,
+                device: torch.device) -> Autoencoder:
+    """The rank-``cfg.dim`` DLAE of ``rows`` as an eval-mode :class:`Autoencoder`: input layer P,
+    decoder R × the temperature that best explains a sample of the training users."""
+    from aefeatures.model import linear
+
+    p, r = linear.dlae_factors(matrix.csr, rows, matrix.shape[1], dim=cfg.dim, dropout=dropout, l2=cfg.l2,
+                               seed=cfg.seed)
+    model = Autoencoder(AutoencoderShape(matrix.shape[1], cfg.dim, (), "dlae", 0.0), device=device)
+    with torch.no_grad():
+        model.input_layer.weight.copy_(torch.from_numpy(p))
+        model.input_bias.zero_()
+        model.decoder.weight.copy_(torch.from_numpy(r))
+        model.decoder.bias.zero_()
+        model.eval()
+        sample = np.random.default_rng(cfg.seed).choice(rows, min(TEMPERATURE_SAMPLE, len(rows)), replace=False)
+        batch = to_batch(matrix, np.sort(sample), device)
+        z, _ = model.encode(batch)
+        t = linear.best_temperature(z, model.decoder.weight, batch.indices, batch.rows, batch.values)
+        model.decoder.weight.mul_(t)
+    return model
