@@ -47,12 +47,18 @@ class InputConfig:
     binarize: bool = True  # model input is 1 per (user, item); False feeds the weights themselves
 
 
+# model.dim = 0 means the kind's own default width: a dlae needs a wider bottleneck to match EASE
+# (Last.fm, BENCHMARKS.md: NDCG@100 0.99× EASE at 64, 1.01× at 128, ~1.01× at 256 with EASE's
+# coverage@20 only at 256); dae and vae keep 64.
+DEFAULT_DIMS = {"dae": 64, "vae": 64, "dlae": 256}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     # "dae" (denoising AE) | "vae" (Mult-VAE) | "dlae" (low-rank denoising linear AE in closed form,
     # Steck 2020: no hidden layer, no epochs; validation picks its dropout)
-    kind: str = "dae"
-    dim: int = 64  # bottleneck width = user-embedding size
+    kind: str = "dlae"  # the default by measurement (BENCHMARKS.md, "Quality of every kind")
+    dim: int = 0  # bottleneck width = user-embedding size; 0: the kind's default (DEFAULT_DIMS)
     hidden: tuple[int, ...] = (600,)  # encoder hidden layers; the decoder is one linear layer
     epochs: int = 50
     batch_size: int = 512
@@ -77,6 +83,10 @@ class ModelConfig:
     # layer and the sampled decoder rows get sparse gradients and a lazy Adam (only the rows a
     # batch touches move), and weight_decay reaches the encoder layers only.
     sparse_updates: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.dim == 0 and self.kind in DEFAULT_DIMS:
+            object.__setattr__(self, "dim", DEFAULT_DIMS[self.kind])
 
 
 @dataclass(frozen=True)
@@ -252,7 +262,7 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
     rules = [
         ("job.name", cfg.job.name, NAME_PATTERN.fullmatch(cfg.job.name), "use letters, digits and _ only"),
         ("model.kind", m.kind, m.kind in MODEL_KINDS, f"choose one of {', '.join(MODEL_KINDS)}"),
-        ("model.dim", m.dim, m.dim >= 1, "it must be at least 1"),
+        ("model.dim", m.dim, m.dim >= 1, "it must be at least 1 (or 0: the kind's default)"),
         ("model.hidden", list(m.hidden), all(h >= 1 for h in m.hidden), "every layer needs >= 1 unit"),
         ("model.epochs", m.epochs, m.epochs >= 0, "it must be 0 or more"),
         ("model.batch_size", m.batch_size, m.batch_size >= 1, "it must be at least 1"),

@@ -126,7 +126,7 @@ def large_part(args: argparse.Namespace) -> dict[str, Any]:
     say(f"large: {args.large_items:,} items, scale {args.large_scale:g}")
     matrix, data = load(args.large_scale, args.large_items, args.data_dir)
     split = held_out(matrix, args.valid_users)
-    cfg = ModelConfig(epochs=args.epochs, patience=0, min_steps=0, full_softmax_max_items=args.full_softmax_max_items)
+    cfg = ModelConfig(kind="dae", epochs=args.epochs, patience=0, min_steps=0, full_softmax_max_items=args.full_softmax_max_items)
     sparse = sparse_updates(cfg, sampled=matrix.shape[1] > cfg.full_softmax_max_items, under_torchrun=False)
     rss_before = high_water_mb()
     model = trained(matrix, split, cfg)
@@ -145,7 +145,8 @@ def compare_part(args: argparse.Namespace) -> dict[str, Any]:
     split = held_out(matrix, args.valid_users)
     arms = {}
     for name, overrides in ARMS.items():
-        runs = [trained(matrix, split, ModelConfig(epochs=args.compare_epochs, patience=0, min_steps=0, seed=seed, **overrides))
+        runs = [trained(matrix, split, ModelConfig(kind="dae", epochs=args.compare_epochs, patience=0, min_steps=0,
+                                                   seed=seed, **overrides))
                 for seed in range(args.compare_seeds)]
         arms[name] = {"runs": runs, **{k: float(np.mean([r[k] for r in runs])) for k in REPORTED},
                       **{f"{k} range": [min(r[k] for r in runs), max(r[k] for r in runs)] for k in REPORTED},

@@ -163,7 +163,7 @@ def run_seed(frame: pl.DataFrame, seed: int, args: argparse.Namespace, overrides
             vectors, _ = encode(trained.model, matrix.csr)
             ranked = rank_by_embeddings(vectors, trained.model.decoder.weight.detach().float().numpy(),
                                         trained.model.decoder.bias.detach().float().numpy(), seen, max(KS))
-            record(f"{kind} d={dim}", metrics(ranked, held, n_items), seconds,
+            record(f"{kind} d={model_cfg.dim}", metrics(ranked, held, n_items), seconds,
                    best_epoch=trained.best_epoch, stop=trained.stop_reason, chosen=trained.chosen,
                    refit=(trained.refit or {}).get("status"), valid_ndcg=evaluation["model"]["ndcg@100"])
     return out

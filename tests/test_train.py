@@ -39,7 +39,7 @@ def test_a_vae_run_reaches_the_beta_cap(matrix):
 
 
 def test_early_stopping_restores_the_best_epochs_weights(matrix):
-    cfg = ModelConfig(dim=8, hidden=(16,), epochs=20, batch_size=256, patience=3, min_steps=0)
+    cfg = ModelConfig(kind="dae", dim=8, hidden=(16,), epochs=20, batch_size=256, patience=3, min_steps=0)
     curve = iter([0.1, 0.5, 0.3, 0.2, 0.4, 0.45, 0.6])
     snapshots = []
 
@@ -124,3 +124,27 @@ def test_batches_cut_from_a_device_copy_equal_those_cut_on_the_host(matrix):
         for field in ("indices", "offsets", "values", "rows"):
             assert torch.equal(getattr(got, field), getattr(expected, field)), field
     assert not DeviceCSR.fits(sparse, cpu)  # on a CPU the batches are the host's own
+
+
+@pytest.mark.slow
+def test_small_data_trains_to_convergence_where_the_epoch_cap_cut_it_off(tmp_path):
+    # 1,800 training users at batch 512: 4 steps an epoch, as on small real data (1,500 items,
+    # ~15 per user). The old budget (50 epochs, no step floor) ends at the cap while validation
+    # still improves; the step floor trains on until patience stops it, and validates better.
+    from aefeatures.data.synthetic import generate
+
+    data = generate(n_users=2000, n_items=1500, mean_items=15, n_communities=20, in_cluster=0.5, zipf=1.1, seed=3)
+    data.interactions.write_parquet(tmp_path / "small.parquet")
+    old_defaults = {"kind": "dae", "dim": 64, "hidden": [600], "batch_size": 512, "epochs": 50, "patience": 10}
+    runs = {}
+    for name, min_steps in (("old", 0), ("new", 1000)):
+        folder = tmp_path / name
+        folder.mkdir()
+        job = write_job(folder, input={"path": str(tmp_path / "small.parquet")},
+                        model={**old_defaults, "min_steps": min_steps}, evaluation={"refit": False})
+        runs[name] = run_job(load_job_config(job), progress=False).manifest
+    old, new = runs["old"]["training"], runs["new"]["training"]
+    assert old["stop_reason"] == "epochs" and old["best_epoch"] > 50 - 10  # patience had not stopped it
+    assert new["stop_reason"] == "patience" and new["steps"] >= 1000 and new["max_epochs"] > 50
+    assert new["best_step"] > old["steps"]  # its best weights came after the old budget's last step
+    assert runs["new"]["evaluation"]["model"]["ndcg@100"] > runs["old"]["evaluation"]["model"]["ndcg@100"]

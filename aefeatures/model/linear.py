@@ -38,6 +38,22 @@ EXACT_MAX_SIDE = 4000  # users or items: below this on either side, the dense ei
 MAX_DENSE_ENTRIES = 150_000_000  # float64 (users × items) for the exact path: 1.2 GB
 OVERSAMPLE = 4  # randomized path: components kept from Ĝ per bottleneck unit
 TEMPERATURES = tuple(2.0 ** k for k in range(0, 16))
+MAX_BYTES = 6 << 30  # float64 working memory the fit may take; above it `fits` says no
+
+
+def working_bytes(n_users: int, n_items: int, dim: int) -> int:
+    """Float64 bytes a fit of ``dim`` takes, roughly: the randomized path's dense (users + items)
+    × components blocks (a few copies) and Z (components × items); the exact path is bounded
+    by :data:`MAX_DENSE_ENTRIES` and the smaller side's square."""
+    if min(n_users, n_items) <= EXACT_MAX_SIDE and n_users * n_items <= MAX_DENSE_ENTRIES:
+        return 8 * (2 * n_users * n_items + 2 * min(n_users, n_items) ** 2)
+    q = min(OVERSAMPLE * dim, n_users, n_items)
+    return 8 * q * (3 * n_items + 2 * n_users)
+
+
+def fits(n_users: int, n_items: int, dim: int) -> bool:
+    """Whether a dlae of ``dim`` on this many users and items stays within :data:`MAX_BYTES`."""
+    return working_bytes(n_users, n_items, dim) <= MAX_BYTES
 
 
 def _y(csr: CSR, rows: np.ndarray, n_items: int, lam: np.ndarray) -> torch.Tensor:

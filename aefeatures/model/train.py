@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from contextlib import nullcontext
@@ -163,8 +164,20 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     ``cfg.batch_size`` users. Every rank runs ``validate``, which must combine all ranks'
     results, so all ranks decide alike when to stop. The group stays joined.
     """
+    fallback = None
     if cfg.kind == "dlae":
-        return _train_dlae(matrix, cfg, rows=rows, validate=validate, deadline=deadline)
+        from aefeatures.model import linear
+
+        n_rows = matrix.shape[0] if rows is None else len(rows)
+        if linear.fits(n_rows, matrix.shape[1], cfg.dim):
+            return _train_dlae(matrix, cfg, rows=rows, validate=validate, deadline=deadline)
+        # Catalogues too large for the closed form (millions of items) train a dae, which
+        # scales to them with a sampled softmax; the manifest's training.chosen says so.
+        log.warning("kind dlae would need ~%.1f GiB at %d users x %d items, dim %d: training a dae instead",
+                    linear.working_bytes(n_rows, matrix.shape[1], cfg.dim) / 2**30, n_rows, matrix.shape[1],
+                    cfg.dim)
+        cfg = dataclasses.replace(cfg, kind="dae")
+        fallback = {"kind": "dae"}
     # --- setup: seed, device, precision, model, optimizer, fixed once here
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -173,7 +186,7 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     shape = AutoencoderShape(matrix.shape[1], cfg.dim, tuple(cfg.hidden), cfg.kind, cfg.dropout)
     model = Autoencoder(shape, device=device)
     step = _Step(model, matrix, cfg, device, group)
-    result = TrainResult(model=model, device=str(device))
+    result = TrainResult(model=model, device=str(device), chosen=fallback or {})
     rows = np.arange(matrix.shape[0]) if rows is None else rows
     best_score, best_state = -np.inf, None
     # Under torchrun every rank must take the same number of steps: those of the largest shard.
