@@ -148,3 +148,61 @@ def test_small_data_trains_to_convergence_where_the_epoch_cap_cut_it_off(tmp_pat
     assert new["stop_reason"] == "patience" and new["steps"] >= 1000 and new["max_epochs"] > 50
     assert new["best_step"] > old["steps"]  # its best weights came after the old budget's last step
     assert runs["new"]["evaluation"]["model"]["ndcg@100"] > runs["old"]["evaluation"]["model"]["ndcg@100"]
+
+
+def test_the_time_budget_stops_within_a_step_and_keeps_the_best_weights(matrix, monkeypatch):
+    import aefeatures.model.train as train_module
+
+    checks = iter(range(10_000))
+    monkeypatch.setattr(train_module, "_past", lambda deadline, group: next(checks) >= 21)  # 21 steps fit
+    cfg = ModelConfig(kind="dae", dim=8, hidden=(16,), epochs=50, batch_size=256, patience=0, min_steps=0,
+                      max_minutes=60.0)
+    curve = iter([0.1, 0.5, 0.3, 0.2])
+    snapshots = []
+
+    def validate(model):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"ndcg@100": next(curve)}
+
+    result = train(matrix, cfg, validate=validate, progress=False)
+    # 8 steps an epoch: epochs 1 and 2 whole, epoch 3 cut after 5 steps and still validated
+    assert result.steps == 21 and len(result.history) == 3 and result.stop_reason == "max_minutes"
+    assert result.stopped_early and result.best_epoch == 2 and result.best_step == 16
+    for key, value in result.model.state_dict().items():
+        torch.testing.assert_close(value, snapshots[1][key])
+
+
+def test_a_run_out_of_time_says_so_and_publishes_the_validated_model(tmp_path):
+    job = write_job(tmp_path, model={"max_minutes": 1e-9}, gate={"beat_popularity": False, "min_ratio": 0.0})
+    manifest = run_job(load_job_config(job), progress=False).manifest
+    training = manifest["training"]
+    assert training["stop_reason"] == "max_minutes" and training["steps"] == 0
+    assert training["refit"] == {"status": "skipped", "reason": "model.max_minutes ran out during validation"}
+    assert manifest["config"]["model"]["max_minutes"] == 1e-9
+
+
+@pytest.mark.parametrize("kind", ["dae", "dlae"])
+def test_refit_trains_the_published_model_on_every_user(tmp_path, kind):
+    from dataclasses import replace
+
+    from aefeatures.model.autoencoder import load_model
+
+    job = load_job_config(write_job(tmp_path, model={"kind": kind, "epochs": 4}))
+    result = run_job(job, progress=False)
+    training = result.manifest["training"]
+    assert training["refit"]["status"] == "published" and training["refit"]["users"] == 2030
+    assert result.manifest["evaluation"]["valid_users"] == 1000  # validated on held-out users first
+    published = load_model(result.path / "model")
+    # the same training on all users, for the chosen budget, gives the published weights
+    matrix = build_matrix(read_interactions(job.input))
+    direct = train(matrix, replace(job.model, **training.get("chosen", {})), epochs=training["best_epoch"],
+                   progress=False).model
+    for key, value in direct.state_dict().items():
+        torch.testing.assert_close(published.state_dict()[key], value)
+    # and the model validation chose (without the held-out users) is a different one
+    (tmp_path / "norefit").mkdir()
+    unrefit = run_job(load_job_config(write_job(tmp_path / "norefit", model={"kind": kind, "epochs": 4},
+                                                evaluation={"refit": False})), progress=False)
+    assert unrefit.manifest["training"]["refit"] is None
+    other = load_model(unrefit.path / "model")
+    assert not torch.equal(other.decoder.weight, published.decoder.weight)

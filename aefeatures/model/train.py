@@ -49,7 +49,8 @@ class TrainResult:
     best_step: int = 0  # optimizer steps taken when the kept weights were
     max_epochs: int = 0  # the epoch cap this run had (cfg.epochs, raised to reach cfg.min_steps)
     # why training ended: "patience" (no better validation for model.patience epochs), "epochs"
-    # (the cap), "max_minutes" (the wall-clock budget ran out; the best weights so far are kept)
+    # (the cap), "max_minutes" (the wall-clock budget ran out; the best weights so far are kept),
+    # "fitted" (dlae: every candidate fitted in closed form)
     stop_reason: str = "epochs"
     chosen: dict[str, float] = field(default_factory=dict)  # hyperparameters validation chose (dlae: dropout)
     refit: dict | None = None  # set by the job: how the published model was retrained on every user
@@ -493,6 +494,8 @@ def _train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray
             result.best_epoch = result.best_step = epoch
             result.chosen = {"dropout": dropout} if validate is not None else {}
     result.model = best
+    if result.stop_reason != "max_minutes":
+        result.stop_reason = "fitted"  # closed form: every candidate fitted
     result.seconds = time.perf_counter() - started
     log.info("dlae: %d fit(s) in %.1fs; dropout %s", len(result.history), result.seconds,
              result.chosen.get("dropout", cfg.dropout))
