@@ -106,11 +106,14 @@ def trained(matrix: InteractionMatrix, split: Split, cfg: ModelConfig) -> dict[s
         return {"ndcg@100": metrics["ndcg@100"]}
 
     result = train(matrix, cfg, rows=split.train_rows, validate=validate, progress=False)
-    steps_per_epoch = result.steps // max(len(result.history), 1)
-    for record, history in zip(epochs, result.history):
-        record.update(loss=history["loss"], steps=steps_per_epoch,
-                      seconds_per_step=record["train_seconds"] / steps_per_epoch)
-    best = epochs[result.best_epoch - 1]
+    # Small epochs are validated every few epochs: each record covers the steps since the last one.
+    validated = [h for h in result.history if "ndcg@100" in h]
+    done = 0
+    for record, history in zip(epochs, validated):
+        steps, done = history["steps"] - done, history["steps"]
+        record.update(epoch=history["epoch"], loss=history["loss"], steps=steps,
+                      seconds_per_step=record["train_seconds"] / max(steps, 1))
+    best = next(r for r, h in zip(epochs, validated) if h["epoch"] == result.best_epoch)
     return {"epochs": epochs, "best_epoch": result.best_epoch, **{k: best[k] for k in REPORTED},
             "train_users": len(split.train_rows)}
 

@@ -150,8 +150,8 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     batch 512 make 2 steps an epoch: 50 epochs were 100 steps, cut off while still improving).
     ``epochs`` given (a refit for a budget chosen on validation) runs exactly that many.
 
-    With ``validate``, the model is scored after every epoch (every few epochs when an epoch is
-    under :data:`VALIDATE_EVERY_STEPS` steps); once ``cfg.min_steps`` steps are done, training
+    With ``validate``, the model is scored after every epoch (every few epochs when the cap was
+    raised and an epoch is under :data:`VALIDATE_EVERY_STEPS` steps); once ``cfg.min_steps`` steps are done, training
     stops when ``cfg.patience`` epochs pass without a better ``validate(model)[KEY_METRIC]``,
     and the best epoch's weights are restored. ``deadline`` (a ``time.perf_counter()`` value;
     default ``cfg.max_minutes`` from now, when set) ends training within one optimizer step of
@@ -197,7 +197,8 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
         deadline = started + 60.0 * cfg.max_minutes
     steps_per_epoch = max(1, -(-users_per_epoch // step.batch_size))
     result.max_epochs = max_epochs = epochs if epochs is not None else budget_epochs(cfg, steps_per_epoch)
-    every = max(1, -(-VALIDATE_EVERY_STEPS // steps_per_epoch))  # epochs between validations
+    # epochs between validations: every epoch, unless the cap was raised for epochs of a few steps
+    every = max(1, -(-VALIDATE_EVERY_STEPS // steps_per_epoch)) if max_epochs > cfg.epochs else 1
 
     # --- training loop: one shuffled pass over the users per epoch, then validation
     bar = tqdm(range(1, max_epochs + 1), desc="train", unit="epoch",
