@@ -102,7 +102,7 @@ class EvaluationConfig:
     refit: bool = True
     # EASE (Steck 2019) on the same split as a reference, when its system (items, or training
     # users when fewer) is at most this size; 0 = never.
-    reference_max_items: int = 20000
+    reference_max_items: int = 15000
 
 
 @dataclass(frozen=True)

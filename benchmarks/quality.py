@@ -139,7 +139,7 @@ def run_seed(frame: pl.DataFrame, seed: int, args: argparse.Namespace, overrides
     record("popularity", metrics(ranked, held, n_items), 0.0)
 
     everyone = np.arange(matrix.shape[0])
-    ease = EASE(dense_rows(matrix.csr, everyone, n_items))
+    ease = EASE(matrix.csr, everyone, n_items)
     x = dense_rows(matrix.csr, everyone, n_items)
     best = None
     for lam in LAMBDAS[3:8]:  # 30 .. 3000

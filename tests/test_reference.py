@@ -24,7 +24,7 @@ def test_ease_scores_match_a_direct_numpy_solve(users, items):
     rng = np.random.default_rng(0)
     x = (rng.random((users, items)) < 0.3).astype(np.float64)
     f = (rng.random((5, items)) < 0.3).astype(np.float64)
-    ease = EASE(x)
+    ease = EASE(_csr(x), np.arange(users), items)
     assert ease.items_side == (users >= items)
     for lam in (0.5, 10.0):
         expected = f @ _direct_ease(x, lam)
