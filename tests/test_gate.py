@@ -80,8 +80,14 @@ def test_evaluate_shows_metrics_and_the_report_exists(trained):
     assert set(data["evaluation"]["model"]) >= {"recall@20", "ndcg@10", "ndcg@100", "coverage@20"}
     human = CliRunner().invoke(cli, ["evaluate", "--store", str(root)])
     assert "popularity" in human.stdout and "quality gate: passed" in human.stdout
+    reference = data["evaluation"]["reference"]  # EASE on the same split, shown everywhere
+    assert reference["method"] == "EASE" and 0 < reference["ndcg@100"] <= 1
+    assert f"EASE (λ={reference['lambda']:g})" in human.stdout and "model / EASE ndcg@100" in human.stdout
+    versions = CliRunner().invoke(cli, ["versions", "--store", str(root), "--json"])
+    assert json.loads(versions.stdout)["versions"][-1]["ease_ndcg@100"] == reference["ndcg@100"]
     page = (result.path / "report.html").read_text()
     assert "<svg" in page and "validation ndcg@100" in page and "popularity" in page
+    assert "EASE (λ=" in page and "× EASE's validation ndcg@100" in page
 
 
 def test_an_index_below_the_recall_floor_is_refused(tmp_path):
