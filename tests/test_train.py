@@ -181,6 +181,7 @@ def test_a_run_out_of_time_says_so_and_publishes_the_validated_model(tmp_path):
     assert manifest["config"]["model"]["max_minutes"] == 1e-9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dae", "dlae"])
 def test_refit_trains_the_published_model_on_every_user(tmp_path, kind):
     from dataclasses import replace
