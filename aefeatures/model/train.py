@@ -465,56 +465,42 @@ TEMPERATURE_SAMPLE = 2000  # training users that set a dlae's softmax temperatur
 
 def _train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | None,
                 validate: Validator | None, deadline: float | None) -> TrainResult:
-    """The closed-form low-rank DLAE (:mod:`aefeatures.model.linear`; Steck, NeurIPS 2020) as an
-    :class:`Autoencoder` with no hidden layer. With ``validate``, each dropout p of :data:`DLAE_DROPOUTS` (and
+    """The closed-form low-rank DLAE (:mod:`aefeatures.model.linear`) as an :class:`Autoencoder`
+    with no hidden layer. With ``validate``, each dropout p of :data:`DLAE_DROPOUTS` (and
     ``cfg.dropout``) is fitted and validated ("epoch" i of the history is the i-th p) and the
-    best is kept (``chosen``; :func:`_near_best_widest`); without it ``cfg.dropout`` is used. ``deadline`` stops the search
+    best is kept (``chosen``); without it ``cfg.dropout`` is used. ``deadline`` stops the search
     between fits, keeping the best so far."""
 
     started = time.perf_counter()
-    if deadline is None and cfg.max_minutes > 0:
-        deadline = started + 60.0 * cfg.max_minutes
     device = select_device(cfg.device)
     rows = np.arange(matrix.shape[0]) if rows is None else rows
     candidates = sorted({*DLAE_DROPOUTS, cfg.dropout}) if validate is not None else [cfg.dropout]
     result = TrainResult(model=None, device=str(device), max_epochs=len(candidates))  # type: ignore[arg-type]
-    models: list[Autoencoder] = []
+    best_score, best = -np.inf, None
     for epoch, dropout in enumerate(candidates, start=1):
-        if deadline is not None and time.perf_counter() >= deadline and models:
+        if deadline is not None and time.perf_counter() >= deadline and best is not None:
             result.stopped_early, result.stop_reason = True, "max_minutes"
             break
-        models.append(_dlae_model(matrix, cfg, rows, dropout, device))
+        model = _dlae_model(matrix, cfg, rows, dropout, device)
         result.steps += 1
         record: dict[str, float] = {"epoch": epoch, "dropout": dropout, "loss": 0.0, "beta": 0.0}
         if validate is not None:
-            record.update(validate(models[-1]))
-            models[-1].eval()
+            record.update(validate(model))
+            model.eval()
         result.history.append(record)
         result.epoch_losses.append(0.0)
-    pick = _near_best_widest(result.history)
-    result.model, result.best_epoch = models[pick], pick + 1
-    result.best_step = result.best_epoch
-    result.chosen = {"dropout": candidates[pick]} if validate is not None else {}
+        score = record.get(KEY_METRIC, 0.0)
+        if best is None or score > best_score:
+            best_score, best = score, model
+            result.best_epoch = result.best_step = epoch
+            result.chosen = {"dropout": dropout} if validate is not None else {}
+    result.model = best
     if result.stop_reason != "max_minutes":
         result.stop_reason = "fitted"  # closed form: every candidate fitted
     result.seconds = time.perf_counter() - started
     log.info("dlae: %d fit(s) in %.1fs; dropout %s", len(result.history), result.seconds,
              result.chosen.get("dropout", cfg.dropout))
     return result
-
-
-NEAR_BEST = 0.005  # dlae candidates within 0.5% of the best validation NDCG@100 count as equal
-
-
-def _near_best_widest(history: list[dict[str, float]]) -> int:
-    """Index of the candidate with the best validation NDCG@100 or, among those within
-    :data:`NEAR_BEST` of it, the one whose top 20 covers the most of the catalogue: at equal
-    accuracy broader recommendations (on Last.fm a stronger dropout kept NDCG@100 and widened
-    coverage@20)."""
-    scores = [h.get(KEY_METRIC, 0.0) for h in history]
-    best = max(scores)
-    near = [i for i, score in enumerate(scores) if score >= (1 - NEAR_BEST) * best]
-    return max(near, key=lambda i: (history[i].get("coverage@20", 0.0), scores[i]))
 
 
 def _dlae_model(matrix: InteractionMatrix, cfg: ModelConfig, rows: np.ndarray, dropout: float,
