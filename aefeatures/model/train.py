@@ -465,13 +465,15 @@ TEMPERATURE_SAMPLE = 2000  # training users that set a dlae's softmax temperatur
 
 def _train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | None,
                 validate: Validator | None, deadline: float | None) -> TrainResult:
-    """The closed-form low-rank DLAE (:mod:`aefeatures.model.linear`) as an :class:`Autoencoder`
-    with no hidden layer. With ``validate``, each dropout p of :data:`DLAE_DROPOUTS` (and
+    """The closed-form low-rank DLAE (:mod:`aefeatures.model.linear`; Steck, NeurIPS 2020) as an
+    :class:`Autoencoder` with no hidden layer. With ``validate``, each dropout p of :data:`DLAE_DROPOUTS` (and
     ``cfg.dropout``) is fitted and validated ("epoch" i of the history is the i-th p) and the
     best is kept (``chosen``); without it ``cfg.dropout`` is used. ``deadline`` stops the search
     between fits, keeping the best so far."""
 
     started = time.perf_counter()
+    if deadline is None and cfg.max_minutes > 0:
+        deadline = started + 60.0 * cfg.max_minutes
     device = select_device(cfg.device)
     rows = np.arange(matrix.shape[0]) if rows is None else rows
     candidates = sorted({*DLAE_DROPOUTS, cfg.dropout}) if validate is not None else [cfg.dropout]
