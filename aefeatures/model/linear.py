@@ -12,14 +12,16 @@ The full-rank optimum is B = (XᵀX + Λ)⁻¹ XᵀX; the rank-d optimum is B = 
     Ĝ = YᵀY = W diag(e) Wᵀ,   Z = diag(e / √(e+1)) Wᵀ Λ^½   (r × items),   Z = Q S Rᵀ (top d)
     P = Λ^-½ W diag(1/√(e+1)) Q S,   R = Zᵀ Q S⁻¹   (orthonormal columns)
 
-(with M = XᵀX + Λ = L Lᵀ, L = Λ^½ (Ĝ + I)^½, the objective is ||Lᵀ B - L⁻¹XᵀX||² + const, whose
-rank-d optimum is Lᵀ⁻¹ times the truncated SVD of L⁻¹XᵀX = (Λ^½ W diag(e/√(e+1)) Wᵀ)ᵀ = Zᵀ... ).
+Why: with G = XᵀX and M = G + Λ = L Lᵀ, L = Λ^½ (Ĝ + I)^½, the objective is ||LᵀB - L⁻¹G||²
+plus a constant, so the rank-d optimum is B = L⁻ᵀ [L⁻¹G]_d (Eckart–Young), and
+L⁻¹G = (Ĝ + I)^-½ Ĝ Λ^½ = W Z, whose truncated SVD is W Q_d S_d R_dᵀ (W has orthonormal columns).
 
 In the product's terms: the user embedding is the bottleneck x P (d wide), the item vectors are
 R's rows and the score of item j is exactly x P · R[j], so the FAISS inner-product index returns
 the model's own top-k, and any new user is embedded by one product. The model is an
 :class:`~aefeatures.model.autoencoder.Autoencoder` with no hidden layer: input layer P, decoder
-weight R scaled by a temperature (below), zero biases.
+weight R scaled by a temperature (below), zero biases. (The autoencoder reads each user's x
+L2-normalised, as for every kind: that scales a user's scores and changes none of their ranking.)
 
 Above :data:`EXACT_MAX_SIDE` users and items, Ĝ's top eigenpairs come from a randomized SVD of
 the sparse Y in float32 (Halko et al. 2011, ``torch.svd_lowrank``) with ``OVERSAMPLE × d``
