@@ -207,3 +207,14 @@ def test_refit_trains_the_published_model_on_every_user(tmp_path, kind):
     assert unrefit.manifest["training"]["refit"] is None
     other = load_model(unrefit.path / "model")
     assert not torch.equal(other.decoder.weight, published.decoder.weight)
+
+
+def test_a_dlae_too_large_for_the_closed_form_trains_a_dae_and_says_so(matrix, monkeypatch, caplog):
+    from aefeatures.model import linear
+
+    monkeypatch.setattr(linear, "MAX_BYTES", 0)
+    cfg = ModelConfig(kind="dlae", dim=8, hidden=(16,), epochs=1, min_steps=0)
+    with caplog.at_level("WARNING", logger="aefeatures.model.train"):
+        result = train(matrix, cfg, progress=False)
+    assert "training a dae instead" in caplog.text
+    assert result.chosen == {"kind": "dae"} and result.model.shape.kind == "dae" and result.steps > 0

@@ -170,13 +170,17 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
         from aefeatures.model import linear
 
         n_rows = matrix.shape[0] if rows is None else len(rows)
-        if linear.fits(n_rows, matrix.shape[1], cfg.dim):
+        if linear.fits(n_rows, matrix.shape[1], cfg.dim) and distributed.current() is None:
             return _train_dlae(matrix, cfg, rows=rows, validate=validate, deadline=deadline)
         # Catalogues too large for the closed form (millions of items) train a dae, which
-        # scales to them with a sampled softmax; the manifest's training.chosen says so.
-        log.warning("kind dlae would need ~%.1f GiB at %d users x %d items, dim %d: training a dae instead",
-                    linear.working_bytes(n_rows, matrix.shape[1], cfg.dim) / 2**30, n_rows, matrix.shape[1],
-                    cfg.dim)
+        # scales to them with a sampled softmax, and so do torchrun groups (each rank holds a
+        # share of the users; the closed form needs them all); training.chosen says so.
+        if distributed.current() is not None:
+            log.warning("kind dlae is fitted in one process; under torchrun a dae is trained instead")
+        else:
+            log.warning("kind dlae would need ~%.1f GiB at %d users x %d items, dim %d: training a dae instead",
+                        linear.working_bytes(n_rows, matrix.shape[1], cfg.dim) / 2**30, n_rows, matrix.shape[1],
+                        cfg.dim)
         cfg = dataclasses.replace(cfg, kind="dae")
         fallback = {"kind": "dae"}
     # --- setup: seed, device, precision, model, optimizer, fixed once here
