@@ -25,7 +25,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_]+")
-MODEL_KINDS = ("dae", "vae")
+MODEL_KINDS = ("dae", "vae", "dlae")
 PRECISIONS = ("auto", "fp32", "bf16")
 SPARSE_UPDATES = ("auto", "on", "off")
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
@@ -69,19 +69,32 @@ class InputConfig:
     binarize: bool = True  # model input is 1 per (user, item); False feeds the weights themselves
 
 
+# model.dim = 0 means the kind's own default width: a dlae needs a wider bottleneck to match EASE
+# (Last.fm, BENCHMARKS.md: NDCG@100 0.99× EASE at 64, 1.01× at 128, ~1.01× at 256 with EASE's
+# coverage@20 only at 256); dae and vae keep 64.
+DEFAULT_DIMS = {"dae": 64, "vae": 64, "dlae": 256}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str = "dae"  # "dae" (denoising AE) | "vae" (Mult-VAE)
-    dim: int = 64  # bottleneck width = user-embedding size
+    # "dae" (denoising AE) | "vae" (Mult-VAE) | "dlae" (low-rank denoising linear AE in closed form,
+    # Steck 2020: no hidden layer, no epochs; validation picks its dropout)
+    kind: str = "dlae"  # the default by measurement (BENCHMARKS.md, "Quality of every kind")
+    dim: int = 0  # bottleneck width = user-embedding size; 0: the kind's default (DEFAULT_DIMS)
     hidden: tuple[int, ...] = (600,)  # encoder hidden layers; the decoder is one linear layer
     epochs: int = 50
     batch_size: int = 512
     lr: float = 1e-3
     weight_decay: float = 0.0
     dropout: float = 0.5  # input dropout, the "denoising" corruption
+    l2: float = 100.0  # dlae: the L2 weight λ added to the dropout's penalty
     beta_cap: float = 0.2  # vae: KL weight is annealed linearly up to this cap
     anneal_steps: int = 20000  # vae: optimizer steps to reach beta_cap
     patience: int = 10  # stop after this many epochs without a better validation NDCG@100; 0 = never
+    # Optimizer steps before patience may stop training; the epoch cap is raised to reach them
+    # when epochs are a few steps (small data), so small data is not cut off by `epochs`.
+    min_steps: int = 1000
+    max_minutes: float = 0.0  # wall-clock budget for training (validation and refit); 0 = none
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when available) | "cpu" | "cuda" | "cuda:N"
     precision: str = "auto"  # "fp32" | "bf16" | "auto": bf16 on CUDA, fp32 on CPU
@@ -96,18 +109,32 @@ class ModelConfig:
     # not the host's core count (aefeatures.model.threads). Not part of the input fingerprint.
     threads: int = 0
 
+    def __post_init__(self) -> None:
+        if self.dim == 0 and self.kind in DEFAULT_DIMS:
+            object.__setattr__(self, "dim", DEFAULT_DIMS[self.kind])
+
 
 @dataclass(frozen=True)
 class EvaluationConfig:
     valid_share: float = 0.1  # share of users held out of training for validation; 0 = no evaluation
     max_valid_users: int = 10000  # cap on validation users (they cost a full ranking per epoch)
     holdout: float = 0.2  # share of each validation user's items hidden and ranked
+    # With refit: hold out at least this many users (at most half of them) when valid_share
+    # gives fewer, so that small data stops training on a steady metric (59 users is noise).
+    min_valid_users: int = 1000
+    # After validation chose the epochs, train again on every user (the validation users too)
+    # for that many epochs and publish that model; the manifest keeps the validation metrics.
+    refit: bool = True
+    # EASE (Steck 2019) on the same split as a reference, when its system (items, or training
+    # users when fewer) is at most this size; 0 = never.
+    reference_max_items: int = 15000
 
 
 @dataclass(frozen=True)
 class GateConfig:
     min_ratio: float = 0.9  # refuse below this × the live version's validation NDCG@100; 0 = off
     beat_popularity: bool = True  # refuse when validation NDCG@100 is not above popularity's
+    min_vs_reference: float = 0.0  # refuse below this × EASE's validation NDCG@100 (when computed); 0 = off
     max_churn: float = 1.0  # refuse when the mean top-10 churn against the live version exceeds this; 1 = off
 
 
@@ -282,21 +309,29 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
     rules = [
         ("job.name", cfg.job.name, NAME_PATTERN.fullmatch(cfg.job.name), "use letters, digits and _ only"),
         ("model.kind", m.kind, m.kind in MODEL_KINDS, f"choose one of {', '.join(MODEL_KINDS)}"),
-        ("model.dim", m.dim, m.dim >= 1, "it must be at least 1"),
+        ("model.dim", m.dim, m.dim >= 1, "it must be at least 1 (or 0: the kind's default)"),
         ("model.hidden", list(m.hidden), all(h >= 1 for h in m.hidden), "every layer needs >= 1 unit"),
         ("model.epochs", m.epochs, m.epochs >= 0, "it must be 0 or more"),
         ("model.batch_size", m.batch_size, m.batch_size >= 1, "it must be at least 1"),
         ("model.lr", m.lr, m.lr > 0, "it must be positive"),
+        ("model.l2", m.l2, m.l2 > 0, "it must be positive"),
         ("model.weight_decay", m.weight_decay, m.weight_decay >= 0, "it must be 0 or more"),
         ("model.dropout", m.dropout, 0 <= m.dropout < 1, "it must be in [0, 1)"),
         ("model.beta_cap", m.beta_cap, m.beta_cap >= 0, "it must be 0 or more"),
         ("model.anneal_steps", m.anneal_steps, m.anneal_steps >= 1, "it must be at least 1"),
         ("model.patience", m.patience, m.patience >= 0, "it must be 0 or more"),
         ("model.threads", m.threads, m.threads >= 0, "it must be 0 (the CPUs available) or more"),
+        ("model.min_steps", m.min_steps, m.min_steps >= 0, "it must be 0 or more"),
+        ("model.max_minutes", m.max_minutes, m.max_minutes >= 0, "it must be 0 (no limit) or more"),
         ("evaluation.valid_share", cfg.evaluation.valid_share, 0 <= cfg.evaluation.valid_share < 1,
          "it must be in [0, 1)"),
         ("evaluation.max_valid_users", cfg.evaluation.max_valid_users, cfg.evaluation.max_valid_users >= 1,
          "it must be at least 1"),
+        ("evaluation.min_valid_users", cfg.evaluation.min_valid_users, cfg.evaluation.min_valid_users >= 0,
+         "it must be 0 or more"),
+        ("evaluation.reference_max_items", cfg.evaluation.reference_max_items,
+         cfg.evaluation.reference_max_items >= 0, "it must be 0 (no reference) or more"),
+        ("gate.min_vs_reference", cfg.gate.min_vs_reference, cfg.gate.min_vs_reference >= 0, "it must be 0 or more"),
         ("evaluation.holdout", cfg.evaluation.holdout, 0 < cfg.evaluation.holdout < 1, "it must be in (0, 1)"),
         ("retention.keep", cfg.retention.keep, cfg.retention.keep >= 0, "it must be 0 (keep all) or more"),
         ("gate.min_ratio", cfg.gate.min_ratio, cfg.gate.min_ratio >= 0, "it must be 0 or more"),

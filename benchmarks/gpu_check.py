@@ -53,7 +53,8 @@ from aefeatures.model.train import DeviceCSR, train
 from aefeatures.quality.evaluate import evaluate_embeddings, split_users
 
 SMALL = {"n_users": 3000, "n_items": 800, "mean_items": 30}
-SMALL_MODEL = ModelConfig(dim=32, hidden=(128,), epochs=20, batch_size=256, patience=0, seed=0)
+SMALL_MODEL = ModelConfig(kind="dae", dim=32, hidden=(128,), epochs=20, batch_size=256, patience=0, seed=0,
+                          min_steps=0)
 ML20M = {"n_users": 138_000, "n_items": 27_000, "mean_items": 145}
 METRICS = ("ndcg@10", "ndcg@100", "recall@20")
 SAMPLED = {"full_softmax_max_items": 400, "sampled_negatives": 256}  # the small job, sampled
@@ -191,7 +192,7 @@ if sys.argv[1].startswith("cuda"):
     torch.zeros(1, device=sys.argv[1])
     torch.cuda.synchronize()
 context = time.perf_counter()
-cfg = ModelConfig(dim=64, hidden=(600,), epochs=1, batch_size=256, device=sys.argv[1])
+cfg = ModelConfig(kind="dae", dim=64, hidden=(600,), epochs=1, batch_size=256, device=sys.argv[1], min_steps=0)
 seconds = []
 for _ in range(2):
     began = time.perf_counter()
@@ -261,7 +262,7 @@ def main() -> int:
     report["timing_data"] = {"users": matrix.shape[0], "items": matrix.shape[1], "interactions": matrix.nnz,
                              "generate_seconds": round(time.perf_counter() - made, 1)}
     print(f"timing data: {matrix.shape[0]:,} users × {matrix.shape[1]:,} items, {matrix.nnz:,} interactions")
-    base = ModelConfig(dim=64, hidden=(600,), batch_size=args.batch_size, seed=0)
+    base = ModelConfig(kind="dae", dim=64, hidden=(600,), batch_size=args.batch_size, seed=0, min_steps=0)
     cpu = dataclasses.replace(base, device="cpu", precision="fp32")
     measured("cpu fp32 epoch", lambda: time_epoch(matrix, cpu, steps=CPU_TIMED_STEPS), "epochs")
     measured("cpu start-up in a fresh process", lambda: start_up("cpu"), "start_up")

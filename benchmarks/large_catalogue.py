@@ -106,11 +106,14 @@ def trained(matrix: InteractionMatrix, split: Split, cfg: ModelConfig) -> dict[s
         return {"ndcg@100": metrics["ndcg@100"]}
 
     result = train(matrix, cfg, rows=split.train_rows, validate=validate, progress=False)
-    steps_per_epoch = result.steps // max(len(result.history), 1)
-    for record, history in zip(epochs, result.history):
-        record.update(loss=history["loss"], steps=steps_per_epoch,
-                      seconds_per_step=record["train_seconds"] / steps_per_epoch)
-    best = epochs[result.best_epoch - 1]
+    # Small epochs are validated every few epochs: each record covers the steps since the last one.
+    validated = [h for h in result.history if "ndcg@100" in h]
+    done = 0
+    for record, history in zip(epochs, validated):
+        steps, done = history["steps"] - done, history["steps"]
+        record.update(epoch=history["epoch"], loss=history["loss"], steps=steps,
+                      seconds_per_step=record["train_seconds"] / max(steps, 1))
+    best = next(r for r, h in zip(epochs, validated) if h["epoch"] == result.best_epoch)
     return {"epochs": epochs, "best_epoch": result.best_epoch, **{k: best[k] for k in REPORTED},
             "train_users": len(split.train_rows)}
 
@@ -126,7 +129,7 @@ def large_part(args: argparse.Namespace) -> dict[str, Any]:
     say(f"large: {args.large_items:,} items, scale {args.large_scale:g}")
     matrix, data = load(args.large_scale, args.large_items, args.data_dir)
     split = held_out(matrix, args.valid_users)
-    cfg = ModelConfig(epochs=args.epochs, patience=0, full_softmax_max_items=args.full_softmax_max_items)
+    cfg = ModelConfig(kind="dae", epochs=args.epochs, patience=0, min_steps=0, full_softmax_max_items=args.full_softmax_max_items)
     sparse = sparse_updates(cfg, sampled=matrix.shape[1] > cfg.full_softmax_max_items, under_torchrun=False)
     rss_before = high_water_mb()
     model = trained(matrix, split, cfg)
@@ -145,7 +148,8 @@ def compare_part(args: argparse.Namespace) -> dict[str, Any]:
     split = held_out(matrix, args.valid_users)
     arms = {}
     for name, overrides in ARMS.items():
-        runs = [trained(matrix, split, ModelConfig(epochs=args.compare_epochs, patience=0, seed=seed, **overrides))
+        runs = [trained(matrix, split, ModelConfig(kind="dae", epochs=args.compare_epochs, patience=0, min_steps=0,
+                                                   seed=seed, **overrides))
                 for seed in range(args.compare_seeds)]
         arms[name] = {"runs": runs, **{k: float(np.mean([r[k] for r in runs])) for k in REPORTED},
                       **{f"{k} range": [min(r[k] for r in runs), max(r[k] for r in runs)] for k in REPORTED},

@@ -1,12 +1,26 @@
-"""Recommendation quality on a planted synthetic dataset of realistic sparsity.
+"""Recommendation quality of every model kind with its default settings, against popularity and
+a tuned EASE, on a planted synthetic dataset and on real Last.fm listening data.
 
-    python benchmarks/quality.py                       # 20k users × 5k items, ~1M interactions
-    python benchmarks/quality.py --users 4000 --items 1000 --epochs 20   # quick look
-    python benchmarks/quality.py --precisions fp32,bf16 --seeds 0,1      # bf16 against fp32
+    python benchmarks/quality.py                                   # synthetic 20k users × 5k items
+    python benchmarks/quality.py --data synthetic --users 4000 --items 1000   # quick look
+    python benchmarks/quality.py --data lastfm --seeds 0,1,2       # ../shared/data/lastfm-hetrec2k
+    python benchmarks/quality.py --data lastfm --kinds dlae --dims 64,128,256
 
-Compares, on one held-out-user split (the protocol of every `aefeatures run`): popularity,
-EASE (Steck 2019, closed form, λ picked on the validation users from a small grid), and the
-`dae` and `vae` models with their default settings and early stopping. Prints a Markdown table.
+Protocol (the Last.fm README's, weak generalisation): every (user, item) pair is a positive,
+users with at least 5 items are kept, 20% of each user's items (at least one) are hidden with
+the seed, every method fits on the rest and ranks the whole catalogue excluding the user's
+other items. Recall@20 (normalised by min(20, hidden)), NDCG@100, coverage@20.
+
+- popularity: items by number of training users.
+- EASE (Steck 2019): closed form on all training rows, λ picked on the hidden items themselves
+  from a geometric grid (an upper bound for EASE, so a conservative comparison).
+- each kind: trained exactly as `aefeatures run` trains it with the default settings
+  (``jobs.run._train_and_evaluate``: its own held-out-user validation inside the training
+  rows, early stopping, then the refit on every user), then every user is embedded from their
+  training items and ranked by the model's scores — what the published features give.
+
+The seed changes the split and the model's seed. "train s" is the kind's whole training
+(validation, refit) or EASE's fit at the chosen λ, on this machine's threads.
 """
 
 from __future__ import annotations
@@ -21,108 +35,157 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 
-from aefeatures.config import InputConfig, ModelConfig
-from aefeatures.data.matrix import build_matrix
+from aefeatures.config import EvaluationConfig, InputConfig, JobConfig, JobSection, ModelConfig
+from aefeatures.data.matrix import CSR, build_matrix
 from aefeatures.data.read import read_interactions
 from aefeatures.data.synthetic import generate
+from aefeatures.jobs.run import _train_and_evaluate
 from aefeatures.model.embed import encode
-from aefeatures.model.train import train
-from aefeatures.quality.evaluate import KS, evaluate_embeddings, popularity_ranking, ranking_metrics, split_users, top_k
+from aefeatures.quality.evaluate import KS, metrics_of_totals, rank_by_embeddings, ranking_totals, top_k
+from aefeatures.quality.reference import EASE, LAMBDAS, dense_rows
 
-ROW_NAMES = ("recall@20", "ndcg@10", "ndcg@100", "coverage@20")
-
-
-def ease_metrics(matrix, split, lam: float) -> dict[str, float]:
-    """EASE: B = I - P / diag(P) with P = (XᵀX + λI)⁻¹ over the training users, diag(B) = 0."""
-    n_items = matrix.shape[1]
-    x = np.zeros((len(split.train_rows), n_items), np.float32)  # items are few: dense is fine here
-    offsets, items, _ = matrix.gather(split.train_rows)
-    lengths = np.diff(np.append(offsets, len(items)))
-    x[np.repeat(np.arange(len(split.train_rows)), lengths), items] = 1.0
-    gram = (x.T @ x).astype(np.float64)
-    gram[np.diag_indices(n_items)] += lam
-    p = np.linalg.inv(gram)
-    b = -p / np.diag(p)
-    b[np.diag_indices(n_items)] = 0.0
-    fold = np.zeros((len(split.valid_rows), n_items), np.float32)
-    indptr, shown = split.fold_in.indptr, split.fold_in.indices
-    fold[np.repeat(np.arange(len(split.valid_rows)), np.diff(indptr)), shown] = 1.0
-    ranked = top_k(fold @ b.astype(np.float32), split.fold_in, max(KS))
-    return ranking_metrics(ranked, split.held_out, n_items)
+ROW_NAMES = ("recall@20", "ndcg@100", "coverage@20")
+# `../shared/data/lastfm-hetrec2k/` beside the project root (or beside the folder holding the
+# project's worktrees); --lastfm points elsewhere.
+LASTFM = next((p for p in (Path(__file__).resolve().parents[n] / "shared/data/lastfm-hetrec2k/user_artists.parquet"
+                           for n in (2, 3)) if p.is_file()),
+              Path(__file__).resolve().parents[2] / "shared/data/lastfm-hetrec2k/user_artists.parquet")
 
 
-def model_metrics(matrix, split, cfg: ModelConfig) -> tuple[dict[str, float], float, int]:
-    def validate(model):
-        vectors, _ = encode(model, split.fold_in)
-        out = evaluate_embeddings(vectors, model.decoder.weight.detach().numpy(),
-                                  model.decoder.bias.detach().numpy(), split)
-        model.train()
-        return out
+def load(args: argparse.Namespace) -> pl.DataFrame:
+    """(user_id, item_id) pairs of users with at least 5 items."""
+    if args.data == "lastfm":
+        frame = pl.read_parquet(args.lastfm).select(user_id="user_id", item_id="artist_id")
+    else:
+        frame = generate(n_users=args.users, n_items=args.items, mean_items=args.mean_items,
+                         n_communities=args.communities, in_cluster=args.in_cluster, zipf=1.1,
+                         seed=3).interactions.select("user_id", "item_id")
+    frame = frame.unique(["user_id", "item_id"])
+    return frame.filter(pl.len().over("user_id") >= 5).sort("user_id", "item_id")
 
-    start = time.perf_counter()
-    result = train(matrix, cfg, rows=split.train_rows, validate=validate, progress=False)
-    seconds = time.perf_counter() - start
-    return validate(result.model), seconds, result.best_epoch
+
+def split(frame: pl.DataFrame, seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(training pairs, hidden pairs): per user, max(1, round(0.2 n)) of its items hidden."""
+    rng = np.random.default_rng(1000 + seed)
+    keyed = frame.with_columns(r=pl.Series(rng.random(len(frame))))
+    ranked = keyed.with_columns(rank=pl.col("r").rank("ordinal").over("user_id"),
+                                n=pl.len().over("user_id"))
+    hidden = pl.col("rank") <= (pl.col("n") * 0.2).round().clip(lower_bound=1)
+    return ranked.filter(~hidden).select("user_id", "item_id"), ranked.filter(hidden).select("user_id", "item_id")
+
+
+def metrics(ranked: np.ndarray, held: CSR, n_items: int) -> dict[str, float]:
+    return metrics_of_totals(ranking_totals(ranked, (held.indptr, held.indices), n_items))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=("synthetic", "lastfm"), default="synthetic")
+    parser.add_argument("--lastfm", type=Path, default=LASTFM)
     parser.add_argument("--users", type=int, default=20000)
     parser.add_argument("--items", type=int, default=5000)
     parser.add_argument("--mean-items", type=float, default=50)
     parser.add_argument("--communities", type=int, default=40)
     parser.add_argument("--in-cluster", type=float, default=0.5)
-    parser.add_argument("--epochs", type=int, default=ModelConfig.epochs, help="cap; early stopping decides")
-    parser.add_argument("--dim", type=int, default=ModelConfig.dim)
-    parser.add_argument("--kinds", default="dae,vae", help="comma-separated model kinds to train")
-    parser.add_argument("--precisions", default="fp32",
-                        help="comma-separated `model.precision` values to train each kind in, e.g. fp32,bf16")
-    parser.add_argument("--seeds", default="0", help="comma-separated model seeds (the data and split stay)")
+    parser.add_argument("--kinds", default="dlae,dae,vae", help="comma-separated model kinds, default settings")
+    parser.add_argument("--dims", default=str(ModelConfig.dim), help="comma-separated model.dim values")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (split and model)")
+    parser.add_argument("--model", action="append", default=[], help="KEY=VALUE overriding a model default")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
-
-    data = generate(n_users=args.users, n_items=args.items, mean_items=args.mean_items,
-                    n_communities=args.communities, in_cluster=args.in_cluster, zipf=1.1, seed=3)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "interactions.parquet"
-        data.interactions.write_parquet(path)
-        matrix = build_matrix(read_interactions(InputConfig(str(path))))
-    split = split_users(matrix.indptr, matrix.indices, share=0.1, max_users=10000, holdout=0.2, seed=0)
-
-    rows: dict[str, dict] = {}
-    start = time.perf_counter()
-    ranked = popularity_ranking(np.bincount(matrix.gather(split.train_rows)[1], minlength=matrix.shape[1]), split,
-                                max(KS))
-    rows["popularity"] = {**ranking_metrics(ranked, split.held_out, matrix.shape[1]),
-                          "seconds": time.perf_counter() - start}
-    best = None
-    for lam in (50.0, 200.0, 500.0, 2000.0):
-        start = time.perf_counter()
-        metrics = ease_metrics(matrix, split, lam)
-        if best is None or metrics["ndcg@100"] > best[0]["ndcg@100"]:
-            best = (metrics, time.perf_counter() - start, lam)
-    rows[f"EASE (λ={best[2]:g})"] = {**best[0], "seconds": best[1]}
-    seeds, precisions = [int(x) for x in args.seeds.split(",")], args.precisions.split(",")
-    for kind in args.kinds.split(","):
-        for precision in precisions:
-            for seed in seeds:
-                cfg = replace(ModelConfig(kind=kind), epochs=args.epochs, dim=args.dim, precision=precision, seed=seed)
-                metrics, seconds, best_epoch = model_metrics(matrix, split, cfg)
-                name = f"{kind}, dim {args.dim}" + (f", {precision}" if len(precisions) > 1 else "") + \
-                    (f", seed {seed}" if len(seeds) > 1 else "") + f" (best epoch {best_epoch})"
-                rows[name] = {**metrics, "seconds": seconds}
-
-    print(f"{matrix.shape[0]:,} users × {matrix.shape[1]:,} items, {matrix.nnz:,} interactions; "
-          f"{len(split.valid_rows):,} held-out users, 20% of their items hidden; "
-          f"{platform.machine()}, {torch.get_num_threads()} threads; {date.today()}\n")
-    print("| model | " + " | ".join(ROW_NAMES) + " | train seconds |")
-    print("| --- |" + " ---: |" * (len(ROW_NAMES) + 1))
-    for name, m in rows.items():
-        print(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in ROW_NAMES) + f" | {m['seconds']:.1f} |")
+    if args.data == "lastfm" and not args.lastfm.is_file():
+        print(f"skipped: {args.lastfm} is absent (the Last.fm data is read from there, never downloaded)")
+        return
+    overrides = {k: type(getattr(ModelConfig, k))(v) for k, v in (o.split("=", 1) for o in args.model)}
+    frame = load(args)
+    results = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        results += run_seed(frame, seed, args, overrides)
+    print(f"{args.data}: {frame['user_id'].n_unique():,} users × {frame['item_id'].n_unique():,} items, "
+          f"{len(frame):,} pairs; {platform.machine()}, {torch.get_num_threads()} threads; {date.today()}\n")
+    print(table(results))
     if args.json_out:
-        args.json_out.write_text(json.dumps(rows, indent=2))
+        args.json_out.write_text(json.dumps(results, indent=2))
+
+
+def run_seed(frame: pl.DataFrame, seed: int, args: argparse.Namespace, overrides: dict) -> list[dict]:
+    train_pairs, hidden_pairs = split(frame, seed)
+    items = frame["item_id"].unique().sort()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "train.parquet"
+        train_pairs.write_parquet(path)
+        matrix = build_matrix(read_interactions(InputConfig(str(path))), item_ids=items)
+    n_items = matrix.shape[1]
+    user_row = {u: i for i, u in enumerate(matrix.user_ids.to_list())}
+    item_row = {v: i for i, v in enumerate(items.to_list())}
+    rows = np.array([user_row[u] for u in hidden_pairs["user_id"].to_list()])
+    cols = np.array([item_row[v] for v in hidden_pairs["item_id"].to_list()])
+    order = np.lexsort((cols, rows))
+    indptr = np.zeros(matrix.shape[0] + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=matrix.shape[0]), out=indptr[1:])
+    held = CSR(indptr, cols[order].astype(np.int32), np.ones(len(cols), np.float32))
+    seen = (matrix.csr.indptr, matrix.csr.indices)
+    out = []
+
+    def record(method: str, m: dict, seconds: float, **extra) -> None:
+        out.append({"method": method, "seed": seed, **{k: m[k] for k in ROW_NAMES}, "seconds": seconds, **extra})
+        print(json.dumps(out[-1]), flush=True)
+
+    counts = np.bincount(matrix.csr.indices, minlength=n_items).astype(np.float64)
+    ranked = top_k(np.broadcast_to(counts, (matrix.shape[0], n_items)).copy(), seen, max(KS))
+    record("popularity", metrics(ranked, held, n_items), 0.0)
+
+    everyone = np.arange(matrix.shape[0])
+    ease = EASE(matrix.csr, everyone, n_items)
+    x = dense_rows(matrix.csr, everyone, n_items)
+    best = None
+    for lam in LAMBDAS[3:8]:  # 30 .. 3000
+        start = time.perf_counter()
+        scores = ease.scorer(lam)(x)
+        seconds = time.perf_counter() - start
+        m = metrics(top_k(scores, seen, max(KS)), held, n_items)
+        if best is None or m["ndcg@100"] > best[0]["ndcg@100"]:
+            best = (m, seconds, lam)
+    record("EASE", best[0], best[1], **{"lambda": best[2]})
+    del ease, x
+
+    for kind in args.kinds.split(","):
+        for dim in [int(d) for d in args.dims.split(",")]:
+            model_cfg = replace(ModelConfig(kind=kind, dim=dim, seed=seed), **overrides)
+            job = JobConfig(JobSection("quality", Path(tempfile.gettempdir())), InputConfig(str(LASTFM)),
+                            model=model_cfg, evaluation=EvaluationConfig(reference_max_items=0))
+            start = time.perf_counter()
+            trained, evaluation = _train_and_evaluate(matrix, job, progress=False)
+            seconds = time.perf_counter() - start
+            vectors, _ = encode(trained.model, matrix.csr)
+            ranked = rank_by_embeddings(vectors, trained.model.decoder.weight.detach().float().numpy(),
+                                        trained.model.decoder.bias.detach().float().numpy(), seen, max(KS))
+            record(f"{kind} d={model_cfg.dim}", metrics(ranked, held, n_items), seconds,
+                   best_epoch=trained.best_epoch, stop=trained.stop_reason, chosen=trained.chosen,
+                   refit=(trained.refit or {}).get("status"), valid_ndcg=evaluation["model"]["ndcg@100"])
+    return out
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: mean ± spread (max - min over seeds) per method, and NDCG@100 / EASE's."""
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    ease = np.mean([r["ndcg@100"] for r in results if r["method"] == "EASE"])
+    lines = ["| method | seeds | " + " | ".join(ROW_NAMES) + " | NDCG@100 / EASE | train s |",
+             "| --- | --- |" + " ---: |" * (len(ROW_NAMES) + 2)]
+    for method in methods:
+        rs = [r for r in results if r["method"] == method]
+
+        def cell(key: str) -> str:
+            values = [r[key] for r in rs]
+            return f"{np.mean(values):.4f}" + (f" ± {(max(values) - min(values)) / 2:.4f}" if len(values) > 1 else "")
+
+        lines.append(f"| {method} | {','.join(str(r['seed']) for r in rs)} | "
+                     + " | ".join(cell(k) for k in ROW_NAMES)
+                     + f" | {np.mean([r['ndcg@100'] for r in rs]) / ease:.3f} | {np.mean([r['seconds'] for r in rs]):.1f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -200,7 +200,9 @@ def main() -> None:
     overrides = json.loads(args.model)
     if "hidden" in overrides:
         overrides["hidden"] = tuple(overrides["hidden"])
-    model = replace(ModelConfig(), **{**overrides, "epochs": 1, "patience": 0})
+    # The dae: the epoch's floor (floors.py) counts a dae's FLOPs; a dlae has no epochs.
+    model = replace(ModelConfig(kind=overrides.pop("kind", "dae")), **{**overrides, "epochs": 1, "patience": 0,
+                                                                      "min_steps": 0})
     result = run_stages(args.data_dir, args.work_dir, model, single=args.single, batch=args.batch, k=args.k)
     args.json_out.write_text(json.dumps(result, indent=2) + "\n")
 

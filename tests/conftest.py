@@ -40,7 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"
 
 # Small but real: enough epochs for the planted structure to show, fast on 2 cores.
-FAST_MODEL = {"kind": "dae", "dim": 32, "hidden": [128], "epochs": 30, "batch_size": 256, "seed": 0}
+FAST_MODEL = {"kind": "dae", "dim": 32, "hidden": [128], "epochs": 30, "batch_size": 256, "seed": 0,
+              "min_steps": 0}  # tests run exactly `epochs`
 
 
 def _toml_value(value: Any) -> str:
@@ -97,4 +98,18 @@ def trained(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("trained")
     result = run_job(load_job_config(write_job(folder)), progress=False)
+    return folder / "store", result
+
+
+@pytest.fixture(scope="session", params=["dae", "dlae"])
+def trained_kind(request, tmp_path_factory):
+    """:func:`trained` for every model kind that publishes (vae shares dae's layers): (store dir,
+    RunResult)."""
+    if request.param == "dae":
+        return request.getfixturevalue("trained")
+    from aefeatures.config import load_job_config
+    from aefeatures.jobs.run import run_job
+
+    folder = tmp_path_factory.mktemp(f"trained_{request.param}")
+    result = run_job(load_job_config(write_job(folder, model={"kind": request.param})), progress=False)
     return folder / "store", result

@@ -14,8 +14,8 @@ from aefeatures.cli.app import cli
 from aefeatures.quality.anomaly import anomaly_scores
 
 
-def test_planted_random_clickers_and_spammers_rank_at_the_top(trained, planted):
-    root, _ = trained
+def test_planted_random_clickers_and_spammers_rank_at_the_top(trained_kind, planted):
+    root, _ = trained_kind
     user_community, _ = planted
     planted_bots = {u for u, c in user_community.items() if c == -1}
     assert len(planted_bots) == 30

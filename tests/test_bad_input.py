@@ -372,7 +372,7 @@ def test_a_diverging_loss_fails_the_run_and_publishes_nothing(tmp_path, runner):
     """Weights finite in float32 but huge: the loss overflows; the run fails (exit 1), no version."""
     path = tmp_path / "x.parquet"
     small().with_columns(pl.col("rating").cast(pl.Float64) * 3e37).write_parquet(path)
-    job = write_job(tmp_path, {"path": str(path), "weight_col": "rating", "binarize": False}, model={"epochs": 2})
+    job = write_job(tmp_path, {"path": str(path), "weight_col": "rating", "binarize": False}, model={"epochs": 2, "kind": "dae"})
     result = run(runner, job)
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output

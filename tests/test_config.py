@@ -86,7 +86,7 @@ def test_minimal_job_takes_every_default(tmp_path):
     assert cfg.input.weight_col is None and cfg.input.timestamp_col is None and cfg.input.min_weight is None
     assert cfg.input.binarize is True
     assert cfg.model == ModelConfig()
-    assert (cfg.model.kind, cfg.model.dim, cfg.model.hidden, cfg.model.epochs) == ("dae", 64, (600,), 50)
+    assert (cfg.model.kind, cfg.model.dim, cfg.model.hidden, cfg.model.epochs) == ("dlae", 256, (600,), 50)
     assert (cfg.model.batch_size, cfg.model.lr, cfg.model.dropout, cfg.model.device) == (512, 1e-3, 0.5, "auto")
     assert cfg.index == IndexConfig() and cfg.index.kind == "auto"
 
@@ -206,8 +206,8 @@ def test_coercion_of_an_unknown_type_is_a_programming_error():
 
 
 @pytest.mark.parametrize("extra, message", [
-    ('[model]\nkind = "xyz"', r"`model\.kind` = 'xyz' is not allowed: choose one of dae, vae\."),
-    ("[model]\ndim = 0", r"`model\.dim` = 0 is not allowed: it must be at least 1\."),
+    ('[model]\nkind = "xyz"', r"`model\.kind` = 'xyz' is not allowed: choose one of dae, vae, dlae\."),
+    ("[model]\ndim = -1", r"`model\.dim` = -1 is not allowed: it must be at least 1 \(or 0: the kind's default\)\."),
     ("[model]\nhidden = [16, 0]", r"`model\.hidden` = \[16, 0\] is not allowed: every layer needs >= 1 unit\."),
     ("[model]\nepochs = -1", r"`model\.epochs` = -1 is not allowed: it must be 0 or more\."),
     ("[model]\nbatch_size = 0", r"`model\.batch_size` = 0 is not allowed: it must be at least 1\."),
@@ -233,12 +233,12 @@ def test_bad_values(tmp_path, extra, message):
     ("IVF64,PQ7", r"`index\.kind` = 'IVF64,PQ7' is neither .* 65-wide rows \(.+\); use one of"),  # 7 does not divide 65
 ])
 def test_index_kind_is_checked_when_the_job_file_is_loaded(tmp_path, kind, message):
-    fails(write(tmp_path, MINIMAL + f'[index]\nkind = "{kind}"\n'), message)
+    fails(write(tmp_path, MINIMAL + f'[model]\ndim = 64\n[index]\nkind = "{kind}"\n'), message)
 
 
 @pytest.mark.parametrize("kind", ["auto", "flat", "hnsw", "ivf", "ivfpq", "HNSW16,Flat", "IVF64,PQ13", "OPQ13,IVF64,PQ13"])
 def test_named_kinds_and_factory_strings_faiss_can_make_load(tmp_path, kind):
-    assert load_job_config(write(tmp_path, MINIMAL + f'[index]\nkind = "{kind}"\n')).index.kind == kind
+    assert load_job_config(write(tmp_path, MINIMAL + f'[model]\ndim = 64\n[index]\nkind = "{kind}"\n')).index.kind == kind
 
 
 @pytest.mark.parametrize("name", ["my-set", "has space", "dot.ted", "", "ümlaut"])

@@ -21,7 +21,7 @@ from tests.conftest import FIXTURES, REPO, write_job
 pytestmark = pytest.mark.slow  # trains or benchmarks whole jobs; the fast lane leaves it out
 
 # Few epochs keep the test fast; dropout stays on, so the shared random draws are exercised.
-MODEL = {"epochs": 6, "batch_size": 200, "patience": 0}
+MODEL = {"epochs": 6, "batch_size": 200, "patience": 0, "min_steps": 0}
 
 
 @pytest.mark.parametrize("fixture, world", [("interactions.parquet", 2), ("interactions.parquet", 3),

@@ -108,7 +108,7 @@ def test_the_input_layers_gradient_is_handed_over_each_step_not_accumulated(matr
     stays the same from step to step: autograd adopts the lent buffer as ``.grad`` (a copy would
     be made while the lent buffer is alive, at another address)."""
     def run(with_workspace: bool) -> tuple[list[torch.Tensor], set[int]]:
-        cfg = ModelConfig(dim=16, hidden=(32,), batch_size=128)
+        cfg = ModelConfig(kind="dae", dim=16, hidden=(32,), batch_size=128)
         torch.manual_seed(cfg.seed)
         model = Autoencoder(AutoencoderShape(matrix.shape[1], cfg.dim, cfg.hidden, cfg.kind, cfg.dropout)).train()
         step = _Step(model, matrix, cfg, CPU, None)
@@ -133,7 +133,7 @@ def test_the_input_layers_gradient_is_handed_over_each_step_not_accumulated(matr
 def test_bf16_on_a_cpu_runs_the_decoders_products_in_bf16_inside_the_fused_kernel(matrix):
     """bf16 on a CPU keeps the kept buffers and runs the decoder's three products in bf16 there,
     not under autocast, whose unfused kernels took twice as long per step."""
-    cfg = ModelConfig(dim=16, hidden=(32,), batch_size=128, precision="bf16")
+    cfg = ModelConfig(kind="dae", dim=16, hidden=(32,), batch_size=128, precision="bf16")
     model = Autoencoder(AutoencoderShape(matrix.shape[1], cfg.dim, cfg.hidden, cfg.kind, cfg.dropout))
     step = _Step(model, matrix, cfg, CPU, None)
     assert step.workspace.matmul_dtype is torch.bfloat16 and step.autocast is None

@@ -42,6 +42,25 @@ def test_max_churn_refuses_unstable_recommendations():
     assert check(GateConfig(max_churn=0.3), _evaluation(0.5, 0.1), None, drift=None).passed  # first version
 
 
+def test_the_gate_can_require_a_share_of_the_ease_reference():
+    evaluation = {**_evaluation(0.30, 0.1), "reference": {"method": "EASE", "lambda": 100.0, "ndcg@100": 0.40}}
+    verdict = check(GateConfig(), evaluation, None)  # off by default, the ratio still recorded
+    assert verdict.passed and verdict.checked["vs_reference"] == 0.75
+    refused = check(GateConfig(min_vs_reference=0.9), evaluation, None)
+    assert not refused.passed
+    assert refused.reasons == ["validation ndcg@100 0.3000 is below 0.9 × EASE's 0.4000 (= 0.3600, "
+                               "`gate.min_vs_reference`)"]
+    assert check(GateConfig(min_vs_reference=0.7), evaluation, None).passed
+    skipped = {**_evaluation(0.30, 0.1), "reference": {"method": "EASE", "skipped": "too large"}}
+    assert check(GateConfig(min_vs_reference=0.9), skipped, None).passed  # nothing to compare with
+
+
+def test_a_run_below_the_reference_share_is_refused(tmp_path):
+    job = write_job(tmp_path, model={"epochs": 1}, gate={"min_vs_reference": 0.99, "beat_popularity": False})
+    with pytest.raises(GateRefusedError, match="min_vs_reference"):
+        run_job(load_job_config(job), progress=False)
+
+
 def test_a_bad_model_is_refused_and_latest_stays_on_the_good_version(tmp_path):
     good = run_job(load_job_config(write_job(tmp_path, model={"epochs": 20})), progress=False)
     bad_job = write_job(tmp_path, model={"epochs": 0}, filename="bad.toml")
@@ -71,8 +90,14 @@ def test_evaluate_shows_metrics_and_the_report_exists(trained):
     assert set(data["evaluation"]["model"]) >= {"recall@20", "ndcg@10", "ndcg@100", "coverage@20"}
     human = CliRunner().invoke(cli, ["evaluate", "--store", str(root)])
     assert "popularity" in human.stdout and "quality gate: passed" in human.stdout
+    reference = data["evaluation"]["reference"]  # EASE on the same split, shown everywhere
+    assert reference["method"] == "EASE" and 0 < reference["ndcg@100"] <= 1
+    assert f"EASE (λ={reference['lambda']:g})" in human.stdout and "model / EASE ndcg@100" in human.stdout
+    versions = CliRunner().invoke(cli, ["versions", "--store", str(root), "--json"])
+    assert json.loads(versions.stdout)["versions"][-1]["ease_ndcg@100"] == reference["ndcg@100"]
     page = (result.path / "report.html").read_text()
     assert "<svg" in page and "validation ndcg@100" in page and "popularity" in page
+    assert "EASE (λ=" in page and "× EASE's validation ndcg@100" in page
 
 
 def test_an_index_below_the_recall_floor_is_refused(tmp_path):

@@ -23,16 +23,18 @@ FAST = {"epochs": 3, "dim": 16, "hidden": [32]}
 NO_GATE = {"beat_popularity": False, "min_ratio": 0.0}
 
 
-@pytest.fixture()
-def setup(tmp_path):
-    """A trained version, and a newer input with a new user and a user of unknown items only."""
+@pytest.fixture(params=["dae", "dlae"])
+def setup(tmp_path, request):
+    """A trained version (of each kind), and a newer input with a new user and a user of
+    unknown items only."""
+    model = {**FAST, "kind": request.param}
     base = pl.read_parquet(FIXTURES / "interactions.parquet")
     extra = pl.DataFrame({"user_id": [9001, 9001, 9001, 9002], "item_id": [3, 17, 42, 123456],
                           "rating": [5, 5, 4, 5], "timestamp": base["timestamp"][:4]}).cast(base.schema)
     newer = tmp_path / "newer.parquet"
     pl.concat([base, extra]).write_parquet(newer)
-    trained = run_job(load_job_config(write_job(tmp_path, model=FAST, gate=NO_GATE)), progress=False)
-    later = write_job(tmp_path, model=FAST, gate=NO_GATE, filename="later.toml",
+    trained = run_job(load_job_config(write_job(tmp_path, model=model, gate=NO_GATE)), progress=False)
+    later = write_job(tmp_path, model=model, gate=NO_GATE, filename="later.toml",
                       input={"path": str(newer), "weight_col": "rating", "timestamp_col": "timestamp",
                              "min_weight": 4.0})
     return tmp_path / "store", trained, later

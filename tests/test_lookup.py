@@ -10,6 +10,7 @@ import pytest
 
 import aefeatures
 from aefeatures.config import load_job_config
+from aefeatures.data.matrix import CSR
 from aefeatures.errors import FeatureSetNotFoundError, NotFoundError
 from aefeatures.jobs.run import run_job
 from tests.conftest import write_job
@@ -26,7 +27,14 @@ def _seen(fs, user) -> set:
     return set(pairs.filter(pl.col("user_id") == user).get_column("item_id").to_list())
 
 
-def test_recommend_returns_k_unseen_items_best_first(fs):
+@pytest.fixture(scope="module")
+def fs_kind(trained_kind):
+    root, _ = trained_kind
+    return aefeatures.open_store(root)["movies"]
+
+
+def test_recommend_returns_k_unseen_items_best_first(fs_kind):
+    fs = fs_kind
     for user in (1, 42, 1999):
         recs = fs.recommend(user, k=10)
         assert len(recs.ids) == 10 and len(set(recs.ids.tolist())) == 10
@@ -34,7 +42,8 @@ def test_recommend_returns_k_unseen_items_best_first(fs):
         assert np.all(np.diff(recs.scores) <= 1e-6)
 
 
-def test_scores_are_the_models_inner_product_plus_bias(fs):
+def test_scores_are_the_models_inner_product_plus_bias(fs_kind):
+    fs = fs_kind
     recs = fs.recommend(42, k=5)
     items = pl.read_parquet(fs.path / "items.parquet")
     row = {i: r for r, i in enumerate(items.get_column("item_id").to_list())}
@@ -43,6 +52,29 @@ def test_scores_are_the_models_inner_product_plus_bias(fs):
     u = fs.user_embedding(42)
     expected = [vectors[row[i]] @ u + bias[row[i]] for i in recs.ids]
     np.testing.assert_allclose(recs.scores, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_exact_index_returns_the_models_own_top_k_of_unseen_items(fs_kind, trained_kind):
+    import torch
+
+    from aefeatures.model.autoencoder import load_model
+    from aefeatures.model.train import to_batch
+
+    fs, (_, result) = fs_kind, trained_kind
+    model = load_model(result.path / "model")
+    pairs = pl.read_parquet(fs.path / "interactions.parquet")
+    for user in (1, 42, 1999):
+        items = np.searchsorted(fs.item_ids, sorted(_seen(fs, user)))
+        batch = to_batch(CSR(np.array([0, len(items)]), items.astype(np.int32), np.ones(len(items), np.float32)),
+                         np.array([0]), torch.device("cpu"))
+        with torch.no_grad():
+            logits = model(batch)[0][0].double().numpy()
+        logits[items] = -np.inf
+        expected = fs.item_ids[np.argsort(-logits, kind="stable")[:10]]
+        got = fs.recommend(user, k=10)
+        np.testing.assert_array_equal(got.ids, expected)
+        np.testing.assert_allclose(got.scores, np.sort(logits)[::-1][:10], rtol=1e-4, atol=1e-5)
+    assert len(pairs) > 0
 
 
 def test_k_larger_than_the_catalogue_returns_every_unseen_item(fs):

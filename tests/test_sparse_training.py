@@ -46,7 +46,7 @@ def matrix():
 
 
 def _step(matrix, **model) -> _Step:
-    cfg = ModelConfig(dim=16, hidden=(32,), batch_size=128, **{**SAMPLED, **model})
+    cfg = ModelConfig(**{"kind": "dae", "dim": 16, "hidden": (32,), "batch_size": 128, **SAMPLED, **model})
     torch.manual_seed(cfg.seed)
     net = Autoencoder(AutoencoderShape(matrix.shape[1], cfg.dim, cfg.hidden, cfg.kind, cfg.dropout))
     return _Step(net, matrix, cfg, CPU, None)
@@ -178,7 +178,7 @@ def test_sparse_updates_lower_the_loss_and_learn_as_well_as_dense_ones(runs, pla
 
 
 def test_a_model_trained_with_sparse_updates_saves_loads_and_scores_like_any(matrix, tmp_path):
-    cfg = ModelConfig(dim=16, hidden=(32,), epochs=2, batch_size=128, **SAMPLED)
+    cfg = ModelConfig(kind="dae", dim=16, hidden=(32,), epochs=2, batch_size=128, min_steps=0, **SAMPLED)
     trained = train(matrix, cfg, progress=False).model
     save_model(trained, tmp_path)
     loaded = load_model(tmp_path)

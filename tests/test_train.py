@@ -30,7 +30,8 @@ def test_kl_weight_anneals_linearly_to_its_cap_and_stays():
 
 
 def test_a_vae_run_reaches_the_beta_cap(matrix):
-    cfg = ModelConfig(kind="vae", dim=16, hidden=(32,), epochs=6, batch_size=256, beta_cap=0.25, anneal_steps=10)
+    cfg = ModelConfig(kind="vae", dim=16, hidden=(32,), epochs=6, batch_size=256, beta_cap=0.25, anneal_steps=10,
+                      min_steps=0)
     result = train(matrix, cfg, progress=False)
     betas = [h["beta"] for h in result.history]
     assert betas[0] < 0.25 and betas[-1] == pytest.approx(0.25)
@@ -38,7 +39,7 @@ def test_a_vae_run_reaches_the_beta_cap(matrix):
 
 
 def test_early_stopping_restores_the_best_epochs_weights(matrix):
-    cfg = ModelConfig(dim=8, hidden=(16,), epochs=20, batch_size=256, patience=3)
+    cfg = ModelConfig(kind="dae", dim=8, hidden=(16,), epochs=20, batch_size=256, patience=3, min_steps=0)
     curve = iter([0.1, 0.5, 0.3, 0.2, 0.4, 0.45, 0.6])
     snapshots = []
 
@@ -58,11 +59,12 @@ def test_both_kinds_beat_popularity_on_the_planted_fixture(tmp_path, kind):
     model = {"kind": kind, "epochs": 40, "dim": 32, "hidden": [128], "anneal_steps": 200}
     result = run_job(load_job_config(write_job(tmp_path, model=model)), progress=False)
     ev = result.manifest["evaluation"]
-    assert ev["valid_users"] == 203  # 10% of 2,030 users
+    assert ev["valid_users"] == 1000  # evaluation.min_valid_users (10% of 2,030 users is 203)
     assert ev["model"]["ndcg@10"] > 3 * ev["popularity"]["ndcg@10"]
     assert ev["model"]["ndcg@10"] > ev["popularity"]["ndcg@10"] + 0.2
     history = result.manifest["training"]["history"]
-    assert ev["model"]["ndcg@100"] == max(h["ndcg@100"] for h in history)  # the best epoch is published
+    assert ev["model"]["ndcg@100"] == max(h["ndcg@100"] for h in history if "ndcg@100" in h)  # the best epoch
+    assert result.manifest["training"]["refit"]["status"] == "published"  # then trained on every user
 
 
 def test_training_without_evaluation_has_no_metrics(tmp_path):
@@ -122,3 +124,97 @@ def test_batches_cut_from_a_device_copy_equal_those_cut_on_the_host(matrix):
         for field in ("indices", "offsets", "values", "rows"):
             assert torch.equal(getattr(got, field), getattr(expected, field)), field
     assert not DeviceCSR.fits(sparse, cpu)  # on a CPU the batches are the host's own
+
+
+@pytest.mark.slow
+def test_small_data_trains_to_convergence_where_the_epoch_cap_cut_it_off(tmp_path):
+    # 1,800 training users at batch 512: 4 steps an epoch, as on small real data (1,500 items,
+    # ~15 per user). The old budget (50 epochs, no step floor) ends at the cap while validation
+    # still improves; the step floor trains on until patience stops it, and validates better.
+    from aefeatures.data.synthetic import generate
+
+    data = generate(n_users=2000, n_items=1500, mean_items=15, n_communities=20, in_cluster=0.5, zipf=1.1, seed=3)
+    data.interactions.write_parquet(tmp_path / "small.parquet")
+    old_defaults = {"kind": "dae", "dim": 64, "hidden": [600], "batch_size": 512, "epochs": 50, "patience": 10}
+    runs = {}
+    for name, min_steps in (("old", 0), ("new", 1000)):
+        folder = tmp_path / name
+        folder.mkdir()
+        job = write_job(folder, input={"path": str(tmp_path / "small.parquet")},
+                        model={**old_defaults, "min_steps": min_steps}, evaluation={"refit": False})
+        runs[name] = run_job(load_job_config(job), progress=False).manifest
+    old, new = runs["old"]["training"], runs["new"]["training"]
+    assert old["stop_reason"] == "epochs" and old["best_epoch"] > 50 - 10  # patience had not stopped it
+    assert new["stop_reason"] == "patience" and new["steps"] >= 1000 and new["max_epochs"] > 50
+    assert new["best_step"] > old["steps"]  # its best weights came after the old budget's last step
+    assert runs["new"]["evaluation"]["model"]["ndcg@100"] > runs["old"]["evaluation"]["model"]["ndcg@100"]
+
+
+def test_the_time_budget_stops_within_a_step_and_keeps_the_best_weights(matrix, monkeypatch):
+    import aefeatures.model.train as train_module
+
+    checks = iter(range(10_000))
+    monkeypatch.setattr(train_module, "_past", lambda deadline, group: next(checks) >= 21)  # 21 steps fit
+    cfg = ModelConfig(kind="dae", dim=8, hidden=(16,), epochs=50, batch_size=256, patience=0, min_steps=0,
+                      max_minutes=60.0)
+    curve = iter([0.1, 0.5, 0.3, 0.2])
+    snapshots = []
+
+    def validate(model):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"ndcg@100": next(curve)}
+
+    result = train(matrix, cfg, validate=validate, progress=False)
+    # 8 steps an epoch: epochs 1 and 2 whole, epoch 3 cut after 5 steps and still validated
+    assert result.steps == 21 and len(result.history) == 3 and result.stop_reason == "max_minutes"
+    assert result.stopped_early and result.best_epoch == 2 and result.best_step == 16
+    for key, value in result.model.state_dict().items():
+        torch.testing.assert_close(value, snapshots[1][key])
+
+
+def test_a_run_out_of_time_says_so_and_publishes_the_validated_model(tmp_path):
+    job = write_job(tmp_path, model={"max_minutes": 1e-9}, gate={"beat_popularity": False, "min_ratio": 0.0})
+    manifest = run_job(load_job_config(job), progress=False).manifest
+    training = manifest["training"]
+    assert training["stop_reason"] == "max_minutes" and training["steps"] == 0
+    assert training["refit"] == {"status": "skipped", "reason": "model.max_minutes ran out during validation"}
+    assert manifest["config"]["model"]["max_minutes"] == 1e-9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dae", "dlae"])
+def test_refit_trains_the_published_model_on_every_user(tmp_path, kind):
+    from dataclasses import replace
+
+    from aefeatures.model.autoencoder import load_model
+
+    job = load_job_config(write_job(tmp_path, model={"kind": kind, "epochs": 4}))
+    result = run_job(job, progress=False)
+    training = result.manifest["training"]
+    assert training["refit"]["status"] == "published" and training["refit"]["users"] == 2030
+    assert result.manifest["evaluation"]["valid_users"] == 1000  # validated on held-out users first
+    published = load_model(result.path / "model")
+    # the same training on all users, for the chosen budget, gives the published weights
+    matrix = build_matrix(read_interactions(job.input))
+    direct = train(matrix, replace(job.model, **training.get("chosen", {})), epochs=training["best_epoch"],
+                   progress=False).model
+    for key, value in direct.state_dict().items():
+        torch.testing.assert_close(published.state_dict()[key], value)
+    # and the model validation chose (without the held-out users) is a different one
+    (tmp_path / "norefit").mkdir()
+    unrefit = run_job(load_job_config(write_job(tmp_path / "norefit", model={"kind": kind, "epochs": 4},
+                                                evaluation={"refit": False})), progress=False)
+    assert unrefit.manifest["training"]["refit"] is None
+    other = load_model(unrefit.path / "model")
+    assert not torch.equal(other.decoder.weight, published.decoder.weight)
+
+
+def test_a_dlae_too_large_for_the_closed_form_trains_a_dae_and_says_so(matrix, monkeypatch, caplog):
+    from aefeatures.model import linear
+
+    monkeypatch.setattr(linear, "MAX_BYTES", 0)
+    cfg = ModelConfig(kind="dlae", dim=8, hidden=(16,), epochs=1, min_steps=0)
+    with caplog.at_level("WARNING", logger="aefeatures.model.train"):
+        result = train(matrix, cfg, progress=False)
+    assert "training a dae instead" in caplog.text
+    assert result.chosen == {"kind": "dae"} and result.model.shape.kind == "dae" and result.steps > 0

@@ -17,7 +17,7 @@ from aefeatures.cli.output import echo_curve, echo_metrics, gate_summary, or_das
 @json_option
 def versions(store_dir: Path, name: str | None, as_json: bool) -> None:
     """Versions of a feature set, oldest first: live, published (superseded) or refused by the
-    quality gate, with validation NDCG@100."""
+    quality gate, with validation NDCG@100 beside popularity's and EASE's."""
     from aefeatures.serving.lookup import open_store
 
     store = open_store(store_dir)
@@ -27,9 +27,10 @@ def versions(store_dir: Path, name: str | None, as_json: bool) -> None:
         print_json({"feature_set": name, "versions": rows})
         return
     print_table(["version", "status", "built", "valid_from", "users", "items", "dim", "kind", "index",
-                  "ndcg@100", "popularity", "aligned", "user_cos50", "churn@10"],
+                  "ndcg@100", "popularity", "EASE", "aligned", "user_cos50", "churn@10"],
                  [[r["version"], r["status"], r["built"], r["valid_from"][:19], r["users"], r["items"], r["dim"],
                    r["kind"], r["index"], or_dash(r["ndcg@100"]), or_dash(r["popularity_ndcg@100"]),
+                   or_dash(r.get("ease_ndcg@100")),
                    "-" if not r["alignment"] else ("yes" if r["alignment"]["aligned"] else "no"),
                    or_dash(((r["drift"] or {}).get("user_cosine") or {}).get("q50")),
                    or_dash(((r["drift"] or {}).get("churn") or {}).get("mean"))]

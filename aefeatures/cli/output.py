@@ -60,11 +60,20 @@ def or_dash(value: float | None) -> Any:
 
 
 def echo_metrics(evaluation: dict[str, Any], indent: str = "") -> None:
+    from aefeatures.schema import KEY_METRIC  # schema needs pyarrow: not on the --help path
+
     click.echo(f"{indent}validation on {evaluation['valid_users']:,} held-out users "
                f"({evaluation['holdout']:.0%} of their items hidden):")
     names = ["recall@20", "ndcg@10", "ndcg@100", "coverage@20"]
-    print_table(["", *names], [[f"{indent}{label}", *(evaluation[key][n] for n in names)]
-                                for label, key in (("model", "model"), ("popularity", "popularity"))])
+    rows = [("model", "model"), ("popularity", "popularity")]
+    reference = evaluation.get("reference") or {}
+    if KEY_METRIC in reference:
+        rows.append((f"EASE (λ={reference['lambda']:g})", "reference"))
+    print_table(["", *names], [[f"{indent}{label}", *(evaluation[key][n] for n in names)] for label, key in rows])
+    if KEY_METRIC in reference and reference[KEY_METRIC] > 0:
+        click.echo(f"{indent}model / EASE {KEY_METRIC}: {evaluation['model'][KEY_METRIC] / reference[KEY_METRIC]:.3f}")
+    elif reference.get("skipped"):
+        click.echo(f"{indent}EASE reference skipped: {reference['skipped']}")
 
 
 def gate_summary(gate: dict[str, Any] | None) -> str:

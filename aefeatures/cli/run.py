@@ -49,10 +49,21 @@ def run(job_file: Path, force: bool, as_json: bool) -> None:
     click.echo(f"  input     {m['input']['rows_read']:,} rows from {len(m['input']['files'])} file(s), "
                f"{m['input']['rows_kept']:,} kept, {m['input']['pairs']:,} distinct (user, item) pairs")
     final = f", final loss {train['epoch_losses'][-1]:.3f}" if train["epoch_losses"] else ""
-    threads = f" ({train['threads']} thread{'s' * (train['threads'] != 1)})" if train.get("threads") else ""
-    click.echo(f"  training  {train['epochs']} epochs on {train['device']}{threads} in {train['seconds']:.1f}s{final}")
-    click.echo(f"  training  best epoch {train['best_epoch']}"
-               + (" (stopped early)" if train["stopped_early"] else ""))
+    if train.get("stop_reason") == "fitted":  # dlae: closed form, one fit per candidate dropout
+        chosen = train.get("chosen", {}).get("dropout", m["config"]["model"]["dropout"])
+        click.echo(f"  training  {train['epochs']} closed-form fit(s) on {train['device']} in {train['seconds']:.1f}s, "
+                   f"dropout {chosen:g}")
+    else:
+        threads = f" ({train['threads']} thread{'s' * (train['threads'] != 1)})" if train.get("threads") else ""
+        click.echo(f"  training  {train['epochs']} epochs on {train['device']}{threads} in {train['seconds']:.1f}s{final}")
+    if train.get("stop_reason") != "fitted":
+        click.echo(f"  training  best epoch {train['best_epoch']} of at most {train.get('max_epochs', '?')}, "
+                   f"stopped by {train.get('stop_reason', '?')}")
+    refit = train.get("refit")
+    if refit:
+        done = f" on all {refit['users']:,} users" + ("" if train.get("stop_reason") == "fitted" else
+                                                      f", {refit['epochs']} epochs") + f" in {refit['seconds']:.1f}s"
+        click.echo(f"  refit     {refit['status']}" + (done if refit["status"] == "published" else f": {refit['reason']}"))
     if m["evaluation"]:
         echo_metrics(m["evaluation"], indent="  ")
     elif m.get("evaluation_skipped"):

@@ -7,6 +7,7 @@ is kept in `refused/` for inspection and never goes live.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -40,6 +41,8 @@ from aefeatures.quality.evaluate import (
     ranking_totals,
     split_users,
 )
+from aefeatures.quality.reference import ease_reference
+from aefeatures.schema import KEY_METRIC
 from aefeatures.store import layout, publish, runlog, tables
 from aefeatures.store.index import build_index, item_rows, save_index, user_queries
 
@@ -382,27 +385,32 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
 def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: bool | None,
                         group: distributed.Group | None = None
                         ) -> tuple[TrainResult, dict[str, Any] | None, str | None]:
-    """Train with validation users held out (if evaluation is on) and early stopping.
+    """Train with validation users held out (if evaluation is on) and early stopping, then (with
+    `evaluation.refit`) train again on every user for the chosen budget.
 
-    The published model is the best epoch's, trained without the validation users; they get
-    their embeddings like any user the model never saw, from their full interaction vector.
-    Under torchrun each rank holds out its share of its own users and the metrics are those of
-    all ranks' validation users together. The third value says why there is no validation
-    (None when there is).
+    Validation chooses the epoch (and a dlae's dropout); the manifest keeps the metrics that
+    chose it. With refit the published model is trained on all users for that many epochs;
+    without it, it is the validated model, which never saw the validation users (they get
+    their embeddings like any new user, from their full interaction vector). Under torchrun
+    each rank holds out its share of its own users and the metrics are those of all ranks'
+    validation users together. `model.max_minutes` bounds both phases together. The third
+    value says why there is no validation (None when there is).
     """
     from aefeatures.model.embed import encode
     from aefeatures.model.train import train
 
     ev = cfg.evaluation
     world = group.world_size if group else 1
+    deadline = time.perf_counter() + 60.0 * cfg.model.max_minutes if cfg.model.max_minutes > 0 else None
     split = split_users(matrix.indptr, matrix.indices, share=ev.valid_share, max_users=-(-ev.max_valid_users // world),
-                        holdout=ev.holdout, seed=cfg.model.seed)
+                        holdout=ev.holdout, seed=cfg.model.seed,
+                        min_users=-(-ev.min_valid_users // world) if ev.refit else 0)
     n_valid = len(split.valid_rows) if group is None else int(group.reduce_array(np.array([len(split.valid_rows)]))[0])
     if n_valid == 0:
         why = _why_no_validation(matrix, cfg, group)
         if ev.valid_share > 0:
             log.warning("%s; training without evaluation, so the quality gate's metric checks are skipped", why)
-        return train(matrix, cfg.model, progress=progress), None, why
+        return train(matrix, cfg.model, progress=progress, deadline=deadline), None, why
 
     def validate(model: Autoencoder) -> dict[str, float]:
         vectors, _ = encode(model, split.fold_in)
@@ -411,16 +419,58 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
         model.train()
         return _rounded(metrics_of_totals(_summed(totals, group)))
 
-    trained = train(matrix, cfg.model, rows=split.train_rows, validate=validate, progress=progress)
+    trained = train(matrix, cfg.model, rows=split.train_rows, validate=validate, progress=progress,
+                    deadline=deadline)
     final = validate(trained.model)  # the restored best weights (or untrained, with 0 epochs)
     trained.model.eval()
-    return trained, {
+    evaluation = {
         "protocol": "held-out users",
         "valid_users": n_valid,
         "holdout": ev.holdout,
         "model": final,
         "popularity": _popularity(matrix, split, group),
-    }, None
+        "reference": _reference(matrix, split, ev.reference_max_items, group),
+    }
+    if ev.refit:
+        trained.refit = _refit(matrix, cfg, trained, progress, deadline)
+    return trained, evaluation, None
+
+
+def _refit(matrix: InteractionMatrix, cfg: JobConfig, validated: TrainResult, progress: bool | None,
+           deadline: float | None) -> dict[str, Any]:
+    """Train on every user for the validated budget (``validated.best_epoch`` epochs, with the
+    hyperparameters validation chose) and put that model in ``validated``; returns the
+    manifest's `training.refit` section. The same number of epochs, not steps: each user is
+    seen as often as in the validated run. When the time budget ran out during validation, or
+    runs out during the refit, the validated model is published instead and the section says so."""
+    from aefeatures.model.train import train
+
+    if validated.best_epoch == 0:
+        return {"status": "skipped", "reason": "validation chose the untrained model"}
+    if validated.stop_reason == "max_minutes":
+        return {"status": "skipped", "reason": "model.max_minutes ran out during validation"}
+    model_cfg = dataclasses.replace(cfg.model, **validated.chosen)
+    refit = train(matrix, model_cfg, progress=progress, epochs=validated.best_epoch, deadline=deadline)
+    section = {"users": matrix.shape[0], "epochs": len(refit.history), "steps": refit.steps,
+               "seconds": round(refit.seconds, 3), **({"chosen": validated.chosen} if validated.chosen else {})}
+    if refit.stop_reason == "max_minutes":
+        return {"status": "skipped", "reason": "model.max_minutes ran out during the refit; the validated model "
+                "is published", **section}
+    validated.model = refit.model
+    return {"status": "published", **section}
+
+
+def _reference(matrix: InteractionMatrix, split: Split, max_items: int,
+               group: distributed.Group | None) -> dict[str, Any]:
+    if group is not None:
+        return {"method": "EASE", "skipped": "not computed under torchrun (each rank holds a share of the users)"}
+    reference = ease_reference(matrix.csr, split, matrix.shape[1], max_size=max_items)
+    if "skipped" in reference:
+        log.info("EASE reference skipped: %s", reference["skipped"])
+    else:
+        log.info("EASE reference (λ=%g): %s %.4f in %.1fs", reference["lambda"], KEY_METRIC,
+                 reference[KEY_METRIC], reference["seconds"])
+    return reference
 
 
 def _why_no_validation(matrix: InteractionMatrix, cfg: JobConfig, group: distributed.Group | None) -> str:
@@ -465,9 +515,14 @@ def _training_summary(trained: TrainResult) -> dict[str, Any]:
         "threads": trained.threads,
         "epochs": len(trained.history),
         "best_epoch": trained.best_epoch,
+        "best_step": trained.best_step,
+        "max_epochs": trained.max_epochs,
         "stopped_early": trained.stopped_early,
+        "stop_reason": trained.stop_reason,
         "steps": trained.steps,
         "seconds": round(trained.seconds, 3),
+        **({"chosen": trained.chosen} if trained.chosen else {}),
+        "refit": trained.refit,
         "epoch_losses": [round(x, 5) for x in trained.epoch_losses],
         "history": trained.history,
     }

@@ -29,7 +29,7 @@ class AutoencoderShape:
     n_items: int
     dim: int
     hidden: tuple[int, ...]
-    kind: str  # "dae" | "vae"
+    kind: str  # "dae" | "vae" | "dlae" (no hidden layer, fitted in closed form: aefeatures.model.linear)
     dropout: float
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
@@ -53,6 +54,14 @@ class TrainResult:
     steps: int = 0
     seconds: float = 0.0
     threads: int = 0  # torch's intra-op threads (model.threads, or the CPUs the process may use)
+    best_step: int = 0  # optimizer steps taken when the kept weights were
+    max_epochs: int = 0  # the epoch cap this run had (cfg.epochs, raised to reach cfg.min_steps)
+    # why training ended: "patience" (no better validation for model.patience epochs), "epochs"
+    # (the cap), "max_minutes" (the wall-clock budget ran out; the best weights so far are kept),
+    # "fitted" (dlae: every candidate fitted in closed form)
+    stop_reason: str = "epochs"
+    chosen: dict[str, float] = field(default_factory=dict)  # hyperparameters validation chose (dlae: dropout)
+    refit: dict | None = None  # set by the job: how the published model was retrained on every user
 
 
 def select_device(requested: str) -> torch.device:
@@ -140,13 +149,23 @@ class DeviceCSR:
 
 
 def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | None = None,
-          validate: Validator | None = None, progress: bool | None = None) -> TrainResult:
+          validate: Validator | None = None, progress: bool | None = None, epochs: int | None = None,
+          deadline: float | None = None) -> TrainResult:
     """Train an autoencoder on the users at ``rows`` of ``matrix`` (default: all of them).
 
-    With ``validate``, the model is scored after every epoch; training stops once
-    ``cfg.patience`` epochs pass without a better ``validate(model)[KEY_METRIC]``, and the
-    best epoch's weights are restored. Seeded: the same matrix and config give the same
-    weights on the same device. ``progress=None`` shows a bar only on a terminal.
+    The budget fits the data: at most ``cfg.epochs`` epochs, a cap raised so that training takes
+    at least ``cfg.min_steps`` optimizer steps when an epoch is a few steps (1,000 users at
+    batch 512 make 2 steps an epoch: 50 epochs were 100 steps, cut off while still improving).
+    ``epochs`` given (a refit for a budget chosen on validation) runs exactly that many.
+
+    With ``validate``, the model is scored after every epoch (every few epochs when the cap was
+    raised and an epoch is under :data:`VALIDATE_EVERY_STEPS` steps); once ``cfg.min_steps`` steps are done, training
+    stops when ``cfg.patience`` epochs pass without a better ``validate(model)[KEY_METRIC]``,
+    and the best epoch's weights are restored. ``deadline`` (a ``time.perf_counter()`` value;
+    default ``cfg.max_minutes`` from now, when set) ends training within one optimizer step of
+    it, keeping the best weights so far; ``stop_reason`` says which rule ended it. Seeded: the
+    same matrix and config give the same weights on the same device. ``progress=None`` shows a
+    bar only on a terminal.
 
     In a torchrun process group (:mod:`aefeatures.model.distributed`) every rank calls this with its
     own shard of users (the same items): each step every rank trains on ``cfg.batch_size /
@@ -154,6 +173,24 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     ``cfg.batch_size`` users. Every rank runs ``validate``, which must combine all ranks'
     results, so all ranks decide alike when to stop. The group stays joined.
     """
+    fallback = None
+    if cfg.kind == "dlae":
+        from aefeatures.model import linear
+
+        n_rows = matrix.shape[0] if rows is None else len(rows)
+        if linear.fits(n_rows, matrix.shape[1], cfg.dim) and distributed.current() is None:
+            return _train_dlae(matrix, cfg, rows=rows, validate=validate, deadline=deadline)
+        # Catalogues too large for the closed form (millions of items) train a dae, which
+        # scales to them with a sampled softmax, and so do torchrun groups (each rank holds a
+        # share of the users; the closed form needs them all); training.chosen says so.
+        if distributed.current() is not None:
+            log.warning("kind dlae is fitted in one process; under torchrun a dae is trained instead")
+        else:
+            log.warning("kind dlae would need ~%.1f GiB at %d users x %d items, dim %d: training a dae instead",
+                        linear.working_bytes(n_rows, matrix.shape[1], cfg.dim) / 2**30, n_rows, matrix.shape[1],
+                        cfg.dim)
+        cfg = dataclasses.replace(cfg, kind="dae")
+        fallback = {"kind": "dae"}
     # --- setup: seed, device, precision, model, optimizer, fixed once here
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -164,38 +201,48 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     shape = AutoencoderShape(matrix.shape[1], cfg.dim, tuple(cfg.hidden), cfg.kind, cfg.dropout)
     model = Autoencoder(shape, device=device)
     step = _Step(model, matrix, cfg, device, group)
-    result = TrainResult(model=model, device=str(device), threads=threads)
+    result = TrainResult(model=model, device=str(device), threads=threads, chosen=fallback or {})
     rows = np.arange(matrix.shape[0]) if rows is None else rows
     best_score, best_state = -np.inf, None
     # Under torchrun every rank must take the same number of steps: those of the largest shard.
     users_per_epoch = len(rows) if group is None else int(group.reduce_array(np.array([len(rows)]), "max")[0])
     started = time.perf_counter()
+    if deadline is None and cfg.max_minutes > 0:
+        deadline = started + 60.0 * cfg.max_minutes
+    steps_per_epoch = max(1, -(-users_per_epoch // step.batch_size))
+    result.max_epochs = max_epochs = epochs if epochs is not None else budget_epochs(cfg, steps_per_epoch)
+    # epochs between validations: every epoch, unless the cap was raised for epochs of a few steps
+    every = max(1, -(-VALIDATE_EVERY_STEPS // steps_per_epoch)) if max_epochs > cfg.epochs else 1
 
     # --- training loop: one shuffled pass over the users per epoch, then validation
     show_bar = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch",
+    bar = tqdm(range(1, max_epochs + 1), desc="train", unit="epoch",
                disable=not show_bar or not distributed.is_leader())
-    lines = _ProgressLines(cfg.epochs, started) if not show_bar and distributed.is_leader() else None
+    lines = _ProgressLines(max_epochs, started) if not show_bar and distributed.is_leader() else None
     for epoch in bar:
         model.train()
-        loss, beta = _epoch(step, _epoch_order(rng, rows, users_per_epoch), result)
+        loss, beta, out_of_time = _epoch(step, _epoch_order(rng, rows, users_per_epoch), result, deadline)
         if not math.isfinite(loss):  # every later weight would be NaN: stop, publish nothing
             raise errors.TrainingDivergedError(epoch, loss)
-        record = {"epoch": epoch, "loss": round(loss, 5), "beta": round(beta, 5)}
-        if validate is not None:
+        record = {"epoch": epoch, "loss": round(loss, 5), "beta": round(beta, 5), "steps": result.steps}
+        if validate is not None and (epoch % every == 0 or epoch == max_epochs or out_of_time):
             record.update(_validated(model, validate, group))
             if record[KEY_METRIC] > best_score:
-                best_score, result.best_epoch = record[KEY_METRIC], epoch
+                best_score, result.best_epoch, result.best_step = record[KEY_METRIC], epoch, result.steps
                 best_state = _kept_copy(model, best_state)
-            elif cfg.patience and epoch - result.best_epoch >= cfg.patience:
-                result.stopped_early = True
-        else:
-            result.best_epoch = epoch
+            elif cfg.patience and epoch - result.best_epoch >= cfg.patience and result.steps >= cfg.min_steps:
+                result.stopped_early, result.stop_reason = True, "patience"
+        elif validate is None:
+            result.best_epoch, result.best_step = epoch, result.steps
         result.epoch_losses.append(loss)
         result.history.append(record)
         bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in ("loss", KEY_METRIC)})
+        if out_of_time:
+            result.stopped_early, result.stop_reason = True, "max_minutes"
+            log.warning("model.max_minutes = %g reached after %d steps: training stopped, keeping the best "
+                        "weights so far (epoch %d)", cfg.max_minutes, result.steps, result.best_epoch)
         if lines is not None:
-            lines.epoch_done(record, best_epoch=result.best_epoch, last=result.stopped_early or epoch == cfg.epochs)
+            lines.epoch_done(record, best_epoch=result.best_epoch, last=result.stopped_early or epoch == max_epochs)
         if result.stopped_early:
             break
 
@@ -228,20 +275,41 @@ def _epoch_order(rng: np.random.Generator, rows: np.ndarray, users: int) -> np.n
     return order[:users]
 
 
-def _epoch(step: "_Step", order: np.ndarray, result: TrainResult) -> tuple[float, float]:
-    """One pass over the users in ``order``: (mean loss per user, last KL weight)."""
+def _epoch(step: "_Step", order: np.ndarray, result: TrainResult,
+           deadline: float | None = None) -> tuple[float, float, bool]:
+    """One pass over the users in ``order``: (mean loss per user, last KL weight, whether the
+    ``deadline`` passed and the pass was cut short). Under torchrun the ranks agree on the
+    deadline through rank 0's clock, checked once a step."""
     cfg = step.cfg
-    total, beta = torch.zeros((), device=step.device), 0.0
+    total, beta, users, out_of_time = torch.zeros((), device=step.device), 0.0, 0, False
     for start in range(0, len(order), step.batch_size):
+        if deadline is not None and _past(deadline, step.group):
+            out_of_time = True
+            break
         if cfg.kind == "vae":
             beta = kl_weight(result.steps, cfg)
-        total += step(order[start : start + step.batch_size], beta)
+        batch = order[start : start + step.batch_size]
+        total += step(batch, beta)
+        users += len(batch)
         result.steps += 1
-    users = len(order)
     if step.group is not None:
         total = step.group.total(total)
         users *= step.world
-    return float(total) / max(users, 1), beta  # the epoch's one host sync
+    return float(total) / max(users, 1), beta, out_of_time  # the epoch's one host sync
+
+
+def _past(deadline: float, group: distributed.Group | None) -> bool:
+    late = time.perf_counter() >= deadline
+    return late if group is None else bool(group.from_leader(late))
+
+
+VALIDATE_EVERY_STEPS = 8  # with smaller epochs, validate every few epochs (each ranks every item)
+
+
+def budget_epochs(cfg: ModelConfig, steps_per_epoch: int) -> int:
+    """The epoch cap: ``cfg.epochs``, raised to reach ``cfg.min_steps`` optimizer steps when an
+    epoch is ``steps_per_epoch`` steps (never lowered)."""
+    return max(cfg.epochs, -(-cfg.min_steps // max(1, steps_per_epoch))) if cfg.epochs else 0
 
 
 def _validated(model: Autoencoder, validate: Validator, group: distributed.Group | None) -> dict[str, float]:
@@ -434,3 +502,72 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+DLAE_DROPOUTS = (0.5, 0.67, 0.8, 0.9)  # p tried on validation; Last.fm and ML-100k chose 0.8-0.9
+TEMPERATURE_SAMPLE = 2000  # training users that set a dlae's softmax temperature
+
+
+def _train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | None,
+                validate: Validator | None, deadline: float | None) -> TrainResult:
+    """The closed-form low-rank DLAE (:mod:`aefeatures.model.linear`; Steck, NeurIPS 2020) as an
+    :class:`Autoencoder` with no hidden layer. With ``validate``, each dropout p of :data:`DLAE_DROPOUTS` (and
+    ``cfg.dropout``) is fitted and validated ("epoch" i of the history is the i-th p) and the
+    best is kept (``chosen``); without it ``cfg.dropout`` is used. ``deadline`` stops the search
+    between fits, keeping the best so far."""
+
+    started = time.perf_counter()
+    if deadline is None and cfg.max_minutes > 0:
+        deadline = started + 60.0 * cfg.max_minutes
+    device = select_device(cfg.device)
+    rows = np.arange(matrix.shape[0]) if rows is None else rows
+    candidates = sorted({*DLAE_DROPOUTS, cfg.dropout}) if validate is not None else [cfg.dropout]
+    result = TrainResult(model=None, device=str(device), max_epochs=len(candidates))  # type: ignore[arg-type]
+    best_score, best = -np.inf, None
+    for epoch, dropout in enumerate(candidates, start=1):
+        if deadline is not None and time.perf_counter() >= deadline and best is not None:
+            result.stopped_early, result.stop_reason = True, "max_minutes"
+            break
+        model = _dlae_model(matrix, cfg, rows, dropout, device)
+        result.steps += 1
+        record: dict[str, float] = {"epoch": epoch, "dropout": dropout, "loss": 0.0, "beta": 0.0}
+        if validate is not None:
+            record.update(validate(model))
+            model.eval()
+        result.history.append(record)
+        result.epoch_losses.append(0.0)
+        score = record.get(KEY_METRIC, 0.0)
+        if best is None or score > best_score:
+            best_score, best = score, model
+            result.best_epoch = result.best_step = epoch
+            result.chosen = {"dropout": dropout} if validate is not None else {}
+    result.model = best
+    if result.stop_reason != "max_minutes":
+        result.stop_reason = "fitted"  # closed form: every candidate fitted
+    result.seconds = time.perf_counter() - started
+    log.info("dlae: %d fit(s) in %.1fs; dropout %s", len(result.history), result.seconds,
+             result.chosen.get("dropout", cfg.dropout))
+    return result
+
+
+def _dlae_model(matrix: InteractionMatrix, cfg: ModelConfig, rows: np.ndarray, dropout: float,
+                device: torch.device) -> Autoencoder:
+    """The rank-``cfg.dim`` DLAE of ``rows`` as an eval-mode :class:`Autoencoder`: input layer P,
+    decoder R × the temperature that best explains a sample of the training users."""
+    from aefeatures.model import linear
+
+    p, r = linear.dlae_factors(matrix.csr, rows, matrix.shape[1], dim=cfg.dim, dropout=dropout, l2=cfg.l2,
+                               seed=cfg.seed)
+    model = Autoencoder(AutoencoderShape(matrix.shape[1], cfg.dim, (), "dlae", 0.0), device=device)
+    with torch.no_grad():
+        model.input_layer.weight.copy_(torch.from_numpy(p))
+        model.input_bias.zero_()
+        model.decoder.weight.copy_(torch.from_numpy(r))
+        model.decoder.bias.zero_()
+        model.eval()
+        sample = np.random.default_rng(cfg.seed).choice(rows, min(TEMPERATURE_SAMPLE, len(rows)), replace=False)
+        batch = to_batch(matrix, np.sort(sample), device)
+        z, _ = model.encode(batch)
+        t = linear.best_temperature(z, model.decoder.weight, batch.indices, batch.rows, batch.values)
+        model.decoder.weight.mul_(t)
+    return model

@@ -38,8 +38,11 @@ class Split:
 
 
 def split_users(indptr: np.ndarray, indices: np.ndarray, *, share: float, max_users: int,
-                holdout: float, seed: int) -> Split:
+                holdout: float, seed: int, min_users: int = 0) -> Split:
     """Hold out ``share`` of the users (at most ``max_users``) that have at least 2 items.
+
+    With ``share > 0``, at least ``min_users`` are held out when there are enough, but never
+    more than half of all users: on small data a 10% share is too few users to decide on.
 
     Parameters
     ----------
@@ -49,7 +52,10 @@ def split_users(indptr: np.ndarray, indices: np.ndarray, *, share: float, max_us
     rng = np.random.default_rng(seed)
     lengths = np.diff(indptr)
     eligible = np.flatnonzero(lengths >= 2)
-    n_valid = min(int(round(share * len(indptr[:-1]))), max_users, len(eligible))
+    n_valid = int(round(share * len(indptr[:-1])))
+    if share > 0:
+        n_valid = max(n_valid, min(min_users, len(lengths) // 2))
+    n_valid = min(n_valid, max_users, len(eligible))
     valid = np.sort(rng.choice(eligible, n_valid, replace=False)) if n_valid else np.array([], np.int64)
     train = np.setdiff1d(np.arange(len(lengths)), valid)
     shown, hidden = [], []

@@ -22,8 +22,9 @@ class Verdict:
 def check(cfg: GateConfig, evaluation: dict[str, Any] | None, previous: dict[str, Any] | None, *,
           index_recall: float = 1.0, min_recall: float = 0.0, skipped: str | None = None,
           drift: dict[str, Any] | None = None) -> Verdict:
-    """Compare a run's validation metrics with popularity and with the live version's, its
-    index's measured recall with the floor, and its recommendation churn with `gate.max_churn`.
+    """Compare a run's validation metrics with popularity, with the EASE reference (when it was
+    computed and `gate.min_vs_reference` is set) and with the live version's, its index's
+    measured recall with the floor, and its recommendation churn with `gate.max_churn`.
 
     ``evaluation`` is the run's manifest `evaluation` section (None when evaluation is off:
     no metric to compare; ``skipped`` says why). ``previous`` is the live version's manifest,
@@ -53,6 +54,16 @@ def check(cfg: GateConfig, evaluation: dict[str, Any] | None, previous: dict[str
         checked["popularity"] = baseline
         if not score > baseline:
             reasons.append(f"validation {KEY_METRIC} {score:.4f} is not above popularity's {baseline:.4f}")
+    reference = (evaluation.get("reference") or {}).get(KEY_METRIC)
+    if reference is not None:
+        checked["reference"] = reference
+        checked["vs_reference"] = round(score / reference, 4) if reference > 0 else None
+    if cfg.min_vs_reference > 0 and reference is not None:
+        floor = cfg.min_vs_reference * reference
+        checked["reference_floor"] = floor
+        if score < floor:
+            reasons.append(f"validation {KEY_METRIC} {score:.4f} is below {cfg.min_vs_reference:g} × EASE's "
+                           f"{reference:.4f} (= {floor:.4f}, `gate.min_vs_reference`)")
     before = ((previous or {}).get("evaluation") or {}).get("model", {}).get(KEY_METRIC)
     if cfg.min_ratio > 0 and before is not None:
         floor = cfg.min_ratio * before

@@ -111,13 +111,17 @@ def render(manifest: dict[str, Any], previous: dict[str, Any] | None) -> str:
     skipped = ("<p>No validation for this run, so the quality gate's metric checks were skipped: "
                f"{html.escape(manifest.get('evaluation_skipped') or 'evaluation was off')}.</p>")
     columns = {"this version": evaluation.get("model"), "popularity": evaluation.get("popularity")}
+    reference = evaluation.get("reference") or {}
+    if KEY_METRIC in reference:
+        columns[f"EASE (λ={reference['lambda']:g})"] = {k: v for k, v in reference.items()
+                                                        if k not in ("method", "lambda", "tried", "seconds")}
     if previous:
         columns[f"previous ({previous['version']})"] = (previous.get("evaluation") or {}).get("model")
     verdict = (gate.get("why", "not run") if gate.get("skipped") else
                "passed" if gate.get("passed", True) else "refused: " + "; ".join(gate.get("reasons", [])))
     charts = _chart("training loss per user", [h["loss"] for h in history], best)
     if evaluation:
-        charts += _chart(f"validation {KEY_METRIC}", [h.get(KEY_METRIC, 0.0) for h in history], best)
+        charts += _chart(f"validation {KEY_METRIC}", _carried(history), best)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(manifest['feature_set'])} {manifest['version']}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
@@ -131,5 +135,37 @@ td,th{{border:1px solid #ddd;padding:4px 8px;text-align:right}}figure{{display:i
 {_drift_section(manifest)}
 <h2>Validation ({html.escape(str(evaluation.get('protocol', 'off')))})</h2>
 {_metrics_table(columns) if evaluation else skipped}
+
+{_reference_note(evaluation)}
+<p>Training stopped by {html.escape(str(manifest['training'].get('stop_reason', '?')))};
+refit on every user: {html.escape(_refit_note(manifest['training'].get('refit')))}.</p>
 </body></html>
 """
+
+
+def _reference_note(evaluation: dict[str, Any]) -> str:
+    reference = evaluation.get("reference") or {}
+    if reference.get("skipped"):
+        return f"<p>EASE reference skipped: {html.escape(reference['skipped'])}.</p>"
+    if reference.get(KEY_METRIC):
+        ratio = evaluation["model"][KEY_METRIC] / reference[KEY_METRIC]
+        return f"<p>This version reaches {ratio:.3f}× EASE's validation {KEY_METRIC} (Steck 2019, λ tuned).</p>"
+    return ""
+
+
+def _refit_note(refit: dict[str, Any] | None) -> str:
+    if not refit:
+        return "off"
+    if refit["status"] == "published":
+        return f"{refit['epochs']} epochs on all {refit['users']:,} users, published"
+    return f"skipped ({refit.get('reason', '')})"
+
+
+def _carried(history: list[dict[str, Any]]) -> list[float]:
+    """Validation metric per epoch; epochs that were not validated (small data validates every
+    few epochs) carry the last validated value."""
+    out, last = [], 0.0
+    for h in history:
+        last = h.get(KEY_METRIC, last)
+        out.append(last)
+    return out

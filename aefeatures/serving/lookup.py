@@ -706,6 +706,7 @@ class Store:
                 KEY_METRIC: ((m.get("evaluation") or {}).get("model") or {}).get(KEY_METRIC),
                 "popularity_" + KEY_METRIC: ((m.get("evaluation") or {}).get("popularity") or {}).get(KEY_METRIC),
                 "alignment": drift.public(m.get("alignment")), "drift": m.get("drift"),
+                "ease_" + KEY_METRIC: ((m.get("evaluation") or {}).get("reference") or {}).get(KEY_METRIC),
             })
         return out
 

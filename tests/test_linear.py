@@ -1,0 +1,80 @@
+"""The closed-form low-rank DLAE: full rank equals the direct solve, the rank-d factors are the
+constrained optimum, and the randomized path agrees with the exact one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aefeatures.data.matrix import CSR
+from aefeatures.model import linear
+
+
+def _data(users: int, items: int, seed: int = 0) -> tuple[np.ndarray, CSR]:
+    rng = np.random.default_rng(seed)
+    dense = (rng.random((users, items)) < 0.25).astype(np.float64)
+    dense[:, 0] = 1.0  # no empty column
+    rows, cols = np.nonzero(dense)
+    indptr = np.zeros(users + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=users), out=indptr[1:])
+    return dense, CSR(indptr, cols.astype(np.int32), np.ones(len(cols), np.float32))
+
+
+def _lam(x: np.ndarray, p: float, l2: float) -> np.ndarray:
+    return p / (1 - p) * (x**2).sum(0) + l2
+
+
+def _objective(x: np.ndarray, b: np.ndarray, lam: np.ndarray) -> float:
+    return float(((x - x @ b) ** 2).sum() + (lam[:, None] * b**2).sum())
+
+
+@pytest.mark.parametrize("users, items", [(60, 20), (15, 30)])  # item-side and user-side decomposition
+def test_full_rank_factors_equal_the_direct_dlae_solve(users, items):
+    x, csr = _data(users, items)
+    p, r = linear.dlae_factors(csr, np.arange(users), items, dim=items, dropout=0.5, l2=3.0)
+    lam = _lam(x, 0.5, 3.0)
+    gram = x.T @ x
+    direct = np.linalg.solve(gram + np.diag(lam), gram)  # Steck 2020, eq. for the full-rank DLAE
+    np.testing.assert_allclose(p.astype(np.float64) @ r.T, direct, atol=2e-5)
+    np.testing.assert_allclose(r.T @ r, np.eye(items)[: r.shape[1], : r.shape[1]] * (np.abs(r).sum(0) > 0), atol=1e-5)
+
+
+def test_rank_d_factors_are_the_constrained_optimum():
+    x, csr = _data(80, 25, seed=1)
+    lam = _lam(x, 0.67, 1.0)
+    p, r = linear.dlae_factors(csr, np.arange(80), 25, dim=5, dropout=0.67, l2=1.0)
+    ours = _objective(x, p.astype(np.float64) @ r.T, lam)
+    full = np.linalg.solve(x.T @ x + np.diag(lam), x.T @ x)
+    u, s, vt = np.linalg.svd(full)
+    truncated = (u[:, :5] * s[:5]) @ vt[:5]  # a rank-5 candidate that is not the optimum
+    assert ours <= _objective(x, truncated, lam) + 1e-6
+    assert ours >= _objective(x, full, lam) - 1e-6
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # nearby rank-5 matrices are no better
+        nudged = (p + 1e-3 * rng.standard_normal(p.shape)).astype(np.float64) @ r.T
+        assert ours <= _objective(x, nudged, lam) + 1e-6
+
+
+def test_the_randomized_path_agrees_with_the_exact_one(monkeypatch):
+    x, csr = _data(120, 40, seed=2)
+    lam = _lam(x, 0.8, 10.0)
+    whole = -(-40 // linear.OVERSAMPLE)  # OVERSAMPLE × whole components: the whole spectrum
+    exact = {d: linear.dlae_factors(csr, np.arange(120), 40, dim=d, dropout=0.8, l2=10.0) for d in (6, whole)}
+    monkeypatch.setattr(linear, "EXACT_MAX_SIDE", 0)
+    approx = {d: linear.dlae_factors(csr, np.arange(120), 40, dim=d, dropout=0.8, l2=10.0) for d in (6, whole)}
+    np.testing.assert_allclose(approx[whole][0] @ approx[whole][1].T, exact[whole][0] @ exact[whole][1].T,
+                               atol=1e-4)
+    # OVERSAMPLE × 6 of 40: Ĝ's top components only, an objective within 1% of the optimum's
+    ours, best = (_objective(x, f[0].astype(np.float64) @ f[1].T, lam) for f in (approx[6], exact[6]))
+    assert best <= ours <= 1.01 * best
+
+
+def test_the_temperature_minimises_the_nll_and_keeps_the_ranking():
+    import torch
+
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    items = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    t = linear.best_temperature(z, items, torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([1.0, 1.0]))
+    assert t >= 64  # each user's own item is the unique best: sharper is better (until the NLL is 0)
+    t = linear.best_temperature(z, items, torch.tensor([2, 2]), torch.tensor([0, 1]), torch.tensor([1.0, 1.0]))
+    assert t == min(linear.TEMPERATURES)  # the users' item is never their best: the flattest softmax
