@@ -138,7 +138,9 @@ def run_stages(data_dir: Path, work: Path, model: ModelConfig, *, single: int, b
         "lookups": lookups,
         "stages": stages,
         "rss_at_start_mb": round(rss_at_start, 1),
-        "peak_rss_mb": round(high_water_mb(), 1),
+        # the kernel's high-water mark, or a stage's sampled peak where /proc's resident count read
+        # a little above it (the two count shared pages apart)
+        "peak_rss_mb": round(max([high_water_mb(), *(row.get("peak_rss_mb", 0.0) for row in stages.values())]), 1),
         "torch_threads": torch.get_num_threads(),
         "aefeatures_version": aefeatures.__version__,
     }

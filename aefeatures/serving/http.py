@@ -321,30 +321,22 @@ def _error(status: int, code: str, message: str) -> Response:
     return _json({"error": {"status": status, "code": code, "message": message}}, status)
 
 
+def _answer_with(status: int, code: str) -> Callable[[Request, Exception], Any]:
+    async def handler(request: Request, exc: Exception) -> Response:
+        return _error(status, code, str(exc))
+
+    return handler
+
+
 def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(errors.NotFoundError)
-    async def not_found(request: Request, exc: errors.NotFoundError) -> Response:
-        return _error(404, "not_found", str(exc))
-
-    @app.exception_handler(errors.VersionGoneError)
-    async def version_gone(request: Request, exc: errors.VersionGoneError) -> Response:
-        return _error(410, "version_gone", str(exc))
-
-    @app.exception_handler(errors.FeatureSetNotFoundError)
-    async def no_feature_set(request: Request, exc: errors.FeatureSetNotFoundError) -> Response:
-        return _error(404, "no_feature_set", str(exc))
-
-    @app.exception_handler(errors.FilterError)
-    async def bad_filter(request: Request, exc: errors.FilterError) -> Response:
-        return _error(422, "invalid_filter", str(exc))
-
-    @app.exception_handler(errors.InvalidIdError)
-    async def invalid_id(request: Request, exc: errors.InvalidIdError) -> Response:
-        return _error(422, "invalid_id", str(exc))
-
-    @app.exception_handler(errors.BadInputError)
-    async def bad_input(request: Request, exc: errors.BadInputError) -> Response:
-        return _error(400, "bad_request", str(exc))
+    # The library's errors as HTTP answers, most specific first (a handler serves its subclasses).
+    for error, status, code in ((errors.NotFoundError, 404, "not_found"),
+                                (errors.VersionGoneError, 410, "version_gone"),
+                                (errors.FeatureSetNotFoundError, 404, "no_feature_set"),
+                                (errors.FilterError, 422, "invalid_filter"),
+                                (errors.InvalidIdError, 422, "invalid_id"),
+                                (errors.BadInputError, 400, "bad_request")):
+        app.add_exception_handler(error, _answer_with(status, code))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
