@@ -55,7 +55,7 @@ def test_example_job_loads_and_resolves_paths_against_its_folder(tmp_path, monke
                                     weight_col="rating", timestamp_col="timestamp", min_weight=4.0)
     assert isinstance(cfg.input.min_weight, float)
     m = cfg.model
-    assert (m.kind, m.dim, m.epochs, m.batch_size, m.lr, m.seed) == ("dae", 64, 50, 512, 1e-3, 0)
+    assert (m.kind, m.dim, m.epochs, m.batch_size, m.lr, m.seed) == ("dlae", 64, 50, 512, 1e-3, 0)
     assert m.hidden == ModelConfig().hidden  # not set in the example: the default
     assert cfg.index.kind == "auto"
 
