@@ -5,6 +5,11 @@ a tuned EASE, on a planted synthetic dataset and on real Last.fm listening data.
     python benchmarks/quality.py --data synthetic --users 4000 --items 1000   # quick look
     python benchmarks/quality.py --data lastfm --seeds 0,1,2       # ../shared/data/lastfm-hetrec2k
     python benchmarks/quality.py --data lastfm --kinds dlae --dims 64,128,256
+    python benchmarks/quality.py --data ml100k --ml100k recbole-1.2.1-py3-none-any.whl --seeds 0,1,2
+
+MovieLens-100k ships inside the `recbole` wheel on PyPI (`recbole/dataset_example/ml-100k/`):
+`pip download --no-deps recbole==1.2.1 -d DIR` fetches the wheel (nothing else is installed);
+`--ml100k` takes that wheel or the extracted `ml-100k.inter`. Ratings of 4 and 5 are positives.
 
 Protocol (the Last.fm README's, weak generalisation): every (user, item) pair is a positive,
 users with at least 5 items are kept, 20% of each user's items (at least one) are hidden with
@@ -55,10 +60,27 @@ LASTFM = next((p for p in (Path(__file__).resolve().parents[n] / "shared/data/la
               Path(__file__).resolve().parents[2] / "shared/data/lastfm-hetrec2k/user_artists.parquet")
 
 
+ML100K_MEMBER = "recbole/dataset_example/ml-100k/ml-100k.inter"
+
+
+def load_ml100k(path: Path) -> pl.DataFrame:
+    """MovieLens-100k ratings of 4 or more as (user_id, item_id), from the recbole wheel (a zip)
+    or the extracted tab-separated `ml-100k.inter` (header `user_id:token item_id:token ...`)."""
+    import io
+    import zipfile
+
+    raw = zipfile.ZipFile(path).read(ML100K_MEMBER) if zipfile.is_zipfile(path) else path.read_bytes()
+    frame = pl.read_csv(io.BytesIO(raw), separator="\t")
+    frame = frame.rename({c: c.split(":")[0] for c in frame.columns})
+    return frame.filter(pl.col("rating") >= 4).select(pl.col("user_id").cast(pl.Int64), pl.col("item_id").cast(pl.Int64))
+
+
 def load(args: argparse.Namespace) -> pl.DataFrame:
     """(user_id, item_id) pairs of users with at least 5 items."""
     if args.data == "lastfm":
         frame = pl.read_parquet(args.lastfm).select(user_id="user_id", item_id="artist_id")
+    elif args.data == "ml100k":
+        frame = load_ml100k(args.ml100k)
     else:
         frame = generate(n_users=args.users, n_items=args.items, mean_items=args.mean_items,
                          n_communities=args.communities, in_cluster=args.in_cluster, zipf=1.1,
@@ -83,8 +105,9 @@ def metrics(ranked: np.ndarray, held: CSR, n_items: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", choices=("synthetic", "lastfm"), default="synthetic")
+    parser.add_argument("--data", choices=("synthetic", "lastfm", "ml100k"), default="synthetic")
     parser.add_argument("--lastfm", type=Path, default=LASTFM)
+    parser.add_argument("--ml100k", type=Path, help="the recbole wheel or its ml-100k.inter (see above)")
     parser.add_argument("--users", type=int, default=20000)
     parser.add_argument("--items", type=int, default=5000)
     parser.add_argument("--mean-items", type=float, default=50)
@@ -98,6 +121,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.data == "lastfm" and not args.lastfm.is_file():
         print(f"skipped: {args.lastfm} is absent (the Last.fm data is read from there, never downloaded)")
+        return
+    if args.data == "ml100k" and (args.ml100k is None or not args.ml100k.is_file()):
+        print("skipped: pass --ml100k with the recbole wheel (`pip download --no-deps recbole==1.2.1`) or its "
+              "ml-100k.inter; nothing is downloaded here")
         return
     overrides = {k: type(getattr(ModelConfig, k))(v) for k, v in (o.split("=", 1) for o in args.model)}
     frame = load(args)
@@ -158,7 +185,7 @@ def run_seed(frame: pl.DataFrame, seed: int, args: argparse.Namespace, overrides
             job = JobConfig(JobSection("quality", Path(tempfile.gettempdir())), InputConfig(str(LASTFM)),
                             model=model_cfg, evaluation=EvaluationConfig(reference_max_items=0))
             start = time.perf_counter()
-            trained, evaluation = _train_and_evaluate(matrix, job, progress=False)
+            trained, evaluation, _ = _train_and_evaluate(matrix, job, progress=False)
             seconds = time.perf_counter() - start
             vectors, _ = encode(trained.model, matrix.csr)
             ranked = rank_by_embeddings(vectors, trained.model.decoder.weight.detach().float().numpy(),

@@ -183,3 +183,33 @@ def test_the_gpu_checks_wide_data_puts_each_copy_on_its_own_items(monkeypatch):
             original = block.indices[block.indptr[user]:block.indptr[user + 1]]
             assert list(wide.indices[wide.indptr[row]:wide.indptr[row + 1]]) == list(original + copy_ * n_items)
             assert list(tall.indices[tall.indptr[row]:tall.indptr[row + 1]]) == list(original)
+
+
+def test_the_quality_benchmark_compares_a_kind_with_popularity_and_ease(tmp_path):
+    out = tmp_path / "quality.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "quality.py"), "--data", "synthetic", "--users", "400", "--items", "120",
+         "--mean-items", "12", "--communities", "4", "--kinds", "dlae", "--seeds", "0", "--json-out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = {row["method"].split(" ")[0].rstrip(","): row for row in json.loads(out.read_text())}
+    assert {"popularity", "EASE", "dlae"} <= set(rows)
+    for row in rows.values():
+        assert 0 < row["ndcg@100"] <= 1 and 0 < row["coverage@20"] <= 1
+    assert rows["dlae"]["ndcg@100"] > rows["popularity"]["ndcg@100"]  # planted communities: far above popularity
+
+
+def test_movielens_100k_is_read_from_the_recbole_wheel_or_its_inter_file(tmp_path):
+    import zipfile
+
+    quality = load("quality")
+    text = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t10\t5\t1\n1\t11\t3\t2\n2\t10\t4\t3\n"
+    inter = tmp_path / "ml-100k.inter"
+    inter.write_text(text)
+    wheel = tmp_path / "recbole-1.2.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(quality.ML100K_MEMBER, text)
+    for path in (inter, wheel):
+        frame = quality.load_ml100k(path)
+        assert frame.sort("user_id", "item_id").rows() == [(1, 10), (2, 10)]  # ratings of 4 and 5 only
