@@ -8,7 +8,7 @@ import pytest
 
 from aefeatures.data.matrix import CSR
 from aefeatures.quality.evaluate import split_users
-from aefeatures.quality.reference import EASE, ease_reference
+from aefeatures.quality.reference import EASE, LAMBDAS, ease_reference
 
 
 def _direct_ease(x: np.ndarray, lam: float) -> np.ndarray:
@@ -55,6 +55,7 @@ def test_the_reference_tunes_lambda_on_the_split_and_beats_chance():
     ref = ease_reference(csr, split, 40, max_size=100)
     assert ref["method"] == "EASE" and ref["lambda"] in [float(k) for k in ref["tried"]]
     assert ref["ndcg@100"] == max(ref["tried"].values())
+    assert ref["at_grid_edge"] == (ref["lambda"] in (LAMBDAS[0], LAMBDAS[-1]))
     assert ref["recall@10"] > 0.9  # the hidden items are the rest of the user's community
     skipped = ease_reference(csr, split, 40, max_size=39)
     assert "above evaluation.reference_max_items = 39" in skipped["skipped"]

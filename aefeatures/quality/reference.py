@@ -25,7 +25,7 @@ from aefeatures.data.matrix import CSR
 from aefeatures.quality.evaluate import KS, Split, metrics_of_totals, ranking_totals, top_k
 from aefeatures.schema import KEY_METRIC
 
-LAMBDAS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0)
+LAMBDAS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0, 1e5, 3e5, 1e6)
 FIRST = 5  # λ = 300 first: Steck's ML-20M value is 500, Last.fm's best about 100
 MAX_DENSE_ENTRIES = 300_000_000  # float64 (training users × items) for the Woodbury side: 2.4 GB
 SCORE_CHUNK = 16 * 2**20  # float64 scores held at once
@@ -118,6 +118,7 @@ def ease_reference(csr: CSR, split: Split, n_items: int, *, max_size: int,
     lam = lambdas[best]
     return {"method": "EASE", "lambda": lam, **tried[lam],
             "tried": {f"{k:g}": v[KEY_METRIC] for k, v in sorted(tried.items())},
+            "at_grid_edge": best in (0, len(lambdas) - 1),  # the best λ may lie beyond the grid
             "seconds": round(time.perf_counter() - started, 3)}
 
 
