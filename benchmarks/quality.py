@@ -53,8 +53,8 @@ from aefeatures.quality.evaluate import KS, metrics_of_totals, rank_by_embedding
 from aefeatures.quality.reference import EASE, LAMBDAS, dense_rows
 
 ROW_NAMES = ("recall@20", "ndcg@100", "coverage@20")
-# `../shared/data/lastfm-hetrec2k/` beside the project root (or beside the folder holding the
-# project's worktrees); --lastfm points elsewhere.
+# `../shared/data/lastfm-hetrec2k/` beside the project root (or one folder further up, for a
+# checkout nested one level deeper); --lastfm points elsewhere.
 LASTFM = next((p for p in (Path(__file__).resolve().parents[n] / "shared/data/lastfm-hetrec2k/user_artists.parquet"
                            for n in (2, 3)) if p.is_file()),
               Path(__file__).resolve().parents[2] / "shared/data/lastfm-hetrec2k/user_artists.parquet")
