@@ -20,6 +20,7 @@ from aefeatures.data.read import Interactions
 from aefeatures.model.embed import Embeddings
 from aefeatures.store import layout, publish, tables
 from aefeatures.store.index import EmbeddingIndex, build_index, item_rows, save_index
+from tests.random_store import publish_random
 
 CATEGORIES = ["books", "toys", "food"]
 TAGS = ["kids", "new", "sale"]
@@ -43,32 +44,19 @@ def random_attributes(rng: np.random.Generator, item_ids: np.ndarray) -> pl.Data
 def make_store(root, seed: int, n_users: int, n_items: int, dim: int, kind: str):
     """A published version with random interactions, vectors and attributes."""
     rng = np.random.default_rng(seed)
-    pairs = {(u, int(i)) for u in range(n_users) for i in rng.choice(n_items, rng.integers(1, n_items + 1), False)}
-    users, items = map(np.array, zip(*sorted(pairs)))
-    frame = pl.DataFrame({"user_id": users * 3 + 1, "item_id": items * 5 + 2, "weight": np.ones(len(users)),
-                          "timestamp": [None] * len(users)},
-                         schema={"user_id": pl.Int64, "item_id": pl.Int64, "weight": pl.Float32,
-                                 "timestamp": pl.Datetime("us", "UTC")})
-    matrix = build_matrix(Interactions(frame, (), len(frame), len(frame), False))
-    assume(matrix.shape[1] >= 2)
-    emb = Embeddings(rng.normal(size=(matrix.shape[0], dim)).astype(np.float32),
-                     rng.random(matrix.shape[0]).astype(np.float32),
-                     rng.normal(size=(matrix.shape[1], dim)).astype(np.float32),
-                     rng.normal(size=matrix.shape[1]).astype(np.float32))
-    version = f"v{seed}"
-    with publish.staged_version(root, "p", version) as staging:
-        tables.write_tables(staging, matrix, emb, name="p", version=version, created=datetime.now(timezone.utc))
-        aligned, summary = align_attributes(random_attributes(rng, matrix.item_ids.to_numpy()), matrix.item_ids)
-        tables.write_attributes(staging, aligned)
-        index = build_index(item_rows(emb.item_vectors, emb.item_bias), kind).index
+
+    def tune(index):
         if kind.startswith("IVF"):  # every list probed: the index is exact, as brute force is
             faiss.extract_index_ivf(index).nprobe = faiss.extract_index_ivf(index).nlist
         if kind.startswith("HNSW"):  # a search list longer than the catalogue visits every item
             faiss.downcast_index(index).hnsw.efSearch = 256
-        save_index(index, staging / layout.INDEX)
-        publish.write_manifest(staging, {"dim": dim, "counts": {}, "version": version, "attributes": summary})
-        publish.publish(root, "p", staging)
-    return aefeatures.open_store(root)["p"], matrix
+
+    def attributes(staging, matrix):
+        aligned, summary = align_attributes(random_attributes(rng, matrix.item_ids.to_numpy()), matrix.item_ids)
+        tables.write_attributes(staging, aligned)
+        return {"attributes": summary}
+
+    return publish_random(root, f"v{seed}", rng, n_users, n_items, dim, kind, tune=tune, extra=attributes)
 
 
 # --- filters with an independent evaluator (SQL three-valued logic) --------------------------------

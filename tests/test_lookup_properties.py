@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
 import faiss
 import numpy as np
 import polars as pl
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import aefeatures
-from aefeatures.data.matrix import build_matrix
-from aefeatures.data.read import Interactions
-from aefeatures.model.embed import Embeddings
-from aefeatures.store import layout, publish, tables
-from aefeatures.store.index import build_index, item_rows, save_index
+from tests.random_store import publish_random
 
 # IVF2 is searched with nprobe = 1 below, so it often finds fewer than k candidates (FAISS pads
 # with -1): the lookups must notice and still answer exactly.
@@ -24,29 +17,11 @@ KINDS = st.sampled_from(["flat", "HNSW4,Flat", "IVF2,Flat"])
 
 def make_store(root, seed: int, n_users: int, n_items: int, dim: int, kind: str):
     """A published version with random interactions and random (untrained) vectors."""
-    rng = np.random.default_rng(seed)
-    pairs = {(u, int(i)) for u in range(n_users) for i in rng.choice(n_items, rng.integers(1, n_items + 1), False)}
-    users, items = map(np.array, zip(*sorted(pairs)))
-    frame = pl.DataFrame({"user_id": users * 3 + 1, "item_id": items * 5 + 2, "weight": np.ones(len(users)),
-                          "timestamp": [None] * len(users)},
-                         schema={"user_id": pl.Int64, "item_id": pl.Int64, "weight": pl.Float32,
-                                 "timestamp": pl.Datetime("us", "UTC")})
-    matrix = build_matrix(Interactions(frame, (), len(frame), len(frame), False))
-    assume(matrix.shape[1] >= 2)  # the pipeline refuses fewer items (and IVF2 needs 2 to train)
-    emb = Embeddings(rng.normal(size=(matrix.shape[0], dim)).astype(np.float32),
-                     rng.random(matrix.shape[0]).astype(np.float32),
-                     rng.normal(size=(matrix.shape[1], dim)).astype(np.float32),
-                     rng.normal(size=matrix.shape[1]).astype(np.float32))
-    version = f"v{seed}"
-    with publish.staged_version(root, "p", version) as staging:
-        tables.write_tables(staging, matrix, emb, name="p", version=version, created=datetime.now(timezone.utc))
-        index = build_index(item_rows(emb.item_vectors, emb.item_bias), kind).index
+    def tune(index):
         if kind.startswith("IVF"):
             faiss.extract_index_ivf(index).nprobe = 1
-        save_index(index, staging / layout.INDEX)
-        publish.write_manifest(staging, {"dim": dim, "counts": {}, "version": version})
-        publish.publish(root, "p", staging)
-    return aefeatures.open_store(root)["p"], matrix
+
+    return publish_random(root, f"v{seed}", np.random.default_rng(seed), n_users, n_items, dim, kind, tune=tune)
 
 
 def excluded_ids(fs, fraction: float, seed: int) -> list:
