@@ -88,6 +88,10 @@ class ModelConfig:
     weight_decay: float = 0.0
     dropout: float = 0.5  # input dropout, the "denoising" corruption
     l2: float = 100.0  # dlae: the L2 weight λ added to the dropout's penalty
+    # dlae: item j's scores are multiplied by (its training users + 1)^-popularity_exponent
+    # (its item vector is scaled); with validation the exponent is chosen from a grid that
+    # includes this value, as the dropout is
+    popularity_exponent: float = 0.0
     beta_cap: float = 0.2  # vae: KL weight is annealed linearly up to this cap
     anneal_steps: int = 20000  # vae: optimizer steps to reach beta_cap
     patience: int = 10  # stop after this many epochs without a better validation NDCG@100; 0 = never
@@ -317,6 +321,7 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
         ("model.l2", m.l2, m.l2 > 0, "it must be positive"),
         ("model.weight_decay", m.weight_decay, m.weight_decay >= 0, "it must be 0 or more"),
         ("model.dropout", m.dropout, 0 <= m.dropout < 1, "it must be in [0, 1)"),
+        ("model.popularity_exponent", m.popularity_exponent, 0 <= m.popularity_exponent <= 1, "it must be in [0, 1]"),
         ("model.beta_cap", m.beta_cap, m.beta_cap >= 0, "it must be 0 or more"),
         ("model.anneal_steps", m.anneal_steps, m.anneal_steps >= 1, "it must be at least 1"),
         ("model.patience", m.patience, m.patience >= 0, "it must be 0 or more"),

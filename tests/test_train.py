@@ -218,3 +218,60 @@ def test_a_dlae_too_large_for_the_closed_form_trains_a_dae_and_says_so(matrix, m
         result = train(matrix, cfg, progress=False)
     assert "training a dae instead" in caplog.text
     assert result.chosen == {"kind": "dae"} and result.model.shape.kind == "dae" and result.steps > 0
+
+
+def test_a_dlae_walks_the_popularity_exponent_while_validation_rises_and_scales_the_item_vectors(matrix):
+    from aefeatures.model import linear
+    from aefeatures.model.train import DLAE_DROPOUTS, DLAE_POPULARITY_EXPONENTS
+
+    scripted = iter([0.30, 0.31, 0.32, 0.315] + [0.20] * 100)  # the first p: β rises for 3 steps, then falls
+    calls = []
+
+    def validate(model):
+        calls.append(model.decoder.weight.detach().clone())
+        return {"ndcg@100": next(scripted)}
+
+    cfg = ModelConfig(kind="dlae", dim=8, dropout=DLAE_DROPOUTS[0])
+    result = train(matrix, cfg, validate=validate, progress=False)
+    chosen = DLAE_POPULARITY_EXPONENTS[2]
+    assert result.chosen == {"dropout": DLAE_DROPOUTS[0], "l2": cfg.l2, "popularity_exponent": chosen}
+    assert result.history[0]["popularity_exponent"] == chosen and result.history[0]["ndcg@100"] == 0.32
+    # every later fit stopped at its second exponent (no rise): the other p, then at the two best
+    # p λ once up and once down
+    assert len(calls) == 4 + 2 * (len(DLAE_DROPOUTS) - 1) + 2 * (2 + 2)
+    assert [h["dropout"] for h in result.history[-4:]] == [DLAE_DROPOUTS[0]] * 2 + [DLAE_DROPOUTS[1]] * 2
+    assert [h["l2"] for h in result.history[-4:]] == [300.0, 33.33] * 2
+    # the item vectors are R's rows × (n_j + 1)^-β, times one temperature: the index's inner
+    # products stay the model's own scores
+    rows = np.arange(matrix.shape[0])
+    _, r = linear.dlae_factors(matrix.csr, rows, matrix.shape[1], dim=8, dropout=DLAE_DROPOUTS[0], l2=cfg.l2)
+    counts = np.bincount(matrix.csr.indices, minlength=matrix.shape[1])
+    expected = r * (counts + 1.0)[:, None] ** -chosen
+    weight = result.model.decoder.weight.detach().numpy()
+    t = float((weight * expected).sum() / (expected * expected).sum())
+    np.testing.assert_allclose(weight, t * expected, rtol=1e-4, atol=1e-6 * np.abs(weight).max())
+    # without validation the configured p, λ and exponent are used as they are
+    plain = train(matrix, ModelConfig(kind="dlae", dim=8, popularity_exponent=0.0), progress=False)
+    assert plain.chosen == {} and len(plain.history) == 1
+    _, r0 = linear.dlae_factors(matrix.csr, rows, matrix.shape[1], dim=8, dropout=0.5, l2=cfg.l2)
+    w0 = plain.model.decoder.weight.detach().numpy()
+    t0 = float((w0 * r0).sum() / (r0 * r0).sum())
+    np.testing.assert_allclose(w0, t0 * r0, rtol=1e-4, atol=1e-6 * np.abs(w0).max())
+
+
+def test_a_dlae_walks_l2_up_from_the_best_dropout_while_validation_rises(matrix):
+    from aefeatures.model.train import DLAE_DROPOUTS, DLAE_L2_FACTOR
+
+    # per fit: the first exponent's score, then a lower one (the exponent walk stops at once)
+    # p: the first best, the second next; λ at the first rises twice, at the second never
+    per_fit = [0.30, 0.25] + [0.20] * (len(DLAE_DROPOUTS) - 2) + [0.31, 0.33, 0.32] + [0.24, 0.24]
+    scripted = iter([v for score in per_fit for v in (score, score - 0.01)])
+    result = train(matrix, ModelConfig(kind="dlae", dim=8, dropout=DLAE_DROPOUTS[0], l2=50.0),
+                   validate=lambda model: {"ndcg@100": next(scripted)}, progress=False)
+    walked = result.history[len(DLAE_DROPOUTS):]
+    assert [h["dropout"] for h in walked] == [DLAE_DROPOUTS[0]] * 3 + [DLAE_DROPOUTS[1]] * 2
+    assert [h["l2"] for h in walked] == pytest.approx([50.0 * DLAE_L2_FACTOR**k for k in (1, 2, 3)]
+                                                      + [50.0 * DLAE_L2_FACTOR, 16.67])
+    assert result.chosen == {"dropout": DLAE_DROPOUTS[0], "l2": pytest.approx(50.0 * DLAE_L2_FACTOR**2),
+                             "popularity_exponent": 0.0}
+    assert result.best_epoch == len(DLAE_DROPOUTS) + 2 and result.stop_reason == "fitted"

@@ -50,9 +50,10 @@ def run(job_file: Path, force: bool, as_json: bool) -> None:
                f"{m['input']['rows_kept']:,} kept, {m['input']['pairs']:,} distinct (user, item) pairs")
     final = f", final loss {train['epoch_losses'][-1]:.3f}" if train["epoch_losses"] else ""
     if train.get("stop_reason") == "fitted":  # dlae: closed form, one fit per candidate dropout
-        chosen = train.get("chosen", {}).get("dropout", m["config"]["model"]["dropout"])
+        chosen = {**m["config"]["model"], **train.get("chosen", {})}
         click.echo(f"  training  {train['epochs']} closed-form fit(s) on {train['device']} in {train['seconds']:.1f}s, "
-                   f"dropout {chosen:g}")
+                   f"dropout {chosen['dropout']:g}, l2 {chosen['l2']:g}, popularity exponent "
+                   f"{chosen.get('popularity_exponent', 0):g}")
     else:
         threads = f" ({train['threads']} thread{'s' * (train['threads'] != 1)})" if train.get("threads") else ""
         click.echo(f"  training  {train['epochs']} epochs on {train['device']}{threads} in {train['seconds']:.1f}s{final}")

@@ -31,6 +31,7 @@ components; the rest is float64.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -97,7 +98,11 @@ def dlae_factors(csr: CSR, rows: np.ndarray, n_items: int, *, dim: int, dropout:
     else:
         torch.manual_seed(seed)
         q = min(OVERSAMPLE * dim, n, n_items)
-        _, s, v = torch.svd_lowrank(y.float(), q=q, niter=4)  # float32: half the time and memory
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": its products are what we use
+            warnings.simplefilter("ignore", UserWarning)
+            # float32: half the time and memory; CSR: its products took half the COO's time
+            # (ML-20M shape at scale 0.05, q 512: 13.1 against 26.4 s on 2 cores)
+            _, s, v = torch.svd_lowrank(y.float().to_sparse_csr(), q=q, niter=4)
         e, w = s.double() ** 2, v.double()
         keep = e > 1e-9 * e.max().clamp_min(1e-300)
         e, w = e[keep], w[:, keep]
