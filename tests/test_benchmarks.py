@@ -213,3 +213,23 @@ def test_movielens_100k_is_read_from_the_recbole_wheel_or_its_inter_file(tmp_pat
     for path in (inter, wheel):
         frame = quality.load_ml100k(path)
         assert frame.sort("user_id", "item_id").rows() == [(1, 10), (2, 10)]  # ratings of 4 and 5 only
+
+
+def test_the_whole_run_benchmark_times_the_cli_job_and_reports_every_fit(tmp_path):
+    out = tmp_path / "run.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "whole_run.py"), "--scale", "0.005", "--data-dir", str(tmp_path / "data"),
+         "--work-dir", str(tmp_path), "--json-out", str(out), "--markdown-out", str(tmp_path / "run.md"),
+         "--model", "dim = 32"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["model"]["kind"] == "dlae" and result["model"]["dim"] == 32
+    assert result["run_seconds"] > result["training_seconds"] > 0 and result["peak_rss_mb"] > 0
+    assert result["refit"]["status"] == "published" and result["run_over_one_fit"] > 1
+    chosen = result["chosen"]
+    assert any(fit["dropout"] == chosen["dropout"] and fit["l2"] == chosen["l2"] for fit in result["fits"])
+    assert "published ml20m version" in result["stdout"]
+    table = (tmp_path / "run.md").read_text()
+    assert table.count("\n| ") == len(result["fits"]) + 2  # the header, its rule and one row per fit
