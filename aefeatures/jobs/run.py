@@ -51,7 +51,7 @@ if TYPE_CHECKING:  # the training modules import torch: loaded only once a run t
     from aefeatures.model.align import LiveVectors
     from aefeatures.model.autoencoder import Autoencoder
     from aefeatures.model.embed import Embeddings
-    from aefeatures.model.train import TrainResult
+    from aefeatures.model.result import TrainResult
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 from aefeatures.data.matrix import CSR, InteractionMatrix
 from aefeatures.model import kernels
 from aefeatures.model.autoencoder import Autoencoder
-from aefeatures.model.train import to_batch
+from aefeatures.model.device import to_batch
 
 LOGITS_PER_BATCH = 64 * 2**20  # float32 scores held at once while embedding
 MAX_USERS_PER_BATCH = 4096

@@ -8,7 +8,6 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Callable, ContextManager
 
 import numpy as np
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 
 from aefeatures import errors
 from aefeatures.config import ModelConfig
-from aefeatures.data.matrix import CSR, InteractionMatrix
+from aefeatures.data.matrix import InteractionMatrix
 from aefeatures.model import distributed, kernels
 from aefeatures.model.autoencoder import (
     Autoencoder,
@@ -29,7 +28,9 @@ from aefeatures.model.autoencoder import (
     multinomial_nll,
     sampled_multinomial_nll,
 )
+from aefeatures.model.device import DeviceCSR, autocast_dtype, select_device, to_batch
 from aefeatures.model.optim import DenseAndLazyAdam, LazyAdam
+from aefeatures.model.result import TrainResult, Validator
 from aefeatures.model.threads import training_threads
 from aefeatures.schema import KEY_METRIC
 
@@ -38,114 +39,6 @@ log = logging.getLogger(__name__)
 # through at INFO even without -v, so a scheduled run is never silent for long.
 progress_log = logging.getLogger("aefeatures.progress")
 PROGRESS_EVERY = 30.0  # seconds between progress lines (the first and last epoch always log one)
-
-
-Validator = Callable[[Autoencoder], dict[str, float]]
-
-
-@dataclass
-class TrainResult:
-    model: Autoencoder  # in eval mode, with the best epoch's weights when validated
-    device: str
-    epoch_losses: list[float] = field(default_factory=list)  # mean loss per user, per epoch
-    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: loss, beta, metrics
-    best_epoch: int = 0  # 1-based epoch whose weights the model holds (0: untrained)
-    stopped_early: bool = False
-    steps: int = 0
-    seconds: float = 0.0
-    threads: int = 0  # torch's intra-op threads (model.threads, or the CPUs the process may use)
-    best_step: int = 0  # optimizer steps taken when the kept weights were
-    max_epochs: int = 0  # the epoch cap this run had (cfg.epochs, raised to reach cfg.min_steps)
-    # why training ended: "patience" (no better validation for model.patience epochs), "epochs"
-    # (the cap), "max_minutes" (the wall-clock budget ran out; the best weights so far are kept),
-    # "fitted" (dlae: every candidate fitted in closed form)
-    stop_reason: str = "epochs"
-    chosen: dict[str, float] = field(default_factory=dict)  # hyperparameters validation chose (dlae: dropout)
-    refit: dict | None = None  # set by the job: how the published model was retrained on every user
-
-
-def select_device(requested: str) -> torch.device:
-    """``auto`` → the first CUDA device when there is one, else the CPU. Under torchrun a CUDA
-    rank uses the GPU numbered by its ``LOCAL_RANK``."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise errors.BadInputError(
-            f"`model.device` = {requested!r} but no CUDA device is available on this machine. "
-            'Set `model.device = "auto"` to fall back to the CPU.'
-        )
-    group = distributed.current()
-    if requested == "cuda" and group is not None:
-        return torch.device("cuda", group.local_rank)
-    return torch.device(requested)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 for autocast, or None for plain fp32. ``auto`` picks bf16 on CUDA devices that have
-    it. On CPUs it stays fp32; ``bf16`` there runs the decoder's products in bf16 inside the
-    fused kernel (:class:`aefeatures.model.kernels.Workspace`): on a CPU with bf16 matrix units 12-15%
-    faster per step at the ML-20M shape, same validation NDCG within 0.001. Not the default:
-    the gain is modest, and on CPUs without those units bf16 products are slower."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
-def to_batch(vectors: InteractionMatrix | CSR, rows: np.ndarray, device: torch.device) -> SparseBatch:
-    """The users at ``rows`` as a :class:`SparseBatch` on ``device`` (never densified).
-
-    For a GPU the CSR slice is copied from pinned memory without blocking the host.
-    """
-    offsets, indices, values = vectors.gather(rows)
-    lengths = np.diff(np.append(offsets, len(indices)))
-    positions = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
-    pin = device.type == "cuda"
-
-    def put(a: np.ndarray) -> torch.Tensor:
-        host = torch.from_numpy(a)
-        return (host.pin_memory() if pin else host).to(device, non_blocking=True)
-
-    return SparseBatch(put(indices.astype(np.int64)), put(offsets), put(values), put(positions))
-
-
-class DeviceCSR:
-    """A CSR copied to a GPU once, from which batches are cut there.
-
-    Cutting each batch on the host (:func:`to_batch`) took ~5 ms at batch 1024, more than the
-    GPU's own work for a step at the ML-20M shape; here the host computes only each user's
-    start and length, one small copy, and the entries are gathered on the GPU with no sync.
-    """
-
-    SHARE_OF_FREE_MEMORY = 0.25  # larger CSRs stay on the host: the model and its state need room
-
-    def __init__(self, csr: CSR, device: torch.device):
-        self.indptr, self.device = csr.indptr, device
-        self.indices = torch.from_numpy(csr.indices).to(device)  # int32: half the bytes
-        self.values = torch.from_numpy(csr.values).to(device)
-
-    @classmethod
-    def fits(cls, csr: CSR, device: torch.device) -> bool:
-        if device.type != "cuda":
-            return False
-        free, _ = torch.cuda.mem_get_info(device)
-        return csr.indices.nbytes + csr.values.nbytes <= cls.SHARE_OF_FREE_MEMORY * free
-
-    def batch(self, rows: np.ndarray) -> SparseBatch:
-        starts = self.indptr[rows]
-        lengths = self.indptr[rows + 1] - starts
-        offsets = np.cumsum(lengths) - lengths
-        nnz = int(lengths.sum())
-        # One pinned copy of (lengths, offsets, shift): entry e of user i is at shift[i] + e.
-        small = torch.from_numpy(np.stack([lengths, offsets, starts - offsets]))
-        if self.device.type == "cuda":
-            small = small.pin_memory()
-        lengths_d, offsets_d, shift = small.to(self.device, non_blocking=True)
-        positions = torch.repeat_interleave(torch.arange(len(rows), device=self.device), lengths_d,
-                                            output_size=nnz)
-        entries = torch.arange(nnz, device=self.device) + shift[positions]
-        return SparseBatch(self.indices[entries].long(), offsets_d, self.values[entries], positions)
 
 
 def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | None = None,
@@ -179,7 +72,9 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
 
         n_rows = matrix.shape[0] if rows is None else len(rows)
         if linear.fits(n_rows, matrix.shape[1], cfg.dim) and distributed.current() is None:
-            return _train_dlae(matrix, cfg, rows=rows, validate=validate, deadline=deadline)
+            from aefeatures.model.dlae_search import train_dlae
+
+            return train_dlae(matrix, cfg, rows=rows, validate=validate, deadline=deadline)
         # Catalogues too large for the closed form (millions of items) train a dae, which
         # scales to them with a sampled softmax, and so do torchrun groups (each rank holds a
         # share of the users; the closed form needs them all); training.chosen says so.
@@ -502,140 +397,3 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-DLAE_DROPOUTS = (0.5, 0.67, 0.8, 0.9)  # p tried on validation; Last.fm and ML-100k chose 0.67-0.9
-# λ is walked from model.l2 by this factor at each of the DLAE_L2_WALKS best p, up (then down)
-# while validation rises, at most DLAE_L2_STEPS fits each way: on MovieLens-100k (p 0.8, λ 300)
-# beat the best at λ 100 (p 0.9) on every seed's validation, and (p 0.9, λ 300) did not, so one
-# walk from the best p alone missed it.
-DLAE_L2_FACTOR, DLAE_L2_STEPS, DLAE_L2_WALKS = 3.0, 3, 2
-# Exponents β of the popularity correction walked on validation for each fit (from 0 up, while
-# NDCG@100 rises): on Last.fm β 0.1 gave NDCG@100 0.3765 against 0.3724 and coverage@20 0.110
-# against 0.092; on MovieLens-100k 0.4526 against 0.4511, coverage 0.33 against 0.28 (dim 256).
-DLAE_POPULARITY_EXPONENTS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
-TEMPERATURE_SAMPLE = 2000  # training users that set a dlae's softmax temperature
-
-
-def _train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | None,
-                validate: Validator | None, deadline: float | None) -> TrainResult:
-    """The closed-form low-rank DLAE (:mod:`aefeatures.model.linear`; Steck, NeurIPS 2020) as an
-    :class:`Autoencoder` with no hidden layer, its hyperparameters chosen on validation.
-
-    With ``validate``: each dropout p of :data:`DLAE_DROPOUTS` (and ``cfg.dropout``) is fitted
-    at λ = ``cfg.l2``; then, at the best p, λ is multiplied by :data:`DLAE_L2_FACTOR` while
-    that p's validation NDCG@100 rises (divided, when the first step up does not help), and so
-    at the second-best p (:data:`DLAE_L2_WALKS`). For every fit the
-    popularity exponents β of :data:`DLAE_POPULARITY_EXPONENTS` (and ``cfg.popularity_exponent``)
-    are walked from the smallest while NDCG@100 rises. The best (p, λ, β) is kept (``chosen``);
-    "epoch" i of the history is the i-th fit. Without ``validate`` the configured p, λ and β are
-    used. ``deadline`` stops the search between fits, keeping the best so far.
-
-    The popularity correction multiplies item j's scores by (n_j + 1)^-β, n_j its users among
-    ``rows``, by scaling its item vector, so the index's inner products stay the model's scores.
-    It is the classic re-ranking against popularity bias (Steck, "Item popularity and
-    recommendation accuracy", RecSys 2011; Abdollahpouri et al. 2019): a linear model's scores
-    favour popular items more than the held-out items do, and a small β lifts NDCG@100 and
-    coverage; β = 0 is always a candidate, so validation can refuse it."""
-
-    started = time.perf_counter()
-    if deadline is None and cfg.max_minutes > 0:
-        deadline = started + 60.0 * cfg.max_minutes
-    device = select_device(cfg.device)
-    rows = np.arange(matrix.shape[0]) if rows is None else rows
-    validated = validate is not None
-    exponents = sorted({*DLAE_POPULARITY_EXPONENTS, cfg.popularity_exponent}) if validated \
-        else [cfg.popularity_exponent]
-    counts = np.bincount(matrix.csr.gather(rows)[1], minlength=matrix.shape[1]).astype(np.float64)
-    result = TrainResult(model=None, device=str(device))  # type: ignore[arg-type]
-    best: list = [-np.inf, None]  # score, model
-
-    def fit(dropout: float, l2: float) -> float | None:
-        """Fit and validate one (p, λ); None when the deadline passed first."""
-        if deadline is not None and time.perf_counter() >= deadline and best[1] is not None:
-            result.stopped_early, result.stop_reason = True, "max_minutes"
-            return None
-        model, factors = _dlae_model(matrix, cfg, rows, dropout, l2, device)
-        result.steps += 1
-        exponent, metrics = exponents[0], {}
-        for candidate in exponents:
-            _set_item_vectors(model, factors, counts, candidate)
-            scored = validate(model) if validate is not None else {}
-            if metrics and scored.get(KEY_METRIC, 0.0) <= metrics.get(KEY_METRIC, 0.0):
-                break
-            exponent, metrics = candidate, scored
-        _set_item_vectors(model, factors, counts, exponent)
-        _set_temperature(model, matrix, cfg, rows, device)
-        record = {"epoch": result.steps, "dropout": dropout, "l2": l2, "popularity_exponent": exponent,
-                  "loss": 0.0, "beta": 0.0, **metrics}
-        result.history.append(record)
-        result.epoch_losses.append(0.0)
-        score = record.get(KEY_METRIC, 0.0)
-        if best[1] is None or score > best[0]:
-            best[:] = score, model
-            result.best_epoch = result.best_step = result.steps
-            result.chosen = {"dropout": dropout, "l2": l2, "popularity_exponent": exponent} if validated else {}
-        return score
-
-    for dropout in sorted({*DLAE_DROPOUTS, cfg.dropout}) if validated else [cfg.dropout]:
-        if fit(dropout, cfg.l2) is None:
-            break
-    by_score = sorted(result.history, key=lambda h: -h.get(KEY_METRIC, 0.0))
-    for dropout in [h["dropout"] for h in by_score[:DLAE_L2_WALKS]] if validated else []:
-        for factor in (DLAE_L2_FACTOR, 1.0 / DLAE_L2_FACTOR):
-            rose, last = False, None
-            for step in range(1, DLAE_L2_STEPS + 1):
-                last = last or max(h.get(KEY_METRIC, 0.0) for h in result.history if h["dropout"] == dropout)
-                score = fit(dropout, float(f"{cfg.l2 * factor**step:.4g}"))
-                if score is None or score <= last:
-                    break
-                rose, last = True, score
-            if rose or result.stop_reason == "max_minutes":
-                break
-    result.model, result.max_epochs = best[1], len(result.history)
-    if result.stop_reason != "max_minutes":
-        result.stop_reason = "fitted"  # closed form: every candidate fitted
-    result.seconds = time.perf_counter() - started
-    log.info("dlae: %d fit(s) in %.1fs; dropout %s, l2 %s, popularity exponent %s", len(result.history),
-             result.seconds, *(result.chosen.get(k, getattr(cfg, k)) for k in ("dropout", "l2", "popularity_exponent")))
-    return result
-
-
-def _dlae_model(matrix: InteractionMatrix, cfg: ModelConfig, rows: np.ndarray, dropout: float, l2: float,
-                device: torch.device) -> tuple[Autoencoder, np.ndarray]:
-    """The rank-``cfg.dim`` DLAE of ``rows`` as an eval-mode :class:`Autoencoder` (input layer P,
-    zero biases) and its item factors R (n_items, dim), which :func:`_set_item_vectors` turns
-    into the decoder's weight."""
-    from aefeatures.model import linear
-
-    p, r = linear.dlae_factors(matrix.csr, rows, matrix.shape[1], dim=cfg.dim, dropout=dropout, l2=l2,
-                               seed=cfg.seed)
-    model = Autoencoder(AutoencoderShape(matrix.shape[1], cfg.dim, (), "dlae", 0.0), device=device)
-    with torch.no_grad():
-        model.input_layer.weight.copy_(torch.from_numpy(p))
-        model.input_bias.zero_()
-        model.decoder.bias.zero_()
-    return model.eval(), r
-
-
-def _set_item_vectors(model: Autoencoder, factors: np.ndarray, counts: np.ndarray, exponent: float) -> None:
-    """The decoder's weight = R's rows × (n_j + 1)^-``exponent`` (``counts`` (n_items,) n_j)."""
-    scale = (counts + 1.0) ** -exponent
-    with torch.no_grad():
-        model.decoder.weight.copy_(torch.from_numpy((factors * scale[:, None]).astype(np.float32)))
-
-
-def _set_temperature(model: Autoencoder, matrix: InteractionMatrix, cfg: ModelConfig, rows: np.ndarray,
-                     device: torch.device) -> None:
-    """Scale the decoder's weight by the temperature that best explains a sample of the training
-    users (:func:`aefeatures.model.linear.best_temperature`): rankings keep, the softmax's
-    reconstruction error (and so the anomaly scores) becomes meaningful."""
-    from aefeatures.model import linear
-
-    model.eval()
-    with torch.no_grad():
-        sample = np.random.default_rng(cfg.seed).choice(rows, min(TEMPERATURE_SAMPLE, len(rows)), replace=False)
-        batch = to_batch(matrix, np.sort(sample), device)
-        z, _ = model.encode(batch)
-        t = linear.best_temperature(z, model.decoder.weight, batch.indices, batch.rows, batch.values)
-        model.decoder.weight.mul_(t)

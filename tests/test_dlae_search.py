@@ -1,0 +1,117 @@
+"""A dlae's validated search (aefeatures.model.dlae_search): the dropout grid, the λ walks, the
+popularity exponent's walk, the item vectors it publishes, and the sampled search of large data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aefeatures.config import InputConfig, ModelConfig
+from aefeatures.data.matrix import build_matrix
+from aefeatures.data.read import read_interactions
+from aefeatures.model import dlae_search, linear
+from aefeatures.model.dlae_search import DLAE_DROPOUTS, DLAE_L2_FACTOR, DLAE_POPULARITY_EXPONENTS
+from aefeatures.model.train import train
+from tests.conftest import FIXTURES
+
+
+@pytest.fixture(scope="module")
+def matrix():
+    return build_matrix(read_interactions(InputConfig(str(FIXTURES / "interactions.parquet"),
+                                                      weight_col="rating", min_weight=4.0)))
+
+
+def test_a_dlae_walks_the_popularity_exponent_while_validation_rises_and_scales_the_item_vectors(matrix):
+    scripted = iter([0.30, 0.31, 0.32, 0.315] + [0.20] * 100)  # the first p: β rises for 3 steps, then falls
+    calls = []
+
+    def validate(model):
+        calls.append(model.decoder.weight.detach().clone())
+        return {"ndcg@100": next(scripted)}
+
+    cfg = ModelConfig(kind="dlae", dim=8, dropout=DLAE_DROPOUTS[0])
+    result = train(matrix, cfg, validate=validate, progress=False)
+    chosen = DLAE_POPULARITY_EXPONENTS[2]
+    assert result.chosen == {"dropout": DLAE_DROPOUTS[0], "l2": cfg.l2, "popularity_exponent": chosen}
+    assert result.history[0]["popularity_exponent"] == chosen and result.history[0]["ndcg@100"] == 0.32
+    # every later fit stopped at its second exponent (no rise): the other p, then at the two best
+    # p λ once up and once down
+    assert len(calls) == 4 + 2 * (len(DLAE_DROPOUTS) - 1) + 2 * (2 + 2)
+    assert [h["dropout"] for h in result.history[-4:]] == [DLAE_DROPOUTS[0]] * 2 + [DLAE_DROPOUTS[1]] * 2
+    assert [h["l2"] for h in result.history[-4:]] == [300.0, 33.33] * 2
+    # the item vectors are R's rows × (n_j + 1)^-β, times one temperature: the index's inner
+    # products stay the model's own scores
+    rows = np.arange(matrix.shape[0])
+    _, r = linear.dlae_factors(matrix.csr, rows, matrix.shape[1], dim=8, dropout=DLAE_DROPOUTS[0], l2=cfg.l2)
+    counts = np.bincount(matrix.csr.indices, minlength=matrix.shape[1])
+    expected = r * (counts + 1.0)[:, None] ** -chosen
+    weight = result.model.decoder.weight.detach().numpy()
+    t = float((weight * expected).sum() / (expected * expected).sum())
+    np.testing.assert_allclose(weight, t * expected, rtol=1e-4, atol=1e-6 * np.abs(weight).max())
+    # without validation the configured p, λ and exponent are used as they are
+    plain = train(matrix, ModelConfig(kind="dlae", dim=8, popularity_exponent=0.0), progress=False)
+    assert plain.chosen == {} and len(plain.history) == 1
+    _, r0 = linear.dlae_factors(matrix.csr, rows, matrix.shape[1], dim=8, dropout=0.5, l2=cfg.l2)
+    w0 = plain.model.decoder.weight.detach().numpy()
+    t0 = float((w0 * r0).sum() / (r0 * r0).sum())
+    np.testing.assert_allclose(w0, t0 * r0, rtol=1e-4, atol=1e-6 * np.abs(w0).max())
+
+
+def test_a_dlae_walks_l2_up_from_the_best_dropout_while_validation_rises(matrix):
+    # per fit: the first exponent's score, then a lower one (the exponent walk stops at once)
+    # p: the first best, the second next; λ at the first rises twice, at the second never
+    per_fit = [0.30, 0.25] + [0.20] * (len(DLAE_DROPOUTS) - 2) + [0.31, 0.33, 0.32] + [0.24, 0.24]
+    scripted = iter([v for score in per_fit for v in (score, score - 0.01)])
+    result = train(matrix, ModelConfig(kind="dlae", dim=8, dropout=DLAE_DROPOUTS[0], l2=50.0),
+                   validate=lambda model: {"ndcg@100": next(scripted)}, progress=False)
+    walked = result.history[len(DLAE_DROPOUTS):]
+    assert [h["dropout"] for h in walked] == [DLAE_DROPOUTS[0]] * 3 + [DLAE_DROPOUTS[1]] * 2
+    assert [h["l2"] for h in walked] == pytest.approx([50.0 * DLAE_L2_FACTOR**k for k in (1, 2, 3)]
+                                                      + [50.0 * DLAE_L2_FACTOR, 16.67])
+    assert result.chosen == {"dropout": DLAE_DROPOUTS[0], "l2": pytest.approx(50.0 * DLAE_L2_FACTOR**2),
+                             "popularity_exponent": 0.0}
+    assert result.best_epoch == len(DLAE_DROPOUTS) + 2 and result.stop_reason == "fitted"
+
+
+def test_above_search_users_the_search_fits_a_sample_with_lambda_scaled_then_every_user(matrix, monkeypatch):
+    monkeypatch.setattr(dlae_search, "SEARCH_USERS", 500)
+    fitted = []
+    real = linear.dlae_factors
+
+    def recording(csr, rows, n_items, **kw):
+        fitted.append((len(rows), kw["dropout"], kw["l2"]))
+        return real(csr, rows, n_items, **kw)
+
+    monkeypatch.setattr(linear, "dlae_factors", recording)
+    rows = np.arange(1, matrix.shape[0], 2)  # the training rows: every other user (1,015)
+    scores = iter(np.linspace(0.1, 0.9, 200))  # every validation better than the last: the walks go far
+    result = train(matrix, ModelConfig(kind="dlae", dim=8), rows=rows,
+                   validate=lambda model: {"ndcg@100": float(next(scores))}, progress=False)
+    *search, final = fitted
+    share = 500 / len(rows)
+    assert all(n == 500 for n, _, _ in search) and final[0] == len(rows)
+    assert [h["users"] for h in result.history] == [500] * len(search) + [len(rows)]
+    for (_, dropout, l2), record in zip(fitted, result.history):  # λ in the whole data's units
+        assert dropout == record["dropout"] and l2 == pytest.approx(record["l2"] * (share if record["users"] == 500 else 1))
+    # the published model is the last fit, on every training user, with the chosen (p, λ, β)
+    assert result.best_epoch == len(result.history) and result.stop_reason == "fitted"
+    last = result.history[-1]
+    assert result.chosen == {"dropout": last["dropout"], "l2": last["l2"],
+                             "popularity_exponent": last["popularity_exponent"]}
+    best_search = max(result.history[:-1], key=lambda h: h["ndcg@100"])
+    assert (best_search["dropout"], best_search["l2"], best_search["popularity_exponent"]) == \
+        (last["dropout"], last["l2"], last["popularity_exponent"])
+    _, r = real(matrix.csr, rows, matrix.shape[1], dim=8, dropout=last["dropout"], l2=last["l2"])
+    counts = np.bincount(matrix.csr.gather(rows)[1], minlength=matrix.shape[1])
+    expected = r * (counts + 1.0)[:, None] ** -last["popularity_exponent"]
+    weight = result.model.decoder.weight.detach().numpy()
+    t = float((weight * expected).sum() / (expected * expected).sum())
+    np.testing.assert_allclose(weight, t * expected, rtol=1e-4, atol=1e-6 * np.abs(weight).max())
+
+
+def test_below_search_users_every_fit_uses_every_training_user(matrix):
+    rows = np.arange(0, matrix.shape[0], 3)
+    result = train(matrix, ModelConfig(kind="dlae", dim=8), rows=rows,
+                   validate=lambda model: {"ndcg@100": 0.5}, progress=False)
+    assert {h["users"] for h in result.history} == {len(rows)}
+    assert result.best_epoch == 1  # ties keep the first fit
