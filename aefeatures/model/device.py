@@ -3,6 +3,9 @@ precision, and batches of users cut from the CSR matrix for it."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import ContextManager
+
 import numpy as np
 import torch
 
@@ -94,3 +97,8 @@ class DeviceCSR:
                                             output_size=nnz)
         entries = torch.arange(nnz, device=self.device) + shift[positions]
         return SparseBatch(self.indices[entries].long(), offsets_d, self.values[entries], positions)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
+    """torch's autocast to ``dtype`` on ``device``, or nothing when ``dtype`` is None (fp32)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()

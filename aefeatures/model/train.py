@@ -7,8 +7,7 @@ import logging
 import math
 import sys
 import time
-from contextlib import nullcontext
-from typing import Callable, ContextManager
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,8 +27,8 @@ from aefeatures.model.autoencoder import (
     multinomial_nll,
     sampled_multinomial_nll,
 )
-from aefeatures.model.device import DeviceCSR, autocast_dtype, select_device, to_batch
-from aefeatures.model.optim import DenseAndLazyAdam, LazyAdam
+from aefeatures.model.device import DeviceCSR, autocast, autocast_dtype, select_device, to_batch
+from aefeatures.model.optim import DenseAndLazyAdam, LazyAdam, fused_adam
 from aefeatures.model.result import TrainResult, Validator
 from aefeatures.model.threads import training_threads
 from aefeatures.schema import KEY_METRIC
@@ -260,7 +259,7 @@ class _Step:
         """Train on the rows ``users``; returns their summed loss (no host sync)."""
         batch = self.cut(users)
         noise = self._noise(batch)
-        with _autocast(self.device, self.autocast):
+        with autocast(self.device, self.autocast):
             losses = self._losses(batch, noise, beta)
         loss = losses.sum() / len(users)  # DDP averages it over the ranks' batches
         if self.workspace is not None:  # the input layer's gradient is handed over, not accumulated
@@ -311,10 +310,6 @@ class NegativeSampler:
         return items, self.log_q[items]
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
 def sparse_updates(cfg: ModelConfig, *, sampled: bool, under_torchrun: bool) -> bool:
     """Whether to train with sparse gradients and a lazy Adam: ``cfg.sparse_updates``, where
     ``auto`` means with the sampled softmax. Never under torchrun: DistributedDataParallel
@@ -344,24 +339,14 @@ def _adam(model: Autoencoder, cfg: ModelConfig, *,
     """Adam over ``model``'s parameters, lazy over those in ``sparse`` (:mod:`aefeatures.model.optim`)."""
     dense = [p for p in model.parameters() if not any(p is q for q in sparse)]
     if not sparse:
-        return _fused_adam(dense, cfg)
+        return fused_adam(dense, cfg)
     if cfg.weight_decay > 0:
         log.warning("model.weight_decay = %g decays the encoder layers only: with sparse updates the "
                     "input layer and the decoder are not decayed (lazy Adam has no weight decay). "
                     'Set model.sparse_updates = "off" to decay every parameter.', cfg.weight_decay)
     log.info("sparse updates: lazy Adam over %s, Adam over the rest",
              ", ".join(f"{n} {tuple(p.shape)}" for n, p in model.named_parameters() if any(p is q for q in sparse)))
-    return DenseAndLazyAdam(_fused_adam(dense, cfg), LazyAdam(sparse, lr=cfg.lr))
-
-
-def _fused_adam(params: list[torch.nn.Parameter], cfg: ModelConfig) -> torch.optim.Optimizer:
-    # The fused kernel updates every parameter in one pass: on this model's large input and
-    # output layers ~10x faster on the CPU than the default per-tensor loop (27k items: 31 vs
-    # 336 ms per step). Torch before 2.4 has it for CUDA only.
-    try:
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    except RuntimeError:
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    return DenseAndLazyAdam(fused_adam(dense, cfg), LazyAdam(sparse, lr=cfg.lr))
 
 
 def kl_weight(step: int, cfg: ModelConfig) -> float:
