@@ -86,10 +86,11 @@ def markdown(r: dict) -> str:
              f"{r['peak_rss_mb']:,} MB; training (validation fits and refit) {r['training_seconds'] / 60:.1f} min; "
              f"chosen {r['chosen']}; the run is {r['run_over_one_fit']}× one fit on every user (the refit, "
              f"{(r['refit'] or {}).get('seconds', 0):.0f} s).", "",
-             "| fit | dropout | l2 | popularity exponent | validation NDCG@100 |", "| ---: | ---: | ---: | ---: | ---: |"]
+             "| fit | users | dropout | l2 | popularity exponent | validation NDCG@100 | seconds |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for h in r["fits"]:
-        lines.append(f"| {h['epoch']} | {h.get('dropout', '')} | {h.get('l2', '')} | "
-                     f"{h.get('popularity_exponent', '')} | {h.get('ndcg@100', '')} |")
+        lines.append(f"| {h['epoch']} | {h.get('users', '')} | {h.get('dropout', '')} | {h.get('l2', '')} | "
+                     f"{h.get('popularity_exponent', '')} | {h.get('ndcg@100', '')} | {h.get('seconds', '')} |")
     return "\n".join(lines) + "\n"
 
 
