@@ -29,7 +29,7 @@ def matrix():
                         binarize=False)
 
 
-@pytest.fixture(scope="module", params=["dae", "vae"])
+@pytest.fixture(scope="module", params=["dae", "vae", "recvae"])
 def model(request, matrix):
     torch.manual_seed(0)
     return Autoencoder(AutoencoderShape(n_items=matrix.shape[1], dim=8, hidden=(16,), kind=request.param,

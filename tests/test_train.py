@@ -182,7 +182,7 @@ def test_a_run_out_of_time_says_so_and_publishes_the_validated_model(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["dae", "dlae"])
+@pytest.mark.parametrize("kind", ["dae", "dlae", "recvae"])
 def test_refit_trains_the_published_model_on_every_user(tmp_path, kind):
     from dataclasses import replace
 
