@@ -172,21 +172,25 @@ class Phases:
         a fresh ``order()`` of the users. Returns (mean loss per user and mean KL weight per user
         of the last pass run, whether the ``deadline`` passed and the epoch was cut short)."""
         loss, beta = 0.0, 0.0
-        for step in [self.encoder_step] * self.cfg.encoder_passes + [self.decoder_step]:
-            if step == self.decoder_step:
-                self.update_prior()
-            users, done = order(), 0
-            self._weight_sum = torch.zeros((), device=self.device)
-            total = torch.zeros((), device=self.device)
-            for start in range(0, len(users), self.batch_size):
-                if deadline is not None and time.perf_counter() >= deadline:
-                    break
-                batch = users[start : start + self.batch_size]
-                total += step(batch)
-                done += len(batch)
-                result.steps += 1
-            if done:
-                loss, beta = float(total) / done, float(self._weight_sum) / done  # one host sync a pass
-            if done < len(users):
-                return loss, beta, True
-        return loss, beta, False
+        passes = [self.encoder_step] * self.cfg.encoder_passes + [self.decoder_step]
+        try:
+            for index, step in enumerate(passes):
+                if index == len(passes) - 1:
+                    self.update_prior()
+                users, done = order(), 0
+                self._weight_sum = torch.zeros((), device=self.device)
+                total = torch.zeros((), device=self.device)
+                for start in range(0, len(users), self.batch_size):
+                    if deadline is not None and time.perf_counter() >= deadline:
+                        break
+                    batch = users[start : start + self.batch_size]
+                    total += step(batch)
+                    done += len(batch)
+                    result.steps += 1
+                if done:
+                    loss, beta = float(total) / done, float(self._weight_sum) / done  # one host sync a pass
+                if done < len(users):
+                    return loss, beta, True
+            return loss, beta, False
+        finally:
+            self.model.decoder.requires_grad_(True)  # an encoder pass turned it off
