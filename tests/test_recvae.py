@@ -19,7 +19,7 @@ from aefeatures.data.read import read_interactions
 from aefeatures.errors import BadInputError, ConfigError
 from aefeatures.model import recvae
 from aefeatures.model.autoencoder import Autoencoder, AutoencoderShape, load_model, multinomial_nll, save_model
-from aefeatures.model.train import to_batch, train
+from aefeatures.model.train import TrainResult, batch_cutter, to_batch, train
 from tests.conftest import FIXTURES, write_job
 
 CFG = ModelConfig(kind="recvae", dim=8, hidden=(16,), batch_size=256, seed=0, min_steps=0)
@@ -35,6 +35,11 @@ def matrix():
 def _model(matrix, cfg=CFG) -> Autoencoder:
     torch.manual_seed(0)
     return Autoencoder(AutoencoderShape(matrix.shape[1], cfg.dim, cfg.hidden, "recvae", cfg.dropout))
+
+
+def _phases(model: Autoencoder, matrix, cfg=CFG) -> recvae.Phases:
+    cpu = torch.device("cpu")
+    return recvae.Phases(model, batch_cutter(matrix, cpu), cfg, cpu)
 
 
 def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -68,7 +73,7 @@ def test_the_encoder_is_five_dense_residual_layers_with_swish_and_layer_norm(mat
 
 def test_the_encoder_phase_leaves_the_decoder_and_the_decoder_phase_the_encoder(matrix):
     model = _model(matrix)
-    phases = recvae.Phases(model, matrix, CFG, torch.device("cpu"))
+    phases = _phases(model, matrix)
     users = np.arange(256)
     before = _params(model)
     phases.encoder_step(users)
@@ -85,7 +90,7 @@ def test_the_encoder_phase_leaves_the_decoder_and_the_decoder_phase_the_encoder(
 
 def test_the_priors_old_encoder_is_the_encoder_after_the_encoder_passes(matrix):
     model = _model(matrix)
-    phases = recvae.Phases(model, matrix, CFG, torch.device("cpu"))
+    phases = _phases(model, matrix)
     initial = _encoder_state(model)
     for key, value in _encoder_state(phases.old).items():  # before any epoch: the initial encoder
         torch.testing.assert_close(value, initial[key], rtol=0, atol=0)
@@ -98,8 +103,6 @@ def test_the_priors_old_encoder_is_the_encoder_after_the_encoder_passes(matrix):
         return decoder_step(users)
 
     phases.decoder_step = recording_decoder_step
-    from aefeatures.model.train import TrainResult
-
     rng = np.random.default_rng(0)
     result = TrainResult(model=model, device="cpu")
     phases.epoch(lambda: rng.permutation(matrix.shape[0]), result)
@@ -124,10 +127,10 @@ def test_the_encoder_loss_is_the_nll_plus_the_weighted_kl_to_the_composite_prior
     losses = {}
     for gamma in (0.0, 0.05):
         model = _model(matrix)
-        phases = recvae.Phases(model, matrix, replace(CFG, gamma=gamma), torch.device("cpu"))
+        phases = _phases(model, matrix, replace(CFG, gamma=gamma))
         losses[gamma] = float(phases.encoder_step(np.arange(64)))
     model = _model(matrix).train()
-    phases = recvae.Phases(model, matrix, CFG, torch.device("cpu"))
+    phases = _phases(model, matrix)
     batch = to_batch(matrix, np.arange(64), torch.device("cpu"))
     noise = phases._noise(batch)
     with torch.no_grad():

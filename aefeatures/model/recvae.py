@@ -26,16 +26,18 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Callable
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 import numpy as np
 import torch
 
 from aefeatures import errors
 from aefeatures.config import ModelConfig
-from aefeatures.data.matrix import InteractionMatrix
 from aefeatures.model.autoencoder import Autoencoder, Noise, SparseBatch, multinomial_nll
-from aefeatures.model.train import DeviceCSR, TrainResult, _autocast, _fused_adam, autocast_dtype, to_batch
+
+if TYPE_CHECKING:  # train imports this module when a recvae trains
+    from aefeatures.model.train import TrainResult
 
 PRIOR_WEIGHTS = (3 / 20, 3 / 4, 1 / 10)  # N(0, I), the old encoder's posterior, the wide N(0, e^10 I)
 WIDE_LOGVAR = 10.0  # log-variance of the prior's wide component
@@ -85,24 +87,31 @@ def encoder_parameters(model: Autoencoder) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in decoder]
 
 
+def _adam(params: list[torch.nn.Parameter], cfg: ModelConfig) -> torch.optim.Optimizer:
+    """Adam over ``params``: the fused kernel where this torch has it for the device (as the
+    other kinds' training does), else the multi-tensor one."""
+    try:
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except RuntimeError:
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+
+
 class Phases:
-    """RecVAE's alternating training of ``model`` on ``matrix`` (CPU or one GPU).
+    """RecVAE's alternating training of ``model`` (CPU or one GPU) on the batches ``cut`` makes
+    of user rows (:func:`aefeatures.model.train.batch_cutter`), under autocast to ``autocast``
+    (None: fp32).
 
     :meth:`epoch` runs one epoch; :meth:`encoder_step` and :meth:`decoder_step` one optimizer
     step of each phase; :meth:`update_prior` copies the encoder into the old encoder.
     """
 
-    def __init__(self, model: Autoencoder, matrix: InteractionMatrix, cfg: ModelConfig, device: torch.device):
-        self.model, self.cfg, self.device = model, cfg, device
-        if DeviceCSR.fits(matrix.csr, device):
-            self.cut: Callable[[np.ndarray], SparseBatch] = DeviceCSR(matrix.csr, device).batch
-        else:
-            self.cut = lambda users: to_batch(matrix, users, device)
+    def __init__(self, model: Autoencoder, cut: Callable[[np.ndarray], SparseBatch], cfg: ModelConfig,
+                 device: torch.device, *, autocast: torch.dtype | None = None):
+        self.model, self.cut, self.cfg, self.device, self.autocast = model, cut, cfg, device, autocast
         self.batch_size = cfg.batch_size
         self.passes = cfg.encoder_passes + 1  # shuffled passes over the users per epoch
-        self.encoder_optimizer = _fused_adam(encoder_parameters(model), cfg)
-        self.decoder_optimizer = _fused_adam(list(model.decoder.parameters()), cfg)
-        self.autocast = autocast_dtype(cfg.precision, device)
+        self.encoder_optimizer = _adam(encoder_parameters(model), cfg)
+        self.decoder_optimizer = _adam(list(model.decoder.parameters()), cfg)
         self.old = copy.deepcopy(model).requires_grad_(False).eval()  # the prior's old encoder
         self.generator = torch.Generator(device).manual_seed(cfg.seed + 1)
         self._weight_sum = torch.zeros((), device=device)  # KL weights of the pass so far
@@ -122,6 +131,9 @@ class Phases:
         self._weight_sum += weights.sum()
         return weights * kl
 
+    def _autocast(self) -> ContextManager:
+        return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None else nullcontext()
+
     def _noise(self, batch: SparseBatch) -> Noise:
         uniform = torch.rand(len(batch.indices), generator=self.generator, device=self.device)
         normal = torch.randn(batch.size, self.cfg.dim, generator=self.generator, device=self.device)
@@ -134,7 +146,7 @@ class Phases:
         model.decoder.requires_grad_(False)
         batch = self.cut(users)
         noise = self._noise(batch)
-        with _autocast(self.device, self.autocast):
+        with self._autocast():
             mean, logvar = model.encode(batch, noise)
             mean, logvar = mean.float(), logvar.float()
             z = mean + noise.normal * torch.exp(0.5 * logvar)
@@ -152,21 +164,21 @@ class Phases:
         model.decoder.requires_grad_(True)
         batch = self.cut(users)
         noise = self._noise(batch)
-        with torch.no_grad(), _autocast(self.device, self.autocast):
+        with torch.no_grad(), self._autocast():
             model.eval()  # no dropout; the sample is drawn here
             mean, logvar = model.encode(batch)
             model.train()
             mean, logvar = mean.float(), logvar.float()
             z = mean + noise.normal * torch.exp(0.5 * logvar)
             kl = self._kl(batch, z, mean, logvar)
-        with _autocast(self.device, self.autocast):
+        with self._autocast():
             losses = multinomial_nll(model.decoder(z), batch) + kl
         self.decoder_optimizer.zero_grad(set_to_none=False)
         (losses.sum() / len(users)).backward()
         self.decoder_optimizer.step()
         return losses.detach().sum()
 
-    def epoch(self, order: Callable[[], np.ndarray], result: TrainResult,
+    def epoch(self, order: Callable[[], np.ndarray], result: "TrainResult",
               deadline: float | None = None) -> tuple[float, float, bool]:
         """``cfg.encoder_passes`` encoder passes, the prior's update, one decoder pass, each over
         a fresh ``order()`` of the users. Returns (mean loss per user and mean KL weight per user

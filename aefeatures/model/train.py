@@ -149,6 +149,14 @@ class DeviceCSR:
         return SparseBatch(self.indices[entries].long(), offsets_d, self.values[entries], positions)
 
 
+def batch_cutter(matrix: InteractionMatrix, device: torch.device) -> Callable[[np.ndarray], SparseBatch]:
+    """A function from user rows to their :class:`SparseBatch` on ``device``: cut on the GPU from
+    a :class:`DeviceCSR` when the matrix fits there, else on the host (:func:`to_batch`)."""
+    if DeviceCSR.fits(matrix.csr, device):
+        return DeviceCSR(matrix.csr, device).batch
+    return lambda users: to_batch(matrix, users, device)
+
+
 def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | None = None,
           validate: Validator | None = None, progress: bool | None = None, epochs: int | None = None,
           deadline: float | None = None) -> TrainResult:
@@ -210,7 +218,8 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
 
         recvae.check_supported(matrix.shape[1], cfg, under_torchrun=group is not None)
         model = Autoencoder(shape, device=device)
-        step: _Step | recvae.Phases = recvae.Phases(model, matrix, cfg, device)
+        step: _Step | recvae.Phases = recvae.Phases(model, batch_cutter(matrix, device), cfg, device,
+                                                    autocast=autocast_dtype(cfg.precision, device))
     else:
         model = Autoencoder(shape, device=device)
         step = _Step(model, matrix, cfg, device, group)
@@ -345,10 +354,7 @@ class _Step:
     def __init__(self, model: Autoencoder, matrix: InteractionMatrix, cfg: ModelConfig,
                  device: torch.device, group: distributed.Group | None):
         self.model, self.cfg, self.device, self.group = model, cfg, device, group
-        if DeviceCSR.fits(matrix.csr, device):
-            self.cut: Callable[[np.ndarray], SparseBatch] = DeviceCSR(matrix.csr, device).batch
-        else:
-            self.cut = lambda users: to_batch(matrix, users, device)
+        self.cut = batch_cutter(matrix, device)
         self.world = group.world_size if group else 1
         self.batch_size = max(1, cfg.batch_size // self.world)  # users per rank and step
         self.net: torch.nn.Module = model
