@@ -237,3 +237,13 @@ def test_aefeatures_run_publishes_a_recvae_version(tmp_path):
     assert fs.manifest["config"]["model"]["kind"] == "recvae" and fs.dim == 16
     assert fs.manifest["training"]["refit"]["status"] == "published"
     assert len(fs.recommend(42, k=5).ids) == 5
+
+
+def test_a_run_refused_for_its_catalogue_exits_2_with_one_line_and_publishes_nothing(tmp_path):
+    job = write_job(tmp_path, model={"kind": "recvae", "epochs": 2, "full_softmax_max_items": 100})
+    out = CliRunner().invoke(cli, ["run", str(job)])
+    assert out.exit_code == 2, out.output
+    assert out.output.strip().splitlines() == [
+        'error: `model.kind` = "recvae" does not train with 500 items (> model.full_softmax_max_items = 100), '
+        "which needs a sampled softmax; use kind dae or vae, or raise model.full_softmax_max_items."]
+    assert not (tmp_path / "store" / "movies" / "LATEST").exists()
