@@ -112,7 +112,9 @@ class Phases:
         self.passes = cfg.encoder_passes + 1  # shuffled passes over the users per epoch
         self.encoder_optimizer = _adam(encoder_parameters(model), cfg)
         self.decoder_optimizer = _adam(list(model.decoder.parameters()), cfg)
-        self.old = copy.deepcopy(model).requires_grad_(False).eval()  # the prior's old encoder
+        # The prior's old encoder: a frozen copy of the model whose encoder alone is read (and
+        # updated); its decoder's copy sits unused, simpler than a second encoder-only class.
+        self.old = copy.deepcopy(model).requires_grad_(False).eval()
         self.generator = torch.Generator(device).manual_seed(cfg.seed + 1)
         self._weight_sum = torch.zeros((), device=device)  # KL weights of the pass so far
 
