@@ -25,7 +25,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_]+")
-MODEL_KINDS = ("dae", "vae", "dlae")
+MODEL_KINDS = ("dae", "vae", "dlae", "recvae")
 PRECISIONS = ("auto", "fp32", "bf16")
 SPARSE_UPDATES = ("auto", "on", "off")
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
@@ -71,14 +71,15 @@ class InputConfig:
 
 # model.dim = 0 means the kind's own default width: a dlae needs a wider bottleneck to match EASE
 # (Last.fm, BENCHMARKS.md: NDCG@100 0.99× EASE at 64, 1.01× at 128, ~1.01× at 256 with EASE's
-# coverage@20 only at 256); dae and vae keep 64.
-DEFAULT_DIMS = {"dae": 64, "vae": 64, "dlae": 256}
+# coverage@20 only at 256); dae and vae keep 64; recvae the paper's latent width, 200.
+DEFAULT_DIMS = {"dae": 64, "vae": 64, "dlae": 256, "recvae": 200}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     # "dae" (denoising AE) | "vae" (Mult-VAE) | "dlae" (low-rank denoising linear AE in closed form,
-    # Steck 2020: no hidden layer, no epochs; validation picks its dropout)
+    # Steck 2020: no hidden layer, no epochs; validation picks its dropout) | "recvae" (RecVAE,
+    # Shenbin et al. 2020: aefeatures.model.recvae; `hidden` is then its one width H of 5 layers)
     kind: str = "dlae"  # the default by measurement (BENCHMARKS.md, "Quality of every kind")
     dim: int = 0  # bottleneck width = user-embedding size; 0: the kind's default (DEFAULT_DIMS)
     hidden: tuple[int, ...] = (600,)  # encoder hidden layers; the decoder is one linear layer
@@ -94,6 +95,10 @@ class ModelConfig:
     popularity_exponent: float = 0.0
     beta_cap: float = 0.2  # vae: KL weight is annealed linearly up to this cap
     anneal_steps: int = 20000  # vae: optimizer steps to reach beta_cap
+    # recvae: γ of RecVAE, the KL weight per unit of a user's interaction weight (a user's KL
+    # weight is γ × the sum of their weights; the paper's 0.005)
+    gamma: float = 0.005
+    encoder_passes: int = 3  # recvae: passes updating the encoder before each decoder pass (the paper's 3)
     patience: int = 10  # stop after this many epochs without a better validation NDCG@100; 0 = never
     # Optimizer steps before patience may stop training; the epoch cap is raised to reach them
     # when epochs are a few steps (small data), so small data is not cut off by `epochs`.
@@ -324,6 +329,8 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
         ("model.popularity_exponent", m.popularity_exponent, 0 <= m.popularity_exponent <= 1, "it must be in [0, 1]"),
         ("model.beta_cap", m.beta_cap, m.beta_cap >= 0, "it must be 0 or more"),
         ("model.anneal_steps", m.anneal_steps, m.anneal_steps >= 1, "it must be at least 1"),
+        ("model.gamma", m.gamma, m.gamma >= 0, "it must be 0 or more"),
+        ("model.encoder_passes", m.encoder_passes, m.encoder_passes >= 1, "it must be at least 1"),
         ("model.patience", m.patience, m.patience >= 0, "it must be 0 or more"),
         ("model.threads", m.threads, m.threads >= 0, "it must be 0 (the CPUs available) or more"),
         ("model.min_steps", m.min_steps, m.min_steps >= 0, "it must be 0 or more"),
@@ -354,6 +361,8 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
     for key, value, ok, rule in rules:
         if not ok:
             raise errors.bad_value(path, key, value, rule)
+    if m.kind == "recvae":
+        _check_recvae(path, m)
     _check_index_kind(path, cfg.index.kind, cfg.model.dim + 1)
     if cfg.input.min_weight is not None and cfg.input.weight_col is None:
         raise errors.bad_value(path, "input.min_weight", cfg.input.min_weight,
@@ -384,6 +393,19 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
     if bounds[0] >= bounds[1]:
         raise errors.bad_value(path, "input.timestamp_max", cfg.input.timestamp_max,
                                "it must be later than `input.timestamp_min`")
+
+
+def _check_recvae(path: Path, m: ModelConfig) -> None:
+    """What RecVAE's training (aefeatures.model.recvae) does not do, refused when the job loads."""
+    if len(m.hidden) != 1:
+        raise errors.bad_value(path, "model.hidden", list(m.hidden),
+                               "kind recvae takes one width H for its 5 encoder layers, such as [600]")
+    if m.sparse_updates == "on":
+        raise errors.bad_value(path, "model.sparse_updates", m.sparse_updates,
+                               'kind recvae trains with dense updates; set it to "auto" or "off"')
+    if m.compile:
+        raise errors.bad_value(path, "model.compile", m.compile, "kind recvae trains without torch.compile; "
+                               "set it to false")
 
 
 def timestamp_bound(value: str) -> datetime:

@@ -108,6 +108,10 @@ def sparse_updates_under_torchrun() -> BadInputError:
     )
 
 
+def recvae_unsupported(where: str, what_to_do: str) -> BadInputError:
+    return BadInputError(f"`model.kind` = \"recvae\" does not train {where}; {what_to_do}.")
+
+
 # --- interactions input ---------------------------------------------------------------------
 
 

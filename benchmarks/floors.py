@@ -61,8 +61,8 @@ def best_of(fn: Callable[[], Any], repeats: int = 3) -> float:
 
 def layer_widths(model: dict) -> list[tuple[int, int]]:
     """(in, out) of every dense linear layer of the encoder (the decoder comes separately)."""
-    code = model["dim"] * (2 if model["kind"] == "vae" else 1)
-    widths = [*model["hidden"], code]
+    code = model["dim"] * (2 if model["kind"] in ("vae", "recvae") else 1)
+    widths = [*model["hidden"] * (5 if model["kind"] == "recvae" else 1), code]  # recvae: 5 layers of width H
     return list(zip(widths[:-1], widths[1:]))
 
 

@@ -48,8 +48,9 @@ from aefeatures.config import InputConfig, ModelConfig
 from aefeatures.data.matrix import InteractionMatrix, build_matrix
 from aefeatures.data.read import read_interactions
 from aefeatures.data.synthetic import generate
+from aefeatures.model.device import DeviceCSR
 from aefeatures.model.embed import encode
-from aefeatures.model.train import DeviceCSR, train
+from aefeatures.model.train import train
 from aefeatures.quality.evaluate import evaluate_embeddings, split_users
 
 SMALL = {"n_users": 3000, "n_items": 800, "mean_items": 30}

@@ -38,8 +38,9 @@ from aefeatures.config import InputConfig, ModelConfig
 from aefeatures.data.matrix import InteractionMatrix, build_matrix
 from aefeatures.data.read import read_interactions
 from aefeatures.model.autoencoder import Autoencoder, save_model
+from aefeatures.model.device import select_device
 from aefeatures.model.embed import Embeddings, embed
-from aefeatures.model.train import select_device, train
+from aefeatures.model.train import train
 from aefeatures.store import layout, publish, tables
 from aefeatures.store.index import build_index, item_rows, save_index, user_queries
 

@@ -101,7 +101,7 @@ def trained(tmp_path_factory):
     return folder / "store", result
 
 
-@pytest.fixture(scope="session", params=["dae", "dlae"])
+@pytest.fixture(scope="session", params=["dae", "dlae", "recvae"])
 def trained_kind(request, tmp_path_factory):
     """:func:`trained` for every model kind that publishes (vae shares dae's layers): (store dir,
     RunResult)."""

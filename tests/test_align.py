@@ -42,7 +42,7 @@ def test_procrustes_recovers_a_rotation():
     assert residual < 1e-10
 
 
-@pytest.mark.parametrize("kind, hidden", [("dae", (16,)), ("dae", ()), ("vae", (16, 12))])
+@pytest.mark.parametrize("kind, hidden", [("dae", (16,)), ("dae", ()), ("vae", (16, 12)), ("recvae", (16,))])
 def test_rotation_folded_into_the_model_keeps_every_score(kind, hidden):
     torch.manual_seed(0)
     model = Autoencoder(AutoencoderShape(n_items=500, dim=8, hidden=hidden, kind=kind, dropout=0.5))

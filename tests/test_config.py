@@ -206,7 +206,7 @@ def test_coercion_of_an_unknown_type_is_a_programming_error():
 
 
 @pytest.mark.parametrize("extra, message", [
-    ('[model]\nkind = "xyz"', r"`model\.kind` = 'xyz' is not allowed: choose one of dae, vae, dlae\."),
+    ('[model]\nkind = "xyz"', r"`model\.kind` = 'xyz' is not allowed: choose one of dae, vae, dlae, recvae\."),
     ("[model]\ndim = -1", r"`model\.dim` = -1 is not allowed: it must be at least 1 \(or 0: the kind's default\)\."),
     ("[model]\nhidden = [16, 0]", r"`model\.hidden` = \[16, 0\] is not allowed: every layer needs >= 1 unit\."),
     ("[model]\nepochs = -1", r"`model\.epochs` = -1 is not allowed: it must be 0 or more\."),

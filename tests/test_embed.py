@@ -15,8 +15,8 @@ from aefeatures.config import InputConfig
 from aefeatures.data.matrix import build_matrix
 from aefeatures.data.read import read_interactions
 from aefeatures.model.autoencoder import Autoencoder, AutoencoderShape, multinomial_nll
+from aefeatures.model.device import to_batch
 from aefeatures.model.embed import UserVectors, embed, encode
-from aefeatures.model.train import to_batch
 from aefeatures.quality.anomaly import anomaly_scores
 from aefeatures.store import layout, tables
 
@@ -29,7 +29,7 @@ def matrix():
                         binarize=False)
 
 
-@pytest.fixture(scope="module", params=["dae", "vae"])
+@pytest.fixture(scope="module", params=["dae", "vae", "recvae"])
 def model(request, matrix):
     torch.manual_seed(0)
     return Autoencoder(AutoencoderShape(n_items=matrix.shape[1], dim=8, hidden=(16,), kind=request.param,

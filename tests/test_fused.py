@@ -13,7 +13,8 @@ from aefeatures.data.matrix import build_matrix
 from aefeatures.data.read import read_interactions
 from aefeatures.model import kernels
 from aefeatures.model.autoencoder import Autoencoder, AutoencoderShape, _BagSum, multinomial_nll
-from aefeatures.model.train import _Step, to_batch
+from aefeatures.model.device import to_batch
+from aefeatures.model.train import _Step
 from tests.conftest import FIXTURES
 
 CPU = torch.device("cpu")

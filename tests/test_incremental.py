@@ -23,7 +23,7 @@ FAST = {"epochs": 3, "dim": 16, "hidden": [32]}
 NO_GATE = {"beat_popularity": False, "min_ratio": 0.0}
 
 
-@pytest.fixture(params=["dae", "dlae"])
+@pytest.fixture(params=["dae", "dlae", "recvae"])
 def setup(tmp_path, request):
     """A trained version (of each kind), and a newer input with a new user and a user of
     unknown items only."""

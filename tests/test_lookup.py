@@ -58,7 +58,7 @@ def test_the_exact_index_returns_the_models_own_top_k_of_unseen_items(fs_kind, t
     import torch
 
     from aefeatures.model.autoencoder import load_model
-    from aefeatures.model.train import to_batch
+    from aefeatures.model.device import to_batch
 
     fs, (_, result) = fs_kind, trained_kind
     model = load_model(result.path / "model")

@@ -19,7 +19,7 @@ from aefeatures.data.matrix import build_matrix
 from aefeatures.data.read import read_interactions
 from aefeatures.jobs.run import run_job
 from aefeatures.model.autoencoder import load_model
-from aefeatures.model.train import to_batch
+from aefeatures.model.device import to_batch
 from aefeatures.store import layout, publish
 from aefeatures.store.index import load_index, search, user_queries
 from tests.conftest import FIXTURES, write_job
@@ -225,7 +225,7 @@ def test_event_time_is_after_training_and_last_interaction_null_without_timestam
 
 def test_asking_for_cuda_without_one_is_a_config_error(monkeypatch):
     from aefeatures.errors import BadInputError
-    from aefeatures.model.train import select_device
+    from aefeatures.model.device import select_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(BadInputError, match="no CUDA device is available"):

@@ -28,8 +28,9 @@ from aefeatures.model.autoencoder import (
     sampled_multinomial_nll,
     save_model,
 )
+from aefeatures.model.device import to_batch
 from aefeatures.model.embed import encode
-from aefeatures.model.train import _Step, sparse_updates, to_batch, train
+from aefeatures.model.train import _Step, sparse_updates, train
 from aefeatures.store import layout
 from tests.conftest import FIXTURES, write_job
 

@@ -11,7 +11,8 @@ from aefeatures.config import InputConfig, ModelConfig, load_job_config
 from aefeatures.data.matrix import CSR, build_matrix
 from aefeatures.data.read import read_interactions
 from aefeatures.jobs.run import run_job
-from aefeatures.model.train import DeviceCSR, kl_weight, to_batch, train
+from aefeatures.model.device import DeviceCSR, to_batch
+from aefeatures.model.train import kl_weight, train
 from tests.conftest import FIXTURES, write_job
 
 
@@ -99,7 +100,7 @@ def test_training_options_are_checked_when_the_job_loads(tmp_path, key, value, r
 
 
 def test_bf16_autocast_is_chosen_only_where_asked_or_on_cuda():
-    from aefeatures.model.train import autocast_dtype
+    from aefeatures.model.device import autocast_dtype
 
     cpu = torch.device("cpu")
     assert autocast_dtype("fp32", cpu) is None and autocast_dtype("auto", cpu) is None
@@ -182,7 +183,7 @@ def test_a_run_out_of_time_says_so_and_publishes_the_validated_model(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["dae", "dlae"])
+@pytest.mark.parametrize("kind", ["dae", "dlae", "recvae"])
 def test_refit_trains_the_published_model_on_every_user(tmp_path, kind):
     from dataclasses import replace
 

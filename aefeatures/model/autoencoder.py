@@ -29,7 +29,9 @@ class AutoencoderShape:
     n_items: int
     dim: int
     hidden: tuple[int, ...]
-    kind: str  # "dae" | "vae" | "dlae" (no hidden layer, fitted in closed form: aefeatures.model.linear)
+    # "dae" | "vae" | "dlae" (no hidden layer, fitted in closed form: aefeatures.model.linear) |
+    # "recvae" (RecVAE's encoder: 5 dense-residual layers of width hidden[0], see Autoencoder)
+    kind: str
     dropout: float
 
 
@@ -55,7 +57,22 @@ class Noise:
     normal: torch.Tensor  # (batch, dim) standard normal: the vae's reparameterisation noise
 
 
+RECVAE_LAYERS = 5  # RecVAE's encoder depth (Shenbin et al. 2020)
+RECVAE_LAYER_NORM_EPS = 0.1  # as in the authors' code
+
+
 class Autoencoder(nn.Module):
+    """The encoder of ``shape.kind`` and one linear decoder (``decoder``: dim → n_items).
+
+    dae, vae, dlae: the input layer then ``shape.hidden`` tanh layers to the bottleneck (a vae's
+    last layer writes mean and log-variance). recvae (RecVAE, Shenbin, Alekseev, Tutubalina,
+    Nikolenko, WSDM 2020): the input layer is fc1, then fc2..fc5 of width H = ``hidden[0]`` with
+    dense residual connections, swish and LayerNorm(eps 0.1) — h1 = ln1(swish(fc1(x))),
+    hk = ln_k(swish(fc_k(h_{k-1}) + h1 + ... + h_{k-1})) — and one layer writing the mean and
+    log-variance (the paper's fc_mu and fc_logvar, side by side). Its composite prior's old
+    encoder is training state only (:mod:`aefeatures.model.recvae`), not part of the model.
+    """
+
     def __init__(self, shape: AutoencoderShape, device: str | torch.device = "cpu"):
         """The layers are made on ``device`` and initialised there: made on the CPU and moved, a
         1M-item model took ~9 s of CPU time before a GPU run could start. The input layer skips
@@ -64,13 +81,18 @@ class Autoencoder(nn.Module):
         imports ~0.4 s of symbolic-shape machinery."""
         super().__init__()
         self.shape = shape
-        code_width = shape.dim * (2 if shape.kind == "vae" else 1)  # vae: mean and log-variance
+        code_width = shape.dim * (2 if shape.kind in ("vae", "recvae") else 1)  # mean and log-variance
         widths = [*shape.hidden, code_width]
+        if shape.kind == "recvae":  # fc2..fc5 (H → H), then mean and log-variance (H → 2 dim)
+            widths = [*shape.hidden * RECVAE_LAYERS, code_width]
         self.input_layer = nn.EmbeddingBag(shape.n_items, widths[0], mode="sum",
                                            _weight=torch.empty(shape.n_items, widths[0], device=device))
         self.input_bias = nn.Parameter(torch.zeros(widths[0], device=device))
         self.encoder = nn.ModuleList(nn.Linear(a, b, device=device) for a, b in zip(widths[:-1], widths[1:]))
         self.decoder = nn.Linear(shape.dim, shape.n_items, device=device)
+        # recvae: ln1..ln5 (no parameters for the other kinds, so their saved weights are unchanged)
+        self.norms = nn.ModuleList(nn.LayerNorm(widths[0], eps=RECVAE_LAYER_NORM_EPS, device=device)
+                                   for _ in range(RECVAE_LAYERS if shape.kind == "recvae" else 0))
         # Set by training on a CPU: the input layer's gradient is then written into a kept buffer.
         self.workspace: kernels.Workspace | None = None
         for layer in [*self.encoder, self.decoder]:
@@ -94,12 +116,24 @@ class Autoencoder(nn.Module):
         else:
             h = self.input_layer(batch.indices, batch.offsets, per_sample_weights=weights)
         h = h + self.input_bias
+        if self.shape.kind == "recvae":
+            return self._dense_residual(h)
         for layer in self.encoder:
             h = layer(torch.tanh(h))
         if self.shape.kind == "vae":
             mean, logvar = h.chunk(2, dim=1)
             return mean, logvar
         return h, None
+
+    def _dense_residual(self, fc1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RecVAE's layers after fc1 (batch, H): (mean, log-variance), each (batch, dim)."""
+        h = self.norms[0](F.silu(fc1))  # silu is swish: x · sigmoid(x)
+        earlier = h  # h1 + ... + h_{k-1}
+        for layer, norm in zip(self.encoder[:-1], self.norms[1:]):
+            h = norm(F.silu(layer(h) + earlier))
+            earlier = earlier + h
+        mean, logvar = self.encoder[-1](h).chunk(2, dim=1)
+        return mean, logvar
 
     def forward(self, batch: SparseBatch, noise: Noise | None = None, *, decode: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -4,7 +4,7 @@ precision, and batches of users cut from the CSR matrix for it."""
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import ContextManager
+from typing import Callable, ContextManager
 
 import numpy as np
 import torch
@@ -102,3 +102,11 @@ class DeviceCSR:
 def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
     """torch's autocast to ``dtype`` on ``device``, or nothing when ``dtype`` is None (fp32)."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def batch_cutter(matrix: InteractionMatrix, device: torch.device) -> Callable[[np.ndarray], SparseBatch]:
+    """A function from user rows to their :class:`SparseBatch` on ``device``: cut on the GPU from
+    a :class:`DeviceCSR` when the matrix fits there, else on the host (:func:`to_batch`)."""
+    if DeviceCSR.fits(matrix.csr, device):
+        return DeviceCSR(matrix.csr, device).batch
+    return lambda users: to_batch(matrix, users, device)

@@ -7,7 +7,7 @@ import logging
 import math
 import sys
 import time
-from typing import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from aefeatures.model.autoencoder import (
     multinomial_nll,
     sampled_multinomial_nll,
 )
-from aefeatures.model.device import DeviceCSR, autocast, autocast_dtype, select_device, to_batch
+from aefeatures.model.device import autocast, autocast_dtype, batch_cutter, select_device
 from aefeatures.model.optim import DenseAndLazyAdam, LazyAdam, fused_adam
 from aefeatures.model.result import TrainResult, Validator
 from aefeatures.model.threads import training_threads
@@ -64,6 +64,11 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     world_size`` of its users and the gradients are averaged, so one step sees a global batch of
     ``cfg.batch_size`` users. Every rank runs ``validate``, which must combine all ranks'
     results, so all ranks decide alike when to stop. The group stays joined.
+
+    ``cfg.kind = "recvae"`` trains RecVAE (:mod:`aefeatures.model.recvae`): an epoch is its
+    encoder passes and one decoder pass, every step of which counts toward ``cfg.min_steps``;
+    validation, patience, the deadline and ``epochs`` work as above. It refuses torchrun and
+    catalogues above ``cfg.full_softmax_max_items`` (``BadInputError``).
     """
     fallback = None
     if cfg.kind == "dlae":
@@ -93,8 +98,16 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     group = distributed.current()
     device = select_device(cfg.device)
     shape = AutoencoderShape(matrix.shape[1], cfg.dim, tuple(cfg.hidden), cfg.kind, cfg.dropout)
-    model = Autoencoder(shape, device=device)
-    step = _Step(model, matrix, cfg, device, group)
+    if cfg.kind == "recvae":  # its own alternating passes, on plain autograd (aefeatures.model.recvae)
+        from aefeatures.model import recvae
+
+        recvae.check_supported(matrix.shape[1], cfg, under_torchrun=group is not None)
+        model = Autoencoder(shape, device=device)
+        step: _Step | recvae.Phases = recvae.Phases(model, batch_cutter(matrix, device), cfg, device,
+                                                    autocast=autocast_dtype(cfg.precision, device))
+    else:
+        model = Autoencoder(shape, device=device)
+        step = _Step(model, matrix, cfg, device, group)
     result = TrainResult(model=model, device=str(device), threads=threads, chosen=fallback or {})
     rows = np.arange(matrix.shape[0]) if rows is None else rows
     best_score, best_state = -np.inf, None
@@ -103,7 +116,7 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     started = time.perf_counter()
     if deadline is None and cfg.max_minutes > 0:
         deadline = started + 60.0 * cfg.max_minutes
-    steps_per_epoch = max(1, -(-users_per_epoch // step.batch_size))
+    steps_per_epoch = max(1, -(-users_per_epoch // step.batch_size)) * step.passes
     result.max_epochs = max_epochs = epochs if epochs is not None else budget_epochs(cfg, steps_per_epoch)
     # epochs between validations: every epoch, unless the cap was raised for epochs of a few steps
     every = max(1, -(-VALIDATE_EVERY_STEPS // steps_per_epoch)) if max_epochs > cfg.epochs else 1
@@ -115,7 +128,11 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     lines = _ProgressLines(max_epochs, started) if not show_bar and distributed.is_leader() else None
     for epoch in bar:
         model.train()
-        loss, beta, out_of_time = _epoch(step, _epoch_order(rng, rows, users_per_epoch), result, deadline)
+        if isinstance(step, _Step):
+            loss, beta, out_of_time = _epoch(step, _epoch_order(rng, rows, users_per_epoch), result, deadline)
+        else:  # recvae: encoder passes, the prior's update, a decoder pass, each freshly shuffled
+            loss, beta, out_of_time = step.epoch(partial(_epoch_order, rng, rows, users_per_epoch), result,
+                                                 deadline)
         if not math.isfinite(loss):  # every later weight would be NaN: stop, publish nothing
             raise errors.TrainingDivergedError(epoch, loss)
         record = {"epoch": epoch, "loss": round(loss, 5), "beta": round(beta, 5), "steps": result.steps}
@@ -217,13 +234,12 @@ class _Step:
     """One optimizer step per batch of this rank's users (under torchrun, gradients averaged
     over the ranks' batches)."""
 
+    passes = 1  # shuffled passes over the users per epoch
+
     def __init__(self, model: Autoencoder, matrix: InteractionMatrix, cfg: ModelConfig,
                  device: torch.device, group: distributed.Group | None):
         self.model, self.cfg, self.device, self.group = model, cfg, device, group
-        if DeviceCSR.fits(matrix.csr, device):
-            self.cut: Callable[[np.ndarray], SparseBatch] = DeviceCSR(matrix.csr, device).batch
-        else:
-            self.cut = lambda users: to_batch(matrix, users, device)
+        self.cut = batch_cutter(matrix, device)
         self.world = group.world_size if group else 1
         self.batch_size = max(1, cfg.batch_size // self.world)  # users per rank and step
         self.net: torch.nn.Module = model
