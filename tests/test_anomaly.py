@@ -20,16 +20,12 @@ def test_planted_random_clickers_and_spammers_rank_at_the_top(trained_kind, plan
     planted_bots = {u for u, c in user_community.items() if c == -1}
     assert len(planted_bots) == 30
     top = aefeatures.open_store(root)["movies"].anomalies(40)
-    if result.manifest["config"]["model"]["kind"] == "recvae":
-        # RecVAE weighs a user's KL term by their total weight (γ Σx), so a one-item user is
-        # almost unregularised and reconstructed well: it flags the 20 random clickers, not the
-        # 10 one-rare-item spammers (README, "kind recvae"); the dae and dlae flag both.
-        clickers = {u for u in planted_bots if u <= 2020}
-        assert len(set(top.get_column("user_id").to_list()[:30]) & clickers) >= 18
-        assert clickers <= set(top.get_column("user_id").to_list())
-        return
+    # RecVAE's error is the denoising one (aefeatures.model.embed.DENOISED_KINDS): its plain
+    # reconstruction of a one-item user is near the identity. It ranks 26 of the 30 bots in
+    # its top 30 (the others 27 or more) and every bot, spammers too, in its top 40.
+    at_least = 26 if result.manifest["config"]["model"]["kind"] == "recvae" else 27
     top30 = set(top.get_column("user_id").to_list()[:30])
-    assert len(top30 & planted_bots) >= 27
+    assert len(top30 & planted_bots) >= at_least
     assert planted_bots <= set(top.get_column("user_id").to_list())
     spammers = {u for u in planted_bots if u > 2020}  # one rare item each
     assert spammers <= set(top.get_column("user_id").to_list())

@@ -51,13 +51,41 @@ def test_embed_keeps_the_errors_of_a_whole_pass(model, matrix, whole):
 
 
 def test_the_reconstruction_error_is_the_models_nll_per_unit_of_weight(model, matrix, whole):
+    """dae and vae: the NLL of the reconstruction from the whole vector; recvae: the denoising
+    one, averaged over DENOISED_MASKS input-dropout masks of the training rate."""
+    from aefeatures.model.embed import DENOISED_KINDS, DENOISED_MASKS, _uniform_hash
+
     model.eval()
     with torch.no_grad():
         batch = to_batch(matrix.csr, np.arange(matrix.shape[0]), torch.device("cpu"))
-        mean, _ = model.encode(batch)
-        nll = multinomial_nll(model.decoder(mean), batch).numpy()
+        if model.shape.kind in DENOISED_KINDS:
+            position = torch.from_numpy(np.concatenate([np.arange(n) for n in np.diff(matrix.indptr)]))
+            nll = np.zeros(matrix.shape[0])
+            for k in range(DENOISED_MASKS):
+                keep = (_uniform_hash(batch.indices, position, k) >= model.shape.dropout).float()
+                assert 0.3 < keep.mean() < 0.7  # the training rate, 0.5
+                mean, _ = model.encode(type(batch)(batch.indices, batch.offsets, batch.values * keep, batch.rows))
+                nll += multinomial_nll(model.decoder(mean), batch).numpy() / DENOISED_MASKS
+        else:
+            mean, _ = model.encode(batch)
+            nll = multinomial_nll(model.decoder(mean), batch).numpy()
     totals = np.add.reduceat(matrix.values, matrix.indptr[:-1])  # every user has items
-    np.testing.assert_allclose(whole[1], nll / totals, rtol=1e-5)
+    np.testing.assert_allclose(whole[1], nll / totals, rtol=1e-4)
+
+
+def test_a_users_denoising_error_does_not_depend_on_its_batch(matrix):
+    from aefeatures.model.embed import reconstruction_errors
+
+    torch.manual_seed(0)
+    model = Autoencoder(AutoencoderShape(n_items=matrix.shape[1], dim=8, hidden=(16,), kind="recvae", dropout=0.5))
+    everyone = reconstruction_errors(model, matrix.csr)
+    rows = np.array([7, 1500, 3])
+    offsets, items, values = matrix.csr.gather(rows)
+    indptr = np.append(offsets, len(items))
+    from aefeatures.data.matrix import CSR
+
+    alone = reconstruction_errors(model, CSR(indptr, items, values))
+    np.testing.assert_allclose(alone, everyone[rows], rtol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [slice(0, 2030), slice(5, 9), slice(2000, None), slice(None, None, 7),
