@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--mean-items", type=float, default=50)
     parser.add_argument("--communities", type=int, default=40)
     parser.add_argument("--in-cluster", type=float, default=0.5)
-    parser.add_argument("--kinds", default="dlae,dae,vae", help="comma-separated model kinds, default settings")
+    parser.add_argument("--kinds", default="dlae,dae,vae,recvae", help="comma-separated model kinds, default settings")
     parser.add_argument("--dims", default=str(ModelConfig.dim), help="comma-separated model.dim values")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (split and model)")
     parser.add_argument("--model", action="append", default=[], help="KEY=VALUE overriding a model default")
