@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -125,3 +126,17 @@ def test_a_refused_first_version_is_listed_and_its_runs_shown(tmp_path):
     (tmp_path / "empty").mkdir()
     empty = runner.invoke(cli, ["runs", "--store", str(tmp_path / "empty")])
     assert empty.exit_code == 2 and "holds no feature set yet" in empty.stderr and "(any)" not in empty.stderr
+
+
+@pytest.mark.parametrize("trained_kind", ["dlae"], indirect=True)
+def test_a_dlae_report_tables_its_closed_form_fits(trained_kind):
+    _, result = trained_kind
+    page = (result.path / "report.html").read_text()
+    training = result.manifest["training"]
+    assert "Closed-form fits" in page and "training loss per user" not in page  # no loss curve: no epochs
+    rows = re.findall(r"<tr( style=\"font-weight:bold\")?><th>(\d+)</th>", page)
+    assert [int(n) for _, n in rows] == [h["epoch"] for h in training["history"]]
+    assert [int(n) for bold, n in rows if bold] == [training["best_epoch"]]  # the kept fit in bold
+    chosen = training["chosen"]
+    kept = page.split('<tr style="font-weight:bold">', 1)[1].split("</tr>", 1)[0]
+    assert f"<td>{chosen['dropout']:g}</td><td>{chosen['l2']:g}</td><td>{chosen['popularity_exponent']:g}</td>" in kept

@@ -119,9 +119,12 @@ def render(manifest: dict[str, Any], previous: dict[str, Any] | None) -> str:
         columns[f"previous ({previous['version']})"] = (previous.get("evaluation") or {}).get("model")
     verdict = (gate.get("why", "not run") if gate.get("skipped") else
                "passed" if gate.get("passed", True) else "refused: " + "; ".join(gate.get("reasons", [])))
-    charts = _chart("training loss per user", [h["loss"] for h in history], best)
-    if evaluation:
-        charts += _chart(f"validation {KEY_METRIC}", _carried(history), best)
+    if manifest["training"].get("stop_reason") == "fitted" or history and "l2" in history[0]:
+        charts = _fits_table(history, best)  # dlae: closed-form fits, no loss curve
+    else:
+        charts = _chart("training loss per user", [h["loss"] for h in history], best)
+        if evaluation:
+            charts += _chart(f"validation {KEY_METRIC}", _carried(history), best)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(manifest['feature_set'])} {manifest['version']}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
@@ -141,6 +144,20 @@ td,th{{border:1px solid #ddd;padding:4px 8px;text-align:right}}figure{{display:i
 refit on every user: {html.escape(_refit_note(manifest['training'].get('refit')))}.</p>
 </body></html>
 """
+
+
+def _fits_table(history: list[dict[str, Any]], best: int | None) -> str:
+    """A dlae's search as a table: one row per closed-form fit, the kept one in bold."""
+    keys = [("users", "users", "{:,}"), ("dropout", "dropout p", "{:g}"), ("l2", "λ", "{:g}"),
+            ("popularity_exponent", "popularity β", "{:g}"), (KEY_METRIC, f"validation {KEY_METRIC}", "{:.4f}"),
+            ("seconds", "seconds", "{:.1f}")]
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in keys)
+    rows = []
+    for h in history:
+        cells = "".join(f"<td>{fmt.format(h[key]) if key in h else ''}</td>" for key, _, fmt in keys)
+        style = ' style="font-weight:bold"' if h.get("epoch") == best else ""
+        rows.append(f"<tr{style}><th>{h.get('epoch', '')}</th>{cells}</tr>")
+    return f"<h2>Closed-form fits</h2><table><tr><th>fit</th>{head}</tr>{''.join(rows)}</table>"
 
 
 def _reference_note(evaluation: dict[str, Any]) -> str:
