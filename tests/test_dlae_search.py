@@ -115,3 +115,15 @@ def test_below_search_users_every_fit_uses_every_training_user(matrix):
                    validate=lambda model: {"ndcg@100": 0.5}, progress=False)
     assert {h["users"] for h in result.history} == {len(rows)}
     assert result.best_epoch == 1  # ties keep the first fit
+
+
+def test_the_run_summary_says_when_the_search_was_sampled(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from aefeatures.cli.app import cli
+    from tests.conftest import write_job
+
+    monkeypatch.setattr(dlae_search, "SEARCH_USERS", 400)
+    out = CliRunner().invoke(cli, ["run", str(write_job(tmp_path, model={"kind": "dlae", "dim": 8}))])
+    assert out.exit_code == 0, out.output
+    assert "searched on 400 sampled users, then fitted on all 1,030 training users" in out.stdout

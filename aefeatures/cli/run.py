@@ -54,6 +54,10 @@ def run(job_file: Path, force: bool, as_json: bool) -> None:
         click.echo(f"  training  {train['epochs']} closed-form fit(s) on {train['device']} in {train['seconds']:.1f}s, "
                    f"dropout {chosen['dropout']:g}, l2 {chosen['l2']:g}, popularity exponent "
                    f"{chosen.get('popularity_exponent', 0):g}")
+        fitted_on = [h.get("users") for h in train.get("history", [])]
+        if fitted_on and min(fitted_on) < fitted_on[-1]:  # a sampled search, then every training user
+            click.echo(f"            searched on {min(fitted_on):,} sampled users, then fitted on all "
+                       f"{fitted_on[-1]:,} training users")
     else:
         threads = f" ({train['threads']} thread{'s' * (train['threads'] != 1)})" if train.get("threads") else ""
         click.echo(f"  training  {train['epochs']} epochs on {train['device']}{threads} in {train['seconds']:.1f}s{final}")
