@@ -127,3 +127,26 @@ def test_the_run_summary_says_when_the_search_was_sampled(tmp_path, monkeypatch)
     out = CliRunner().invoke(cli, ["run", str(write_job(tmp_path, model={"kind": "dlae", "dim": 8}))])
     assert out.exit_code == 0, out.output
     assert "searched on 400 sampled users, then fitted on all 1,030 training users" in out.stdout
+
+
+def test_a_user_whose_items_nobody_else_has_gets_the_popular_items(tmp_path):
+    """Their embedding is ~0, so every score would tie at 0: the popularity tie-break decides."""
+    import polars as pl
+
+    import aefeatures
+    from aefeatures.config import load_job_config
+    from aefeatures.jobs.run import run_job
+    from tests.conftest import write_job
+
+    frame = pl.read_parquet(FIXTURES / "interactions.parquet").filter(pl.col("rating") >= 4)
+    loner = pl.DataFrame({"user_id": [999_999] * 3, "item_id": [900_001, 900_002, 900_003], "rating": [5.0] * 3,
+                          "timestamp": frame["timestamp"][:3]}).cast(frame.schema)
+    frame.vstack(loner).write_parquet(tmp_path / "data.parquet")
+    job = write_job(tmp_path, model={"kind": "dlae", "dim": 8},
+                    input={"path": str(tmp_path / "data.parquet"), "weight_col": "rating", "timestamp_col": "timestamp"})
+    result = run_job(load_job_config(job), progress=False)
+    fs = aefeatures.open_store(tmp_path / "store")["movies"]
+    top = fs.recommend(999_999, k=5).ids.tolist()
+    users_of = dict(frame.group_by("item_id").agg(pl.col("user_id").n_unique()).iter_rows())
+    assert sorted((users_of[i] for i in top), reverse=True) == sorted(users_of.values(), reverse=True)[:5]
+    assert result.manifest["evaluation"]["model"]["ndcg@100"] > result.manifest["evaluation"]["popularity"]["ndcg@100"]

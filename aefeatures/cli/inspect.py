@@ -57,7 +57,9 @@ def evaluate(store_dir: Path, name: str | None, version: str | None, as_json: bo
     if as_json:
         print_json(out)
         return
-    click.echo(f"{name} version {m['version']}: best epoch {out['best_epoch']} of {len(out['history'])}")
+    fitted = m["training"].get("stop_reason") == "fitted"
+    click.echo(f"{name} version {m['version']}: {'kept fit' if fitted else 'best epoch'} {out['best_epoch']} of "
+               f"{len(out['history'])}")
     echo_curve(out["history"], out["best_epoch"])
     if not out["evaluation"]:
         why = out["evaluation_skipped"] or "evaluation was off (`evaluation.valid_share` = 0)"

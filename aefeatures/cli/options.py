@@ -56,6 +56,9 @@ def configure_logging(verbose: bool, log_format: str) -> None:
     logging.basicConfig(level=logging.INFO if verbose or log_format == "json" else logging.WARNING,
                         handlers=[handler], force=True)
     logging.getLogger("aefeatures.progress").setLevel(logging.INFO)
+    # FAISS logs which of its builds it loads, and the ones it failed to find, at INFO on every
+    # import: noise in an operator's log, not a stage of the job
+    logging.getLogger("faiss").setLevel(logging.WARNING)
 
 
 def _logging_setting(ctx: click.Context, param: click.Parameter, value) -> None:

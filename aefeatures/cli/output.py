@@ -71,7 +71,10 @@ def echo_metrics(evaluation: dict[str, Any], indent: str = "") -> None:
         rows.append((f"EASE (λ={reference['lambda']:g})", "reference"))
     print_table(["", *names], [[f"{indent}{label}", *(evaluation[key][n] for n in names)] for label, key in rows])
     if KEY_METRIC in reference and reference[KEY_METRIC] > 0:
-        click.echo(f"{indent}model / EASE {KEY_METRIC}: {evaluation['model'][KEY_METRIC] / reference[KEY_METRIC]:.3f}")
+        edge = (" (EASE's λ is at the edge of its grid, where its metric was still rising: EASE may be "
+                "under-tuned and this ratio too high)") if reference.get("at_grid_edge") else ""
+        click.echo(f"{indent}model / EASE {KEY_METRIC}: {evaluation['model'][KEY_METRIC] / reference[KEY_METRIC]:.3f}"
+                   f"{edge}")
     elif reference.get("skipped"):
         click.echo(f"{indent}EASE reference skipped: {reference['skipped']}")
 
@@ -104,6 +107,12 @@ def echo_curve(history: list[dict[str, Any]], best_epoch: int | None, most: int 
     first, the best and the last); the best epoch is marked."""
     if not history:
         click.echo("training curve: no epochs")
+        return
+    if "l2" in history[0]:  # a dlae: closed-form fits, no epochs or losses
+        columns = ["users", "dropout", "l2", "popularity_exponent", "ndcg@100", "seconds"]
+        click.echo("closed-form fits:")
+        print_table(["fit", *columns, "kept"], [[r["epoch"], *(r.get(c, "-") for c in columns),
+                                                 "*" if r["epoch"] == best_epoch else ""] for r in history])
         return
     keep = set(range(0, len(history), max(1, -(-len(history) // most)))) | {len(history) - 1}
     keep |= {i for i, r in enumerate(history) if r.get("epoch") == best_epoch}

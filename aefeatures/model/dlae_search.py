@@ -33,9 +33,11 @@ from aefeatures.model import linear
 from aefeatures.model.autoencoder import Autoencoder, AutoencoderShape
 from aefeatures.model.device import select_device, to_batch
 from aefeatures.model.result import TrainResult, Validator
+from aefeatures.model.threads import training_threads
 from aefeatures.schema import KEY_METRIC
 
 log = logging.getLogger(__name__)
+progress_log = logging.getLogger("aefeatures.progress")  # let through by the CLI even without -v
 
 DLAE_DROPOUTS = (0.5, 0.67, 0.8, 0.9)  # p tried on validation; Last.fm and ML-100k chose 0.67-0.9
 # On MovieLens-100k (p 0.8, λ 300) beat the best at λ 100 (p 0.9) on every seed's validation,
@@ -46,6 +48,10 @@ DLAE_L2_FACTOR, DLAE_L2_STEPS, DLAE_L2_WALKS = 3.0, 3, 2
 DLAE_POPULARITY_EXPONENTS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 SEARCH_USERS = 30_000  # above this many training users the search fits a sample of them
 TEMPERATURE_SAMPLE = 2000  # training users that set a dlae's softmax temperature
+# the largest item bias: a popularity tie-break (_set_tie_break), far below any score difference
+# a ranking depends on (scores of a dlae with its fitted temperature are O(1) to O(10))
+TIE_BREAK = 1e-5
+QUIET_SECONDS = 5.0  # a search this young logs no progress line (small jobs stay quiet)
 
 
 def train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | None,
@@ -74,7 +80,10 @@ def train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray 
     if deadline is None and cfg.max_minutes > 0:
         deadline = started + 60.0 * cfg.max_minutes
     rows = np.arange(matrix.shape[0]) if rows is None else rows
+    threads = training_threads(cfg.threads)
+    torch.set_num_threads(threads)  # the CPUs this process may use, as the trained kinds do
     search = _Search(matrix, cfg, rows, validate, deadline)
+    search.result.threads = threads
     if validate is None:
         search.fit(cfg.dropout, cfg.l2)
     else:
@@ -95,7 +104,7 @@ class _Search:
     def __init__(self, matrix: InteractionMatrix, cfg: ModelConfig, rows: np.ndarray, validate: Validator | None,
                  deadline: float | None):
         self.matrix, self.cfg, self.rows, self.validate, self.deadline = matrix, cfg, rows, validate, deadline
-        self.device = select_device(cfg.device)
+        self.device, self.started = select_device(cfg.device), time.perf_counter()
         self.exponents = sorted({*DLAE_POPULARITY_EXPONENTS, cfg.popularity_exponent}) if validate \
             else [cfg.popularity_exponent]
         self.result = TrainResult(model=None, device=str(self.device))  # type: ignore[arg-type]
@@ -150,11 +159,17 @@ class _Search:
             exponent, metrics = candidate, scored
         _set_item_vectors(model, factors, counts, exponent)
         _set_temperature(model, self.matrix, cfg, self.fit_rows, self.device)
+        _set_tie_break(model, counts)
         result.history.append({"epoch": result.steps, "dropout": dropout, "l2": l2, "popularity_exponent": exponent,
                                "users": len(self.fit_rows), "seconds": round(time.perf_counter() - started, 3),
                                "loss": 0.0, "beta": 0.0, **metrics})
         result.epoch_losses.append(0.0)
         score = metrics.get(KEY_METRIC, 0.0)
+        if time.perf_counter() - self.started >= QUIET_SECONDS:
+            progress_log.info("dlae fit %d on %d users: dropout %g, l2 %g, popularity exponent %g%s (%.1fs)",
+                              result.steps, len(self.fit_rows), dropout, l2, exponent,
+                              f", validation {KEY_METRIC} {score:.4f}" if metrics else "",
+                              result.history[-1]["seconds"])
         if result.model is None or score > self.best_score:
             self.best_score, result.model = score, model
             result.best_epoch = result.best_step = result.steps
@@ -166,7 +181,7 @@ class _Search:
 def _dlae_model(matrix: InteractionMatrix, cfg: ModelConfig, rows: np.ndarray, dropout: float, l2: float,
                 device: torch.device) -> tuple[Autoencoder, np.ndarray]:
     """The rank-``cfg.dim`` DLAE of ``rows`` as an eval-mode :class:`Autoencoder` (input layer P,
-    zero biases) and its item factors R (n_items, dim), which :func:`_set_item_vectors` turns
+    zero biases until :func:`_set_tie_break`) and its item factors R (n_items, dim), which :func:`_set_item_vectors` turns
     into the decoder's weight."""
     p, r = linear.dlae_factors(matrix.csr, rows, matrix.shape[1], dim=cfg.dim, dropout=dropout, l2=l2,
                                seed=cfg.seed)
@@ -183,6 +198,16 @@ def _set_item_vectors(model: Autoencoder, factors: np.ndarray, counts: np.ndarra
     scale = (counts.astype(np.float64) + 1.0) ** -exponent
     with torch.no_grad():
         model.decoder.weight.copy_(torch.from_numpy((factors * scale[:, None]).astype(np.float32)))
+
+
+def _set_tie_break(model: Autoencoder, counts: np.ndarray) -> None:
+    """Item biases of at most :data:`TIE_BREAK`, rising with log(n_j + 1): they decide only
+    between scores tied to ~1e-5, above all for a user whose items no other training user has,
+    whose embedding is ~0 and whose scores would otherwise all be 0 — such a user then gets
+    the most popular items, the best a model that cannot relate their items can do."""
+    logs = np.log1p(counts.astype(np.float64))
+    with torch.no_grad():
+        model.decoder.bias.copy_(torch.from_numpy(TIE_BREAK * logs / max(logs.max(), 1e-12)).float())
 
 
 def _set_temperature(model: Autoencoder, matrix: InteractionMatrix, cfg: ModelConfig, rows: np.ndarray,
