@@ -140,3 +140,16 @@ def test_a_dlae_report_tables_its_closed_form_fits(trained_kind):
     chosen = training["chosen"]
     kept = page.split('<tr style="font-weight:bold">', 1)[1].split("</tr>", 1)[0]
     assert f"<td>{chosen['dropout']:g}</td><td>{chosen['l2']:g}</td><td>{chosen['popularity_exponent']:g}</td>" in kept
+
+
+def test_the_ease_ratio_line_warns_when_eases_lambda_is_at_its_grid_edge(capsys):
+    from aefeatures.cli.output import echo_metrics
+
+    row = {"recall@20": 0.3, "ndcg@10": 0.3, "ndcg@100": 0.4, "coverage@20": 0.1}
+    evaluation = {"valid_users": 100, "holdout": 0.2, "model": row, "popularity": row,
+                  "reference": {"method": "EASE", "lambda": 1e6, **row, "ndcg@100": 0.2, "at_grid_edge": True}}
+    echo_metrics(evaluation)
+    assert "model / EASE ndcg@100: 2.000 (EASE's λ is at the edge of its grid" in capsys.readouterr().out
+    evaluation["reference"]["at_grid_edge"] = False
+    echo_metrics(evaluation)
+    assert "model / EASE ndcg@100: 2.000\n" in capsys.readouterr().out
