@@ -30,6 +30,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 SPARSE_UPDATES = ("auto", "on", "off")
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 TIMESTAMP_UNITS = ("auto", "s", "ms", "us", "ns")
+WEIGHT_TRANSFORMS = ("none", "log1p")
 # Item attribute columns become columns of the `<name>_items` SQL view and names in lookup
 # filters: plain identifiers, none that the view, the users table or the SQL macros use already.
 ATTRIBUTE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -67,6 +68,9 @@ class InputConfig:
     timestamp_max: str = "2100-01-01"
     min_weight: Optional[float] = None  # rows whose weight is below are dropped
     binarize: bool = True  # model input is 1 per (user, item); False feeds the weights themselves
+    # With binarize = false: "log1p" feeds log(1 + weight), which tames heavy-tailed counts
+    # (plays, clicks, quantities); "none" feeds the weights as they are
+    weight_transform: str = "none"
 
 
 # model.dim = 0 means the kind's own default width: a dlae needs a wider bottleneck to match EASE
@@ -364,6 +368,13 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
     if m.kind == "recvae":
         _check_recvae(path, m)
     _check_index_kind(path, cfg.index.kind, cfg.model.dim + 1)
+    if cfg.input.weight_transform not in WEIGHT_TRANSFORMS:
+        raise errors.bad_value(path, "input.weight_transform", cfg.input.weight_transform,
+                               f"choose one of {', '.join(WEIGHT_TRANSFORMS)}")
+    if cfg.input.weight_transform != "none" and (cfg.input.binarize or cfg.input.weight_col is None):
+        raise errors.bad_value(path, "input.weight_transform", cfg.input.weight_transform,
+                               "it transforms the weights the model reads: set `input.weight_col` and "
+                               "`input.binarize = false`, or drop it")
     if cfg.input.min_weight is not None and cfg.input.weight_col is None:
         raise errors.bad_value(path, "input.min_weight", cfg.input.min_weight,
                                "it needs `input.weight_col` to know which column to compare")

@@ -300,3 +300,12 @@ def test_file_that_is_not_utf8(tmp_path):
     path = tmp_path / "job.toml"
     path.write_bytes(b'[job]\nname = "\xff\xfe"\n')
     fails(path, r"cannot be read \('utf-8' codec can't decode byte 0xff.*\)\.$")
+
+
+def test_a_weight_transform_needs_weights_the_model_reads(tmp_path):
+    cfg = load_job_config(write(tmp_path, MINIMAL + 'weight_col = "plays"\nbinarize = false\nweight_transform = "log1p"\n'))
+    assert cfg.input.weight_transform == "log1p"
+    fails(write(tmp_path, MINIMAL + 'weight_col = "plays"\nweight_transform = "log1p"\n'),
+          re.escape("`input.weight_transform` = 'log1p' is not allowed: it transforms the weights the model reads: set "))
+    fails(write(tmp_path, MINIMAL + 'weight_col = "plays"\nbinarize = false\nweight_transform = "log"\n'),
+          re.escape("`input.weight_transform` = 'log' is not allowed: choose one of none, log1p"))

@@ -167,3 +167,14 @@ def test_code_ids_keeps_every_integer_id_exact(values, dtype):
     vocabulary, codes = code_ids(pl.Series(values, dtype=dtype))
     assert vocabulary.dtype == dtype and vocabulary.to_list() == sorted(set(values))
     assert [vocabulary[int(c)] for c in codes] == values
+
+
+def test_log1p_feeds_the_log_of_one_plus_each_weight(tmp_path):
+    path = tmp_path / "plays.parquet"
+    pl.DataFrame({"user_id": [1, 1, 2], "item_id": [10, 20, 10], "plays": [0.0, 99.0, 352_000.0]}).write_parquet(path)
+    interactions = read_interactions(InputConfig(str(path), weight_col="plays"))
+    raw = build_matrix(interactions, binarize=False)
+    logged = build_matrix(interactions, binarize=False, weight_transform="log1p")
+    np.testing.assert_allclose(logged.values, np.log1p(raw.values), rtol=1e-6)
+    assert logged.values.dtype == np.float32 and list(raw.values) == [0.0, 99.0, 352_000.0]
+    assert list(build_matrix(interactions, weight_transform="log1p").values) == [1.0, 1.0, 1.0]  # binarized

@@ -291,7 +291,7 @@ def _latest(codes: np.ndarray, micros: np.ndarray | None, n: int) -> np.ndarray:
     return latest.view("datetime64[us]")
 
 
-def build_matrix(interactions: Interactions, *, binarize: bool = True,
+def build_matrix(interactions: Interactions, *, binarize: bool = True, weight_transform: str = "none",
                  item_ids: pl.Series | None = None) -> InteractionMatrix:
     """Build the CSR matrix from deduplicated interactions.
 
@@ -301,6 +301,8 @@ def build_matrix(interactions: Interactions, *, binarize: bool = True,
         Output of :func:`aefeatures.data.read.read_interactions` (one row per (user, item)).
     binarize
         Store 1.0 for every pair instead of its weight.
+    weight_transform
+        Without ``binarize``: "none" stores the weights, "log1p" log(1 + weight) (float32).
     item_ids
         A fixed, sorted item vocabulary (a trained model's) instead of the input's own; every
         item of ``interactions`` must be in it.
@@ -319,7 +321,8 @@ def build_matrix(interactions: Interactions, *, binarize: bool = True,
         item_ids=item_ids,
         indptr=pairs.indptr,
         indices=indices,
-        values=np.ones(len(pairs), dtype=np.float32) if binarize else pairs.weights,
+        values=np.ones(len(pairs), dtype=np.float32) if binarize else
+        np.log1p(pairs.weights).astype(np.float32) if weight_transform == "log1p" else pairs.weights,
         user_last_seen=pairs.user_last_seen,
         item_last_seen=item_last_seen,
     )

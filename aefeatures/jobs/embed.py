@@ -58,7 +58,8 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -
     with _timed(timings, "matrix"):
         known = pl.read_parquet(source / layout.ITEMS, columns=[ITEM]).get_column(ITEM)
         kept, unknown_only = _known_items_only(interactions, known)
-        matrix = build_matrix(kept, binarize=cfg.input.binarize, item_ids=known)
+        matrix = build_matrix(kept, binarize=cfg.input.binarize, weight_transform=cfg.input.weight_transform,
+                              item_ids=known)
     with _timed(timings, "embed"):
         model = load_model(source / layout.MODEL_DIR)
         emb = embed(model, matrix)

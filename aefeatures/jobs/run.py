@@ -162,7 +162,8 @@ def _build_shard(cfg: JobConfig, progress: bool | None, group: distributed.Group
     with _timed(timings, "read"):
         interactions = read_interactions(cfg.input, shard=group and (group.rank, group.world_size))
     with _timed(timings, "matrix"):
-        matrix = build_matrix(interactions, binarize=cfg.input.binarize, item_ids=_all_items(interactions, group))
+        matrix = build_matrix(interactions, binarize=cfg.input.binarize,
+                              weight_transform=cfg.input.weight_transform, item_ids=_all_items(interactions, group))
     with _timed(timings, "train"):
         trained, evaluation, skipped = _train_and_evaluate(matrix, cfg, progress, group)
     live, alignment = None, None
