@@ -87,6 +87,13 @@ USER, ITEM, WEIGHT, TIMESTAMP = "user_id", "item_id", "weight", "timestamp"
 TIMESTAMP_TYPE = pa.timestamp("us", tz="UTC")
 
 
+def closed_form(training: dict[str, Any]) -> bool:
+    """Whether a manifest's ``training`` section is a dlae's closed-form fits (one ``history``
+    record per fit, each with its dropout p) rather than epochs of a trained kind."""
+    history = training.get("history") or []
+    return training.get("stop_reason") == "fitted" or bool(history) and "dropout" in history[0]
+
+
 def embedding_type(dim: int) -> pa.DataType:
     """The `embedding` column: a fixed-size list of float32, so readers know the width."""
     return pa.list_(pa.float32(), dim)

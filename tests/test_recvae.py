@@ -18,7 +18,14 @@ from aefeatures.data.matrix import build_matrix
 from aefeatures.data.read import read_interactions
 from aefeatures.errors import BadInputError, ConfigError
 from aefeatures.model import recvae
-from aefeatures.model.autoencoder import Autoencoder, AutoencoderShape, load_model, multinomial_nll, save_model
+from aefeatures.model.autoencoder import (
+    Autoencoder,
+    AutoencoderShape,
+    Noise,
+    load_model,
+    multinomial_nll,
+    save_model,
+)
 from aefeatures.model.device import batch_cutter, to_batch
 from aefeatures.model.result import TrainResult
 from aefeatures.model.train import train
@@ -134,7 +141,7 @@ def test_the_encoder_loss_is_the_nll_plus_the_weighted_kl_to_the_composite_prior
     model = _model(matrix).train()
     phases = _phases(model, matrix)
     batch = to_batch(matrix, np.arange(64), torch.device("cpu"))
-    noise = phases._noise(batch)
+    noise = Noise.draw(batch, phases.cfg.dim, phases.generator)
     with torch.no_grad():
         mean, logvar = model.encode(batch, noise)
         z = mean + noise.normal * torch.exp(0.5 * logvar)

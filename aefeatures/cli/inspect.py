@@ -57,10 +57,12 @@ def evaluate(store_dir: Path, name: str | None, version: str | None, as_json: bo
     if as_json:
         print_json(out)
         return
-    fitted = m["training"].get("stop_reason") == "fitted"
+    from aefeatures.schema import closed_form
+
+    fitted = closed_form(m["training"])
     click.echo(f"{name} version {m['version']}: {'kept fit' if fitted else 'best epoch'} {out['best_epoch']} of "
                f"{len(out['history'])}")
-    echo_curve(out["history"], out["best_epoch"])
+    echo_curve(out["history"], out["best_epoch"], closed_form=fitted)
     if not out["evaluation"]:
         why = out["evaluation_skipped"] or "evaluation was off (`evaluation.valid_share` = 0)"
         click.echo(f"no validation for this version, so the quality gate's metric checks were skipped: {why}")

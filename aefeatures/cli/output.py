@@ -102,13 +102,15 @@ def gate_summary(gate: dict[str, Any] | None) -> str:
     return "passed" + (": " + "; ".join(checks) if checks else "")
 
 
-def echo_curve(history: list[dict[str, Any]], best_epoch: int | None, most: int = 25) -> None:
+def echo_curve(history: list[dict[str, Any]], best_epoch: int | None, most: int = 25, *,
+               closed_form: bool = False) -> None:
     """The training curve, one row per epoch (at most ``most``: then evenly spaced, with the
-    first, the best and the last); the best epoch is marked."""
+    first, the best and the last); the best epoch is marked. ``closed_form`` (a dlae): one row
+    per fit, with its p, λ, β and users, the kept fit marked."""
     if not history:
         click.echo("training curve: no epochs")
         return
-    if "l2" in history[0]:  # a dlae: closed-form fits, no epochs or losses
+    if closed_form:  # no epochs or losses
         columns = ["users", "dropout", "l2", "popularity_exponent", "ndcg@100", "seconds"]
         click.echo("closed-form fits:")
         print_table(["fit", *columns, "kept"], [[r["epoch"], *(r.get(c, "-") for c in columns),

@@ -42,6 +42,8 @@ def run(job_file: Path, force: bool, as_json: bool) -> None:
         click.echo(f"{result.name} is up to date: live version {result.version} was built from the same "
                    "input files and config (use --force to run anyway)")
         return
+    from aefeatures.schema import closed_form
+
     m = result.manifest
     train = m["training"]
     click.echo(f"published {result.name} version {result.version}: {m['counts']['users']:,} users × "
@@ -49,7 +51,8 @@ def run(job_file: Path, force: bool, as_json: bool) -> None:
     click.echo(f"  input     {m['input']['rows_read']:,} rows from {len(m['input']['files'])} file(s), "
                f"{m['input']['rows_kept']:,} kept, {m['input']['pairs']:,} distinct (user, item) pairs")
     final = f", final loss {train['epoch_losses'][-1]:.3f}" if train["epoch_losses"] else ""
-    if train.get("stop_reason") == "fitted":  # dlae: closed form, one fit per candidate dropout
+    fitted = closed_form(train)  # a dlae: closed-form fits, no epochs
+    if fitted:
         chosen = {**m["config"]["model"], **train.get("chosen", {})}
         click.echo(f"  training  {train['epochs']} closed-form fit(s) on {train['device']} in {train['seconds']:.1f}s, "
                    f"dropout {chosen['dropout']:g}, l2 {chosen['l2']:g}, popularity exponent "
@@ -61,12 +64,12 @@ def run(job_file: Path, force: bool, as_json: bool) -> None:
     else:
         threads = f" ({train['threads']} thread{'s' * (train['threads'] != 1)})" if train.get("threads") else ""
         click.echo(f"  training  {train['epochs']} epochs on {train['device']}{threads} in {train['seconds']:.1f}s{final}")
-    if train.get("stop_reason") != "fitted":
+    if not fitted:
         click.echo(f"  training  best epoch {train['best_epoch']} of at most {train.get('max_epochs', '?')}, "
                    f"stopped by {train.get('stop_reason', '?')}")
     refit = train.get("refit")
     if refit:
-        done = f" on all {refit['users']:,} users" + ("" if train.get("stop_reason") == "fitted" else
+        done = f" on all {refit['users']:,} users" + ("" if fitted else
                                                       f", {refit['epochs']} epochs") + f" in {refit['seconds']:.1f}s"
         click.echo(f"  refit     {refit['status']}" + (done if refit["status"] == "published" else f": {refit['reason']}"))
     if m["evaluation"]:

@@ -56,6 +56,13 @@ class Noise:
     uniform: torch.Tensor  # (nnz,) in [0, 1): an entry is dropped where it is below the dropout rate
     normal: torch.Tensor  # (batch, dim) standard normal: the vae's reparameterisation noise
 
+    @classmethod
+    def draw(cls, batch: "SparseBatch", dim: int, generator: torch.Generator) -> "Noise":
+        """The draws for ``batch`` and a ``dim``-wide bottleneck, from ``generator`` (on its device)."""
+        device = generator.device
+        return cls(torch.rand(len(batch.indices), generator=generator, device=device),
+                   torch.randn(batch.size, dim, generator=generator, device=device))
+
 
 RECVAE_LAYERS = 5  # RecVAE's encoder depth (Shenbin et al. 2020)
 RECVAE_LAYER_NORM_EPS = 0.1  # as in the authors' code

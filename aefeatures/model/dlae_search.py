@@ -67,9 +67,8 @@ def train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray 
     the whole data's units); "epoch" i of ``history`` is the i-th fit, with its p, λ, β, the
     users it was fitted on, its seconds (the fit and its β walk) and its validation metrics.
     Without it ``cfg.dropout``, ``cfg.l2`` and ``cfg.popularity_exponent`` are fitted once on
-    ``rows``. ``deadline`` (a
-    ``time.perf_counter()`` value; default ``cfg.max_minutes`` from now, when set) stops the
-    search between fits, keeping the best so far (``stop_reason`` "max_minutes"; a sampled
+    ``rows``. ``deadline`` (a ``time.perf_counter()`` value; default ``cfg.max_minutes`` from
+    now, when set) stops the search between fits, keeping the best so far (``stop_reason`` "max_minutes"; a sampled
     search then keeps its sample's model); otherwise ``stop_reason`` is "fitted".
 
     The popularity correction multiplies item j's scores by (n_j + 1)^-β, n_j its users among
@@ -112,10 +111,15 @@ class _Search:
             else [cfg.popularity_exponent]
         self.result = TrainResult(model=None, device=str(self.device))  # type: ignore[arg-type]
         self.best_score = -np.inf
-        self.fit_rows = rows
         if validate is not None and len(rows) > SEARCH_USERS:
-            sample = np.random.default_rng(cfg.seed).choice(rows, SEARCH_USERS, replace=False)
-            self.fit_rows = np.sort(sample)
+            self._fit_on(np.sort(np.random.default_rng(cfg.seed).choice(rows, SEARCH_USERS, replace=False)))
+        else:
+            self._fit_on(rows)
+
+    def _fit_on(self, rows: np.ndarray) -> None:
+        """Fit the next candidates on ``rows``, whose users per item (n_j) the correction reads."""
+        self.fit_rows = rows
+        self.counts = np.bincount(self.matrix.csr.gather(rows)[1], minlength=self.matrix.shape[1])
 
     def run(self) -> None:
         cfg, history = self.cfg, self.result.history
@@ -137,7 +141,8 @@ class _Search:
                     break
         if self.fit_rows is not self.rows:  # the chosen (p, λ, β) on every training user
             chosen = self.result.chosen
-            self.fit_rows, self.exponents = self.rows, [chosen["popularity_exponent"]]
+            self._fit_on(self.rows)
+            self.exponents = [chosen["popularity_exponent"]]
             self.best_score = -np.inf  # this fit is the result, whatever its score
             self.fit(chosen["dropout"], chosen["l2"])
 
@@ -151,7 +156,7 @@ class _Search:
         started = time.perf_counter()
         share = len(self.fit_rows) / len(self.rows)
         model, factors = _dlae_model(self.matrix, cfg, self.fit_rows, dropout, l2 * share, self.device)
-        counts = np.bincount(self.matrix.csr.gather(self.fit_rows)[1], minlength=self.matrix.shape[1])
+        counts = self.counts
         result.steps += 1
         exponent, metrics = self.exponents[0], {}
         for candidate in self.exponents:

@@ -26,8 +26,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from contextlib import nullcontext
-from typing import TYPE_CHECKING, Callable, ContextManager
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,9 +34,9 @@ import torch
 from aefeatures import errors
 from aefeatures.config import ModelConfig
 from aefeatures.model.autoencoder import Autoencoder, Noise, SparseBatch, multinomial_nll
-
-if TYPE_CHECKING:  # train imports this module when a recvae trains
-    from aefeatures.model.result import TrainResult
+from aefeatures.model.device import autocast as autocast_context
+from aefeatures.model.optim import fused_adam
+from aefeatures.model.result import TrainResult
 
 PRIOR_WEIGHTS = (3 / 20, 3 / 4, 1 / 10)  # N(0, I), the old encoder's posterior, the wide N(0, e^10 I)
 WIDE_LOGVAR = 10.0  # log-variance of the prior's wide component
@@ -87,18 +86,9 @@ def encoder_parameters(model: Autoencoder) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in decoder]
 
 
-def _adam(params: list[torch.nn.Parameter], cfg: ModelConfig) -> torch.optim.Optimizer:
-    """Adam over ``params``: the fused kernel where this torch has it for the device (as the
-    other kinds' training does), else the multi-tensor one."""
-    try:
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    except RuntimeError:
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-
-
 class Phases:
     """RecVAE's alternating training of ``model`` (CPU or one GPU) on the batches ``cut`` makes
-    of user rows (:func:`aefeatures.model.train.batch_cutter`), under autocast to ``autocast``
+    of user rows (:func:`aefeatures.model.device.batch_cutter`), under autocast to ``autocast``
     (None: fp32).
 
     :meth:`epoch` runs one epoch; :meth:`encoder_step` and :meth:`decoder_step` one optimizer
@@ -110,8 +100,8 @@ class Phases:
         self.model, self.cut, self.cfg, self.device, self.autocast = model, cut, cfg, device, autocast
         self.batch_size = cfg.batch_size
         self.passes = cfg.encoder_passes + 1  # shuffled passes over the users per epoch
-        self.encoder_optimizer = _adam(encoder_parameters(model), cfg)
-        self.decoder_optimizer = _adam(list(model.decoder.parameters()), cfg)
+        self.encoder_optimizer = fused_adam(encoder_parameters(model), cfg)
+        self.decoder_optimizer = fused_adam(list(model.decoder.parameters()), cfg)
         # The prior's old encoder: a frozen copy of the model whose encoder alone is read (and
         # updated); its decoder's copy sits unused, simpler than a second encoder-only class.
         self.old = copy.deepcopy(model).requires_grad_(False).eval()
@@ -133,22 +123,14 @@ class Phases:
         self._weight_sum += weights.sum()
         return weights * kl
 
-    def _autocast(self) -> ContextManager:
-        return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None else nullcontext()
-
-    def _noise(self, batch: SparseBatch) -> Noise:
-        uniform = torch.rand(len(batch.indices), generator=self.generator, device=self.device)
-        normal = torch.randn(batch.size, self.cfg.dim, generator=self.generator, device=self.device)
-        return Noise(uniform, normal)
-
     def encoder_step(self, users: np.ndarray) -> torch.Tensor:
         """One step of the encoder's Adam on the negative ELBO of ``users`` (dropout on; the
         decoder takes no gradient). Returns their summed loss (no host sync)."""
         model = self.model.train()
         model.decoder.requires_grad_(False)
         batch = self.cut(users)
-        noise = self._noise(batch)
-        with self._autocast():
+        noise = Noise.draw(batch, self.cfg.dim, self.generator)
+        with autocast_context(self.device, self.autocast):
             mean, logvar = model.encode(batch, noise)
             mean, logvar = mean.float(), logvar.float()
             z = mean + noise.normal * torch.exp(0.5 * logvar)
@@ -165,22 +147,22 @@ class Phases:
         model = self.model
         model.decoder.requires_grad_(True)
         batch = self.cut(users)
-        noise = self._noise(batch)
-        with torch.no_grad(), self._autocast():
+        noise = Noise.draw(batch, self.cfg.dim, self.generator)
+        with torch.no_grad(), autocast_context(self.device, self.autocast):
             model.eval()  # no dropout; the sample is drawn here
             mean, logvar = model.encode(batch)
             model.train()
             mean, logvar = mean.float(), logvar.float()
             z = mean + noise.normal * torch.exp(0.5 * logvar)
             kl = self._kl(batch, z, mean, logvar)
-        with self._autocast():
+        with autocast_context(self.device, self.autocast):
             losses = multinomial_nll(model.decoder(z), batch) + kl
         self.decoder_optimizer.zero_grad(set_to_none=False)
         (losses.sum() / len(users)).backward()
         self.decoder_optimizer.step()
         return losses.detach().sum()
 
-    def epoch(self, order: Callable[[], np.ndarray], result: "TrainResult",
+    def epoch(self, order: Callable[[], np.ndarray], result: TrainResult,
               deadline: float | None = None) -> tuple[float, float, bool]:
         """``cfg.encoder_passes`` encoder passes, the prior's update, one decoder pass, each over
         a fresh ``order()`` of the users. Returns (mean loss per user and mean KL weight per user

@@ -102,11 +102,11 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
         from aefeatures.model import recvae
 
         recvae.check_supported(matrix.shape[1], cfg, under_torchrun=group is not None)
-        model = Autoencoder(shape, device=device)
+    model = Autoencoder(shape, device=device)
+    if cfg.kind == "recvae":
         step: _Step | recvae.Phases = recvae.Phases(model, batch_cutter(matrix, device), cfg, device,
                                                     autocast=autocast_dtype(cfg.precision, device))
     else:
-        model = Autoencoder(shape, device=device)
         step = _Step(model, matrix, cfg, device, group)
     result = TrainResult(model=model, device=str(device), threads=threads, chosen=fallback or {})
     rows = np.arange(matrix.shape[0]) if rows is None else rows
@@ -274,7 +274,7 @@ class _Step:
     def __call__(self, users: np.ndarray, beta: float) -> torch.Tensor:
         """Train on the rows ``users``; returns their summed loss (no host sync)."""
         batch = self.cut(users)
-        noise = self._noise(batch)
+        noise = Noise.draw(batch, self.cfg.dim, self.generator)
         with autocast(self.device, self.autocast):
             losses = self._losses(batch, noise, beta)
         loss = losses.sum() / len(users)  # DDP averages it over the ranks' batches
@@ -302,11 +302,6 @@ class _Step:
             losses = losses + beta * kl_divergence(mean.float(), logvar.float())
         return losses
 
-    def _noise(self, batch: SparseBatch) -> Noise:
-        """The batch's random draws, from this rank's generator."""
-        uniform = torch.rand(len(batch.indices), generator=self.generator, device=self.device)
-        normal = torch.randn(batch.size, self.cfg.dim, generator=self.generator, device=self.device)
-        return Noise(uniform, normal)
 
 
 class NegativeSampler:

@@ -9,7 +9,7 @@ import html
 from typing import Any, Sequence
 
 from aefeatures.quality.drift import CHURN_K, describe
-from aefeatures.schema import KEY_METRIC, KS
+from aefeatures.schema import KEY_METRIC, KS, closed_form
 
 WIDTH, HEIGHT, PAD = 420, 220, 36
 
@@ -119,7 +119,7 @@ def render(manifest: dict[str, Any], previous: dict[str, Any] | None) -> str:
         columns[f"previous ({previous['version']})"] = (previous.get("evaluation") or {}).get("model")
     verdict = (gate.get("why", "not run") if gate.get("skipped") else
                "passed" if gate.get("passed", True) else "refused: " + "; ".join(gate.get("reasons", [])))
-    if manifest["training"].get("stop_reason") == "fitted" or history and "l2" in history[0]:
+    if closed_form(manifest["training"]):
         charts = _fits_table(history, best)  # dlae: closed-form fits, no loss curve
     else:
         charts = _chart("training loss per user", [h["loss"] for h in history], best)
