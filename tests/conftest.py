@@ -113,3 +113,20 @@ def trained_kind(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"trained_{request.param}")
     result = run_job(load_job_config(write_job(folder, model={"kind": request.param})), progress=False)
     return folder / "store", result
+
+
+def cli_runner():
+    """A CliRunner whose result keeps stdout and stderr apart on every click version."""
+    from click.testing import CliRunner
+
+    try:
+        return CliRunner(mix_stderr=False)  # click < 8.2
+    except TypeError:
+        return CliRunner()  # click >= 8.2 keeps stderr apart by itself
+
+
+def strict_loads(text: str):
+    """``json.loads`` that fails on NaN, Infinity and -Infinity, which strict JSON has not."""
+    def refuse(name):
+        raise AssertionError(f"non-strict JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)

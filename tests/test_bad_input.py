@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from aefeatures.cli.app import cli
+from tests.conftest import cli_runner
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "interactions.parquet"
 NAME = "movies"
@@ -41,10 +42,7 @@ NO_GATE = {"gate": {"beat_popularity": False, "min_ratio": 0.0}}
 
 @pytest.fixture()
 def runner() -> CliRunner:
-    try:
-        return CliRunner(mix_stderr=False)  # click < 8.2
-    except TypeError:
-        return CliRunner()  # click >= 8.2 keeps stderr apart by itself
+    return cli_runner()
 
 
 def run(runner: CliRunner, job: Path):

@@ -14,7 +14,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,22 +21,10 @@ from aefeatures.cli.app import cli
 from aefeatures.serving.http import create_app
 from aefeatures.serving.live import LiveStore
 from aefeatures.serving.lookup import open_store
+from tests.conftest import cli_runner, strict_loads
 
 N_ITEMS = 6
 HASH = 2**63 + 12_345  # a uint64 hash above the int64 range
-
-
-def _runner() -> CliRunner:
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:
-        return CliRunner()
-
-
-def _strict(text: str):
-    def refuse(name):
-        raise AssertionError(f"non-strict JSON constant {name}")
-    return json.loads(text, parse_constant=refuse)
 
 
 def _train(folder: Path, users: list, items: list) -> Path:
@@ -55,7 +42,7 @@ def _train(folder: Path, users: list, items: list) -> Path:
     job.write_text(f'[job]\nname = "shop"\nstore = "{folder / "store"}"\n[input]\npath = "in.parquet"\n'
                    '[model]\nepochs = 1\ndim = 8\nhidden = [16]\n[index]\nkind = "flat"\n'
                    '[gate]\nbeat_popularity = false\nmin_ratio = 0.0\n')
-    result = _runner().invoke(cli, ["run", str(job)])
+    result = cli_runner().invoke(cli, ["run", str(job)])
     assert result.exit_code == 0, result.output
     return folder / "store"
 
@@ -90,7 +77,7 @@ def _asgi(app, method: str, path: str, query: str = "", body: bytes = b"") -> tu
     asyncio.run(app(scope, receive, send))
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     text = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body").decode()
-    return status, _strict(text)
+    return status, strict_loads(text)
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +99,9 @@ def via_api(root: Path, raw) -> tuple:
 
 
 def via_cli(root: Path, raw: str) -> tuple:
-    result = _runner().invoke(cli, ["recommend", "--store", str(root), "--user", raw, "-k", "3", "--json"])
+    result = cli_runner().invoke(cli, ["recommend", "--store", str(root), "--user", raw, "-k", "3", "--json"])
     if result.exit_code == 0:
-        return ("items", [r["item_id"] for r in _strict(result.stdout)["items"]])
+        return ("items", [r["item_id"] for r in strict_loads(result.stdout)["items"]])
     return {5: ("not_found",), 2: ("invalid",)}[result.exit_code]
 
 
@@ -126,13 +113,13 @@ def via_http(app, raw: str) -> tuple:
 
 
 def via_sql(root: Path, raw: str) -> tuple:
-    result = _runner().invoke(cli, ["sql", "--store", str(root), "--format", "json", "--param", f"user={raw}",
+    result = cli_runner().invoke(cli, ["sql", "--store", str(root), "--format", "json", "--param", f"user={raw}",
                                     "-c", "SELECT u.user_id, r.item_id FROM shop_users u "
                                           "LEFT JOIN shop_recommend($user, 3) r ON true WHERE u.user_id = $user"])
     if result.exit_code == 2:
         return ("invalid",)
     assert result.exit_code == 0, result.output
-    rows = _strict(result.stdout)
+    rows = strict_loads(result.stdout)
     if not rows:
         return ("not_found",)
     return ("items", sorted(r["item_id"] for r in rows if r["item_id"] is not None))
@@ -189,22 +176,22 @@ def test_numeric_looking_string_ids_stay_apart(stores, apps):
     assert not np.array_equal(fs.user_embedding("42"), fs.user_embedding("00042"))
     # SQL: --param user=00042 is the string id "00042" (not 42, not "42")
     assert via_sql(root, "00042") == ("items", sorted(via_api(root, "00042")[1]))
-    result = _runner().invoke(cli, ["sql", "--store", str(root), "--format", "json", "--param", "user=00042",
+    result = cli_runner().invoke(cli, ["sql", "--store", str(root), "--format", "json", "--param", "user=00042",
                                     "-c", "SELECT user_id FROM shop_users WHERE user_id = $user"])
-    assert result.exit_code == 0 and _strict(result.stdout) == [{"user_id": "00042"}]
+    assert result.exit_code == 0 and strict_loads(result.stdout) == [{"user_id": "00042"}]
     # SQL: --param item=38 names the string id "38" only, never "0038" too
-    result = _runner().invoke(cli, ["sql", "--store", str(root), "--format", "json", "--param", "item=38",
+    result = cli_runner().invoke(cli, ["sql", "--store", str(root), "--format", "json", "--param", "item=38",
                                     "-c", "SELECT item_id FROM shop_items WHERE item_id = $item"])
     assert result.exit_code == 0, result.output
-    assert _strict(result.stdout) == [{"item_id": "38"}]
-    result = _runner().invoke(cli, ["sql", "--store", str(root), "--format", "json", "--param", "item=38",
+    assert strict_loads(result.stdout) == [{"item_id": "38"}]
+    result = cli_runner().invoke(cli, ["sql", "--store", str(root), "--format", "json", "--param", "item=38",
                                     "-c", "SELECT item_id FROM shop_similar_items($item, 10)"])
     assert result.exit_code == 0, result.output
-    assert "38" not in [r["item_id"] for r in _strict(result.stdout)] and len(_strict(result.stdout)) == 5
+    assert "38" not in [r["item_id"] for r in strict_loads(result.stdout)] and len(strict_loads(result.stdout)) == 5
     # a literal number handed to a macro is cast to the id type: 38 is "38", not "0038"
-    con_rows = _runner().invoke(cli, ["sql", "--store", str(root), "--format", "json",
+    con_rows = cli_runner().invoke(cli, ["sql", "--store", str(root), "--format", "json",
                                       "-c", "SELECT count(*) AS n FROM shop_similar_items(38, 10)"])
-    assert _strict(con_rows.stdout) == [{"n": 5}]
+    assert strict_loads(con_rows.stdout) == [{"n": 5}]
 
 
 def test_one_user_spelled_twice_in_a_batch_is_answered_once(stores, apps):
@@ -230,19 +217,19 @@ def test_a_known_user_with_nothing_left_is_not_reported_as_not_found(stores, app
     assert [r["user"] for r in out["results"]] == [full, 1] and out["results"][0]["items"] == []
     users_file = tmp_path / "users.txt"
     users_file.write_text(f"{full}\n1\n5\n")
-    result = _runner().invoke(cli, ["recommend", "--store", str(root), "--users-file", str(users_file), "--json"])
+    result = cli_runner().invoke(cli, ["recommend", "--store", str(root), "--users-file", str(users_file), "--json"])
     assert result.exit_code == 0, result.output
     assert "1 of 3 user(s) not found in shop" in result.stderr and "(5)" in result.stderr
     assert ("1 of 3 known user(s) have no item left to recommend "
             f"(every item is seen, excluded or filtered out; {full})") in result.stderr
-    assert {r["user_id"] for r in _strict(result.stdout)} == {1}
+    assert {r["user_id"] for r in strict_loads(result.stdout)} == {1}
 
 
 def test_uint64_ids_round_trip_every_interface(stores, apps):
     root, _ = stores["uint64"]
-    result = _runner().invoke(cli, ["similar", "--store", str(root), "--user", str(HASH), "--json"])
+    result = cli_runner().invoke(cli, ["similar", "--store", str(root), "--user", str(HASH), "--json"])
     assert result.exit_code == 0, result.output
-    out = _strict(result.stdout)
+    out = strict_loads(result.stdout)
     assert out["user"] == HASH and HASH not in [u["user_id"] for u in out["users"]]
     assert {u["user_id"] for u in out["users"]} <= {1, 42, HASH + 1, 2**64 - 1, 7}
     status, body = _asgi(apps["uint64"], "GET", "/v1/shop/similar_users", urlencode({"user": str(2**64 - 1)}))
@@ -251,7 +238,7 @@ def test_uint64_ids_round_trip_every_interface(stores, apps):
 
 def test_feast_export_of_uint64_ids_is_refused_in_one_line(stores, tmp_path):
     root, _ = stores["uint64"]
-    result = _runner().invoke(cli, ["feast-export", "--store", str(root), "--output", str(tmp_path / "repo")])
+    result = cli_runner().invoke(cli, ["feast-export", "--store", str(root), "--output", str(tmp_path / "repo")])
     assert result.exit_code == 2 and "Traceback" not in result.output
     line, = result.stderr.splitlines()
     assert line.startswith("error: feature set `shop` has UInt64 user ids, which Feast cannot hold")

@@ -14,13 +14,14 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
 from aefeatures.cli.app import cli
 from aefeatures.store import publish
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fixtures"))
 import real_world  # noqa: E402
+
+from tests.conftest import cli_runner, strict_loads
 
 TINY = {"epochs": 1, "dim": 8, "hidden": [16], "batch_size": 64}
 NO_GATE = {"beat_popularity": False, "min_ratio": 0.0}
@@ -43,19 +44,6 @@ def job_file(folder: Path, store: Path, input: dict) -> Path:
     return path
 
 
-def runner() -> CliRunner:
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:
-        return CliRunner()
-
-
-def strict(text: str):
-    def refuse(name):
-        raise AssertionError(f"non-strict JSON constant {name}")
-    return json.loads(text, parse_constant=refuse)
-
-
 def _expected_per_user(truth: dict) -> tuple[dict, dict]:
     items, latest = defaultdict(set), {}
     for n, (u, i) in enumerate(zip(truth["user"], truth["item"])):
@@ -70,12 +58,12 @@ def _expected_per_user(truth: dict) -> tuple[dict, dict]:
 @pytest.mark.parametrize("name", OK)
 def test_real_world_export_trains_and_publishes_the_right_values(tmp_path, name):
     case = real_world.write_case(name, tmp_path)
-    result = runner().invoke(cli, ["run", str(job_file(tmp_path, tmp_path / "store", case.input))])
+    result = cli_runner().invoke(cli, ["run", str(job_file(tmp_path, tmp_path / "store", case.input))])
     assert result.exit_code == 0, result.output
     version = (tmp_path / "store" / "shop" / "LATEST").read_text().strip()
     folder = tmp_path / "store" / "shop" / "versions" / version
     publish.check_finite(folder)
-    manifest = strict((folder / "manifest.json").read_text())
+    manifest = strict_loads((folder / "manifest.json").read_text())
     items, latest = _expected_per_user(case.truth)
 
     users = pq.read_table(folder / "users.parquet").to_pylist()
@@ -99,7 +87,7 @@ def test_real_world_export_trains_and_publishes_the_right_values(tmp_path, name)
         assert manifest["id_types"] == {"user": "UInt64", "item": "UInt64"}
         assert str(pq.read_schema(folder / "users.parquet").field("user_id").type) == "uint64"
         # embedding with the live model (no training) keeps the uint64 ids too
-        embedded = runner().invoke(cli, ["embed", str(tmp_path / "job.toml"), "--force"])
+        embedded = cli_runner().invoke(cli, ["embed", str(tmp_path / "job.toml"), "--force"])
         assert embedded.exit_code == 0, embedded.output
         version = (tmp_path / "store" / "shop" / "LATEST").read_text().strip()
         again = pq.read_table(tmp_path / "store" / "shop" / "versions" / version / "users.parquet")
@@ -111,7 +99,7 @@ def live_store(tmp_path_factory) -> Path:
     """A store with one live version of `shop`, for refusals to leave untouched."""
     folder = tmp_path_factory.mktemp("live")
     case = real_world.write_case("epoch_s", folder)
-    result = runner().invoke(cli, ["run", str(job_file(folder, folder / "store", case.input))])
+    result = cli_runner().invoke(cli, ["run", str(job_file(folder, folder / "store", case.input))])
     assert result.exit_code == 0, result.output
     return folder / "store"
 
@@ -124,7 +112,7 @@ def test_real_world_export_that_cannot_be_read_is_refused_leaving_latest(tmp_pat
     versions = sorted(p.name for p in (store / "shop" / "versions").iterdir())
     case = real_world.write_case(name, tmp_path / "data")
     case.input["path"] = str(tmp_path / "data" / case.input["path"])
-    result = runner().invoke(cli, ["run", str(job_file(tmp_path, store, case.input))])
+    result = cli_runner().invoke(cli, ["run", str(job_file(tmp_path, store, case.input))])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and result.stdout == ""
     line, = result.stderr.splitlines()
@@ -139,17 +127,17 @@ def test_every_user_with_one_item_says_why_validation_and_the_gate_metrics_are_s
 
     users = [u for u in range(300) for _ in range(3)]  # each user's one item, repeated
     pq.write_table(pa.table({"user_id": users, "item_id": [u % 7 for u in users]}), tmp_path / "x.parquet")
-    result = runner().invoke(cli, ["run", str(job_file(tmp_path, tmp_path / "store", {"path": "x.parquet"}))])
+    result = cli_runner().invoke(cli, ["run", str(job_file(tmp_path, tmp_path / "store", {"path": "x.parquet"}))])
     assert result.exit_code == 0, result.output
     assert "metric checks skipped: no user has 2 or more items (all 300 have one), so no validation split is " \
            "possible" in result.stdout
     version = (tmp_path / "store" / "shop" / "LATEST").read_text().strip()
-    manifest = strict((tmp_path / "store" / "shop" / "versions" / version / "manifest.json").read_text())
+    manifest = strict_loads((tmp_path / "store" / "shop" / "versions" / version / "manifest.json").read_text())
     assert manifest["evaluation"] is None
     assert manifest["evaluation_skipped"].startswith("no user has 2 or more items")
     assert manifest["gate"]["metric_checks"] == "skipped"
     page = (tmp_path / "store" / "shop" / "versions" / version / "report.html").read_text()
     assert "metric checks were skipped: no user has 2 or more items" in page
-    shown = runner().invoke(cli, ["evaluate", "--store", str(tmp_path / "store")])
+    shown = cli_runner().invoke(cli, ["evaluate", "--store", str(tmp_path / "store")])
     assert shown.exit_code == 0, shown.output
     assert "metric checks were skipped: no user has 2 or more items" in shown.stdout

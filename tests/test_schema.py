@@ -10,23 +10,18 @@ import pytest
 from aefeatures.errors import BadInputError
 from aefeatures.schema import SCHEMA_VERSION, Manifest, strict_json
 from aefeatures.store.layout import read_manifest
-
-
-def _strict(text: str):
-    def refuse(name: str):
-        raise AssertionError(f"non-strict JSON constant {name}")
-    return json.loads(text, parse_constant=refuse)
+from tests.conftest import strict_loads
 
 
 def test_finite_values_pass_unchanged():
     value = {"a": [1, 2.5, "x", None, True], "b": {"c": -0.0}}
-    assert _strict(strict_json(value)) == value
+    assert strict_loads(strict_json(value)) == value
 
 
 def test_non_finite_floats_become_null_anywhere():
     value = {"score": float("nan"), "items": [{"s": float("inf")}, {"s": -float("inf")}, (1.0, float("nan"))],
              "np": np.float32("nan")}
-    out = _strict(strict_json(value, default=lambda v: v.item()))
+    out = strict_loads(strict_json(value, default=lambda v: v.item()))
     assert out == {"score": None, "items": [{"s": None}, {"s": None}, [1.0, None]], "np": None}
 
 
