@@ -17,6 +17,11 @@
    difference between a short and a longer epoch, so the epoch's one final sync cancels out.
 5. A fresh process's start-up on the CPU and the GPU: imports, the device's context, and the
    small job's first epoch against its second (what a job's first epoch pays once).
+6. The default model, the closed-form dlae: the small job's validation NDCG@100 with the same
+   (p, λ) fitted on the CPU and on the GPU (must agree within ``--dlae-tolerance``), then at
+   the ML-20M shape one fit on each path the device can take (exact on the items, the sketch)
+   and the whole default training (the validated search and the refit, as `aefeatures run`
+   does it), on the GPU and on the CPU; and one sketch fit at ~1M items on the GPU.
 
 Each epoch is reported with its FLOP floor, measured on the same device. Runs in about a minute
 on an H200. Without a GPU it runs the CPU parts (at ``--scale`` of the ML-20M shape) and says
@@ -63,6 +68,7 @@ CPU_TIMED_STEPS = 8
 TILES = 10  # the timing data is 1/10 of the users, planted, repeated 10 times
 WIDE_TILES = 40  # the 1M-item timing data: 1/40 of the users, repeated on 40 blocks of items
 SYNC_STEPS = (4, 12)
+DLAE = {"dropout": 0.67, "l2": 100.0}  # one fit's (p, λ) in the dlae comparisons
 
 
 def planted_matrix(n_users: int, n_items: int, mean_items: float, seed: int = 1) -> InteractionMatrix:
@@ -119,6 +125,73 @@ def compare_devices(gpu: bool, tolerance: float) -> dict:
             worst = max([worst, *(abs(metrics[k] - reference[k]) for k in METRICS)])
     return {"job": {**SMALL, "model": dataclasses.asdict(SMALL_MODEL), "sampled": SAMPLED}, "metrics": runs,
             "max_abs_difference": round(worst, 5), "tolerance": tolerance, "passed": worst <= tolerance}
+
+
+def dlae_validation(matrix: InteractionMatrix, device: str, dim: int = 64) -> dict:
+    """One dlae fit at :data:`DLAE` on 90% of the users on ``device``: its seconds and the held-out
+    users' metrics (the run's protocol), and the factors' scores for 50 users (to compare)."""
+    from aefeatures.model import linear
+    from aefeatures.model.dlae_search import _dlae_model, _set_item_vectors
+
+    split = split_users(matrix.indptr, matrix.indices, share=0.1, max_users=10_000, holdout=0.2, seed=0)
+    solver = linear.Solver(matrix.csr, split.train_rows, matrix.shape[1], dim=dim, device=device)
+    factors = solver.fit(**DLAE)
+    model = _dlae_model(matrix.shape[1], ModelConfig(kind="dlae", dim=dim), factors.p, torch.device(device))
+    _set_item_vectors(model, factors.r, np.zeros(matrix.shape[1]), 0.0)
+    vectors, _ = encode(model, split.fold_in)
+    metrics = evaluate_embeddings(vectors, model.decoder.weight.detach().float().cpu().numpy(),
+                                  np.zeros(matrix.shape[1], np.float32), split)
+    scores = vectors[:50] @ model.decoder.weight.detach().float().cpu().numpy().T
+    return {"device": device, "method": factors.method, "iterations": factors.iterations,
+            "seconds": round(factors.seconds, 3), **{k: round(metrics[k], 5) for k in METRICS}, "scores": scores}
+
+
+def compare_dlae(gpu: bool, tolerance: float) -> dict:
+    """The small job's dlae on the GPU against the CPU: NDCG@100 and the scores themselves."""
+    matrix = planted_matrix(**SMALL)
+    cpu = dlae_validation(matrix, "cpu")
+    runs = {"cpu": {k: v for k, v in cpu.items() if k != "scores"}}
+    worst = scores_off = 0.0
+    if gpu:
+        cuda = dlae_validation(matrix, "cuda")
+        runs["cuda"] = {k: v for k, v in cuda.items() if k != "scores"}
+        worst = max(abs(cuda[k] - cpu[k]) for k in METRICS)
+        scores_off = float(np.abs(cuda["scores"] - cpu["scores"]).max() / max(np.abs(cpu["scores"]).max(), 1e-12))
+    return {"fit": DLAE, "runs": runs, "max_abs_difference": round(worst, 5),
+            "max_relative_score_difference": round(scores_off, 6), "tolerance": tolerance,
+            "passed": worst <= tolerance}
+
+
+def time_dlae_fit(matrix: InteractionMatrix, device: str, method: str | None, dim: int = 256) -> dict:
+    """One dlae fit from a cold start (and the Gram, on the items path) on ``device``."""
+    from aefeatures.model import linear
+
+    started = time.perf_counter()
+    solver = linear.Solver(matrix.csr, np.arange(matrix.shape[0]), matrix.shape[1], dim=dim, device=device,
+                           method=method)
+    setup = time.perf_counter() - started
+    cold = solver.fit(**DLAE)
+    warm = solver.fit(DLAE["dropout"], 3 * DLAE["l2"])
+    return {"what": "dlae fit", "device": device, "method": cold.method, "users": matrix.shape[0],
+            "items": matrix.shape[1], "interactions": matrix.nnz, "dim": dim, "setup_seconds": round(setup, 3),
+            "cold_seconds": round(cold.seconds, 3), "cold_iterations": cold.iterations,
+            "warm_seconds": round(warm.seconds, 3), "warm_iterations": warm.iterations,
+            "gflop_per_s": round(cold.flops / max(cold.seconds, 1e-9) / 1e9, 1)}
+
+
+def time_default_training(matrix: InteractionMatrix, device: str) -> dict:
+    """The whole default training of `aefeatures run` (search and refit) on ``device``."""
+    from aefeatures.config import EvaluationConfig, JobConfig, JobSection
+    from aefeatures.jobs.run import _train_and_evaluate
+
+    job = JobConfig(JobSection("gpu_check", Path(tempfile.gettempdir())), InputConfig("unused.parquet"),
+                    model=ModelConfig(device=device), evaluation=EvaluationConfig(reference_max_items=0))
+    started = time.perf_counter()
+    trained, evaluation, _ = _train_and_evaluate(matrix, job, progress=False)
+    return {"what": "default training", "device": trained.device, "users": matrix.shape[0],
+            "items": matrix.shape[1], "seconds": round(time.perf_counter() - started, 2),
+            "fits": len(trained.history), "valid_ndcg@100": evaluation["model"]["ndcg@100"],
+            "chosen": trained.chosen, "methods": sorted({h["method"] for h in trained.history})}
 
 
 def time_epoch(matrix: InteractionMatrix, cfg: ModelConfig, *, steps: int | None = None) -> dict:
@@ -221,6 +294,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--tolerance", type=float, default=0.02, help="largest metric difference accepted")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile timing")
+    parser.add_argument("--dlae-tolerance", type=float, default=0.001,
+                        help="largest NDCG difference accepted between a dlae fitted on the GPU and on the CPU")
+    parser.add_argument("--no-dae", action="store_true", help="skip the dae epochs: only the dlae parts")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
@@ -228,7 +304,7 @@ def main() -> int:
     report = {"date": date.today().isoformat(), "torch": torch.__version__, "cpu": platform.processor() or
               platform.machine(), "cpu_threads": torch.get_num_threads(),
               "gpu": torch.cuda.get_device_name(0) if gpu else None, "cuda": torch.version.cuda if gpu else None,
-              "epochs": [], "host_syncs": [], "start_up": [], "failed": []}
+              "epochs": [], "host_syncs": [], "start_up": [], "dlae": [], "failed": []}
     if not gpu:
         print("no CUDA device: skipping the GPU comparison and the GPU epoch timing (CPU parts only)")
     started = time.perf_counter()
@@ -250,7 +326,13 @@ def main() -> int:
             print(f"  {what}: {json.dumps(result)}")
         save()
 
-    report["comparison"] = compare_devices(gpu, args.tolerance)
+    report["dlae_comparison"] = compare_dlae(gpu, args.dlae_tolerance)
+    print(f"dlae, small job: {json.dumps(report['dlae_comparison']['runs'])}; max NDCG difference "
+          f"{report['dlae_comparison']['max_abs_difference']} (tolerance {args.dlae_tolerance}): "
+          f"{'ok' if report['dlae_comparison']['passed'] else 'MISMATCH'}")
+    save()
+    report["comparison"] = compare_devices(gpu, args.tolerance) if not args.no_dae else {"passed": True, "metrics": {},
+                                                                                         "max_abs_difference": 0.0}
     print(f"validation metrics, small job: {json.dumps(report['comparison']['metrics'])}; max difference "
           f"{report['comparison']['max_abs_difference']} (tolerance {args.tolerance}): "
           f"{'ok' if report['comparison']['passed'] else 'MISMATCH'}")
@@ -263,11 +345,21 @@ def main() -> int:
     report["timing_data"] = {"users": matrix.shape[0], "items": matrix.shape[1], "interactions": matrix.nnz,
                              "generate_seconds": round(time.perf_counter() - made, 1)}
     print(f"timing data: {matrix.shape[0]:,} users × {matrix.shape[1]:,} items, {matrix.nnz:,} interactions")
+    for device in ("cuda", "cpu") if gpu else ("cpu",):
+        for method in ("items", "sketch") if device == "cuda" else (None,):
+            measured(f"{device} dlae fit ({method or 'its default path'})",
+                     lambda: time_dlae_fit(matrix, device, method), "dlae")
+        measured(f"{device} dlae default training", lambda: time_default_training(matrix, device), "dlae")
     base = ModelConfig(kind="dae", dim=64, hidden=(600,), batch_size=args.batch_size, seed=0, min_steps=0)
     cpu = dataclasses.replace(base, device="cpu", precision="fp32")
-    measured("cpu fp32 epoch", lambda: time_epoch(matrix, cpu, steps=CPU_TIMED_STEPS), "epochs")
+    if not args.no_dae:
+        measured("cpu fp32 epoch", lambda: time_epoch(matrix, cpu, steps=CPU_TIMED_STEPS), "epochs")
     measured("cpu start-up in a fresh process", lambda: start_up("cpu"), "start_up")
     if gpu:
+        wide = tiled(planted_matrix(**{**shape, "n_users": -(-shape["n_users"] // WIDE_TILES)}), WIDE_TILES, widen=True)
+        measured("cuda dlae fit at ~1M items", lambda: time_dlae_fit(wide, "cuda", None), "dlae")
+        del wide
+    if gpu and not args.no_dae:
         for precision in ("fp32", "bf16"):
             cfg = dataclasses.replace(base, device="cuda", precision=precision)
             measured(f"cuda {precision} epoch", lambda: time_epoch(matrix, cfg), "epochs")
@@ -300,9 +392,12 @@ def main() -> int:
     for h in report["host_syncs"]:
         print(f"  host syncs per step, {h['precision']} items={h['items']:,} sparse_updates={h['sparse_updates']}: "
               f"{h['syncs_per_step']:g} ({', '.join(h['lines']) or 'none'})")
+    for d in report["dlae"]:
+        print(f"  {d['device']:5s} {d['what']}: {json.dumps({k: v for k, v in d.items() if k not in ('what', 'device')})}")
     save()
     print(json.dumps(report, indent=2))
-    return 0 if report["comparison"]["passed"] and not report["failed"] else 1
+    passed = report["comparison"]["passed"] and report["dlae_comparison"]["passed"]
+    return 0 if passed and not report["failed"] else 1
 
 
 if __name__ == "__main__":

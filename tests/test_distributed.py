@@ -1,5 +1,6 @@
 """Training under torchrun: each rank reads its own users, 2 CPU processes (gloo) train a model
-as good as one process's, and the version they write together is the one a process writes."""
+as good as one process's (a dae, and the default dlae fitted across the ranks), and the version
+they write together is the one a process writes."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from tests.conftest import FIXTURES, REPO, write_job
 
 pytestmark = pytest.mark.slow  # trains or benchmarks whole jobs; the fast lane leaves it out
 
-# Few epochs keep the test fast; dropout stays on, so the shared random draws are exercised.
-MODEL = {"epochs": 6, "batch_size": 200, "patience": 0, "min_steps": 0}
+# A trained kind: few epochs keep the test fast; dropout stays on, so the shared random draws are
+# exercised.
+MODEL = {"kind": "dae", "epochs": 6, "batch_size": 200, "patience": 0, "min_steps": 0}
 
 
 @pytest.mark.parametrize("fixture, world", [("interactions.parquet", 2), ("interactions.parquet", 3),
@@ -111,3 +113,55 @@ def test_every_rank_folds_the_same_alignment(tmp_path):
     assert published.get_column("user_id").equals(embedded.get_column("user_id"))
     np.testing.assert_allclose(np.stack(published.get_column("embedding").to_numpy()),
                                np.stack(embedded.get_column("embedding").to_numpy()), atol=1e-5)
+
+
+def _fold_in_ndcg(version, matrix) -> float:
+    """NDCG@100 of a published version's model on one fixed split of ``matrix``'s users: 20%
+    of their items hidden, the rest folded in — the same users and items for every version."""
+    from aefeatures.model.autoencoder import load_model
+    from aefeatures.model.embed import encode
+    from aefeatures.quality.evaluate import embedding_totals, metrics_of_totals, split_users
+
+    model = load_model(version / "model")
+    split = split_users(matrix.indptr, matrix.indices, share=0.5, max_users=10_000, holdout=0.2, seed=7, min_users=0)
+    vectors, _ = encode(model, split.fold_in)
+    totals = embedding_totals(vectors, model.decoder.weight.detach().numpy(), model.decoder.bias.detach().numpy(),
+                              split)
+    return metrics_of_totals(totals)["ndcg@100"]
+
+
+def test_two_gloo_ranks_fit_the_default_dlae_across_the_ranks_like_one_process(tmp_path):
+    from aefeatures.data.matrix import build_matrix
+    from aefeatures.model.autoencoder import load_model
+
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+    single = run_job(load_job_config(write_job(tmp_path / "one", model={"kind": "dlae"})), progress=False)
+    job = write_job(tmp_path / "two", model={"kind": "dlae"})
+    done = _torchrun(job)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "a dae is trained instead" not in done.stderr
+    folder = tmp_path / "two" / "store" / "movies"
+    version = folder / "versions" / (folder / "LATEST").read_text().strip()
+    manifest = json.loads((version / "manifest.json").read_text())
+
+    # the dlae itself, searched and refitted across the ranks: no other kind stands in
+    assert load_model(version / "model").shape.kind == "dlae" == manifest["config"]["model"]["kind"]
+    assert set(manifest["training"]["chosen"]) == {"dropout", "l2", "popularity_exponent"}
+    assert manifest["training"]["refit"]["status"] == "published"
+    assert all(fit["method"] == "items" for fit in manifest["training"]["history"])  # the Gram, summed over ranks
+    assert manifest["training"]["history"][0]["users"] == single.manifest["training"]["history"][0]["users"] + \
+        single.manifest["evaluation"]["valid_users"] - manifest["evaluation"]["valid_users"]  # all ranks' users
+    # every user and item present, as in one process
+    assert manifest["counts"] == single.manifest["counts"]
+    for table in ("users.parquet", "items.parquet"):
+        key = "user_id" if table == "users.parquet" else "item_id"
+        assert pl.read_parquet(version / table, columns=[key]).equals(pl.read_parquet(single.path / table, columns=[key]))
+    # the same quality: each version's model scored on the same fixed split
+    cfg = load_job_config(job).input
+    matrix = build_matrix(read_interactions(cfg), binarize=cfg.binarize, weight_transform=cfg.weight_transform).csr
+    ours, theirs = _fold_in_ndcg(version, matrix), _fold_in_ndcg(single.path, matrix)
+    if manifest["training"]["chosen"] == single.manifest["training"]["chosen"]:
+        assert ours == pytest.approx(theirs, abs=0.002)
+    else:  # validation users differ between the runs, and may choose another (p, λ, β): as good within noise
+        assert ours == pytest.approx(theirs, abs=0.02)

@@ -78,3 +78,61 @@ def test_the_temperature_minimises_the_nll_and_keeps_the_ranking():
     assert t >= 64  # each user's own item is the unique best: sharper is better (until the NLL is 0)
     t = linear.best_temperature(z, items, torch.tensor([2, 2]), torch.tensor([0, 1]), torch.tensor([1.0, 1.0]))
     assert t == min(linear.TEMPERATURES)  # the users' item is never their best: the flattest softmax
+
+
+class _TwoRanks:
+    """Two ranks in two threads of one process, summing like an all-reduce: the solver's
+    distributed arithmetic without processes."""
+
+    def __init__(self):
+        import threading
+
+        self.barrier, self.slots = threading.Barrier(2), [None, None]
+
+    def reduce_for(self, rank: int):
+        def reduce(tensor):
+            self.slots[rank] = tensor.clone()
+            self.barrier.wait()
+            total = self.slots[0] + self.slots[1]
+            self.barrier.wait()
+            return total
+
+        return reduce
+
+
+@pytest.mark.parametrize("method", ["items", "sketch"])
+def test_ranks_that_each_hold_half_the_users_fit_what_one_process_fits(method, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(linear, "TOLERANCE", 1e-10)
+    x, csr = _data(90, 30, seed=3)
+    one = linear.Solver(csr, np.arange(90), 30, dim=4, method=method).fit(0.67, 5.0)
+    ranks, results = _TwoRanks(), [None, None]
+
+    def rank(r: int) -> None:
+        solver = linear.Solver(csr, np.arange(r * 45, (r + 1) * 45), 30, dim=4, method=method,
+                               reduce=ranks.reduce_for(r))
+        results[r] = solver.fit(0.67, 5.0)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    whole = (one.p @ one.r.T).numpy()
+    for result in results:
+        assert result.method == method
+        np.testing.assert_allclose((result.p @ result.r.T).numpy(), whole, atol=1e-4 * np.abs(whole).max())
+    np.testing.assert_array_equal(results[0].p.numpy(), results[1].p.numpy())  # every rank: the same factors
+
+
+def test_a_warm_started_fit_needs_fewer_iterations_and_lands_on_the_same_model():
+    x, csr = _data(200, 60, seed=4)
+    solver = linear.Solver(csr, np.arange(200), 60, dim=6)
+    cold = solver.fit(0.5, 10.0)
+    warm = solver.fit(0.67, 10.0)
+    fresh = linear.Solver(csr, np.arange(200), 60, dim=6).fit(0.67, 10.0)
+    assert warm.iterations < cold.iterations
+    lam = _lam(x, 0.67, 10.0)
+    ours, theirs = (_objective(x, f.p.double().numpy() @ f.r.double().numpy().T, lam) for f in (warm, fresh))
+    assert ours == pytest.approx(theirs, rel=1e-4)

@@ -210,13 +210,14 @@ def test_refit_trains_the_published_model_on_every_user(tmp_path, kind):
     assert not torch.equal(other.decoder.weight, published.decoder.weight)
 
 
-def test_a_dlae_too_large_for_the_closed_form_trains_a_dae_and_says_so(matrix, monkeypatch, caplog):
+def test_a_dlae_too_large_for_memory_is_refused_in_one_line_never_replaced_by_another_kind(matrix, monkeypatch):
+    from aefeatures import errors
     from aefeatures.model import linear
 
-    monkeypatch.setattr(linear, "MAX_BYTES", 0)
-    cfg = ModelConfig(kind="dlae", dim=8, hidden=(16,), epochs=1, min_steps=0)
-    with caplog.at_level("WARNING", logger="aefeatures.model.train"):
-        result = train(matrix, cfg, progress=False)
-    assert "training a dae instead" in caplog.text
-    assert result.chosen == {"kind": "dae"} and result.model.shape.kind == "dae" and result.steps > 0
+    monkeypatch.setattr(linear, "MAX_BYTES", 1 << 20)
+    with pytest.raises(errors.BadInputError) as refused:
+        train(matrix, ModelConfig(kind="dlae", dim=8), progress=False)
+    message = str(refused.value)
+    assert "\n" not in message and refused.value.exit_code == 2
+    assert "GiB of working memory" in message and "`model.dim`" in message and 'model.kind = "dae"' in message
 

@@ -451,7 +451,8 @@ def _refit(matrix: InteractionMatrix, cfg: JobConfig, validated: TrainResult, pr
     if validated.stop_reason == "max_minutes":
         return {"status": "skipped", "reason": "model.max_minutes ran out during validation"}
     model_cfg = dataclasses.replace(cfg.model, **validated.chosen)
-    refit = train(matrix, model_cfg, progress=progress, epochs=validated.best_epoch, deadline=deadline)
+    refit = train(matrix, model_cfg, progress=progress, epochs=validated.best_epoch, deadline=deadline,
+                  start=validated.subspace)
     section = {"users": matrix.shape[0], "epochs": len(refit.history), "steps": refit.steps,
                "seconds": round(refit.seconds, 3), **({"chosen": validated.chosen} if validated.chosen else {})}
     if refit.stop_reason == "max_minutes":

@@ -70,6 +70,13 @@ class Group:
         dist.all_reduce(summed)
         return summed
 
+    def summed(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of ``value`` over all ranks, on ``value``'s device, whatever the backend
+        needs (NCCL sums on the rank's GPU, gloo anywhere): the dlae's reduce."""
+        if dist.get_backend() == "nccl" and value.device.type != "cuda":
+            return self.total(value.cuda()).to(value.device)
+        return self.total(value)
+
 
 def launched_by_torchrun() -> bool:
     """True in a process torchrun started as one of several ranks."""

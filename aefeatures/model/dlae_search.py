@@ -14,9 +14,15 @@ The search, with a validator:
 Above :data:`SEARCH_USERS` training users the search fits a seeded sample of that many users,
 with λ scaled by the sample's share (the data term and the dropout's penalty both grow with the
 users, λ does not: the sample's λ that matches the whole data's λ is λ × share), and the chosen
-(p, λ, β) is then fitted once on every training user and validated. At the ML-20M shape
-(138,493 users) a whole default run took 8.3 minutes on 2 cores: 8 search fits on the sample,
-one on every training user, and the refit (BENCHMARKS.md).
+(p, λ, β) is then fitted once on every training user and validated.
+
+The fits of one set of users share a :class:`aefeatures.model.linear.Solver` (the sparse
+matrix on the device, the Gram, and the last fit's subspace, from which the next fit starts),
+and the refit on every user starts from the search's subspace. The temperature and the
+popularity tie-break are set once, on the kept model. Under torch.distributed every rank runs
+the same search on its own users: the solver's sums, the item counts, the temperature's NLLs
+and the validation totals are summed over the ranks, and rank 0's validation metrics and clock
+decide for all, so every rank ends with the same model.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 
 from aefeatures.config import ModelConfig
 from aefeatures.data.matrix import InteractionMatrix
-from aefeatures.model import linear
+from aefeatures.model import distributed, linear
 from aefeatures.model.autoencoder import Autoencoder, AutoencoderShape
 from aefeatures.model.device import select_device, to_batch
 from aefeatures.model.result import TrainResult, Validator
@@ -58,18 +64,22 @@ QUIET_SECONDS = 5.0  # a search this young logs no progress line (small jobs sta
 
 
 def train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | None,
-               validate: Validator | None, deadline: float | None) -> TrainResult:
+               validate: Validator | None, deadline: float | None, start: torch.Tensor | None = None) -> TrainResult:
     """The closed-form low-rank DLAE (Steck, "Autoencoders that don't overfit towards the
     identity", NeurIPS 2020) of the users at ``rows`` (default: all), as an eval-mode
-    :class:`Autoencoder` in a :class:`TrainResult`.
+    :class:`Autoencoder` in a :class:`TrainResult`, fitted on ``cfg.device`` ("auto": the first
+    CUDA device when there is one).
 
     With ``validate`` the search of this module's docstring chooses (p, λ, β) (``chosen``, λ in
     the whole data's units); "epoch" i of ``history`` is the i-th fit, with its p, λ, β, the
-    users it was fitted on, its seconds (the fit and its β walk) and its validation metrics.
-    Without it ``cfg.dropout``, ``cfg.l2`` and ``cfg.popularity_exponent`` are fitted once on
-    ``rows``. ``deadline`` (a ``time.perf_counter()`` value; default ``cfg.max_minutes`` from
-    now, when set) stops the search between fits, keeping the best so far (``stop_reason`` "max_minutes"; a sampled
-    search then keeps its sample's model); otherwise ``stop_reason`` is "fitted".
+    users it was fitted on, its path, solver iterations, seconds (the fit and its β walk) and
+    validation metrics. Without it ``cfg.dropout``, ``cfg.l2`` and ``cfg.popularity_exponent``
+    are fitted once on ``rows``, from ``start`` (a search's ``TrainResult.subspace``) when
+    given. ``deadline`` (a ``time.perf_counter()`` value; default ``cfg.max_minutes`` from now,
+    when set) stops the search between fits, keeping the best so far (``stop_reason``
+    "max_minutes"; a sampled search then keeps its sample's model); otherwise ``stop_reason``
+    is "fitted". Under torch.distributed every rank calls this with its own users and the same
+    items (module docstring).
 
     The popularity correction multiplies item j's scores by (n_j + 1)^-β, n_j its users among
     the fitted rows, by scaling its item vector, so the index's inner products stay the model's
@@ -77,6 +87,9 @@ def train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray 
     recommendation accuracy", RecSys 2011; Abdollahpouri et al. 2019): a linear model's scores
     favour popular items more than held-out items do, and a small β lifts NDCG@100 and
     coverage; β = 0 is always a candidate, so validation can refuse it.
+
+    Raises ``BadInputError`` when the fit would not fit in memory
+    (:func:`aefeatures.model.linear.check_fits`).
     """
     started = time.perf_counter()
     if deadline is None and cfg.max_minutes > 0:
@@ -84,19 +97,21 @@ def train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray 
     rows = np.arange(matrix.shape[0]) if rows is None else rows
     threads = training_threads(cfg.threads)
     torch.set_num_threads(threads)  # the CPUs this process may use, as the trained kinds do
-    search = _Search(matrix, cfg, rows, validate, deadline)
+    search = _Search(matrix, cfg, rows, validate, deadline, start)
     search.result.threads = threads
     if validate is None:
         search.fit(cfg.dropout, cfg.l2)
     else:
         search.run()
+    search.finish()
     result = search.result
     if result.stop_reason != "max_minutes":
         result.stop_reason = "fitted"  # closed form: every candidate fitted
     result.max_epochs = len(result.history)
     result.seconds = time.perf_counter() - started
-    log.info("dlae: %d fit(s) in %.1fs; dropout %s, l2 %s, popularity exponent %s", len(result.history),
-             result.seconds, *(result.chosen.get(k, getattr(cfg, k)) for k in ("dropout", "l2", "popularity_exponent")))
+    log.info("dlae: %d fit(s) on %s in %.1fs; dropout %s, l2 %s, popularity exponent %s", len(result.history),
+             result.device, result.seconds,
+             *(result.chosen.get(k, getattr(cfg, k)) for k in ("dropout", "l2", "popularity_exponent")))
     return result
 
 
@@ -104,22 +119,39 @@ class _Search:
     """The fits of one search and the best so far (``result``)."""
 
     def __init__(self, matrix: InteractionMatrix, cfg: ModelConfig, rows: np.ndarray, validate: Validator | None,
-                 deadline: float | None):
+                 deadline: float | None, start: torch.Tensor | None):
         self.matrix, self.cfg, self.rows, self.validate, self.deadline = matrix, cfg, rows, validate, deadline
         self.device, self.started = select_device(cfg.device), time.perf_counter()
+        self.group = distributed.current()
         self.exponents = sorted({*DLAE_POPULARITY_EXPONENTS, cfg.popularity_exponent}) if validate \
             else [cfg.popularity_exponent]
         self.result = TrainResult(model=None, device=str(self.device))  # type: ignore[arg-type]
-        self.best_score = -np.inf
-        if validate is not None and len(rows) > SEARCH_USERS:
-            self._fit_on(np.sort(np.random.default_rng(cfg.seed).choice(rows, SEARCH_USERS, replace=False)))
+        self.best_score, self.kept_counts, self.solver = -np.inf, None, None
+        self.n_rows = self._total(len(rows))
+        if validate is not None and self.n_rows > SEARCH_USERS:
+            sample = -(-SEARCH_USERS * len(rows) // self.n_rows)  # this rank's part of the sample
+            self._fit_on(np.sort(np.random.default_rng(cfg.seed).choice(rows, sample, replace=False)), start)
         else:
-            self._fit_on(rows)
+            self._fit_on(rows, start)
 
-    def _fit_on(self, rows: np.ndarray) -> None:
-        """Fit the next candidates on ``rows``, whose users per item (n_j) the correction reads."""
-        self.fit_rows = rows
-        self.counts = np.bincount(self.matrix.csr.gather(rows)[1], minlength=self.matrix.shape[1])
+    def _total(self, count: int) -> int:
+        """``count`` summed over the ranks."""
+        return count if self.group is None else int(self.group.reduce_array(np.array([count]))[0])
+
+    def _reduce(self) -> linear.Reduce | None:
+        return None if self.group is None else self.group.summed
+
+    def _fit_on(self, rows: np.ndarray, start: torch.Tensor | None = None) -> None:
+        """Fit the next candidates on ``rows``, whose users per item (n_j) the correction reads,
+        with a solver that starts from ``start`` (or the last solver's subspace)."""
+        if start is None and self.solver is not None:
+            start = self.solver.start
+        self.fit_rows, self.share = rows, self._total(len(rows)) / max(self.n_rows, 1)
+        self.solver = None  # its matrix and Gram go before the next solver's come
+        self.solver = linear.Solver(self.matrix.csr, rows, self.matrix.shape[1], dim=self.cfg.dim, device=self.device,
+                                    seed=self.cfg.seed, reduce=self._reduce(), start=start)
+        counts = np.bincount(self.matrix.csr.gather(rows)[1], minlength=self.matrix.shape[1]).astype(np.int64)
+        self.counts = counts if self.group is None else self.group.reduce_array(counts)
 
     def run(self) -> None:
         cfg, history = self.cfg, self.result.history
@@ -139,73 +171,86 @@ class _Search:
                     rose, last = True, score
                 if rose:
                     break
-        if self.fit_rows is not self.rows:  # the chosen (p, λ, β) on every training user
+        if self.share < 1.0:  # the chosen (p, λ, β) on every training user
             chosen = self.result.chosen
             self._fit_on(self.rows)
             self.exponents = [chosen["popularity_exponent"]]
             self.best_score = -np.inf  # this fit is the result, whatever its score
             self.fit(chosen["dropout"], chosen["l2"])
 
+    def _late(self) -> bool:
+        late = self.deadline is not None and time.perf_counter() >= self.deadline
+        return late if self.group is None else bool(self.group.from_leader(late))
+
+    def _validated(self, model: Autoencoder) -> dict[str, float]:
+        """``validate(model)`` (every rank calls it: it sums the ranks' totals), rank 0's result."""
+        metrics = self.validate(model) if self.validate is not None else {}
+        return metrics if self.group is None else self.group.from_leader(metrics)
+
     def fit(self, dropout: float, l2: float) -> float | None:
         """Fit (p, λ) on ``fit_rows``, walk β on validation; the validation NDCG@100 (0 without a
         validator), or None when the deadline passed first."""
         result, cfg = self.result, self.cfg
-        if self.deadline is not None and time.perf_counter() >= self.deadline and result.model is not None:
+        if result.model is not None and self._late():
             result.stopped_early, result.stop_reason = True, "max_minutes"
             return None
         started = time.perf_counter()
-        share = len(self.fit_rows) / len(self.rows)
-        model, factors = _dlae_model(self.matrix, cfg, self.fit_rows, dropout, l2 * share, self.device)
+        factors = self.solver.fit(dropout, l2 * self.share)
+        model = _dlae_model(self.matrix.shape[1], cfg, factors.p, self.device)
         counts = self.counts
         result.steps += 1
         exponent, metrics = self.exponents[0], {}
         for candidate in self.exponents:
-            _set_item_vectors(model, factors, counts, candidate)
-            scored = self.validate(model) if self.validate is not None else {}
+            _set_item_vectors(model, factors.r, counts, candidate)
+            scored = self._validated(model)
             if metrics and scored.get(KEY_METRIC, 0.0) <= metrics.get(KEY_METRIC, 0.0):
                 break
             exponent, metrics = candidate, scored
-        _set_item_vectors(model, factors, counts, exponent)
-        _set_temperature(model, self.matrix, cfg, self.fit_rows, self.device)
-        _set_tie_break(model, counts)
+        _set_item_vectors(model, factors.r, counts, exponent)
         result.history.append({"epoch": result.steps, "dropout": dropout, "l2": l2, "popularity_exponent": exponent,
-                               "users": len(self.fit_rows), "seconds": round(time.perf_counter() - started, 3),
-                               "loss": 0.0, "beta": 0.0, **metrics})
+                               "users": self._total(len(self.fit_rows)), "method": factors.method,
+                               "iterations": factors.iterations, "fit_seconds": round(factors.seconds, 3),
+                               "gflop": round(factors.flops / 1e9, 2),
+                               "seconds": round(time.perf_counter() - started, 3), "loss": 0.0, "beta": 0.0, **metrics})
         result.epoch_losses.append(0.0)
         score = metrics.get(KEY_METRIC, 0.0)
-        if time.perf_counter() - self.started >= QUIET_SECONDS:
+        if time.perf_counter() - self.started >= QUIET_SECONDS and distributed.is_leader():
             progress_log.info("dlae fit %d on %d users: dropout %g, l2 %g, popularity exponent %g%s (%.1fs)",
-                              result.steps, len(self.fit_rows), dropout, l2, exponent,
+                              result.steps, result.history[-1]["users"], dropout, l2, exponent,
                               f", validation {KEY_METRIC} {score:.4f}" if metrics else "",
                               result.history[-1]["seconds"])
         if result.model is None or score > self.best_score:
-            self.best_score, result.model = score, model
+            self.best_score, result.model, self.kept_counts = score, model, counts
             result.best_epoch = result.best_step = result.steps
             if self.validate is not None:
                 result.chosen = {"dropout": dropout, "l2": l2, "popularity_exponent": exponent}
         return score
 
+    def finish(self) -> None:
+        """The kept model's temperature and tie-break (set once: rankings never depend on
+        them), and the solver's subspace for a refit to start from."""
+        _set_temperature(self.result.model, self.matrix, self.cfg, self.fit_rows, self.device, self._reduce())
+        _set_tie_break(self.result.model, self.kept_counts)
+        self.result.subspace = self.solver.start
+        self.solver = None
 
-def _dlae_model(matrix: InteractionMatrix, cfg: ModelConfig, rows: np.ndarray, dropout: float, l2: float,
-                device: torch.device) -> tuple[Autoencoder, np.ndarray]:
-    """The rank-``cfg.dim`` DLAE of ``rows`` as an eval-mode :class:`Autoencoder` (input layer P,
-    zero biases until :func:`_set_tie_break`) and its item factors R (n_items, dim), which :func:`_set_item_vectors` turns
-    into the decoder's weight."""
-    p, r = linear.dlae_factors(matrix.csr, rows, matrix.shape[1], dim=cfg.dim, dropout=dropout, l2=l2,
-                               seed=cfg.seed)
-    model = Autoencoder(AutoencoderShape(matrix.shape[1], cfg.dim, (), "dlae", 0.0), device=device)
+
+def _dlae_model(n_items: int, cfg: ModelConfig, p: torch.Tensor, device: torch.device) -> Autoencoder:
+    """An eval-mode :class:`Autoencoder` with input layer P (n_items, dim) and zero biases until
+    :func:`_set_tie_break`; :func:`_set_item_vectors` sets its decoder's weight."""
+    model = Autoencoder(AutoencoderShape(n_items, cfg.dim, (), "dlae", 0.0), device=device)
     with torch.no_grad():
-        model.input_layer.weight.copy_(torch.from_numpy(p))
+        model.input_layer.weight.copy_(p)
         model.input_bias.zero_()
         model.decoder.bias.zero_()
-    return model.eval(), r
+    return model.eval()
 
 
-def _set_item_vectors(model: Autoencoder, factors: np.ndarray, counts: np.ndarray, exponent: float) -> None:
+def _set_item_vectors(model: Autoencoder, factors: torch.Tensor, counts: np.ndarray, exponent: float) -> None:
     """The decoder's weight = R's rows × (n_j + 1)^-``exponent`` (``counts`` (n_items,) n_j)."""
-    scale = (counts.astype(np.float64) + 1.0) ** -exponent
+    scale = torch.from_numpy((counts.astype(np.float64) + 1.0) ** -exponent).float().to(factors.device)
     with torch.no_grad():
-        model.decoder.weight.copy_(torch.from_numpy((factors * scale[:, None]).astype(np.float32)))
+        model.decoder.weight.copy_(factors * scale[:, None])
 
 
 def _set_tie_break(model: Autoencoder, counts: np.ndarray) -> None:
@@ -219,14 +264,15 @@ def _set_tie_break(model: Autoencoder, counts: np.ndarray) -> None:
 
 
 def _set_temperature(model: Autoencoder, matrix: InteractionMatrix, cfg: ModelConfig, rows: np.ndarray,
-                     device: torch.device) -> None:
+                     device: torch.device, reduce: linear.Reduce | None) -> None:
     """Scale the decoder's weight by the temperature that best explains a sample of the training
     users (:func:`aefeatures.model.linear.best_temperature`): rankings keep, the softmax's
-    reconstruction error (and so the anomaly scores) becomes meaningful."""
+    reconstruction error (and so the anomaly scores) becomes meaningful. Under torch.distributed
+    each rank samples its share and the NLLs are summed (``reduce``)."""
     model.eval()
     with torch.no_grad():
         sample = np.random.default_rng(cfg.seed).choice(rows, min(TEMPERATURE_SAMPLE, len(rows)), replace=False)
         batch = to_batch(matrix, np.sort(sample), device)
         z, _ = model.encode(batch)
-        t = linear.best_temperature(z, model.decoder.weight, batch.indices, batch.rows, batch.values)
+        t = linear.best_temperature(z, model.decoder.weight, batch.indices, batch.rows, batch.values, reduce)
         model.decoder.weight.mul_(t)

@@ -1,137 +1,395 @@
 """A low-rank linear autoencoder in closed form: the rank-`dim` denoising linear autoencoder
-(DLAE) of Steck, "Autoencoders that don't overfit towards the Identity", NeurIPS 2020.
+(DLAE) of Steck, "Autoencoders that don't overfit towards the Identity", NeurIPS 2020, fitted
+on the CPU or a GPU, in one process or across torch.distributed ranks.
 
 DLAE minimises the expected loss of reconstructing X from a copy with each entry dropped with
 probability p, which is a weighted L2 penalty:
 
     min_B ||X - X B||² + ||Λ^½ B||²,   Λ = diag(p/(1-p) · diag(XᵀX) + λ),   rank(B) ≤ d
 
-The full-rank optimum is B = (XᵀX + Λ)⁻¹ XᵀX; the rank-d optimum is B = P Rᵀ with P, R
-(items × d) from one eigendecomposition, computed here on the smaller side (Y = X Λ^-½):
+With G = XᵀX and M = G + Λ = L Lᵀ the objective is ||LᵀB - L⁻¹G||² plus a constant, so the
+rank-d optimum is B = L⁻ᵀ [L⁻¹G]_d (Eckart–Young). With V_d the top-d eigenvectors of
+(L⁻¹G)ᵀ(L⁻¹G) = G M⁻¹ G, that is
 
-    Ĝ = YᵀY = W diag(e) Wᵀ,   Z = diag(e / √(e+1)) Wᵀ Λ^½   (r × items),   Z = Q S Rᵀ (top d)
-    P = Λ^-½ W diag(1/√(e+1)) Q S,   R = Zᵀ Q S⁻¹   (orthonormal columns)
+    B = P Rᵀ,   R = V_d (items × d, orthonormal),   P = M⁻¹ G V_d.
 
-Why: with G = XᵀX and M = G + Λ = L Lᵀ, L = Λ^½ (Ĝ + I)^½, the objective is ||LᵀB - L⁻¹G||²
-plus a constant, so the rank-d optimum is B = L⁻ᵀ [L⁻¹G]_d (Eckart–Young), and
-L⁻¹G = (Ĝ + I)^-½ Ĝ Λ^½ = W Z, whose truncated SVD is W Q_d S_d R_dᵀ (W has orthonormal columns).
-
-In the product's terms: the user embedding is the bottleneck x P (d wide), the item vectors are
+In the product's terms the user embedding is the bottleneck x P (d wide), the item vectors are
 R's rows and the score of item j is exactly x P · R[j], so the FAISS inner-product index returns
-the model's own top-k, and any new user is embedded by one product. The model is an
-:class:`~aefeatures.model.autoencoder.Autoencoder` with no hidden layer: input layer P, decoder
-weight R scaled by a temperature (below), zero biases. (The autoencoder reads each user's x
-L2-normalised, as for every kind: that scales a user's scores and changes none of their ranking.)
+the model's own top-k, and any new user is embedded by one product.
 
-Above :data:`EXACT_MAX_SIDE` users and items, Ĝ's top eigenpairs come from a randomized SVD of
-the sparse Y in float32 (Halko et al. 2011, ``torch.svd_lowrank``) with ``OVERSAMPLE × d``
-components; the rest is float64.
+How a fit is computed (:class:`Solver`; one per set of users, shared by the fits of a search):
+
+- ``"items"`` (exact): the Gram G once per solver; per fit one Cholesky of Ĝ + I (Ĝ = Λ^-½ G
+  Λ^-½, well conditioned) and a block subspace iteration on G M⁻¹ G (two products and two
+  triangular solves per step). Used when the catalogue is the small side.
+- ``"users"`` (exact, one process): the same operator through the users' kernel
+  K = X Λ⁻¹ Xᵀ (push-through identity: G M⁻¹ G = Xᵀ K (K + I)⁻¹ X, M⁻¹ G = Λ⁻¹ Xᵀ (K + I)⁻¹ X),
+  one Cholesky of K + I per fit. Used when the users are the small side (Last.fm).
+- ``"sketch"`` (large): Ĝ's top ``OVERSAMPLE × d`` eigenpairs by block subspace iteration with
+  sparse products only (Halko et al. 2011), then the rank-d optimum within them. Used when
+  both sides are large (ML-20M) and under torch.distributed beyond the Gram's size.
+
+No dense eigendecomposition of a whole side is ever taken (an items³ eigh was 9.7× a whole EASE
+grid on a 6k × 3.5k film set): a Cholesky costs a twentieth of it. Every iteration starts from
+the previous fit's subspace (a search's fits differ a little in Λ) and stops once the top-d Ritz
+values, whose sum is the part of the objective the fit captures, change by less than
+:data:`TOLERANCE`. The large products run in float32 on the solver's device; the small
+(q × q) problems in float64. Sums over users (G, K's pieces, Xᵀ(·), column norms, counts) go
+through ``reduce``: under torch.distributed each rank holds its own users and ``reduce`` is an
+all-reduce, so every rank ends with the same factors.
 """
 
 from __future__ import annotations
 
-import math
+import time
 import warnings
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
+from aefeatures import errors
 from aefeatures.data.matrix import CSR
 
-EXACT_MAX_SIDE = 4000  # users or items: below this on either side, the dense eigendecomposition
-MAX_DENSE_ENTRIES = 150_000_000  # float64 (users × items) for the exact path: 1.2 GB
-# randomized path: components of Ĝ per bottleneck unit. On Last.fm at dim 256, 2 × 256 gave
-# NDCG@100 0.3703 and 4 × 256 0.3698 against 0.3705 for the exact factors, 2 at a quarter of the
-# cost (the QR steps are O(rows × components²)).
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # the sum of a tensor over all ranks (in place allowed)
+
+# Exact paths while the smaller side is at most this (users for "users", items for "items"); the
+# Cholesky of that side costs side³/3 per fit. Above it the sketch path. Re-measured on 2 cores:
+# BENCHMARKS.md, "The dlae engine".
+EXACT_MAX_SIDE = 8192
+# On a GPU the Cholesky and the block products of a 32k side take well under a second (an fp32
+# 32k³/3 is ~11 TFLOP), and its three squares take 12 GiB: exact up to there.
+EXACT_MAX_SIDE_CUDA = 32768
+# components of Ĝ per bottleneck unit on the sketch path, and the block's oversampling on the
+# exact ones. On Last.fm at dim 256, 2 × 256 components gave NDCG@100 0.3703 and 4 × 256 0.3698
+# against 0.3705 for the exact factors.
 OVERSAMPLE = 2
+TOLERANCE = 1e-4  # relative change of the top-d Ritz values' sum that ends a fit's iteration
+MAX_ITERATIONS = 30  # cold starts take 8-15; warm starts 2-4
 TEMPERATURES = tuple(2.0 ** k for k in range(0, 16))
-MAX_BYTES = 6 << 30  # float64 working memory the fit may take; above it `fits` says no
+MAX_BYTES = 20 << 30  # working memory a fit may take on a host; above it `check_fits` refuses
+DENSE_BLOCK = 4096  # rows of a dense block when a Gram or kernel is summed from sparse products
 
 
-def working_bytes(n_users: int, n_items: int, dim: int) -> int:
-    """Float64 bytes a fit of ``dim`` takes, roughly: the randomized path's dense (users + items)
-    × components blocks (a few copies) and Z (components × items); the exact path is bounded
-    by :data:`MAX_DENSE_ENTRIES` and the smaller side's square."""
-    if min(n_users, n_items) <= EXACT_MAX_SIDE and n_users * n_items <= MAX_DENSE_ENTRIES:
-        return 8 * (2 * n_users * n_items + 2 * min(n_users, n_items) ** 2)
-    q = min(OVERSAMPLE * dim, n_users, n_items)
-    return 8 * q * (3 * n_items + 2 * n_users)  # float64 bounds the float32 SVD's blocks
+def block_width(dim: int, side: int) -> int:
+    """Columns of the subspace a fit iterates on: ``OVERSAMPLE × dim``, at most the side."""
+    return max(1, min(OVERSAMPLE * dim, side))
 
 
-def fits(n_users: int, n_items: int, dim: int) -> bool:
-    """Whether a dlae of ``dim`` on this many users and items stays within :data:`MAX_BYTES`."""
-    return working_bytes(n_users, n_items, dim) <= MAX_BYTES
+def choose_method(n_users: int, n_items: int, *, distributed: bool = False, cuda: bool = False) -> str:
+    """``"users"``, ``"items"`` or ``"sketch"`` (module docstring) for a fit on this many users
+    and items: the exact path on the smaller side while it is at most :data:`EXACT_MAX_SIDE`
+    (:data:`EXACT_MAX_SIDE_CUDA` on a GPU; items only under torch.distributed, where each rank
+    holds a share of the users)."""
+    limit = EXACT_MAX_SIDE_CUDA if cuda else EXACT_MAX_SIDE
+    if n_items <= limit and (n_items <= n_users or distributed):
+        return "items"
+    if n_users <= limit and not distributed:
+        return "users"
+    return "sketch"
 
 
-def _y(csr: CSR, rows: np.ndarray, n_items: int, lam: np.ndarray) -> torch.Tensor:
-    """Sparse (len(rows), n_items) float64 Y = X Λ^-½ of the rows ``rows``."""
-    offsets, items, values = csr.gather(rows)
-    lengths = np.diff(np.append(offsets, len(items)))
-    index = torch.from_numpy(np.stack([np.repeat(np.arange(len(rows)), lengths), items.astype(np.int64)]))
-    vals = torch.from_numpy(values.astype(np.float64) / np.sqrt(lam[items]))
-    return torch.sparse_coo_tensor(index, vals, (len(rows), n_items), check_invariants=False).coalesce()
+def working_bytes(n_users: int, n_items: int, dim: int, nnz: int, *, method: str) -> int:
+    """Bytes a fit takes at most, roughly: the sparse matrix and its transpose (12 bytes an
+    entry each), the dense side's square three times (Gram or kernel, its scaled copy and its
+    Cholesky factor) and
+    a few item × q and user × q float32 blocks."""
+    q = block_width(dim, min(n_users, n_items) if method != "sketch" else n_items)
+    side = {"items": n_items, "users": n_users}.get(method, 0)
+    return 24 * nnz + 12 * side * side + 4 * q * (6 * n_items + 2 * n_users)
+
+
+def check_fits(n_users: int, n_items: int, dim: int, nnz: int, *, method: str, limit: int | None = None) -> None:
+    """Refuse (``BadInputError``, one line naming the limit and the knobs) a dlae whose fit on
+    ``method``'s path would take more than :data:`MAX_BYTES` (or ``limit``: a GPU's free
+    memory); never a silent change of model."""
+    need, limit = working_bytes(n_users, n_items, dim, nnz, method=method), limit or MAX_BYTES
+    if need > limit:
+        raise errors.BadInputError(
+            f"a dlae of dim {dim} on {n_users:,} users x {n_items:,} items needs ~{need / 2**30:.1f} GiB of working "
+            f"memory, above its limit of {limit / 2**30:.0f} GiB: lower `model.dim`, run under torchrun (each rank "
+            'holds a share of the users), or set `model.kind = "dae"` (trained in batches, any catalogue size)')
+
+
+@dataclass
+class Factors:
+    """One fit's (P, R), each (n_items, dim) float32 on the solver's device, and its account."""
+
+    p: torch.Tensor
+    r: torch.Tensor
+    method: str
+    iterations: int
+    seconds: float
+    flops: float  # the floating-point operations of the fit's products and factorizations
+    extra: dict = field(default_factory=dict)
+
+
+class Solver:
+    """The fits of a dlae on one set of users (``rows`` of ``csr``), sharing what does not
+    depend on (p, λ): the sparse matrix and its transpose on ``device``, the item column
+    norms, the Gram (``"items"``) and the previous fit's subspace, the next fit's start.
+
+    ``reduce`` sums a tensor over torch.distributed ranks (each rank passing its own users);
+    None in one process. ``seed`` fixes the first fit's random start (the same on every rank),
+    unless ``start`` (n_items, q), another solver's subspace, is given. ``method`` forces a
+    path (default :func:`choose_method`).
+    Raises ``BadInputError`` from :func:`check_fits` when the fit would not fit in memory.
+    """
+
+    def __init__(self, csr: CSR, rows: np.ndarray, n_items: int, *, dim: int, device: torch.device | str = "cpu",
+                 seed: int = 0, reduce: Reduce | None = None, method: str | None = None,
+                 start: torch.Tensor | None = None):
+        self.device, self.dim, self.n_items, self.seed = torch.device(device), dim, n_items, seed
+        self.reduce = reduce
+        offsets, items, values = csr.gather(rows)
+        n_local = len(rows)
+        totals = self._sum(torch.tensor([float(n_local), float(len(items))], dtype=torch.float64))
+        self.n_users, nnz = int(totals[0]), int(totals[1])
+        cuda = self.device.type == "cuda"
+        self.method = method or choose_method(self.n_users, n_items, distributed=reduce is not None, cuda=cuda)
+        check_fits(self.n_users, n_items, dim, nnz, method=self.method,
+                   limit=int(0.9 * torch.cuda.mem_get_info(self.device)[0]) if cuda else None)
+        self.q = block_width(dim, min(self.n_users, n_items) if self.method != "sketch" else n_items)
+        values64 = values.astype(np.float64)
+        self.colsq = self._sum(torch.from_numpy(np.bincount(items, weights=values64 ** 2, minlength=n_items)))
+        self.x, self.xt = _csr_pair(offsets, items, values, n_local, n_items, self.device)
+        self.gram: torch.Tensor | None = None
+        # (n_items, q) orthonormal, the last fit's Ritz vectors: the next fit's start (``start``:
+        # another solver's, e.g. the search's for the refit on every user)
+        self.start = start.to(self.device) if start is not None and tuple(start.shape) == (n_items, self.q) else None
+        self.flops_gram = 0.0
+        self.nnz = nnz
+
+    def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.reduce is None else self.reduce(tensor)
+
+    def fit(self, dropout: float, l2: float) -> Factors:
+        """The rank-``dim`` DLAE at dropout p = ``dropout`` in [0, 1) and λ = ``l2`` > 0.
+        When the data's rank is below ``dim`` the last columns are zero."""
+        started = time.perf_counter()
+        lam = (dropout / (1.0 - dropout) * self.colsq + l2).to(self.device)  # (n_items,) float64
+        if self.method == "sketch":
+            p, r, iterations, flops = self._sketch(lam)
+        else:
+            p, r, iterations, flops = self._exact(lam)
+        out_p = torch.zeros(self.n_items, self.dim, dtype=torch.float32, device=self.device)
+        out_r = torch.zeros_like(out_p)
+        out_p[:, : p.shape[1]], out_r[:, : r.shape[1]] = p, r
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return Factors(out_p, out_r, self.method, iterations, time.perf_counter() - started, flops)
+
+    # -- the exact paths: subspace iteration on G M⁻¹ G -------------------------------------
+
+    def _exact(self, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        m, q, d = self.n_items, self.q, min(self.dim, self.q)
+        root = lam.sqrt().float()  # Λ^½
+        if self.method == "items":
+            if self.gram is None:
+                self.gram = self._sum(_gram(self.xt, self.x, self.device))
+                self.flops_gram = 2.0 * self.nnz * m
+            # With Ĝ = Λ^-½ G Λ^-½: G M⁻¹ G = Λ^½ Ĝ²(Ĝ+I)⁻¹ Λ^½ = Λ^½ (Ĝ - I + (Ĝ+I)⁻¹) Λ^½ and
+            # M⁻¹ G = Λ^-½ (I - (Ĝ+I)⁻¹) Λ^½: one Cholesky and its inverse, then every step is
+            # one dense product (Ĝ + I's eigenvalues are >= 1: float32 is safe).
+            eye = torch.eye(m, device=self.device)
+            operator = self.gram / root[:, None] / root[None, :]
+            operator += eye
+            inverse = torch.cholesky_inverse(torch.linalg.cholesky(operator))
+            operator += inverse
+            operator -= 2 * eye
+            operator *= root[:, None]
+            operator *= root[None, :]
+            del eye
+
+            def apply(v: torch.Tensor) -> torch.Tensor:
+                return operator @ v
+
+            per_step, setup = 2.0 * m * m * q, m ** 3
+        else:
+            inv = (1.0 / lam).float()
+            kernel = _kernel(self.x, inv, self.device)  # K = X Λ⁻¹ Xᵀ (users × users)
+            n = kernel.shape[0]
+            kernel += torch.eye(n, device=self.device)
+            inverse = torch.cholesky_inverse(torch.linalg.cholesky(kernel))  # (K + I)⁻¹
+            del kernel
+
+            def apply(v: torch.Tensor) -> torch.Tensor:
+                xv = self.x @ v
+                return self.xt @ (xv - inverse @ xv)  # Xᵀ K (K+I)⁻¹ X v
+
+            per_step, setup = 4.0 * self.nnz * q + 2.0 * n * n * q, 2.0 * self.nnz * n + n ** 3
+        basis, rotation, _, iterations = self._iterate(apply, d)
+        r = basis @ rotation[:, :d]
+        if self.method == "items":
+            p = r - (inverse @ (root[:, None] * r)) / root[:, None]  # M⁻¹ G R
+        else:
+            p = (self.xt @ (inverse @ (self.x @ r))) * inv[:, None]  # Λ⁻¹ Xᵀ (K+I)⁻¹ X R
+        flops = self.flops_gram + setup + per_step * (iterations + 0.5) + 4.0 * m * q * q * iterations
+        self.flops_gram = 0.0  # counted once, by the fit that computed the Gram
+        return p, r, iterations, flops
+
+    def _iterate(self, apply: Callable[[torch.Tensor], torch.Tensor], d: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Block subspace iteration with Rayleigh–Ritz on the symmetric PSD operator ``apply``
+        from the last fit's subspace or a seeded random one, until the sum
+        of the top ``d`` Ritz values settles: the final orthonormal block V (n_items, q), the
+        q × q float32 rotation to its Ritz vectors and their Ritz values (q,) float64, both in
+        descending order, and the number of operator applications."""
+        v = self.start if self.start is not None else _orthonormal(self._random_start())
+        last, iterations = None, 0
+        while True:
+            image = apply(v)
+            iterations += 1
+            h = (v.T @ image).double()
+            values, vectors = torch.linalg.eigh((h + h.T) / 2)
+            order = torch.argsort(values, descending=True)
+            values, vectors = values[order], vectors[:, order]
+            captured = float(values[:d].clamp_min(0).sum())
+            if last is not None and abs(captured - last) <= TOLERANCE * max(captured, 1e-300) \
+                    or iterations >= MAX_ITERATIONS:
+                break
+            last = captured
+            v = _orthonormal(image)
+        rotation = vectors.float()
+        self.start = v @ rotation  # the Ritz vectors, in order: the next fit's start
+        return v, rotation, values, iterations
+
+    def _random_start(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.randn(self.n_items, self.q, generator=generator).to(self.device)
+
+    # -- the sketch path: Ĝ's top components, then the rank-d optimum within them -----------
+
+    def _sketch(self, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        m, q = self.n_items, self.q
+        inv_root = lam.rsqrt().float()  # Λ^-½
+
+        def apply(v: torch.Tensor) -> torch.Tensor:  # Ĝ v = Λ^-½ Xᵀ X Λ^-½ v
+            return self._sum(self.xt @ (self.x @ (inv_root[:, None] * v))) * inv_root[:, None]
+
+        basis, rotation, e, iterations = self._iterate(apply, self.dim)
+        w = basis @ rotation  # (m, q) Ĝ's top eigenvectors, e (q,) their eigenvalues (Ritz values)
+        keep = e > 1e-9 * e.max().clamp_min(1e-300)
+        e, w = e[keep], w[:, keep.to(w.device)]
+        root = lam.sqrt().float()
+        # L⁻¹G restricted to these components is W Z, Z = diag(f) Wᵀ Λ^½, f = e/√(e+1); its
+        # top-d SVD Z = Q S Rᵀ gives R = Zᵀ Q S⁻¹ and P = Λ^-½ W diag(1/√(e+1)) Q S (Λ's scaling
+        # is why the eigenvectors of Ĝ alone are not the answer).
+        f = (e / (e + 1).sqrt()).to(self.device)
+        weighted = w * root[:, None]
+        zz = f[:, None] * (weighted.T @ weighted).double() * f[None, :]
+        s2, qv = torch.linalg.eigh(zz)
+        order = torch.argsort(s2, descending=True)[: self.dim]
+        s, qv = s2[order].clamp_min(1e-300).sqrt(), qv[:, order]
+        r = weighted @ (f[:, None] * qv / s).float()
+        p = (w / root[:, None]) @ ((qv * s) / (e.to(self.device) + 1).sqrt()[:, None]).float()
+        flops = (4.0 * self.nnz * q + 4.0 * m * q * q) * iterations + 6.0 * m * q * q
+        return p, r, iterations, flops
+
+
+def _csr_pair(offsets: np.ndarray, items: np.ndarray, values: np.ndarray, n_rows: int, n_items: int,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """X (n_rows × n_items) and Xᵀ as float32 sparse CSR tensors on ``device``: the products a
+    fit needs are then all CSR × dense, the fast kernel on CPUs and GPUs."""
+    crow = np.append(offsets, len(items)).astype(np.int64)
+    rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(crow))
+    order = np.argsort(items, kind="stable")  # by item, then user: Xᵀ's CSR order
+    tcrow = np.zeros(n_items + 1, np.int64)
+    np.cumsum(np.bincount(items, minlength=n_items), out=tcrow[1:])
+    vals = torch.from_numpy(values.astype(np.float32))
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": its products are what a fit uses
+        warnings.simplefilter("ignore", UserWarning)
+        x = torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(items.astype(np.int64)), vals,
+                                    (n_rows, n_items), check_invariants=False)
+        xt = torch.sparse_csr_tensor(torch.from_numpy(tcrow), torch.from_numpy(rows[order]), vals[order],
+                                     (n_items, n_rows), check_invariants=False)
+    return x.to(device), xt.to(device)
+
+
+def _dense_rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of the sparse CSR ``x`` as a dense float32 block."""
+    crow, col, val = x.crow_indices(), x.col_indices(), x.values()
+    lo, hi = int(crow[start]), int(crow[stop])
+    block = torch.zeros(stop - start, x.shape[1], dtype=torch.float32, device=x.device)
+    lengths = crow[start + 1 : stop + 1] - crow[start:stop]
+    local = torch.repeat_interleave(torch.arange(stop - start, device=x.device), lengths)
+    block[local, col[lo:hi]] = val[lo:hi]
+    return block
+
+
+def _gram(xt: torch.Tensor, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """G = XᵀX (n_items × n_items, float32) from Xᵀ's sparse rows times dense blocks of X's
+    columns (rows of Xᵀ): nnz × n_items multiply-adds, never the users × items dense X."""
+    m = xt.shape[0]
+    gram = torch.empty(m, m, dtype=torch.float32, device=device)
+    for start in range(0, m, DENSE_BLOCK):
+        stop = min(m, start + DENSE_BLOCK)
+        gram[:, start:stop] = xt @ _dense_rows(xt, start, stop).T
+    return gram
+
+
+def _kernel(x: torch.Tensor, inv_lam: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """K = X diag(``inv_lam``) Xᵀ (n_users × n_users, float32), by dense blocks of users."""
+    n = x.shape[0]
+    kernel = torch.empty(n, n, dtype=torch.float32, device=device)
+    for start in range(0, n, DENSE_BLOCK):
+        stop = min(n, start + DENSE_BLOCK)
+        kernel[:, start:stop] = x @ (_dense_rows(x, start, stop) * inv_lam[None, :]).T
+    return kernel
+
+
+def _orthonormal(block: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of ``block``'s columns (m × q, float32): CholeskyQR2 with the q × q
+    Grams in float64, a tenth of a Householder QR's time on a CPU and a GPU alike. A column
+    the block does not span becomes 0 (ranks below q)."""
+    out = block
+    for _ in range(2):
+        gram = (out.T @ out).double()
+        scale = gram.diagonal().clamp_min(1e-300).sqrt()
+        normed = gram / scale[:, None] / scale[None, :]
+        values, vectors = torch.linalg.eigh(normed)
+        floor = 1e-12 * float(values.max().clamp_min(1e-300))
+        inv_root = vectors @ torch.diag(values.clamp_min(floor).rsqrt() * (values > floor)) @ vectors.T
+        out = out @ (inv_root / scale[:, None]).float()
+    return out
 
 
 def dlae_factors(csr: CSR, rows: np.ndarray, n_items: int, *, dim: int, dropout: float, l2: float,
-                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(P, R), each (n_items, dim) float32: the rank-``dim`` DLAE of the users at ``rows``.
-
-    ``dropout`` is p in [0, 1) and ``l2`` is λ > 0 (Steck 2020's notation). When the data's
-    rank is below ``dim`` the last columns are zero. Float64 throughout the decomposition.
-    """
-    offsets, items, values = csr.gather(rows)
-    colsq = np.bincount(items, weights=values.astype(np.float64) ** 2, minlength=n_items)
-    lam = dropout / (1.0 - dropout) * colsq + l2  # (n_items,)
-    y = _y(csr, rows, n_items, lam)
-    n = len(rows)
-    if min(n, n_items) <= EXACT_MAX_SIDE and n * n_items <= MAX_DENSE_ENTRIES:
-        dense = y.to_dense()
-        if n <= n_items:  # eig of Y Yᵀ (users × users), W = Yᵀ U e^-½
-            e, u = torch.linalg.eigh(dense @ dense.T)
-            keep = e > 1e-9 * e.max().clamp_min(1e-300)
-            e, u = e[keep], u[:, keep]
-            w = (dense.T @ u) / e.sqrt()
-        else:
-            e, w = torch.linalg.eigh(dense.T @ dense)
-            keep = e > 1e-9 * e.max().clamp_min(1e-300)
-            e, w = e[keep], w[:, keep]
-    else:
-        torch.manual_seed(seed)
-        q = min(OVERSAMPLE * dim, n, n_items)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": its products are what we use
-            warnings.simplefilter("ignore", UserWarning)
-            # float32: half the time and memory; CSR: its products took half the COO's time
-            # (ML-20M shape at scale 0.05, q 512: 13.1 against 26.4 s on 2 cores)
-            _, s, v = torch.svd_lowrank(y.float().to_sparse_csr(), q=q, niter=4)
-        e, w = s.double() ** 2, v.double()
-        keep = e > 1e-9 * e.max().clamp_min(1e-300)
-        e, w = e[keep], w[:, keep]
-    root = torch.from_numpy(np.sqrt(lam))
-    z = ((e / (e + 1).sqrt())[:, None] * w.T) * root[None, :]  # (r, n_items)
-    s2, qv = torch.linalg.eigh(z @ z.T)
-    order = torch.argsort(s2, descending=True)[:dim]
-    s, qv = s2[order].clamp_min(1e-300).sqrt(), qv[:, order]
-    r = (z.T @ qv) / s
-    p = (w / root[:, None]) @ ((qv * s) / (e + 1).sqrt()[:, None])
-    out_p, out_r = np.zeros((n_items, dim), np.float32), np.zeros((n_items, dim), np.float32)
-    out_p[:, : p.shape[1]], out_r[:, : r.shape[1]] = p.numpy(), r.numpy()
-    return out_p, out_r
+                 seed: int = 0, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(P, R), each (n_items, dim) float32 numpy: one fit of the rank-``dim`` DLAE of the users
+    at ``rows`` (a :class:`Solver` used once). ``dropout`` is p in [0, 1) and ``l2`` is λ > 0
+    (Steck 2020's notation)."""
+    factors = Solver(csr, rows, n_items, dim=dim, device=device, seed=seed).fit(dropout, l2)
+    return factors.p.cpu().numpy(), factors.r.cpu().numpy()
 
 
 def best_temperature(user_vectors: torch.Tensor, item_vectors: torch.Tensor, batch_items: torch.Tensor,
-                     batch_rows: torch.Tensor, batch_values: torch.Tensor) -> float:
+                     batch_rows: torch.Tensor, batch_values: torch.Tensor, reduce: Reduce | None = None) -> float:
     """The scale t of the item vectors that minimises the mean multinomial NLL of the users'
     items under softmax(t · z Rᵀ): rankings do not depend on it, but the reconstruction error
     (and so the anomaly scores) does; a linear model's raw scores make a near-uniform softmax.
 
     ``user_vectors`` (n, d), ``item_vectors`` (n_items, d); the users' items as (nnz,) item
-    rows, user positions and weights. Searched on a grid of powers of 2.
+    rows, user positions and weights. Searched on a grid of powers of 2; under torch.distributed
+    ``reduce`` sums each rank's NLLs, so every rank picks the same t.
     """
     logits = user_vectors.double() @ item_vectors.double().T  # (n, n_items)
-    best, best_nll = 1.0, math.inf
-    for t in TEMPERATURES:
-        log_probs = torch.log_softmax(t * logits, dim=1)
-        nll = -(log_probs[batch_rows, batch_items] * batch_values).sum().item()
-        if nll < best_nll:
-            best, best_nll = t, nll
-    return best
+    nll = torch.stack([-(torch.log_softmax(t * logits, dim=1)[batch_rows, batch_items] * batch_values).sum()
+                       for t in TEMPERATURES]).cpu()
+    if reduce is not None:
+        nll = reduce(nll)
+    return TEMPERATURES[int(torch.argmin(nll))] if bool(torch.isfinite(nll).any()) else 1.0
+
+
+def flops_floor(method: str, n_users: int, n_items: int, nnz: int, dim: int) -> tuple[float, float]:
+    """(dense, sparse) FLOPs one fit on ``method``'s path cannot do without, for
+    ``benchmarks/floors.py``: one application of the operator to a dim-wide block and the
+    factors' last product and, on the exact paths, the dense side's Cholesky and inverse (the
+    Gram, shared by a solver's fits, is not counted). Sparse FLOPs are 2 per stored entry and
+    column, as the sparse products run at their own rate."""
+    if method == "items":
+        return n_items ** 3 + 6.0 * n_items * n_items * dim, 0.0
+    if method == "users":
+        return n_users ** 3 + 4.0 * n_users * n_users * dim, 2.0 * nnz * n_users + 8.0 * nnz * dim
+    return 4.0 * n_items * dim * dim, 4.0 * nnz * dim

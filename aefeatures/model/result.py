@@ -4,7 +4,7 @@ validator a run passes in."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from aefeatures.model.autoencoder import Autoencoder
 
@@ -30,3 +30,5 @@ class TrainResult:
     stop_reason: str = "epochs"
     chosen: dict[str, float] = field(default_factory=dict)  # hyperparameters validation chose (dlae: dropout)
     refit: dict | None = None  # set by the job: how the published model was retrained on every user
+    # dlae: the solver's last subspace (n_items, q), from which a refit on every user starts
+    subspace: Any = None

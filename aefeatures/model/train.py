@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import sys
@@ -42,7 +41,7 @@ PROGRESS_EVERY = 30.0  # seconds between progress lines (the first and last epoc
 
 def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | None = None,
           validate: Validator | None = None, progress: bool | None = None, epochs: int | None = None,
-          deadline: float | None = None) -> TrainResult:
+          deadline: float | None = None, start: torch.Tensor | None = None) -> TrainResult:
     """Train an autoencoder on the users at ``rows`` of ``matrix`` (default: all of them).
 
     The budget fits the data: at most ``cfg.epochs`` epochs, a cap raised so that training takes
@@ -69,27 +68,15 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     encoder passes and one decoder pass, every step of which counts toward ``cfg.min_steps``;
     validation, patience, the deadline and ``epochs`` work as above. It refuses torchrun and
     catalogues above ``cfg.full_softmax_max_items`` (``BadInputError``).
+
+    ``cfg.kind = "dlae"`` is fitted in closed form instead (:func:`aefeatures.model.dlae_search.train_dlae`,
+    ``start`` its warm start), on the device and under torchrun alike; one too large for memory
+    is refused (``BadInputError``), never silently replaced by another kind.
     """
-    fallback = None
-    if cfg.kind == "dlae":
-        from aefeatures.model import linear
+    if cfg.kind == "dlae":  # closed form, on the device, across ranks under torchrun (aefeatures.model.dlae_search)
+        from aefeatures.model.dlae_search import train_dlae
 
-        n_rows = matrix.shape[0] if rows is None else len(rows)
-        if linear.fits(n_rows, matrix.shape[1], cfg.dim) and distributed.current() is None:
-            from aefeatures.model.dlae_search import train_dlae
-
-            return train_dlae(matrix, cfg, rows=rows, validate=validate, deadline=deadline)
-        # Catalogues too large for the closed form (millions of items) train a dae, which
-        # scales to them with a sampled softmax, and so do torchrun groups (each rank holds a
-        # share of the users; the closed form needs them all); training.chosen says so.
-        if distributed.current() is not None:
-            log.warning("kind dlae is fitted in one process; under torchrun a dae is trained instead")
-        else:
-            log.warning("kind dlae would need ~%.1f GiB at %d users x %d items, dim %d: training a dae instead",
-                        linear.working_bytes(n_rows, matrix.shape[1], cfg.dim) / 2**30, n_rows, matrix.shape[1],
-                        cfg.dim)
-        cfg = dataclasses.replace(cfg, kind="dae")
-        fallback = {"kind": "dae"}
+        return train_dlae(matrix, cfg, rows=rows, validate=validate, deadline=deadline, start=start)
     # --- setup: seed, device, precision, model, optimizer, fixed once here
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -108,7 +95,7 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
                                                     autocast=autocast_dtype(cfg.precision, device))
     else:
         step = _Step(model, matrix, cfg, device, group)
-    result = TrainResult(model=model, device=str(device), threads=threads, chosen=fallback or {})
+    result = TrainResult(model=model, device=str(device), threads=threads)
     rows = np.arange(matrix.shape[0]) if rows is None else rows
     best_score, best_state = -np.inf, None
     # Under torchrun every rank must take the same number of steps: those of the largest shard.
