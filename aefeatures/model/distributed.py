@@ -1,7 +1,9 @@
 """Training on several processes or machines under `torchrun`; rank 0 publishes.
 
 ``torchrun --nproc_per_node=N -m aefeatures run JOB.toml`` starts N copies of the run. Each
-joins torch's process group (NCCL on GPUs, gloo on CPUs); rank 0 alone takes the feature set's
+joins torch's process group (NCCL on GPUs, gloo on CPUs), or uses the one another launcher
+already set up (Ray Train's ``TorchTrainer``, Spark's ``TorchDistributor``:
+:mod:`aefeatures.jobs.launchers`); rank 0 alone takes the feature set's
 lock and decides whether to train (the input may be up to date) and tells the others
 (:class:`TrainSignal`). If it trains, each rank reads only its own contiguous range of users
 (``read_interactions(shard=...)``) with the union of all ranks' items, and trains a
@@ -78,6 +80,9 @@ class Group:
         return self.total(value)
 
 
+_launcher_owns_group = False  # the process group was set up before aefeatures ran (not by torchrun's env)
+
+
 def launched_by_torchrun() -> bool:
     """True in a process torchrun started as one of several ranks."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
@@ -103,8 +108,14 @@ def process_group(device: str) -> Iterator[Group | None]:
     the GPU numbered by its ``LOCAL_RANK``), others gloo. Leaving the block leaves the group
     (:func:`leave`) unless training already did.
     """
+    global _launcher_owns_group
     if not launched_by_torchrun():
         yield None
+        return
+    if dist.is_available() and dist.is_initialized():  # Ray Train, TorchDistributor...: theirs to end
+        _launcher_owns_group = True
+        yield current()
+        leave()
         return
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
@@ -124,14 +135,17 @@ def process_group(device: str) -> Iterator[Group | None]:
 
 
 def leave() -> None:
-    """Leave the process group, if this process is in one; every rank must call it.
+    """Leave the process group, if this process is in one; every rank must call it. A group
+    another launcher started (Ray Train, Spark's TorchDistributor) is left to it: only the
+    barrier, no destruction.
 
     The barrier first: on gloo, destroying the group without one sometimes crashed a rank
     on exit after it had finished.
     """
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if not _launcher_owns_group:
+            dist.destroy_process_group()
 
 
 class TrainSignal:

@@ -211,6 +211,7 @@ class _Search:
                                "users": self._total(len(self.fit_rows)), "method": factors.method,
                                "iterations": factors.iterations, "fit_seconds": round(factors.seconds, 3),
                                "gflop": round(factors.flops / 1e9, 2),
+                               **({"reduced_mb": round(factors.reduced_bytes / 2**20, 2)} if self.group else {}),
                                "seconds": round(time.perf_counter() - started, 3), "loss": 0.0, "beta": 0.0, **metrics})
         result.epoch_losses.append(0.0)
         score = metrics.get(KEY_METRIC, 0.0)

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -122,7 +122,7 @@ class Factors:
     iterations: int
     seconds: float
     flops: float  # the floating-point operations of the fit's products and factorizations
-    extra: dict = field(default_factory=dict)
+    reduced_bytes: int = 0  # what this rank sent into all-reduces for the fit (0 in one process)
 
 
 class Solver:
@@ -141,7 +141,7 @@ class Solver:
                  seed: int = 0, reduce: Reduce | None = None, method: str | None = None,
                  start: torch.Tensor | None = None):
         self.device, self.dim, self.n_items, self.seed = torch.device(device), dim, n_items, seed
-        self.reduce = reduce
+        self.reduce, self.reduced_bytes = reduce, 0  # bytes summed over the ranks so far (each rank's share)
         offsets, items, values = csr.gather(rows)
         n_local = len(rows)
         totals = self._sum(torch.tensor([float(n_local), float(len(items))], dtype=torch.float64))
@@ -162,12 +162,15 @@ class Solver:
         self.nnz = nnz
 
     def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if self.reduce is None else self.reduce(tensor)
+        if self.reduce is None:
+            return tensor
+        self.reduced_bytes += tensor.numel() * tensor.element_size()
+        return self.reduce(tensor)
 
     def fit(self, dropout: float, l2: float) -> Factors:
         """The rank-``dim`` DLAE at dropout p = ``dropout`` in [0, 1) and λ = ``l2`` > 0.
         When the data's rank is below ``dim`` the last columns are zero."""
-        started = time.perf_counter()
+        started, reduced = time.perf_counter(), self.reduced_bytes
         lam = (dropout / (1.0 - dropout) * self.colsq + l2).to(self.device)  # (n_items,) float64
         if self.method == "sketch":
             p, r, iterations, flops = self._sketch(lam)
@@ -178,7 +181,8 @@ class Solver:
         out_p[:, : p.shape[1]], out_r[:, : r.shape[1]] = p, r
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return Factors(out_p, out_r, self.method, iterations, time.perf_counter() - started, flops)
+        return Factors(out_p, out_r, self.method, iterations, time.perf_counter() - started, flops,
+                       self.reduced_bytes - reduced)
 
     # -- the exact paths: subspace iteration on G M⁻¹ G -------------------------------------
 
