@@ -397,7 +397,7 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
     validation users together. `model.max_minutes` bounds both phases together. The third
     value says why there is no validation (None when there is).
     """
-    from aefeatures.model.embed import encode
+    from aefeatures.model.embed import embeddings
     from aefeatures.model.train import train
 
     ev = cfg.evaluation
@@ -414,7 +414,7 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
         return train(matrix, cfg.model, progress=progress, deadline=deadline), None, why
 
     def validate(model: Autoencoder) -> dict[str, float]:
-        vectors, _ = encode(model, split.fold_in)
+        vectors = embeddings(model, split.fold_in)
         totals = embedding_totals(vectors, model.decoder.weight.detach().float().cpu().numpy(),
                                   model.decoder.bias.detach().float().cpu().numpy(), split)
         model.train()
@@ -452,7 +452,7 @@ def _refit(matrix: InteractionMatrix, cfg: JobConfig, validated: TrainResult, pr
         return {"status": "skipped", "reason": "model.max_minutes ran out during validation"}
     model_cfg = dataclasses.replace(cfg.model, **validated.chosen)
     refit = train(matrix, model_cfg, progress=progress, epochs=validated.best_epoch, deadline=deadline,
-                  start=validated.subspace)
+                  warm=validated.warm)
     section = {"users": matrix.shape[0], "epochs": len(refit.history), "steps": refit.steps,
                "seconds": round(refit.seconds, 3), **({"chosen": validated.chosen} if validated.chosen else {})}
     if refit.stop_reason == "max_minutes":

@@ -64,7 +64,7 @@ QUIET_SECONDS = 5.0  # a search this young logs no progress line (small jobs sta
 
 
 def train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | None,
-               validate: Validator | None, deadline: float | None, start: torch.Tensor | None = None) -> TrainResult:
+               validate: Validator | None, deadline: float | None, warm: linear.Warm | None = None) -> TrainResult:
     """The closed-form low-rank DLAE (Steck, "Autoencoders that don't overfit towards the
     identity", NeurIPS 2020) of the users at ``rows`` (default: all), as an eval-mode
     :class:`Autoencoder` in a :class:`TrainResult`, fitted on ``cfg.device`` ("auto": the first
@@ -74,8 +74,8 @@ def train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray 
     the whole data's units); "epoch" i of ``history`` is the i-th fit, with its p, λ, β, the
     users it was fitted on, its path, solver iterations, seconds (the fit and its β walk) and
     validation metrics. Without it ``cfg.dropout``, ``cfg.l2`` and ``cfg.popularity_exponent``
-    are fitted once on ``rows``, from ``start`` (a search's ``TrainResult.subspace``) when
-    given. ``deadline`` (a ``time.perf_counter()`` value; default ``cfg.max_minutes`` from now,
+    are fitted once on ``rows``, from ``warm`` (a search's ``TrainResult.warm``: its subspace,
+    and its Gram when ``rows`` add users to it) when given. ``deadline`` (a ``time.perf_counter()`` value; default ``cfg.max_minutes`` from now,
     when set) stops the search between fits, keeping the best so far (``stop_reason``
     "max_minutes"; a sampled search then keeps its sample's model); otherwise ``stop_reason``
     is "fitted". Under torch.distributed every rank calls this with its own users and the same
@@ -97,7 +97,7 @@ def train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray 
     rows = np.arange(matrix.shape[0]) if rows is None else rows
     threads = training_threads(cfg.threads)
     torch.set_num_threads(threads)  # the CPUs this process may use, as the trained kinds do
-    search = _Search(matrix, cfg, rows, validate, deadline, start)
+    search = _Search(matrix, cfg, rows, validate, deadline, warm)
     search.result.threads = threads
     if validate is None:
         search.fit(cfg.dropout, cfg.l2)
@@ -119,7 +119,7 @@ class _Search:
     """The fits of one search and the best so far (``result``)."""
 
     def __init__(self, matrix: InteractionMatrix, cfg: ModelConfig, rows: np.ndarray, validate: Validator | None,
-                 deadline: float | None, start: torch.Tensor | None):
+                 deadline: float | None, warm: linear.Warm | None):
         self.matrix, self.cfg, self.rows, self.validate, self.deadline = matrix, cfg, rows, validate, deadline
         self.device, self.started = select_device(cfg.device), time.perf_counter()
         self.group = distributed.current()
@@ -130,9 +130,9 @@ class _Search:
         self.n_rows = self._total(len(rows))
         if validate is not None and self.n_rows > SEARCH_USERS:
             sample = -(-SEARCH_USERS * len(rows) // self.n_rows)  # this rank's part of the sample
-            self._fit_on(np.sort(np.random.default_rng(cfg.seed).choice(rows, sample, replace=False)), start)
+            self._fit_on(np.sort(np.random.default_rng(cfg.seed).choice(rows, sample, replace=False)), warm)
         else:
-            self._fit_on(rows, start)
+            self._fit_on(rows, warm)
 
     def _total(self, count: int) -> int:
         """``count`` summed over the ranks."""
@@ -141,15 +141,15 @@ class _Search:
     def _reduce(self) -> linear.Reduce | None:
         return None if self.group is None else self.group.summed
 
-    def _fit_on(self, rows: np.ndarray, start: torch.Tensor | None = None) -> None:
+    def _fit_on(self, rows: np.ndarray, warm: linear.Warm | None = None) -> None:
         """Fit the next candidates on ``rows``, whose users per item (n_j) the correction reads,
-        with a solver that starts from ``start`` (or the last solver's subspace)."""
-        if start is None and self.solver is not None:
-            start = self.solver.start
+        with a solver warmed by ``warm`` (or by the last solver)."""
+        if warm is None and self.solver is not None:
+            warm = self.solver.warm()
         self.fit_rows, self.share = rows, self._total(len(rows)) / max(self.n_rows, 1)
         self.solver = None  # its matrix and Gram go before the next solver's come
         self.solver = linear.Solver(self.matrix.csr, rows, self.matrix.shape[1], dim=self.cfg.dim, device=self.device,
-                                    seed=self.cfg.seed, reduce=self._reduce(), start=start)
+                                    seed=self.cfg.seed, reduce=self._reduce(), warm=warm)
         counts = np.bincount(self.matrix.csr.gather(rows)[1], minlength=self.matrix.shape[1]).astype(np.int64)
         self.counts = counts if self.group is None else self.group.reduce_array(counts)
 
@@ -229,10 +229,10 @@ class _Search:
 
     def finish(self) -> None:
         """The kept model's temperature and tie-break (set once: rankings never depend on
-        them), and the solver's subspace for a refit to start from."""
+        them), and the solver's state for a refit to start from."""
         _set_temperature(self.result.model, self.matrix, self.cfg, self.fit_rows, self.device, self._reduce())
         _set_tie_break(self.result.model, self.kept_counts)
-        self.result.subspace = self.solver.start
+        self.result.warm = self.solver.warm()
         self.solver = None
 
 

@@ -82,6 +82,12 @@ def encode(model: Autoencoder, vectors: CSR) -> tuple[np.ndarray, np.ndarray]:
     return out, errors
 
 
+def embeddings(model: Autoencoder, vectors: CSR) -> np.ndarray:
+    """(n, dim) float32 embeddings of the rows of ``vectors``, as :func:`encode` gives them,
+    without the reconstruction errors (which score every item: most of encode's time)."""
+    return UserVectors(model, vectors)[:]
+
+
 def reconstruction_errors(model: Autoencoder, vectors: CSR) -> np.ndarray:
     """(n,) float32 reconstruction error of every row of ``vectors``, as :func:`encode` gives it."""
     errors = np.empty(vectors.n_rows, dtype=np.float32)

@@ -30,5 +30,5 @@ class TrainResult:
     stop_reason: str = "epochs"
     chosen: dict[str, float] = field(default_factory=dict)  # hyperparameters validation chose (dlae: dropout)
     refit: dict | None = None  # set by the job: how the published model was retrained on every user
-    # dlae: the solver's last subspace (n_items, q), from which a refit on every user starts
-    subspace: Any = None
+    # dlae: the solver's state (linear.Warm: subspace, Gram), from which a refit on every user starts
+    warm: Any = None
