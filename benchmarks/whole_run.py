@@ -68,7 +68,8 @@ def main() -> None:
     refit_seconds = (training.get("refit") or {}).get("seconds")
     result = {
         "date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "scale": args.scale, "ranks": args.nproc, "timings": manifest["timings"], "users": manifest["counts"]["users"], "items": manifest["counts"]["items"],
+        "scale": args.scale, "ranks": args.nproc, "timings": manifest["timings"],
+        "users": manifest["counts"]["users"], "items": manifest["counts"]["items"],
         "interactions": data["rows"], "model": manifest["config"]["model"], "run_seconds": round(seconds, 1),
         "peak_rss_mb": round(peak_mb), "training_seconds": training["seconds"], "refit": training.get("refit"),
         "fits": training["history"], "chosen": training.get("chosen"), "evaluation": manifest.get("evaluation"),
@@ -87,7 +88,8 @@ def markdown(r: dict) -> str:
              f"items, {r['interactions']:,} interactions** ({r['date']}, {r['machine']}; load average "
              f"{r['load_average']['before']:.1f} before, {r['load_average']['after']:.1f} after)", "",
              f"kind `{model['kind']}`, dim {model['dim']}, {r.get('ranks', 1)} rank(s). Stages (rank 0): "
-             + ", ".join(f"{k} {v:.1f} s" for k, v in r.get("timings", {}).items()) + f". Whole run **{r['run_seconds'] / 60:.1f} min**, peak RSS "
+             + ", ".join(f"{k} {v:.1f} s" for k, v in r.get("timings", {}).items())
+             + f". Whole run **{r['run_seconds'] / 60:.1f} min**, peak RSS "
              f"{r['peak_rss_mb']:,} MB; training (validation fits and refit) {r['training_seconds'] / 60:.1f} min; "
              f"chosen {r['chosen']}; the run is {r['run_over_one_fit']}× one fit on every user (the refit, "
              f"{(r['refit'] or {}).get('seconds', 0):.0f} s).", "",

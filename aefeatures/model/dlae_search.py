@@ -75,11 +75,12 @@ def train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray 
     users it was fitted on, its path, solver iterations, seconds (the fit and its β walk) and
     validation metrics. Without it ``cfg.dropout``, ``cfg.l2`` and ``cfg.popularity_exponent``
     are fitted once on ``rows``, from ``warm`` (a search's ``TrainResult.warm``: its subspace,
-    and its Gram when ``rows`` add users to it) when given. ``deadline`` (a ``time.perf_counter()`` value; default ``cfg.max_minutes`` from now,
-    when set) stops the search between fits, keeping the best so far (``stop_reason``
-    "max_minutes"; a sampled search then keeps its sample's model); otherwise ``stop_reason``
-    is "fitted". Under torch.distributed every rank calls this with its own users and the same
-    items (module docstring).
+    and its Gram when ``rows`` add users to it) when given. ``deadline`` (a
+    ``time.perf_counter()`` value; default ``cfg.max_minutes`` from now, when set) stops the
+    search between fits, keeping the best so far (``stop_reason`` "max_minutes"; a sampled
+    search then keeps its sample's model); otherwise ``stop_reason`` is "fitted". Under
+    torch.distributed every rank calls this with its own users and the same items (module
+    docstring).
 
     The popularity correction multiplies item j's scores by (n_j + 1)^-β, n_j its users among
     the fitted rows, by scaling its item vector, so the index's inner products stay the model's
