@@ -135,4 +135,4 @@ def test_a_warm_started_fit_needs_fewer_iterations_and_lands_on_the_same_model()
     assert warm.iterations < cold.iterations
     lam = _lam(x, 0.67, 10.0)
     ours, theirs = (_objective(x, f.p.double().numpy() @ f.r.double().numpy().T, lam) for f in (warm, fresh))
-    assert ours == pytest.approx(theirs, rel=1e-4)
+    assert ours == pytest.approx(theirs, rel=linear.TOLERANCE)  # converged alike, to the tolerance
