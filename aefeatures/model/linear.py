@@ -62,10 +62,14 @@ EXACT_MAX_SIDE = 8192
 # On a GPU the Cholesky and the block products of a 32k side take well under a second (an fp32
 # 32k³/3 is ~11 TFLOP), and its three squares take 12 GiB: exact up to there.
 EXACT_MAX_SIDE_CUDA = 32768
-# components of Ĝ per bottleneck unit on the sketch path, and the block's oversampling on the
-# exact ones. On Last.fm at dim 256, 2 × 256 components gave NDCG@100 0.3703 and 4 × 256 0.3698
+# components of Ĝ per bottleneck unit on the sketch path. On Last.fm at dim 256, 2 × 256 components gave NDCG@100 0.3703 and 4 × 256 0.3698
 # against 0.3705 for the exact factors.
 OVERSAMPLE = 2
+# The exact paths' block: 1.25 × dim columns. Its oversampling only speeds convergence (the
+# answer is the exact rank-dim optimum either way); measured on ML-100k, Last.fm and the ML-1M
+# shape, 1.25 against 2 gave the same validation NDCG@100 within 0.0004 and a default training
+# 14-55% shorter (BENCHMARKS.md, "The dlae engine").
+EXACT_OVERSAMPLE = 1.25
 TOLERANCE = 1e-3  # relative change of the top-d Ritz values' sum that ends a fit's iteration
 MAX_ITERATIONS = 30  # exact paths: cold starts take 5-7 passes, warm starts 2-3
 # The sketch path's passes each cost two sparse products over every entry, and its weak
@@ -84,9 +88,9 @@ DENSE_GRAM_DENSITY = 0.02
 SPMM_COLUMNS = 128  # columns of a dense block per sparse product on a CPU (:func:`_spmm`)
 
 
-def block_width(dim: int, side: int) -> int:
-    """Columns of the subspace a fit iterates on: ``OVERSAMPLE × dim``, at most the side."""
-    return max(1, min(OVERSAMPLE * dim, side))
+def block_width(dim: int, side: int, oversample: float = OVERSAMPLE) -> int:
+    """Columns of the subspace a fit iterates on: ``oversample × dim``, at most the side."""
+    return max(1, min(int(oversample * dim), side))
 
 
 def choose_method(n_users: int, n_items: int, *, distributed: bool = False, cuda: bool = False) -> str:
@@ -173,7 +177,8 @@ class Solver:
         self.method = method or choose_method(self.n_users, n_items, distributed=reduce is not None, cuda=cuda)
         check_fits(self.n_users, n_items, dim, nnz, method=self.method,
                    limit=int(0.9 * torch.cuda.mem_get_info(self.device)[0]) if cuda else None)
-        self.q = block_width(dim, min(self.n_users, n_items) if self.method != "sketch" else n_items)
+        self.q = block_width(dim, n_items) if self.method == "sketch" else \
+            block_width(dim, min(self.n_users, n_items), EXACT_OVERSAMPLE)
         values64 = values.astype(np.float64)
         self.colsq = self._sum(torch.from_numpy(np.bincount(items, weights=values64 ** 2, minlength=n_items)))
         self.x, self.xt = _csr_pair(offsets, items, values, n_local, n_items, self.device)
