@@ -62,8 +62,8 @@ EXACT_MAX_SIDE = 8192
 # On a GPU the Cholesky and the block products of a 32k side take well under a second (an fp32
 # 32k³/3 is ~11 TFLOP), and its three squares take 12 GiB: exact up to there.
 EXACT_MAX_SIDE_CUDA = 32768
-# components of Ĝ per bottleneck unit on the sketch path. On Last.fm at dim 256, 2 × 256 components gave NDCG@100 0.3703 and 4 × 256 0.3698
-# against 0.3705 for the exact factors.
+# components of Ĝ per bottleneck unit on the sketch path. On Last.fm at dim 256, 2 × 256
+# components gave NDCG@100 0.3703 and 4 × 256 0.3698 against 0.3705 for the exact factors.
 OVERSAMPLE = 2
 # The exact paths' block: 1.25 × dim columns. Its oversampling only speeds convergence (the
 # answer is the exact rank-dim optimum either way); measured on ML-100k, Last.fm and the ML-1M
