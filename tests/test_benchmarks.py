@@ -233,3 +233,20 @@ def test_the_whole_run_benchmark_times_the_cli_job_and_reports_every_fit(tmp_pat
     assert "published ml20m version" in result["stdout"]
     table = (tmp_path / "run.md").read_text()
     assert table.count("\n| ") == len(result["fits"]) + 2  # the header, its rule and one row per fit
+
+
+def test_the_engine_benchmark_times_the_default_training_beside_an_ease_grid_on_real_data(tmp_path):
+    """On the IBM articles (../shared/data): the EASE grid's 9 fits, the default training with
+    its validation NDCG@100, and every search fit with its path and a positive floor."""
+    engine = load("engine")
+    assert engine.IBM.is_file(), f"{engine.IBM}: the shared real data the benchmark reads"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "engine.py"), "--data", "ibm",
+                           "--json-out", str(tmp_path / "engine.json")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "engine.json").read_text())
+    assert report["header"]["users"] == 5148 and report["header"]["items"] == 714
+    assert report["ease_grid"]["fits"] == 9 and report["ease_grid"]["seconds"] > 0
+    training = report["default_training"]
+    assert 0 < training["valid_ndcg@100"] < 1 and set(training["chosen"]) == {"dropout", "l2", "popularity_exponent"}
+    assert len(training["fits"]) >= 5 and all(f["method"] == "items" and f["floor_seconds"] > 0 for f in training["fits"])
+    assert report["ratio_to_ease_grid"] > 0
