@@ -2,6 +2,7 @@
 its quality next to the full softmax where that is still affordable.
 
     python benchmarks/large_catalogue.py            # both parts, ~15 minutes on 2 cores
+    python benchmarks/large_catalogue.py --dlae     # the default dlae at 1M items: two fits, peak RSS
     python benchmarks/large_catalogue.py --large-items 20000 --large-scale 0.02 \\
         --compare-items 2000 --compare-scale 0.01 --epochs 1 --compare-epochs 1   # smoke run
 
@@ -68,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compare-seeds", type=int, default=3,
                         help="model seeds per compared training (the same held-out users for all)")
     parser.add_argument("--valid-users", type=int, default=1000, help="held-out validation users per part")
+    parser.add_argument("--dlae", action="store_true",
+                        help="only the default model (dlae) at the large catalogue: its fits' time and peak RSS")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--json-out", type=Path, default=RESULTS / "large-catalogue.json")
     parser.add_argument("--markdown-out", type=Path, default=RESULTS / "large-catalogue.md")
@@ -142,6 +145,38 @@ def large_part(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def dlae_part(args: argparse.Namespace) -> dict[str, Any]:
+    """The default model at the large catalogue: one dlae fit of the default dim on the training
+    users from a cold start, then one warm (λ × 3), with their passes, seconds, validation
+    metrics and the process's peak RSS (the 24 GB question)."""
+    from aefeatures.model import linear
+    from aefeatures.model.dlae_search import _dlae_model, _set_item_vectors
+
+    say(f"dlae: {args.large_items:,} items, scale {args.large_scale:g}")
+    matrix, data = load(args.large_scale, args.large_items, args.data_dir)
+    split = held_out(matrix, args.valid_users)
+    dim, rss_before = ModelConfig(kind="dlae").dim or 256, high_water_mb()
+    started = time.perf_counter()
+    solver = linear.Solver(matrix.csr, split.train_rows, matrix.shape[1], dim=dim)
+    fits = []
+    for l2 in (300.0, 900.0):
+        factors = solver.fit(0.8, l2)
+        model = _dlae_model(matrix.shape[1], ModelConfig(kind="dlae", dim=dim), factors.p, factors.p.device)
+        _set_item_vectors(model, factors.r, np.zeros(matrix.shape[1]), 0.0)
+        vectors, _ = encode(model, split.fold_in)
+        metrics = evaluate_embeddings(vectors, model.decoder.weight.detach().numpy(), model.decoder.bias.detach().numpy(),
+                                      split)
+        fits.append({"dropout": 0.8, "l2": l2, "method": factors.method, "passes": factors.iterations,
+                     "seconds": round(factors.seconds, 1), **{k: round(metrics[k], 5) for k in REPORTED},
+                     "peak_rss_mb": round(high_water_mb())})
+        say(f"  {json.dumps(fits[-1])}")
+    return {"data": data, "dim": dim, "q": solver.q, "fits": fits, "popularity": popularity(matrix, split),
+            "solver_setup_and_fits_seconds": round(time.perf_counter() - started, 1),
+            "peak_rss_mb_before": round(rss_before), "peak_rss_mb": round(high_water_mb()),
+            "working_bytes_estimate_mb": round(linear.working_bytes(matrix.shape[0], matrix.shape[1], dim, matrix.nnz,
+                                                                    method=solver.method) / 2**20)}
+
+
 def compare_part(args: argparse.Namespace) -> dict[str, Any]:
     say(f"compare: {args.compare_items:,} items, scale {args.compare_scale:g}, {args.compare_seeds} seed(s)")
     matrix, data = load(args.compare_scale, args.compare_items, args.data_dir)
@@ -202,6 +237,13 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started, load_before = time.perf_counter(), os.getloadavg()[0]
+    if args.dlae:
+        result = {"date": date.today().isoformat(), "machine": machine(), "versions": versions(),
+                  "load_average_before": load_before, "dlae": dlae_part(args)}
+        out = args.json_out.with_name(args.json_out.stem + "-dlae.json")
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        say(f"wrote {out}")
+        return
     large = large_part(args)  # first: the process's peak RSS is then this part's
     compare = compare_part(args)
     result = {"date": date.today().isoformat(), "machine": machine(), "versions": versions(),

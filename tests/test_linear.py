@@ -127,7 +127,8 @@ def test_ranks_that_each_hold_half_the_users_fit_what_one_process_fits(method, m
     np.testing.assert_array_equal(results[0].p.numpy(), results[1].p.numpy())  # every rank: the same factors
 
 
-def test_a_warm_started_fit_needs_fewer_iterations_and_lands_on_the_same_model():
+def test_a_warm_started_fit_needs_fewer_iterations_and_lands_on_the_same_model(monkeypatch):
+    monkeypatch.setattr(linear, "DIRECT_MAX_ITEMS", 0)  # iterate, as on a catalogue above it
     x, csr = _data(200, 60, seed=4)
     solver = linear.Solver(csr, np.arange(200), 60, dim=6)
     cold = solver.fit(0.5, 10.0)
@@ -137,3 +138,14 @@ def test_a_warm_started_fit_needs_fewer_iterations_and_lands_on_the_same_model()
     lam = _lam(x, 0.67, 10.0)
     ours, theirs = (_objective(x, f.p.double().numpy() @ f.r.double().numpy().T, lam) for f in (warm, fresh))
     assert ours == pytest.approx(theirs, rel=linear.TOLERANCE)  # converged alike, to the tolerance
+
+
+def test_a_small_catalogue_is_decomposed_directly_and_agrees_with_the_iteration(monkeypatch):
+    x, csr = _data(300, 50, seed=5)
+    direct = linear.Solver(csr, np.arange(300), 50, dim=5).fit(0.67, 10.0)
+    monkeypatch.setattr(linear, "DIRECT_MAX_ITEMS", 0)
+    monkeypatch.setattr(linear, "TOLERANCE", 1e-10)
+    monkeypatch.setattr(linear, "MAX_ITERATIONS", 500)
+    iterated = linear.Solver(csr, np.arange(300), 50, dim=5).fit(0.67, 10.0)
+    assert direct.method == iterated.method == "items" and direct.iterations == 1 < iterated.iterations
+    np.testing.assert_allclose((direct.p @ direct.r.T).numpy(), (iterated.p @ iterated.r.T).numpy(), atol=1e-4)

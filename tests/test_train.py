@@ -191,6 +191,7 @@ def test_refit_trains_the_published_model_on_every_user(tmp_path, kind, monkeypa
     from aefeatures.model.autoencoder import load_model
 
     monkeypatch.setattr(linear, "TOLERANCE", 1e-9)  # a dlae refit (warm-started) and a cold fit converge alike
+    monkeypatch.setattr(linear, "MAX_ITERATIONS", 500)
     job = load_job_config(write_job(tmp_path, model={"kind": kind, "epochs": 4}))
     result = run_job(job, progress=False)
     training = result.manifest["training"]
