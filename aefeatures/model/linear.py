@@ -20,8 +20,9 @@ the model's own top-k, and any new user is embedded by one product.
 How a fit is computed (:class:`Solver`; one per set of users, shared by the fits of a search):
 
 - ``"items"`` (exact): the Gram G once per solver; per fit one Cholesky of Ĝ + I (Ĝ = Λ^-½ G
-  Λ^-½, well conditioned) and a block subspace iteration on G M⁻¹ G (two products and two
-  triangular solves per step). Used when the catalogue is the small side.
+  Λ^-½, well conditioned) and its inverse, which give G M⁻¹ G as one dense matrix, then a block
+  subspace iteration on it (one dense product per pass); up to :data:`DIRECT_MAX_ITEMS` items
+  its eigendecomposition instead. Used when the catalogue is the small side.
 - ``"users"`` (exact, one process): the same operator through the users' kernel
   K = X Λ⁻¹ Xᵀ (push-through identity: G M⁻¹ G = Xᵀ K (K + I)⁻¹ X, M⁻¹ G = Λ⁻¹ Xᵀ (K + I)⁻¹ X),
   one Cholesky of K + I per fit. Used when the users are the small side (Last.fm).
@@ -29,8 +30,9 @@ How a fit is computed (:class:`Solver`; one per set of users, shared by the fits
   sparse products only (Halko et al. 2011), then the rank-d optimum within them. Used when
   both sides are large (ML-20M) and under torch.distributed beyond the Gram's size.
 
-No dense eigendecomposition of a whole side is ever taken (an items³ eigh was 9.7× a whole EASE
-grid on a 6k × 3.5k film set): a Cholesky costs a twentieth of it. Every iteration starts from
+Above :data:`DIRECT_MAX_ITEMS` no dense eigendecomposition of a whole side is taken (two items³
+eighs a fit made the previous engine 9.6× a whole EASE grid on the ML-1M shape): a Cholesky
+costs a twentieth of one. Every iteration starts from
 the previous fit's subspace (a search's fits differ a little in Λ) and stops once the top-d Ritz
 values, whose sum is the part of the objective the fit captures, change by less than
 :data:`TOLERANCE`. The large products run in float32 on the solver's device; the small
