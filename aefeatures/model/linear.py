@@ -112,13 +112,14 @@ def choose_method(n_users: int, n_items: int, *, distributed: bool = False, cuda
 
 
 def working_bytes(n_users: int, n_items: int, dim: int, nnz: int, *, method: str) -> int:
-    """Bytes a fit takes at most, roughly: the sparse matrix and its transpose (12 bytes an
-    entry each), the dense side's square three times (Gram or kernel, its scaled copy and its
-    Cholesky factor) and
-    a few item × q and user × q float32 blocks."""
-    q = block_width(dim, min(n_users, n_items) if method != "sketch" else n_items)
+    """Bytes a fit on ``method``'s path takes at most, roughly: the sparse matrix and its
+    transpose (12 bytes an entry each), the dense side's square three times (Gram or kernel,
+    its scaled copy and its Cholesky factor) and eight item × q and two user × q float32 blocks
+    (at 1M items and q 512 the process peaked at 16.5 GB: ``benchmarks/large_catalogue.py --dlae``)."""
+    q = block_width(dim, n_items) if method == "sketch" else \
+        block_width(dim, min(n_users, n_items), EXACT_OVERSAMPLE)
     side = {"items": n_items, "users": n_users}.get(method, 0)
-    return 24 * nnz + 12 * side * side + 4 * q * (6 * n_items + 2 * n_users)
+    return 24 * nnz + 12 * side * side + 4 * q * (8 * n_items + 2 * n_users)
 
 
 def check_fits(n_users: int, n_items: int, dim: int, nnz: int, *, method: str, limit: int | None = None) -> None:
