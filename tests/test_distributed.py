@@ -149,6 +149,7 @@ def test_two_gloo_ranks_fit_the_default_dlae_across_the_ranks_like_one_process(t
     assert load_model(version / "model").shape.kind == "dlae" == manifest["config"]["model"]["kind"]
     assert set(manifest["training"]["chosen"]) == {"dropout", "l2", "popularity_exponent"}
     assert manifest["training"]["refit"]["status"] == "published"
+    assert manifest["training"]["refit"]["users"] == single.manifest["training"]["refit"]["users"]  # every rank's
     assert all(fit["method"] == "items" for fit in manifest["training"]["history"])  # the Gram, summed over ranks
     assert manifest["training"]["history"][0]["users"] == single.manifest["training"]["history"][0]["users"] + \
         single.manifest["evaluation"]["valid_users"] - manifest["evaluation"]["valid_users"]  # all ranks' users

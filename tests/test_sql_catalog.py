@@ -157,6 +157,28 @@ def test_sql_command_formats_and_parameters(three_versions, tmp_path):
     assert "one" in table.stdout
 
 
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_everyday_result_types_print_in_every_format(three_versions, fmt):
+    """INTERVALs, embeddings (fixed-size lists), structs and timestamps: each format gets them as
+    text it can hold (a CSV cell holds a nested value as JSON), never a traceback."""
+    root, _ = three_versions
+    query = ("SELECT user_id, embedding, INTERVAL 90 MINUTE AS wait, {'a': 1, 'b': [1.5::DOUBLE, 2.5]} AS s, "
+             "event_timestamp FROM movies_users ORDER BY user_id LIMIT 2")
+    done = CliRunner().invoke(cli, ["sql", "--store", str(root), "-c", query, "--format", fmt])
+    assert done.exit_code == 0, done.output
+    assert "Traceback" not in done.output
+    if fmt == "csv":
+        header, first, *_ = done.stdout.splitlines()
+        assert header == "user_id,embedding,wait,s,event_timestamp"
+        cells = next(iter(__import__("csv").reader([first])))
+        assert len(json.loads(cells[1])) == 16 and cells[2] == "01:30:00" and json.loads(cells[3]) == {"a": 1, "b": [1.5, 2.5]}
+    elif fmt == "json":
+        rows = json.loads(done.stdout)
+        assert len(rows) == 2 and len(rows[0]["embedding"]) == 16 and rows[0]["wait"] == "01:30:00"
+    else:
+        assert "01:30:00" in done.stdout
+
+
 @pytest.mark.parametrize("hostile", ["42; DROP VIEW movies_users; --", "' OR 1=1 --", 'x"); SELECT 1; --'])
 def test_hostile_values_are_data_not_sql(three_versions, hostile):
     root, _ = three_versions

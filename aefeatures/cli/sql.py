@@ -87,10 +87,35 @@ def _sql_prompt(con) -> None:
         buffer = ""
 
 
+# DuckDB types that Arrow or Polars cannot carry as they are: sent as their SQL text
+_AS_TEXT = ("INTERVAL", "BIT", "UNION", "TIME WITH TIME ZONE", "TIMETZ", "VARINT", "BIGNUM")
+
+
 def _frame(relation):
+    """A query's result as a Polars frame; columns of :data:`_AS_TEXT` types become their text."""
     import polars as pl
 
-    return None if relation is None else pl.from_arrow(relation.to_arrow_table())
+    if relation is None:
+        return None
+    types = [str(t).upper() for t in relation.types]
+    if any(t.startswith(_AS_TEXT) for t in types):
+        quoted = ['"' + c.replace('"', '""') + '"' for c in relation.columns]
+        relation = relation.project(", ".join(f"CAST({q} AS VARCHAR) AS {q}" if t.startswith(_AS_TEXT) else q
+                                              for q, t in zip(quoted, types)))
+    return pl.from_arrow(relation.to_arrow_table())
+
+
+def _csv_cells(frame):
+    """``frame`` with nested columns (lists, arrays such as embeddings, structs) as JSON text,
+    the only way a CSV cell holds them; NaN and infinities as null, as in --format json."""
+    import polars as pl
+
+    from aefeatures.schema import strict_json
+
+    nested = [name for name, dtype in frame.schema.items() if dtype.is_nested()]
+    return frame.with_columns(pl.Series(name, [None if v is None else strict_json(v, default=json_default)
+                                               for v in frame.get_column(name).to_list()], dtype=pl.String)
+                              for name in nested)
 
 
 def _write_frame(frame, fmt: str, output: Path | None) -> None:
@@ -100,7 +125,7 @@ def _write_frame(frame, fmt: str, output: Path | None) -> None:
         write_parquet(frame, output)
         return
     if fmt == "csv":
-        text = frame.write_csv()
+        text = _csv_cells(frame).write_csv()
     elif fmt == "json":
         from aefeatures.schema import strict_json
 

@@ -433,15 +433,16 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
         "reference": _reference(matrix, split, ev.reference_max_items, group),
     }
     if ev.refit:
-        trained.refit = _refit(matrix, cfg, trained, progress, deadline)
+        users = matrix.shape[0] if group is None else int(group.reduce_array(np.array([matrix.shape[0]]))[0])
+        trained.refit = _refit(matrix, cfg, trained, progress, deadline, users)
     return trained, evaluation, None
 
 
 def _refit(matrix: InteractionMatrix, cfg: JobConfig, validated: TrainResult, progress: bool | None,
-           deadline: float | None) -> dict[str, Any]:
+           deadline: float | None, users: int) -> dict[str, Any]:
     """Train on every user for the validated budget (``validated.best_epoch`` epochs, with the
     hyperparameters validation chose) and put that model in ``validated``; returns the
-    manifest's `training.refit` section. The same number of epochs, not steps: each user is
+    manifest's `training.refit` section (``users``: every rank's together). The same number of epochs, not steps: each user is
     seen as often as in the validated run. When the time budget ran out during validation, or
     runs out during the refit, the validated model is published instead and the section says so."""
     from aefeatures.model.train import train
@@ -453,7 +454,7 @@ def _refit(matrix: InteractionMatrix, cfg: JobConfig, validated: TrainResult, pr
     model_cfg = dataclasses.replace(cfg.model, **validated.chosen)
     refit = train(matrix, model_cfg, progress=progress, epochs=validated.best_epoch, deadline=deadline,
                   warm=validated.warm)
-    section = {"users": matrix.shape[0], "epochs": len(refit.history), "steps": refit.steps,
+    section = {"users": users, "epochs": len(refit.history), "steps": refit.steps,
                "seconds": round(refit.seconds, 3), **({"chosen": validated.chosen} if validated.chosen else {})}
     if refit.stop_reason == "max_minutes":
         return {"status": "skipped", "reason": "model.max_minutes ran out during the refit; the validated model "
