@@ -110,6 +110,26 @@ def test_ids_of_another_type_are_refused(tmp_path):
     assert table.get_column("c").to_list() == ["x", None]
 
 
+def test_uint64_item_ids_with_an_attributes_table_publish_their_attributes(tmp_path):
+    """Hash ids at or above 2**63, as uint64 in both the interactions and the attributes."""
+    rng = np.random.default_rng(0)
+    big = np.uint64(2**63) + np.arange(40, dtype=np.uint64) * np.uint64(7919)
+    users = np.repeat(np.arange(120), 6)
+    items = big[(users * 7 + np.tile(np.arange(6), 120) * 3 + rng.integers(0, 2, len(users))) % 40]
+    pairs = pl.DataFrame({"user_id": users, "item_id": items}, schema={"user_id": pl.Int64, "item_id": pl.UInt64})
+    pairs.unique(["user_id", "item_id"]).write_parquet(tmp_path / "pairs.parquet")
+    attributes = pl.DataFrame({"item_id": big, "category": [("a", "b")[i % 2] for i in range(40)]},
+                              schema={"item_id": pl.UInt64, "category": pl.String})
+    job = items_job(tmp_path, attributes, input={"path": str(tmp_path / "pairs.parquet")})
+    result = run_job(load_job_config(job), progress=False)
+    items = pl.read_parquet(result.path / layout.ATTRIBUTES, columns=["item_id", "category"])
+    assert items.schema["item_id"] == pl.UInt64 and items.get_column("item_id").min() >= 2**63
+    assert items.get_column("item_id").equals(pl.read_parquet(result.path / layout.ITEMS).get_column("item_id"))
+    expected = dict(zip(attributes.get_column("item_id").to_list(), attributes.get_column("category").to_list()))
+    assert all(expected[i] == c for i, c in items.iter_rows())
+    assert result.manifest["attributes"]["matched"] == items.height
+
+
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory):
     folder = tmp_path_factory.mktemp("shop")

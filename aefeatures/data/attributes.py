@@ -20,7 +20,7 @@ from aefeatures.schema import ITEM
 log = logging.getLogger(__name__)
 
 SUPPORTED = "string, integer, float, boolean, date, datetime or list of string"
-_INTEGERS = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32)
+_INTEGERS = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64)
 
 
 def read_attributes(cfg: ItemsConfig) -> pl.DataFrame:
