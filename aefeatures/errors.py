@@ -165,8 +165,15 @@ class NullValuesError(BadInputError):
 
     def __init__(self, column: str, count: int, file: str, row: int):
         self.column, self.count, self.file, self.row = column, count, file, row
+        if row < 0:  # a hive partition folder whose key is null (`file` is that folder)
+            super().__init__(
+                f"column `{column}` has {count} null value(s): they come from the hive partition folder "
+                f"`{Path(file).name}` (`{file}`), whose key is null. Move that folder out of the input, or "
+                "rewrite its rows with a key, before the job runs."
+            )
+            return
         super().__init__(
-            f"column `{column}` has {count} null value(s); the first is row {row} of `{file}`. "
+            f"column `{column}` has {count} null value(s); the first is row {row} (0-based) of `{file}`. "
             "Drop or fill those rows before the job runs."
         )
 

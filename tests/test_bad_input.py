@@ -160,7 +160,7 @@ def _null_user_ids(tmp: Path):
     ids = frame["user_id"].to_list()
     ids[5] = ids[9] = ids[11] = None
     frame.with_columns(pl.Series("user_id", ids, dtype=pl.Int64)).write_parquet(path)
-    return {"path": str(path)}, [f"column `user_id` has 3 null value(s); the first is row 5 of `{path}`"]
+    return {"path": str(path)}, [f"column `user_id` has 3 null value(s); the first is row 5 (0-based) of `{path}`"]
 
 
 def _float_ids(tmp: Path):

@@ -610,7 +610,7 @@ def test_null_ids_name_column_count_file_and_row(tmp_path, column, values, count
     frame.with_columns(pl.Series(column, values, dtype=pl.Int64)).write_parquet(path)
     with pytest.raises(errors.NullValuesError) as e:
         read(path)
-    assert str(e.value) == (f"column `{column}` has {count} null value(s); the first is row {row} of `{path}`. "
+    assert str(e.value) == (f"column `{column}` has {count} null value(s); the first is row {row} (0-based) of `{path}`. "
                             "Drop or fill those rows before the job runs.")
 
 
@@ -620,7 +620,7 @@ def test_null_ids_in_the_second_file_give_its_own_row(tmp_path):
     pl.DataFrame({"user_id": [7], "item_id": ["x"]}).write_parquet(tmp_path / "c.parquet")
     (tmp_path / "a.parquet").unlink()
     with pytest.raises(errors.NullValuesError,
-                       match=rf"column `user_id` has 1 null value\(s\); the first is row 3 of "
+                       match=rf"column `user_id` has 1 null value\(s\); the first is row 3 \(0-based\) of "
                              rf"`{tmp_path / 'b.parquet'}`"):
         read(tmp_path)
 
@@ -629,7 +629,7 @@ def test_null_weights_are_rejected(tmp_path):
     path = tmp_path / "w.parquet"
     pl.DataFrame({"user_id": [1, 2, 3], "item_id": [1, 2, 1], "w": [1.0, 2.0, None]}).write_parquet(path)
     with pytest.raises(errors.NullValuesError,
-                       match=rf"column `w` has 1 null value\(s\); the first is row 2 of `{path}`"):
+                       match=rf"column `w` has 1 null value\(s\); the first is row 2 \(0-based\) of `{path}`"):
         read(path, weight_col="w")
 
 

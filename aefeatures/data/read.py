@@ -438,13 +438,21 @@ def _blaming_files(run: Callable[[], _T], files: list[Path]) -> _T:
         raise
 
 
+NULL_PARTITIONS = ("__HIVE_DEFAULT_PARTITION__", "")  # a hive folder `key=<this>/` holds a null key
+
+
 def _first_offender(files: list[Path], cfg: InputConfig, name: str, pred: pl.Expr) -> tuple[str, int, object]:
-    """(file, 0-based row in that file, value) of the first row matching ``pred``."""
+    """(file, 0-based row in that file, value) of the first row matching ``pred``; for a null
+    that a hive partition folder's key gives (`item_id=__HIVE_DEFAULT_PARTITION__/`), (that
+    folder, -1, None)."""
     source = {USER: cfg.user_col, ITEM: cfg.item_col, WEIGHT: cfg.weight_col}[name]
     for f in files:
         frame = pl.scan_parquet(f)
-        if source not in frame.collect_schema():
-            continue  # the column is a hive partition key here
+        if source not in frame.collect_schema():  # the column is a hive partition key here
+            null_key = next((p for p in f.parents if p.name in {f"{source}={v}" for v in NULL_PARTITIONS}), None)
+            if null_key is not None:
+                return str(null_key), -1, None
+            continue
         hit = (frame.select(pl.col(source).cast(pl.Float64 if name == WEIGHT else pl.String).alias(name))
                .with_row_index("row").filter(pred).head(1).collect())
         if hit.height:
