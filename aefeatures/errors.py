@@ -399,9 +399,19 @@ def index_metric_mismatch(path: Path | str, metric: int) -> BadInputError:
                          "run the job again to rebuild it.")
 
 
-def bad_manifest(path: Path | str, problem: str) -> BadInputError:
-    return BadInputError(f"manifest `{path}` cannot be read: {problem}. The version is damaged: run the job "
-                         "again, or remove that version's folder.")
+class DamagedManifestError(BadInputError):
+    """A version's manifest.json is not what aefeatures wrote (exit code 2)."""
+
+
+def bad_manifest(path: Path | str, problem: str) -> DamagedManifestError:
+    return DamagedManifestError(f"manifest `{path}` cannot be read: {problem}. The version is damaged: run the "
+                                "job again, or remove that version's folder.")
+
+
+def broken_live_version(store: Path, name: str, version: str, reason: str, job: str) -> StoreError:
+    return StoreError(f"feature set `{name}` in `{store}`: its live version `{version}` (LATEST) is missing or "
+                      f"damaged: {reason}. Run `aefeatures run --force {job}` to build a new version "
+                      "and point LATEST at it.")
 
 
 def newer_manifest(path: Path | str, found: int, supported: int) -> BadInputError:

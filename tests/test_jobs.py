@@ -45,6 +45,29 @@ def test_an_unchanged_input_and_config_is_up_to_date(job, tmp_path):
     assert [r["status"] for r in read_runs(root / "movies")] == ["published", "up_to_date", "published"]
 
 
+@pytest.mark.parametrize("damage", ["files deleted", "manifest garbled"])
+def test_a_live_version_a_cleaner_broke_is_refused_with_the_way_out_and_force_repairs_it(job, tmp_path, damage):
+    runner = CliRunner()
+    assert runner.invoke(cli, ["run", str(job)]).exit_code == 0
+    folder = tmp_path / "store" / "movies"
+    broken = (folder / "LATEST").read_text().strip()
+    if damage == "files deleted":
+        for path in (folder / "versions" / broken).iterdir():
+            path.unlink() if path.is_file() else __import__("shutil").rmtree(path)
+    else:
+        (folder / "versions" / broken / "manifest.json").write_text("{")
+    refused = runner.invoke(cli, ["run", str(job)])
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    (line,) = refused.stderr.strip().splitlines()
+    assert f"live version `{broken}` (LATEST) is missing or damaged" in line and f"run --force {job}" in line
+    assert (folder / "LATEST").read_text().strip() == broken  # nothing published
+    repaired = runner.invoke(cli, ["run", "--force", str(job)])
+    assert repaired.exit_code == 0, repaired.output
+    live = (folder / "LATEST").read_text().strip()
+    assert live != broken and aefeatures.open_store(tmp_path / "store")["movies"].recommend(1, k=3).ids.size == 3
+    assert runner.invoke(cli, ["run", str(job)]).stdout.count("is up to date") == 1
+
+
 def test_a_changed_input_file_or_config_runs_again(job, tmp_path):
     first = run_job(load_job_config(job), progress=False)
     changed = write_job(tmp_path, model={**FAST, "epochs": 4}, gate=NO_GATE, filename="other.toml")

@@ -12,13 +12,18 @@ DuckDB extension.
 
 from __future__ import annotations
 
+import logging
 import math
 from importlib import resources
 from pathlib import Path
 from string import Template
+from typing import Any
 
+from aefeatures import errors
 from aefeatures.schema import parse_id
 from aefeatures.store import layout, publish
+
+log = logging.getLogger(__name__)
 
 CATALOG = "catalog.sql"
 
@@ -33,6 +38,19 @@ def _template() -> Template:
     return Template(source.read_text(encoding="utf-8"))
 
 
+def _readable_manifests(root: Path, name: str, versions: list[str]) -> dict[str, Any]:
+    """The manifests of ``versions`` that read; a damaged one is left out of the all-versions
+    views with a warning, so one broken old version never takes SQL on the store down."""
+    out = {}
+    for version in versions:
+        try:
+            out[version] = layout.read_manifest(root / name / layout.VERSIONS / version)
+        except (errors.DamagedManifestError, OSError) as exc:
+            log.warning("SQL catalog: version %s of %s is left out of the all-versions views: %s", version, name,
+                        str(exc).split(". ")[0])
+    return out
+
+
 def _literal(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
@@ -41,8 +59,9 @@ def render_views(root: Path, name: str) -> str:
     """The views and macros of feature set ``name`` (live version and all published ones)."""
     live = layout.live_version(root, name)
     folder = layout.version_dir(root, name, live).resolve()
-    versions = layout.listed_versions(root, name)
-    manifests = {v: layout.read_manifest(root / name / layout.VERSIONS / v) for v in versions}
+    manifests = _readable_manifests(root, name, layout.listed_versions(root, name))
+    manifests[live] = layout.read_manifest(folder)  # the live one must read: its views are the point
+    versions = sorted(manifests)
     dims = {int(m["dim"]) for m in manifests.values()}
     paths = {v: (root / name / layout.VERSIONS / v).resolve() for v in versions}
     schemas = {v: int(m.get("schema_version", 1)) for v, m in manifests.items()}

@@ -226,7 +226,7 @@ def scheduled(cfg: JobConfig, command: str, key: str,
             if removed:
                 log.warning("removed leftovers of interrupted runs in %s: %s", folder, ", ".join(removed))
             fingerprint = fingerprint or input_fingerprint(cfg)
-            live = _live_manifest(root, name)
+            live = _checked_live(cfg, force)
             if live and live.get(key) == fingerprint and not force:
                 result = RunResult(name, live["version"], layout.version_dir(root, name, live["version"]),
                                    live, status="up_to_date")
@@ -532,9 +532,35 @@ def _training_summary(trained: TrainResult) -> dict[str, Any]:
 
 
 def _live_manifest(root: Path, name: str) -> dict[str, Any] | None:
+    """The live version's manifest; None when the feature set has none, or when its live
+    version is missing or damaged (:func:`_checked_live` has refused that already, or been
+    told with --force to build over it)."""
     if name not in layout.feature_sets(root):
         return None
-    return layout.read_manifest(layout.version_dir(root, name, layout.live_version(root, name)))
+    try:
+        return layout.read_manifest(layout.version_dir(root, name, layout.live_version(root, name)))
+    except (errors.FeatureSetNotFoundError, errors.DamagedManifestError):
+        return None
+
+
+def _checked_live(cfg: JobConfig, force: bool) -> dict[str, Any] | None:
+    """:func:`_live_manifest`, but a live version that LATEST names and that is missing or
+    damaged (a cleaner deleted its files) refuses the run in one line saying how to get out,
+    unless ``force``: then the run builds a new version and LATEST moves to it."""
+    root, name = cfg.job.store, cfg.job.name
+    if name not in layout.feature_sets(root):
+        return None
+    version = layout.live_version(root, name)
+    try:
+        return layout.read_manifest(layout.version_dir(root, name, version))
+    except (errors.FeatureSetNotFoundError, errors.DamagedManifestError) as exc:
+        if not force:
+            reason = "its manifest cannot be read" if isinstance(exc, errors.DamagedManifestError) else \
+                "its folder or manifest.json is gone"
+            raise errors.broken_live_version(root, name, version, reason, str(cfg.source)) from None
+        log.warning("the live version %s of %s is missing or damaged: --force builds a new one and moves LATEST "
+                    "to it", version, name)
+        return None
 
 
 def _refresh_sql_catalog(root: Path) -> None:
@@ -543,5 +569,5 @@ def _refresh_sql_catalog(root: Path) -> None:
 
     try:
         write_catalog(root)
-    except OSError as exc:
+    except (OSError, errors.AEFeaturesError) as exc:  # e.g. another feature set's live version is broken
         log.warning("could not refresh the SQL catalog in %s: %s", root, exc)
