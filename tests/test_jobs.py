@@ -68,6 +68,29 @@ def test_a_live_version_a_cleaner_broke_is_refused_with_the_way_out_and_force_re
     assert runner.invoke(cli, ["run", str(job)]).stdout.count("is up to date") == 1
 
 
+@pytest.mark.parametrize("err, code", [(28, 1), (30, 2)])  # ENOSPC, EROFS
+def test_a_disk_that_fills_during_publish_ends_in_one_line_and_publishes_nothing(job, tmp_path, monkeypatch, err, code):
+    import os as _os
+
+    from aefeatures.store import tables
+
+    runner = CliRunner()
+    assert runner.invoke(cli, ["run", str(job)]).exit_code == 0
+    folder = tmp_path / "store" / "movies"
+    live = (folder / "LATEST").read_text()
+
+    def full(*args, **kwargs):
+        raise OSError(err, _os.strerror(err), str(folder / ".staging" / "users.parquet"))
+
+    monkeypatch.setattr(tables, "write_tables", full)
+    failed = runner.invoke(cli, ["run", "--force", str(job)])
+    assert failed.exit_code == code and "Traceback" not in failed.output
+    (line,) = failed.stderr.strip().splitlines()[-1:]
+    assert line.startswith(f"error: {_os.strerror(err)} writing `") and failed.stderr.count("error:") == 1
+    assert (folder / "LATEST").read_text() == live and len(layout.list_versions(tmp_path / "store", "movies")) == 1
+    assert read_runs(folder)[-1]["status"] == "failed"
+
+
 def test_a_changed_input_file_or_config_runs_again(job, tmp_path):
     first = run_job(load_job_config(job), progress=False)
     changed = write_job(tmp_path, model={**FAST, "epochs": 4}, gate=NO_GATE, filename="other.toml")

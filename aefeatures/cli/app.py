@@ -6,6 +6,7 @@ Lookup commands never import torch, so they start fast.
 
 from __future__ import annotations
 
+import errno
 import json
 from datetime import datetime, timezone
 from typing import Any
@@ -22,13 +23,32 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except AEFeaturesError as exc:
-            if ctx.meta.get("aefeatures.logging", {}).get("log_format") == "json":
-                click.echo(json.dumps({"time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                       "level": "ERROR", "logger": "aefeatures", "message": cli_message(exc),
-                                       "exit_code": exc.exit_code}), err=True)
-            else:
-                click.echo(f"error: {cli_message(exc)}", err=True)
-            ctx.exit(exc.exit_code)
+            _fail(ctx, cli_message(exc), exc.exit_code)
+        except OSError as exc:
+            if exc.errno not in _STORAGE_ERRORS:
+                raise
+            where = f" writing `{exc.filename}`" if exc.filename else ""
+            what, code = _STORAGE_ERRORS[exc.errno]
+            _fail(ctx, f"{exc.strerror}{where}: {what}", code)
+
+
+# Storage failures every write can meet, as one line (exit 1: the machine, 2: the store's setup).
+# Writes go to staging and atomic renames first, so nothing half-written is left or published.
+_STORAGE_ERRORS = {
+    errno.ENOSPC: ("free space on that file system and run again; nothing was published or replaced", 1),
+    errno.EDQUOT: ("raise the quota or free space and run again; nothing was published or replaced", 1),
+    errno.EROFS: ("the file system is read-only: point the job or --output at a writable place", 2),
+}
+
+
+def _fail(ctx: click.Context, message: str, code: int) -> None:
+    if ctx.meta.get("aefeatures.logging", {}).get("log_format") == "json":
+        click.echo(json.dumps({"time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S%z"),
+                               "level": "ERROR", "logger": "aefeatures", "message": message,
+                               "exit_code": code}), err=True)
+    else:
+        click.echo(f"error: {message}", err=True)
+    ctx.exit(code)
 
 
 @click.group(cls=_Group, epilog=EXIT_CODES_HELP)
