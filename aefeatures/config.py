@@ -24,7 +24,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_]+")
+# A feature set's name starts SQL view names (`<name>_users`) and Feast objects: an identifier
+NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+NAME_RULE = "use letters, digits and _ only, starting with a letter or _ (it names SQL views and Feast objects)"
 MODEL_KINDS = ("dae", "vae", "dlae", "recvae")
 PRECISIONS = ("auto", "fp32", "bf16")
 SPARSE_UPDATES = ("auto", "on", "off")
@@ -48,7 +50,7 @@ def attribute_name_rule() -> str:
 
 @dataclass(frozen=True)
 class JobSection:
-    name: str  # feature-set name: [A-Za-z0-9_]+
+    name: str  # feature-set name: NAME_PATTERN
     store: Path  # store directory
 
 
@@ -320,7 +322,7 @@ def _coerce(path: Path, key: str, value: Any, hint: Any) -> Any:
 def _check_values(path: Path, cfg: JobConfig) -> None:
     m = cfg.model
     rules = [
-        ("job.name", cfg.job.name, NAME_PATTERN.fullmatch(cfg.job.name), "use letters, digits and _ only"),
+        ("job.name", cfg.job.name, NAME_PATTERN.fullmatch(cfg.job.name), NAME_RULE),
         ("model.kind", m.kind, m.kind in MODEL_KINDS, f"choose one of {', '.join(MODEL_KINDS)}"),
         ("model.dim", m.dim, m.dim >= 1, "it must be at least 1 (or 0: the kind's default)"),
         ("model.hidden", list(m.hidden), all(h >= 1 for h in m.hidden), "every layer needs >= 1 unit"),

@@ -540,6 +540,12 @@ class Interrupted(AEFeaturesError):
         super().__init__(f"stopped by {signal_name}; nothing was published and the live version is unchanged.")
 
 
+def name_differs_only_in_case(store: Path, name: str, other: str) -> StoreError:
+    return StoreError(f"feature set `{name}` differs only in case from feature set `{other}` already in `{store}`: "
+                      "SQL names ignore case (and so do some file systems), so one would answer for the other. "
+                      "Choose another `job.name` or another `job.store`.")
+
+
 def store_is_a_feature_set(store: Path, name: str) -> StoreError:
     return StoreError(
         f"`job.store` = `{store}` is the folder of a feature set, not a store (it holds LATEST or "

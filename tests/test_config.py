@@ -241,10 +241,11 @@ def test_named_kinds_and_factory_strings_faiss_can_make_load(tmp_path, kind):
     assert load_job_config(write(tmp_path, MINIMAL + f'[model]\ndim = 64\n[index]\nkind = "{kind}"\n')).index.kind == kind
 
 
-@pytest.mark.parametrize("name", ["my-set", "has space", "dot.ted", "", "ümlaut"])
-def test_feature_set_name_must_be_letters_digits_underscore(tmp_path, name):
+@pytest.mark.parametrize("name", ["my-set", "has space", "dot.ted", "", "ümlaut", "7day", "2024"])
+def test_feature_set_name_must_be_an_identifier(tmp_path, name):
     fails(write(tmp_path, MINIMAL.replace('"movies"', f'"{name}"')),
-          rf"`job\.name` = '{re.escape(name)}' is not allowed: use letters, digits and _ only\.")
+          rf"`job\.name` = '{re.escape(name)}' is not allowed: use letters, digits and _ only, starting with a "
+          r"letter or _ \(it names SQL views and Feast objects\)\.")
 
 
 def test_min_weight_needs_a_weight_column(tmp_path):

@@ -91,6 +91,24 @@ def test_a_disk_that_fills_during_publish_ends_in_one_line_and_publishes_nothing
     assert read_runs(folder)[-1]["status"] == "failed"
 
 
+def test_a_name_that_differs_only_in_case_from_another_in_the_store_is_refused_and_sql_keeps_working(tmp_path):
+    runner = CliRunner()
+    first = write_job(tmp_path, name="case", model=FAST, gate=NO_GATE, filename="lower.toml")
+    assert runner.invoke(cli, ["run", str(first)]).exit_code == 0
+    twin = write_job(tmp_path, name="Case", model=FAST, gate=NO_GATE, filename="upper.toml")
+    refused = runner.invoke(cli, ["run", str(twin)])
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "feature set `Case` differs only in case from feature set `case`" in refused.stderr
+    assert layout.known_feature_sets(tmp_path / "store") == ["case"]
+    # a folder someone made by hand with a name SQL cannot use is left out of the catalog, not fatal
+    crafted = tmp_path / "store" / "7day"
+    __import__("shutil").copytree(tmp_path / "store" / "case", crafted)
+    done = runner.invoke(cli, ["sql", "--store", str(tmp_path / "store"), "-c", "SELECT count(*) AS n FROM case_items",
+                               "--format", "csv"])
+    assert done.exit_code == 0, done.output
+    assert done.stdout.splitlines() == ["n", "500"]
+
+
 def test_a_changed_input_file_or_config_runs_again(job, tmp_path):
     first = run_job(load_job_config(job), progress=False)
     changed = write_job(tmp_path, model={**FAST, "epochs": 4}, gate=NO_GATE, filename="other.toml")

@@ -153,7 +153,19 @@ def _list(paths) -> str:
 
 
 def render_catalog(root: Path) -> str:
-    return "\n".join(render_views(root, name) for name in layout.feature_sets(root))
+    """The views of every feature set in ``root`` whose name can name SQL views: a folder whose
+    name is no identifier, or differs only in case from one before it, is left out (and said)."""
+    from aefeatures.config import NAME_PATTERN
+
+    parts, seen = [], set()
+    for name in layout.feature_sets(root):
+        if not NAME_PATTERN.fullmatch(name) or name.lower() in seen:
+            log.warning("SQL catalog: feature set folder %r is left out: its name is no SQL identifier, or differs "
+                        "only in case from another's", name)
+            continue
+        seen.add(name.lower())
+        parts.append(render_views(root, name))
+    return "\n".join(parts)
 
 
 def write_catalog(root: Path) -> Path:

@@ -280,6 +280,9 @@ def _status_of(exc: errors.AEFeaturesError) -> str:
 def _check_store(root: Path, name: str) -> None:
     if (root / layout.LATEST).is_file() or (root / layout.VERSIONS).is_dir():
         raise errors.store_is_a_feature_set(root, name)
+    twins = [other for other in layout.known_feature_sets(root) if other.lower() == name.lower() and other != name]
+    if twins:
+        raise errors.name_differs_only_in_case(root, name, twins[0])
     try:
         (root / name).mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=root / name, prefix=".probe-")
