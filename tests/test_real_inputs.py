@@ -142,3 +142,18 @@ def test_every_user_with_one_item_says_why_validation_and_the_gate_metrics_are_s
     shown = cli_runner().invoke(cli, ["evaluate", "--store", str(tmp_path / "store")])
     assert shown.exit_code == 0, shown.output
     assert "metric checks were skipped: no user has 2 or more items" in shown.stdout
+
+
+def test_a_file_behind_a_linked_partition_changes_the_fingerprint(tmp_path):
+    """A backfilled day behind a link is part of the input: when it changes, the run is not up to date."""
+    import os
+
+    from aefeatures.config import load_job_config
+    from aefeatures.jobs.run import input_fingerprint
+
+    case = real_world.write_case("hive_with_a_linked_partition", tmp_path / "case")
+    job = load_job_config(job_file(tmp_path / "case", tmp_path / "store", {**case.input, "path": "linked"}))
+    before = input_fingerprint(job)
+    target = tmp_path / "case" / "backfill" / "day2" / "part-0.parquet"
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    assert input_fingerprint(job) != before

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob as globlib
 import inspect
 import logging
+import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
@@ -166,11 +167,26 @@ def _resolve_files(path: str) -> tuple[list[Path], str]:
     if p.is_file():
         return [p], str(p)
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f.relative_to(p)))
+        files = sorted(f for f in _walk(p) if f.is_file() and not _hidden(f.relative_to(p)))
         if not files:
             raise errors.InputNotFoundError(path, "is a directory with no data files")
         return files, str(p)
     raise errors.InputNotFoundError(path, "does not exist")
+
+
+def _walk(root: Path) -> list[Path]:
+    """Every file below ``root``, entering linked folders as Polars and DuckDB do (a backfilled
+    or shared day is often `dt=2024-06-02 -> /elsewhere/...`), each real folder once (a link
+    back up is not a loop). Paths stay under ``root``, so hive keys come from them."""
+    files, seen = [], set()
+    for folder, folders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        files += [Path(folder) / name for name in names]
+    return files
 
 
 def _hidden(relative: Path) -> bool:
