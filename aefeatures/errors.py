@@ -423,8 +423,11 @@ def bad_metric(metric: object) -> BadInputError:
     return BadInputError(f"`metric` must be \"ip\" or \"cosine\", got {metric!r}.")
 
 
+MAX_K = 1_000_000  # results one lookup may ask for (the HTTP service's own default cap is lower: --max-k)
+
+
 def bad_k(k: object) -> BadInputError:
-    return BadInputError(f"`k` must be an integer of at least 1, got {k!r}.")
+    return BadInputError(f"`k` must be an integer from 1 to {MAX_K:,}, got {brief(k)}.")
 
 
 def no_anomaly_scores(name: str, version: str) -> BadInputError:
@@ -481,9 +484,16 @@ class InvalidIdError(BadInputError):
     def __init__(self, kind: str, value: object, expected: str):
         self.kind, self.value = kind, value
         super().__init__(
-            f"{value!r} is not a valid {kind} id: {kind} ids of this feature set are {expected}. "
+            f"{brief(value)} is not a valid {kind} id: {kind} ids of this feature set are {expected}. "
             f"Pass the {kind} id as the input spelled it."
         )
+
+
+def brief(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters with its length said: an error line stays one
+    readable line whatever a client sent."""
+    shown = repr(value)
+    return shown if len(shown) <= limit else f"{shown[:limit]}… ({len(shown):,} characters)"
 
 
 class NotFoundError(AEFeaturesError, KeyError):
@@ -493,7 +503,8 @@ class NotFoundError(AEFeaturesError, KeyError):
 
     def __init__(self, kind: str, ids: Sequence[object], name: str, version: str):
         self.kind, self.ids, self.name, self.version = kind, list(ids), name, version
-        label = f"{kind} `{self.ids[0]}`" if len(self.ids) == 1 else f"{kind}s {_show([str(i) for i in self.ids])}"
+        label = f"{kind} `{brief(self.ids[0]).strip(chr(39))}`" if len(self.ids) == 1 else \
+            f"{kind}s {_show([brief(i).strip(chr(39)) for i in self.ids])}"
         super().__init__(
             f"{label} not found in feature set `{name}` (version {version}). "
             f"Only {kind}s present in the input of that version have embeddings"

@@ -200,6 +200,7 @@ def _finite_or_null(value: Any, default: Callable[[Any], Any] | None) -> Any:
 # --- ids: one rule for every entry point ---------------------------------------------------
 
 _WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+MAX_ID_CHARS = 4096  # the longest id any entry point accepts (an integer id's text included)
 
 
 def parse_id(value: Any, id_dtype: np.dtype, kind: str = "id") -> Any:
@@ -211,6 +212,7 @@ def parse_id(value: Any, id_dtype: np.dtype, kind: str = "id") -> Any:
       Booleans, floats and anything else are refused; so is a value outside the id type's range.
     - String ids: a string, as it is ("0038" and "38" are different ids). A number is refused,
       so that 38 can never stand for "0038".
+    - Nothing longer than :data:`MAX_ID_CHARS` characters is an id.
 
     Raises :class:`InvalidIdError` (exit code 2, HTTP 422) naming the value, the id type and the fix.
     """
@@ -219,15 +221,15 @@ def parse_id(value: Any, id_dtype: np.dtype, kind: str = "id") -> Any:
         number: int | None = None
         if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
             number = int(value)
-        elif isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value.strip()):
+        elif isinstance(value, str) and len(value) <= MAX_ID_CHARS and _WHOLE_NUMBER.fullmatch(value.strip()):
             number = int(value.strip())
         info = np.iinfo(dtype)
         if number is None or not info.min <= number <= info.max:
             raise errors.InvalidIdError(kind, value, f"integers ({dtype.name}, {info.min} to {info.max})")
         return number
-    if isinstance(value, str):
+    if isinstance(value, str) and len(value) <= MAX_ID_CHARS:
         return str(value)
-    raise errors.InvalidIdError(kind, value, "strings")
+    raise errors.InvalidIdError(kind, value, f"strings of at most {MAX_ID_CHARS:,} characters")
 
 
 def parse_ids(values: Sequence[Any], id_dtype: np.dtype, kind: str = "id") -> list[Any]:

@@ -242,3 +242,30 @@ def test_feast_export_of_uint64_ids_is_refused_in_one_line(stores, tmp_path):
     assert result.exit_code == 2 and "Traceback" not in result.output
     line, = result.stderr.splitlines()
     assert line.startswith("error: feature set `shop` has UInt64 user ids, which Feast cannot hold")
+
+
+@pytest.mark.parametrize("kind", ["uint64", "string"])
+def test_ids_longer_than_the_limit_are_invalid_in_one_short_line_at_every_entry_point(stores, apps, kind):
+    from aefeatures.schema import MAX_ID_CHARS
+
+    root, _ = stores[kind]
+    raw = "9" * (MAX_ID_CHARS + 1000)  # Python's int() refuses past 4,300 digits: no traceback here
+    assert via_api(root, raw) == via_cli(root, raw) == via_http(apps[kind], raw) == ("invalid",)
+    result = cli_runner().invoke(cli, ["recommend", "--store", str(root), "--user", raw, "-k", "3"])
+    (line,) = result.stderr.strip().splitlines()
+    assert "characters)" in line and len(line) < 400  # the id is cut in the message, its length said
+
+
+def test_k_beyond_its_limit_is_refused_in_one_line_and_k_up_to_it_answers(stores, apps):
+    from aefeatures.errors import MAX_K, BadInputError
+
+    root, users = stores["uint64"]
+    fs = open_store(root).open("shop")
+    assert 0 < len(fs.recommend(users[0], MAX_K).ids) <= N_ITEMS  # k at its limit: what the catalogue has
+    for k in (MAX_K + 1, 10**30):
+        with pytest.raises(BadInputError, match=r"`k` must be an integer from 1 to 1,000,000"):
+            fs.recommend(users[0], k)
+        result = cli_runner().invoke(cli, ["recommend", "--store", str(root), "--user", str(users[0]), "-k", str(k)])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+    status, _ = _asgi(apps["uint64"], "GET", "/v1/shop/recommend", urlencode({"user": users[0], "k": 10**30}))
+    assert status == 422

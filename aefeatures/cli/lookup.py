@@ -170,7 +170,7 @@ def similar(store_dir: Path, name: str | None, version: str | None, item: str | 
 @store_option
 @name_option
 @version_option
-@click.option("-k", "k", type=click.IntRange(min=1), default=20, show_default=True, help="How many users.")
+@click.option("-k", "k", type=click.IntRange(min=1, max=errors.MAX_K), default=20, show_default=True, help="How many users.")
 @json_option
 def anomalies(store_dir: Path, name: str | None, version: str | None, k: int, as_json: bool) -> None:
     """Users the autoencoder explains worst: highest anomaly score (reconstruction error

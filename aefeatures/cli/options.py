@@ -24,7 +24,7 @@ store_option = click.option("--store", "store_dir", required=True, type=click.Pa
 name_option = click.option("--name", default=None,
                            help="Feature set (may be left out when the store holds just one).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-k_option = click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True,
+k_option = click.option("-k", "k", type=click.IntRange(min=1, max=errors.MAX_K), default=10, show_default=True,
                         help="How many results.")
 
 

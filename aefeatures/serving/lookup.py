@@ -601,7 +601,7 @@ class FeatureSet:
 
 
 def _check_k(k: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= errors.MAX_K:
         raise errors.bad_k(k)
 
 
