@@ -816,3 +816,18 @@ def test_matrix_of_the_fixture_matches_the_frame(from_file):
     for k, r in enumerate(picked):
         np.testing.assert_array_equal(items[offsets[k]:ends[k]], np.flatnonzero(dense[r]))
         np.testing.assert_array_equal(values[offsets[k]:ends[k]], dense[r][dense[r] > 0])
+
+
+@pytest.mark.parametrize("marker, what", [("_delta_log/", "a Delta Lake table"), (".hoodie/", "an Apache Hudi table"),
+                                          ("metadata/v1.metadata.json", "an Apache Iceberg table")])
+@pytest.mark.parametrize("spelled", ["folder", "glob", "partition"])
+def test_a_table_formats_folder_is_refused_however_the_path_names_it(tmp_path, source, marker, what, spelled):
+    table = tmp_path / "table"
+    data = table / ("data" if marker.startswith("metadata") else "") / "dt=1"
+    data.mkdir(parents=True)
+    source.write_parquet(data / "part-0.parquet")
+    (table / marker).parent.mkdir(parents=True, exist_ok=True)
+    (table / marker).mkdir() if marker.endswith("/") else (table / marker).write_text("{}")
+    path = {"folder": str(table), "glob": str(table / "**" / "*.parquet"), "partition": str(data)}[spelled]
+    with pytest.raises(errors.InputNotFoundError, match=f"is inside {what}"):
+        read_interactions(InputConfig(path))

@@ -157,7 +157,38 @@ def _describe(files: list[Path]) -> tuple[InputFile, ...]:
 
 
 def _resolve_files(path: str) -> tuple[list[Path], str]:
-    """The Parquet files behind ``path`` and the source string to hand to Polars."""
+    """The Parquet files behind ``path`` and the source string to hand to Polars; files inside a
+    table format's folder (Delta Lake, Iceberg, Hudi) are refused (:func:`_refuse_table_formats`)."""
+    files, source = _listed_files(path)
+    _refuse_table_formats(path, files)
+    return files, source
+
+
+# A table format keeps a log of which of its folder's files are live: its folder read as loose
+# Parquet files resurrects deleted and overwritten rows (a deletion request undone).
+def _table_format(folder: Path) -> tuple[str, str] | None:
+    """(what, its marker) when ``folder`` is the root of a Delta Lake, Hudi or Iceberg table."""
+    if (folder / "_delta_log").is_dir():
+        return "a Delta Lake table", "_delta_log/"
+    if (folder / ".hoodie").is_dir():
+        return "an Apache Hudi table", ".hoodie/"
+    if (folder / "data").is_dir() and any((folder / "metadata").glob("*.metadata.json")):
+        return "an Apache Iceberg table", "metadata/*.metadata.json"
+    return None
+
+
+def _refuse_table_formats(path: str, files: list[Path]) -> None:
+    for folder in sorted({parent for f in files for parent in f.parents}, key=lambda p: len(p.parts)):
+        found = _table_format(folder)
+        if found:
+            raise errors.InputNotFoundError(
+                path, f"is inside {found[0]} (`{folder}` has `{found[1]}`), whose folder keeps files its log has "
+                      "deleted or replaced: read as plain Parquet, those rows would come back. Export the table's "
+                      "current snapshot to Parquet (Spark, or the `deltalake` / `pyiceberg` packages) and point the "
+                      "job at that")
+
+
+def _listed_files(path: str) -> tuple[list[Path], str]:
     if any(c in path for c in _GLOB_CHARS):
         files = sorted(Path(p) for p in globlib.glob(path, recursive=True) if Path(p).is_file())
         if not files:
