@@ -27,6 +27,7 @@ TINY = {"epochs": 1, "dim": 8, "hidden": [16], "batch_size": 64}
 NO_GATE = {"beat_popularity": False, "min_ratio": 0.0}
 OK = [n for n in real_world.CASES if n not in ("epoch_ms_said_to_be_seconds", "hive_null_partition_as_weight",
                                                "hive_null_partition_as_item_id", "delta_table_after_a_deletion",
+                                               "rotted_page_with_checksums",
                                                "ids_integer_in_one_file_text_in_another")]
 REFUSED = [n for n in real_world.CASES if n not in OK]
 

@@ -99,6 +99,7 @@ def read_interactions(cfg: InputConfig, *, shard: tuple[int, int] | None = None)
     """
     files, source = _resolve_files(cfg.path)
     id_types = _check_file_schemas(files, cfg)
+    _verify_page_checksums(files, cfg)
     # A directory is read as the exact files listed above, so hidden and `_` files stay out.
     is_dir = Path(source).is_dir()
     lazy = pl.scan_parquet([str(f) for f in files] if is_dir else source, hive_partitioning=is_dir or None,
@@ -263,6 +264,24 @@ def _check_file_schemas(files: list[Path], cfg: InputConfig) -> dict[str, pl.Dat
                 raise errors.SchemaDriftError(col, first_file, first_shown, str(f), shown)
     return {col: _READ_AS[first_seen[col][1]] for col in kinds_of
             if len(spellings[col]) > 1 and first_seen.get(col, ("", ""))[1] in _READ_AS}
+
+
+def _verify_page_checksums(files: list[Path], cfg: InputConfig) -> None:
+    """Decode the job's columns of every file with page CRC verification (pyarrow), so a page
+    that rotted in a file written with checksums (as Spark writes them) is refused, naming the
+    file, instead of decoding into invented ids; Polars does not check them. Pages written
+    without a checksum pass. Costs one more decode of those columns (0.7 s at the ML-20M shape
+    on 2 cores, against 2.4 s for the whole read)."""
+    wanted = [c for c in (cfg.user_col, cfg.item_col, cfg.weight_col, cfg.timestamp_col) if c]
+    for f in files:
+        parquet = pq.ParquetFile(f, page_checksum_verification=True)
+        columns = [c for c in wanted if c in parquet.schema_arrow.names]
+        try:
+            for _ in parquet.iter_batches(batch_size=1 << 20, columns=columns):
+                pass
+        except OSError as exc:
+            raise errors.NotParquetError(str(f), f"a data page fails its checksum: {str(exc).splitlines()[0][:120]}; "
+                                                 "the file is damaged") from None
 
 
 _READ_AS = {"integer": pl.Int64, "uint64": pl.UInt64, "text": pl.String, "datetime": pl.Datetime("us", "UTC")}
