@@ -159,7 +159,7 @@ def test_batch_can_skip_unknown_users(fs):
 
 
 def test_k_below_one_is_rejected(fs):
-    with pytest.raises(ValueError, match="`k` must be an integer of at least 1"):
+    with pytest.raises(ValueError, match="`k` must be an integer from 1 to 1,000,000"):
         fs.recommend(42, k=0)
 
 
