@@ -117,6 +117,8 @@ def test_huge_and_deep_filters_are_refused(engine):
         engine.mask("item_id = 1 OR " * 10_000 + "true")
     with pytest.raises(errors.FilterError, match=f"nested deeper than {MAX_DEPTH}"):
         engine.mask("NOT " * (MAX_DEPTH + 1) + "in_stock")
+    with pytest.raises(errors.FilterError, match="nested deeper than"):  # past any JSON reader's recursion
+        engine.mask("NOT " * 600 + "in_stock")
     with pytest.raises(errors.FilterError, match="is a string"):
         engine.mask(["in_stock"])
     long_in = "item_id IN (" + ", ".join(map(str, range(600))) + ")"  # long but within the limit: fine

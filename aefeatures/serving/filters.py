@@ -98,7 +98,8 @@ class FilterEngine:
         statement = self.validate(text)
         with self._lock:
             cursor = self._con.cursor()
-            timer = threading.Timer(self.time_limit, cursor.interrupt)
+            done = threading.Event()
+            timer = threading.Thread(target=_interrupt_past, args=(cursor, self.time_limit, done), daemon=True)
             timer.start()
             try:
                 relation = cursor.sql(statement)
@@ -113,7 +114,8 @@ class FilterEngine:
             except duckdb.Error as exc:
                 raise errors.FilterError(f"`{_short(text)}`: {_duckdb_message(exc)}") from None
             finally:
-                timer.cancel()
+                done.set()
+                timer.join()
                 cursor.close()
         keep = pc.fill_null(keep.cast(pa.bool_()), False)
         return np.asarray(keep.to_numpy(zero_copy_only=False), dtype=bool)
@@ -131,7 +133,11 @@ class FilterEngine:
             raise errors.FilterError("it contains a NUL character.")
         statement = _TEMPLATE.format(text)
         with self._lock:
-            parsed = json.loads(self._con.execute("SELECT json_serialize_sql($1::VARCHAR)", [statement]).fetchone()[0])
+            serialized = self._con.execute("SELECT json_serialize_sql($1::VARCHAR)", [statement]).fetchone()[0]
+        try:
+            parsed = json.loads(serialized)
+        except RecursionError:  # hundreds of nested NOTs or brackets: deeper than any JSON reader goes
+            raise errors.FilterError(f"nested deeper than {MAX_DEPTH} levels; simplify it.") from None
         if parsed.get("error"):
             raise errors.FilterError(f"`{_short(text)}` is not an expression DuckDB can parse "
                                      f"({parsed.get('error_message', '').splitlines()[0][:200]}).")
@@ -222,3 +228,17 @@ def _duckdb_message(exc: Exception) -> str:
 def empty_attributes(item_ids: pa.Array) -> pa.Table:
     """The attributes table of a version written without `[items]`: ``item_id`` alone."""
     return pa.table({"item_id": item_ids})
+
+
+def _interrupt_past(cursor, seconds: float, done: threading.Event) -> None:
+    """Interrupt ``cursor`` once ``seconds`` have passed, and again every 10 ms until ``done``.
+
+    One interrupt can land between the statement's planning and its execution, where DuckDB
+    drops it; repeating it until the evaluation returns makes the time limit hold.
+    """
+    if done.wait(seconds):
+        return
+    while True:
+        cursor.interrupt()
+        if done.wait(0.01):
+            return
