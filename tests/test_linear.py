@@ -149,3 +149,24 @@ def test_a_small_catalogue_is_decomposed_directly_and_agrees_with_the_iteration(
     iterated = linear.Solver(csr, np.arange(300), 50, dim=5).fit(0.67, 10.0)
     assert direct.method == iterated.method == "items" and direct.iterations == 1 < iterated.iterations
     np.testing.assert_allclose((direct.p @ direct.r.T).numpy(), (iterated.p @ iterated.r.T).numpy(), atol=1e-4)
+
+
+def test_the_users_path_iterates_in_user_space_and_fits_what_the_items_path_fits(monkeypatch):
+    monkeypatch.setattr(linear, "TOLERANCE", 1e-10)
+    monkeypatch.setattr(linear, "MAX_ITERATIONS", 500)
+    monkeypatch.setattr(linear, "DIRECT_MAX_ITEMS", 0)
+    x, _ = _data(40, 120, seed=6)
+    x = np.vstack([x, x[:3]])  # 3 users twice: H = X Xᵀ is singular
+    rows, cols = np.nonzero(x)
+    csr = CSR(np.append(0, np.cumsum(np.bincount(rows, minlength=43))), cols.astype(np.int32),
+              np.ones(len(cols), np.float32))
+    users = linear.Solver(csr, np.arange(43), 120, dim=8)
+    items = linear.Solver(csr, np.arange(43), 120, dim=8, method="items")
+    assert users.method == "users"
+    for p, l2 in ((0.5, 4.0), (0.67, 4.0)):  # the second one warm-started, from user space
+        ours, theirs = users.fit(p, l2), items.fit(p, l2)
+        np.testing.assert_allclose((ours.p @ ours.r.T).numpy(), (theirs.p @ theirs.r.T).numpy(), atol=2e-4)
+        np.testing.assert_allclose((ours.r.T @ ours.r).numpy(), np.eye(8), atol=1e-4)  # orthonormal item vectors
+    assert users.user_start[0].shape == (43, users.q)  # the start it keeps is user-sized, never item-sized
+    handed = linear.Solver(csr, np.arange(43), 120, dim=8, warm=users.warm())  # a refit starts from it
+    assert handed.fit(0.67, 4.0).iterations < linear.Solver(csr, np.arange(43), 120, dim=8).fit(0.67, 4.0).iterations

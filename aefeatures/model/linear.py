@@ -25,7 +25,9 @@ How a fit is computed (:class:`Solver`; one per set of users, shared by the fits
   its eigendecomposition instead. Used when the catalogue is the small side.
 - ``"users"`` (exact, one process): the same operator through the users' kernel
   K = X Λ⁻¹ Xᵀ (push-through identity: G M⁻¹ G = Xᵀ K (K + I)⁻¹ X, M⁻¹ G = Λ⁻¹ Xᵀ (K + I)⁻¹ X),
-  one Cholesky of K + I per fit. Used when the users are the small side (Last.fm).
+  one Cholesky of K + I per fit, and the iteration in user space (blocks users × q kept
+  orthonormal in the inner product of H = X Xᵀ, so no item-sized block is ever formed). Used
+  when the users are the small side (Last.fm).
 - ``"sketch"`` (large): Ĝ's top ``OVERSAMPLE × d`` eigenpairs by block subspace iteration with
   sparse products only (Halko et al. 2011), then the rank-d optimum within them. Used when
   both sides are large (ML-20M) and under torch.distributed beyond the Gram's size.
@@ -73,6 +75,9 @@ OVERSAMPLE = 2
 # 14-55% shorter (BENCHMARKS.md, "The dlae engine").
 EXACT_OVERSAMPLE = 1.25
 TOLERANCE = 1e-3  # relative change of the top-d Ritz values' sum that ends a fit's iteration
+# The users path's tolerance is this share of TOLERANCE: its passes cost (users² · q, no item-sized
+# block) a tenth of a fit's other work, and at 1e-3 Last.fm lost 0.0005 of validation NDCG@100
+USERS_TOLERANCE_SHARE = 0.1
 MAX_ITERATIONS = 30  # exact paths: cold starts take 5-7 passes, warm starts 2-3
 # Up to this many items the items path takes the eigendecomposition of its m × m operator
 # instead of iterating (under 0.2 s at 1,024 on 2 cores): exact, and the same whatever the start.
@@ -90,6 +95,10 @@ DENSE_BLOCK = 4096  # rows of a dense block when a Gram or kernel is summed from
 # (2·users·items² FLOPs at the GEMM rate) rather than as sparse products (2·nnz·items at the
 # sparse rate, ~50× slower a FLOP here): on a 6k × 3.7k film-shaped set (4.4%) 0.7 against 1.7 s.
 DENSE_GRAM_DENSITY = 0.02
+# Users' kernels as one sparse × sparse product below this share of a dense product's work
+# (Σ_j users_j² against nnz × users): 0.05 on Last.fm (4× faster sparse), 0.29 on a Zipf
+# catalogue (1-3× slower sparse).
+SPARSE_KERNEL_SHARE = 0.1
 SPMM_COLUMNS = 128  # columns of a dense block per sparse product on a CPU (:func:`_spmm`)
 
 
@@ -192,8 +201,9 @@ class Solver:
         self.trace: list[float] = []  # the last fit's top-d Ritz value sums, a pass each
         self.flops_gram = 0.0
         self.nnz = nnz
-        # (n_items, q) orthonormal, the last fit's Ritz vectors: the next fit's start
-        self.start = None
+        # (n_items, q) orthonormal, the last fit's Ritz vectors: the next fit's start; on the users
+        # path (W, H W), W (n_users, q) H-orthonormal, instead
+        self.start, self.user_start = None, None
         if warm is not None and warm.start is not None and tuple(warm.start.shape) == (n_items, self.q):
             self.start = warm.start.to(self.device)
         if self.method == "items" and warm is not None and warm.gram is not None:
@@ -205,7 +215,10 @@ class Solver:
 
     def warm(self) -> Warm:
         """This solver's state for a solver on a superset of its users (:class:`Warm`)."""
-        return Warm(self.start, self.gram, self.rows)
+        start = self.start
+        if start is None and self.user_start is not None:  # the users path's Ritz vectors, in item space
+            start = _spmm(self.xt, self.user_start[0])
+        return Warm(start, self.gram if self.method == "items" else None, self.rows)
 
     def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.reduce is None:
@@ -218,10 +231,8 @@ class Solver:
         When the data's rank is below ``dim`` the last columns are zero."""
         started, reduced = time.perf_counter(), self.reduced_bytes
         lam = (dropout / (1.0 - dropout) * self.colsq + l2).to(self.device)  # (n_items,) float64
-        if self.method == "sketch":
-            p, r, iterations, flops = self._sketch(lam)
-        else:
-            p, r, iterations, flops = self._exact(lam)
+        solve = {"sketch": self._sketch, "users": self._users, "items": self._exact}[self.method]
+        p, r, iterations, flops = solve(lam)
         out_p = torch.zeros(self.n_items, self.dim, dtype=torch.float32, device=self.device)
         out_r = torch.zeros_like(out_p)
         out_p[:, : p.shape[1]], out_r[:, : r.shape[1]] = p, r
@@ -235,54 +246,87 @@ class Solver:
     def _exact(self, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, float]:
         m, q, d = self.n_items, self.q, min(self.dim, self.q)
         root = lam.sqrt().float()  # Λ^½
-        if self.method == "items":
-            if self.gram is None:
-                self.gram = self._sum(_gram(self.x, self.xt, self.device))
-                self.flops_gram = 2.0 * self.nnz * m
-            # With Ĝ = Λ^-½ G Λ^-½ and Ĝ + I = C Cᵀ (eigenvalues >= 1: float32 is safe),
-            # G M⁻¹ G = G - Λ + Λ M⁻¹ Λ = G - Λ + Λ^½ (Ĝ+I)⁻¹ Λ^½: one Cholesky and its inverse,
-            # then every step is one dense product; M⁻¹ G R = Λ⁻¹ (G - G M⁻¹ G) R.
-            operator = self.gram / root[:, None]
-            operator /= root[None, :]
-            operator.diagonal().add_(1.0)
-            operator = torch.cholesky_inverse(torch.linalg.cholesky(operator))
-            operator *= root[:, None]
-            operator *= root[None, :]
-            operator += self.gram
-            operator.diagonal().sub_(lam.float())
+        if self.gram is None:
+            self.gram = self._sum(_gram(self.x, self.xt, self.device))
+            self.flops_gram = 2.0 * self.nnz * m
+        # With Ĝ = Λ^-½ G Λ^-½ and Ĝ + I = C Cᵀ (eigenvalues >= 1: float32 is safe),
+        # G M⁻¹ G = G - Λ + Λ M⁻¹ Λ = G - Λ + Λ^½ (Ĝ+I)⁻¹ Λ^½: one Cholesky and its inverse,
+        # then every step is one dense product; M⁻¹ G R = Λ⁻¹ (G - G M⁻¹ G) R.
+        operator = self.gram / root[:, None]
+        operator /= root[None, :]
+        operator.diagonal().add_(1.0)
+        operator = torch.cholesky_inverse(torch.linalg.cholesky(operator))
+        operator *= root[:, None]
+        operator *= root[None, :]
+        operator += self.gram
+        operator.diagonal().sub_(lam.float())
 
-            if m <= DIRECT_MAX_ITEMS:  # small: the operator's own eigendecomposition, exact at once
-                values, vectors = torch.linalg.eigh(operator.double())
-                r = vectors[:, torch.argsort(values, descending=True)[:d]].float()
-                p = (self.gram @ r - operator @ r) / lam.float()[:, None]
-                flops, self.flops_gram = self.flops_gram + 10.0 * m ** 3, 0.0
-                return p, r, 1, flops
+        if m <= DIRECT_MAX_ITEMS:  # small: the operator's own eigendecomposition, exact at once
+            values, vectors = torch.linalg.eigh(operator.double())
+            r = vectors[:, torch.argsort(values, descending=True)[:d]].float()
+            p = (self.gram @ r - operator @ r) / lam.float()[:, None]
+            flops, self.flops_gram = self.flops_gram + 10.0 * m ** 3, 0.0
+            return p, r, 1, flops
 
-            def apply(v: torch.Tensor) -> torch.Tensor:
-                return operator @ v
+        def apply(v: torch.Tensor) -> torch.Tensor:
+            return operator @ v
 
-            per_step, setup = 2.0 * m * m * q, m ** 3
-        else:
-            inv = (1.0 / lam).float()
-            kernel = _kernel(self.x, inv, self.device)  # K = X Λ⁻¹ Xᵀ (users × users)
-            n = kernel.shape[0]
-            kernel += torch.eye(n, device=self.device)
-            inverse = torch.cholesky_inverse(torch.linalg.cholesky(kernel))  # (K + I)⁻¹
-            del kernel
-
-            def apply(v: torch.Tensor) -> torch.Tensor:
-                xv = _spmm(self.x, v)
-                return _spmm(self.xt, xv - inverse @ xv)  # Xᵀ K (K+I)⁻¹ X v
-
-            per_step, setup = 4.0 * self.nnz * q + 2.0 * n * n * q, 2.0 * self.nnz * n + n ** 3
+        per_step, setup = 2.0 * m * m * q, m ** 3
         basis, rotation, _, iterations = self._iterate(apply, d)
         r = basis @ rotation[:, :d]
-        if self.method == "items":
-            p = (self.gram @ r - operator @ r) / lam.float()[:, None]  # M⁻¹ G R
-        else:
-            p = _spmm(self.xt, inverse @ _spmm(self.x, r)) * inv[:, None]  # Λ⁻¹ Xᵀ (K+I)⁻¹ X R
+        p = (self.gram @ r - operator @ r) / lam.float()[:, None]  # M⁻¹ G R
         flops = self.flops_gram + setup + per_step * (iterations + 0.5) + 4.0 * m * q * q * iterations
         self.flops_gram = 0.0  # counted once, by the fit that computed the Gram
+        return p, r, iterations, flops
+
+    def _users(self, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """The exact path in user space. With H = X Xᵀ and S = K (K + I)⁻¹ (K = X Λ⁻¹ Xᵀ), the
+        operator is G M⁻¹ G = Xᵀ S X; its eigenvectors with nonzero eigenvalues are Xᵀ w for
+        S H w = σ w, wᵀ H w = 1. So the subspace iteration runs on (users × q) blocks kept
+        H-orthonormal, each pass one product with H and one Cholesky solve, never an item-sized
+        block (the item side is the large one here)."""
+        n, q, d = self.n_users, self.q, min(self.dim, self.q)
+        if self.gram is None:  # H, shared by the fits
+            self.gram = _kernel(self.x, self.xt, torch.ones(self.n_items, device=self.device), self.device)
+            self.flops_gram = 2.0 * self.nnz * n
+        inv = (1.0 / lam).float()
+        kernel = _kernel(self.x, self.xt, inv, self.device)  # K = X Λ⁻¹ Xᵀ (users × users)
+        kernel.diagonal().add_(1.0)
+        factor = torch.linalg.cholesky(kernel)  # K + I = L Lᵀ, eigenvalues >= 1: float32 is safe
+        del kernel
+        h = self.gram
+
+        def s_apply(hw: torch.Tensor) -> torch.Tensor:  # S y = y - (K + I)⁻¹ y
+            return hw - torch.cholesky_solve(hw, factor)
+
+        if self.user_start is not None:
+            w, hw = self.user_start
+        else:  # from item space: the handed-over subspace (or a random one) mapped by X
+            w = _spmm(self.x, self.start if self.start is not None else self._random_start())
+            w, hw = _h_orthonormal(w, h @ w)
+        last, iterations, self.trace = None, 0, []
+        while True:
+            image = s_apply(hw)  # the next block; Vᵀ A V = (Hw)ᵀ S (Hw) with V = Xᵀ w
+            iterations += 1
+            ritz = (hw.T @ image).double()
+            values, vectors = torch.linalg.eigh((ritz + ritz.T) / 2)
+            order = torch.argsort(values, descending=True)
+            values, vectors = values[order], vectors[:, order]
+            captured = float(values[:d].clamp_min(0).sum())
+            self.trace.append(captured)
+            if last is not None and abs(captured - last) <= USERS_TOLERANCE_SHARE * TOLERANCE * max(captured, 1e-300) \
+                    or iterations >= MAX_ITERATIONS:
+                break
+            last = captured
+            w, hw = _h_orthonormal(image, h @ image)
+        rotation = vectors.float()
+        w, hw = w @ rotation, hw @ rotation  # the Ritz vectors in user space, still H-orthonormal
+        self.user_start, self.start = (w, hw), None
+        r = _spmm(self.xt, w[:, :d])  # Xᵀ W: orthonormal item vectors
+        p = _spmm(self.xt, torch.cholesky_solve(hw[:, :d], factor)) * inv[:, None]  # Λ⁻¹ Xᵀ (K+I)⁻¹ X R
+        flops = (self.flops_gram + 2.0 * self.nnz * n + n ** 3 / 3 + (4.0 * n * n * q + 4.0 * n * q * q) * iterations
+                 + 4.0 * self.nnz * d + 2.0 * n * n * d)
+        self.flops_gram = 0.0
         return p, r, iterations, flops
 
     def _iterate(self, apply: Callable[[torch.Tensor], torch.Tensor], d: int, *, passes: int | None = None
@@ -403,9 +447,20 @@ def _gram(x: torch.Tensor, xt: torch.Tensor, device: torch.device) -> torch.Tens
     return gram
 
 
-def _kernel(x: torch.Tensor, inv_lam: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """K = X diag(``inv_lam``) Xᵀ (n_users × n_users, float32), by dense blocks of users."""
+def _kernel(x: torch.Tensor, xt: torch.Tensor, inv_lam: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """K = X diag(``inv_lam``) Xᵀ (n_users × n_users, float32; ``xt`` is Xᵀ). On a CPU, where
+    the items' co-occurrences are few (Σ_j users_j² below :data:`SPARSE_KERNEL_SHARE` of the
+    nnz × n_users a dense product costs), as one sparse × sparse product (Last.fm's 1,892
+    users: 0.09 against 0.39 s); otherwise by dense blocks of users."""
     n = x.shape[0]
+    degrees = (xt.crow_indices()[1:] - xt.crow_indices()[:-1]).double()
+    if device.type == "cpu" and float((degrees ** 2).sum()) < SPARSE_KERNEL_SHARE * x.values().numel() * n:
+        with warnings.catch_warnings():  # "sparse CSR support is in beta", as in _csr_pair
+            warnings.simplefilter("ignore", UserWarning)
+            scaled = torch.sparse_csr_tensor(xt.crow_indices(), xt.col_indices(),
+                                             xt.values() * inv_lam.repeat_interleave(degrees.long()), xt.shape,
+                                             check_invariants=False)
+            return (x @ scaled).to_dense()
     kernel = torch.empty(n, n, dtype=torch.float32, device=device)
     for start in range(0, n, DENSE_BLOCK):
         stop = min(n, start + DENSE_BLOCK)
@@ -420,19 +475,36 @@ def _orthonormal(block: torch.Tensor) -> torch.Tensor:
     inverted through its eigendecomposition instead, and the columns it does not span become 0."""
     out = block
     for _ in range(2):
-        gram = (out.T @ out).double()
-        scale = gram.diagonal().clamp_min(1e-300).sqrt()
-        normed = gram / scale[:, None] / scale[None, :]
-        factor, info = torch.linalg.cholesky_ex(normed)
-        if int(info) == 0:
-            inverse = torch.linalg.solve_triangular(factor.T, torch.eye(len(normed), dtype=normed.dtype,
-                                                                        device=normed.device), upper=True)
-        else:
-            values, vectors = torch.linalg.eigh(normed)
-            floor = 1e-12 * float(values.max().clamp_min(1e-300))
-            inverse = vectors @ torch.diag(values.clamp_min(floor).rsqrt() * (values > floor)) @ vectors.T
-        out = out @ (inverse / scale[:, None]).float()
+        out = out @ _inverse_root(out.T @ out)
     return out
+
+
+def _h_orthonormal(block: torch.Tensor, h_block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, H W): an H-orthonormal basis of ``block``'s columns (Wᵀ H W = I; ``h_block`` is
+    H ``block``, H symmetric PSD), by CholeskyQR2 in the H inner product as :func:`_orthonormal`."""
+    for _ in range(2):
+        transform = _inverse_root(block.T @ h_block)
+        block, h_block = block @ transform, h_block @ transform
+    return block, h_block
+
+
+def _inverse_root(gram: torch.Tensor) -> torch.Tensor:
+    """(q, q) float32 T with Tᵀ ``gram`` T = I (upper triangular: the inverse transposed
+    Cholesky factor, the Gram's diagonal scaled to 1 first); on a Gram that is not numerically
+    positive definite, its inverse square root with the unspanned directions set to 0."""
+    gram = gram.double()
+    gram = (gram + gram.T) / 2
+    scale = gram.diagonal().clamp_min(1e-300).sqrt()
+    normed = gram / scale[:, None] / scale[None, :]
+    factor, info = torch.linalg.cholesky_ex(normed)
+    if int(info) == 0:
+        inverse = torch.linalg.solve_triangular(factor.T, torch.eye(len(normed), dtype=normed.dtype,
+                                                                    device=normed.device), upper=True)
+    else:
+        values, vectors = torch.linalg.eigh(normed)
+        floor = 1e-12 * float(values.max().clamp_min(1e-300))
+        inverse = vectors @ torch.diag(values.clamp_min(floor).rsqrt() * (values > floor)) @ vectors.T
+    return (inverse / scale[:, None]).float()
 
 
 def dlae_factors(csr: CSR, rows: np.ndarray, n_items: int, *, dim: int, dropout: float, l2: float,
