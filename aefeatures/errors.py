@@ -508,8 +508,9 @@ class NotFoundError(AEFeaturesError, KeyError):
         super().__init__(
             f"{label} not found in feature set `{name}` (version {version}). "
             f"Only {kind}s present in the input of that version have embeddings"
-            + ("; users new since then get one from `aefeatures embed JOB.toml` (the live model, no "
-               "training) or the next run." if kind == "user" else "; new items need the next run.")
+            + ("; for a user new since then, recommend from their history now (`recommend --history`, "
+               "`recommend_history`, HTTP `{\"history\": [...]}`), or embed them with `aefeatures embed JOB.toml` "
+               "(the live model, no training)." if kind == "user" else "; new items need the next run.")
         )
 
 

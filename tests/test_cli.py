@@ -147,7 +147,12 @@ def test_versions_lists_the_live_version(trained, runner):
     (["similar", "--item", "123456"], 5, "error: item `123456` not found"),
     (["recommend", "--name", "books", "--user", "1"], 2, "error: store `"),
     (["recommend", "--user", "1", "-k", "0"], 2, "Invalid value for '-k'"),
-    (["recommend"], 2, "pass exactly one of --user or --users-file"),
+    (["recommend"], 2, "pass exactly one of --user, --users-file or --history"),
+    (["recommend", "--history", "999998,999999"], 5, "error: items ['999998', '999999'] not found"),
+    (["recommend", "--history", ""], 2, "error: the history is empty"),
+    (["recommend", "--history", "7,12", "--weights", "5"], 2, "must be a list of 2 numbers"),
+    (["recommend", "--history", "7,12", "--weights", "5,x"], 2, "weights are numbers separated by commas"),
+    (["recommend", "--user", "42", "--weights", "5"], 2, "--weights goes with --history"),
 ])
 def test_lookup_errors_are_one_line_with_their_exit_code(trained, runner, args, code, message):
     root, _ = trained
@@ -180,7 +185,22 @@ def test_similar_users_and_cosine_items(trained, runner):
     cosine = runner.invoke(cli, ["similar", "--store", str(root), "--item", "7", "--metric", "cosine"])
     assert cosine.exit_code == 0 and cosine.stdout.startswith("items like item 7")
     neither = runner.invoke(cli, ["similar", "--store", str(root)])
-    assert neither.exit_code == 2 and "exactly one of --item or --user" in neither.output
+    assert neither.exit_code == 2 and "exactly one of --item, --user or --history" in neither.output
+
+
+def test_recommend_and_similar_from_a_history(trained, runner):
+    root, _ = trained
+    fs = aefeatures.open_store(root)["movies"]
+    history = [int(i) for i in fs.recommend(42, k=4, exclude_seen=False).ids]
+    args = ["--store", str(root), "--history", ",".join(map(str, history + [10**9])), "-k", "5", "--json"]
+    recs = runner.invoke(cli, ["recommend", *args])
+    assert recs.exit_code == 0, recs.output
+    out = json.loads(recs.stdout)
+    assert out["history"] == history + [10**9] and out["unknown"] == [10**9]
+    assert [r["item_id"] for r in out["items"]] == fs.recommend_history(history, k=5).ids.tolist()
+    assert "1 item(s) of the history not found" in recs.stderr
+    users = runner.invoke(cli, ["similar", *args[:4], "-k", "3"])
+    assert users.exit_code == 0 and users.stdout.startswith("users like a history of 5 item(s)")
 
 
 def test_logging_options_after_the_command_and_a_json_final_error(runner, tmp_path):

@@ -54,6 +54,30 @@ def test_a_new_user_is_embedded_as_a_full_embed_of_the_same_model_would(setup):
     np.testing.assert_allclose(fs.user_embedding(42), old.user_embedding(42), rtol=1e-5, atol=1e-6)
 
 
+def test_the_new_user_recommended_from_their_history_without_an_embed_run_gets_what_embed_gives(setup):
+    root, trained, later = setup
+    before = aefeatures.open_store(root)["movies"]  # the trained version: user 9001 unknown to it
+    with pytest.raises(aefeatures.NotFoundError, match="recommend from their history now"):
+        before.recommend(9001, k=5)
+    now = before.recommend_history([3, 17, 42], k=5)
+    embed_job(load_job_config(later))
+    after = aefeatures.open_store(root)["movies"]
+    np.testing.assert_array_equal(now.ids, after.recommend(9001, k=5).ids)
+    np.testing.assert_allclose(before.embed_history([3, 17, 42]).vector, after.user_embedding(9001), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_an_embed_of_a_version_stored_without_an_encoder_stores_one(setup):
+    import shutil
+
+    root, trained, later = setup
+    shutil.rmtree(trained.path / "model" / "encoder")  # as a version published by an older aefeatures
+    with pytest.raises(aefeatures.errors.StoreError, match="without a stored encoder"):
+        aefeatures.open_store(root)["movies"].recommend_history([3, 17], k=5)
+    embed_job(load_job_config(later))
+    assert len(aefeatures.open_store(root)["movies"].recommend_history([3, 17], k=5).ids) == 5
+
+
 def test_users_with_only_unknown_items_are_reported_and_left_out(setup):
     root, _, later = setup
     result = embed_job(load_job_config(later))

@@ -193,6 +193,7 @@ def test_lookups_do_not_import_torch(trained):
     root, _ = trained
     code = ("import sys, aefeatures; fs = aefeatures.open_store(sys.argv[1])['movies']; "
             "fs.recommend(42, k=3); fs.similar_items(7, k=3); fs.recommend_batch([1, 2], k=3); "
+            "fs.recommend_history([7, 12], k=3); fs.embed_history([7]); fs.similar_users_to_history([7], k=3); "
             "from aefeatures import cli; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code, str(root)], check=True)

@@ -108,7 +108,7 @@ def test_every_command_line_example_runs(command_store, monkeypatch):
     monkeypatch.chdir(command_store)
     (block,) = [b for b in _blocks("bash") if b.startswith("aefeatures run jobs/example.toml")]
     lines = [line for line in block.splitlines() if line.strip()]
-    assert len(lines) == 14
+    assert len(lines) == 15
     for line in lines:
         args = shlex.split(line, comments=True)
         assert args[0] == "aefeatures"
@@ -183,7 +183,7 @@ def test_http_examples_run_verbatim_and_answer_as_shown(example_store):
     proc, port = _start_service(serve[1:], example_store)
     try:
         pairs = [(lines[i][2:], lines[i + 1]) for i in range(1, len(lines)) if lines[i].startswith("$ curl")]
-        assert len(pairs) == 3
+        assert len(pairs) == 4
         for command, shown in pairs:
             command = command.replace("localhost:8000", f"localhost:{port}")
             done = subprocess.run(["bash", "-c", command + " --silent --show-error"], capture_output=True,

@@ -185,6 +185,47 @@ def test_embeddings_of_users_and_items(service):
     assert status == 404 and str(10**9) in body["error"]["message"]
 
 
+def test_recommendations_from_a_history_match_the_python_api(service):
+    svc, fs = service
+    user = int(fs.user_ids[5])
+    history = [int(i) for i in fs.recommend(user, k=5, exclude_seen=False).ids]
+    status, body = svc.request("POST", "/v1/movies/recommend", {"history": history + [10**9], "k": 7})
+    expected = fs.recommend_history(history, k=7)
+    assert status == 200 and body["version"] == fs.version
+    [result] = body["results"]
+    assert result["unknown"] == [10**9] and result["history"] == 0
+    assert ranked(result["items"]) == expected.ids.tolist() and not set(ranked(result["items"])) & set(history)
+    np.testing.assert_allclose([r["score"] for r in result["items"]], expected.scores, rtol=1e-6)
+    rules = {"k": 4, "exclude": [int(expected.ids[0])], "filter": "item_id > 100"}
+    status, body = svc.request("POST", "/v1/movies/recommend", {"histories": [history, history[:2]],
+                                                                 "weights": [[5.0] * 5, None], **rules})
+    assert status == 200 and [r["history"] for r in body["results"]] == [0, 1]
+    for result, h in zip(body["results"], (history, history[:2])):
+        assert ranked(result["items"]) == fs.recommend_history(h, **rules).ids.tolist()
+    status, body = svc.request("POST", "/v1/movies/similar_users", {"history": history, "k": 3})
+    assert status == 200 and ranked(body["users"], "user_id") == fs.similar_users_to_history(history, k=3).ids.tolist()
+    status, body = svc.request("POST", "/v1/movies/embeddings", {"histories": [history]})
+    assert status == 200 and body["histories"][0]["unknown"] == []
+    np.testing.assert_allclose(body["histories"][0]["embedding"], fs.embed_history(history).vector, rtol=1e-6)
+
+
+@pytest.mark.parametrize("body,expected", [
+    ({"history": []}, 400),  # empty: one clear line
+    ({"history": [10**9, 10**9 + 1]}, 404),  # no item known
+    ({"history": [1, 2], "weights": [1.0]}, 400),
+    ({"history": [1], "users": [1]}, 422),
+    ({"history": "1"}, 422),
+    ({"history": [1], "weights": [[1.0]]}, 400),  # a list where a number goes: named in one line
+    ({"history": [1], "skip_unknown": True}, 422),
+    ({"history": list(range(10_001))}, 422),
+])
+def test_bad_histories_get_a_json_4xx(service, body, expected):
+    svc, _ = service
+    status, answer = svc.request("POST", "/v1/movies/recommend", body)
+    assert status == expected, answer
+    assert answer["error"]["status"] == expected and answer["error"]["message"]
+
+
 def test_anomalies_lead_with_the_planted_bots(service):
     svc, fs = service
     status, body = svc.get("/v1/movies/anomalies", k=30)
@@ -201,6 +242,7 @@ def test_openapi_describes_every_endpoint(service):
     for path, method in [("/v1/{name}/recommend", "get"), ("/v1/{name}/recommend", "post"),
                          ("/v1/{name}/similar", "get"), ("/v1/{name}/similar_users", "get"),
                          ("/v1/{name}/embeddings", "post"), ("/v1/{name}/version", "get"),
+                         ("/v1/{name}/similar_users", "post"),
                          ("/v1/{name}/anomalies", "get"), ("/healthz", "get")]:
         assert method in paths[path], (path, method)
     assert "404" in paths["/v1/{name}/recommend"]["get"]["responses"]

@@ -34,6 +34,32 @@ def filter_options(command):
     return click.option("--filter", "filter_text", default=None, metavar="EXPR", help=FILTER_HELP)(command)
 
 
+def history_options(command):
+    """--history and --weights: an interaction history given on the command line."""
+    command = click.option("--weights", default=None, callback=_split_weights, metavar="W,W,...",
+                           help="With --history: the weight of each item (rating, count), in the same order; "
+                                "encoded as the job encodes its input.")(command)
+    return click.option("--history", default=None, callback=_split_ids, metavar="ID,ID,...",
+                        help="Anyone's interaction history: item ids separated by commas (no user id needed; "
+                             "ids the version does not know are reported and left out).")(command)
+
+
+def _split_ids(ctx, param, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _split_weights(ctx, param, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter("weights are numbers separated by commas, e.g. 5,4,3.5") from None
+
+
+
 @click.command(epilog=LOOKUP_EXIT_CODES_HELP)
 @store_option
 @name_option
@@ -44,26 +70,41 @@ def filter_options(command):
                    "with one id per line.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With --users-file: write `user_id, item_id, rank, score` rows to this Parquet file.")
+@history_options
 @k_option
-@click.option("--include-seen", is_flag=True, help="Do not leave out the items the user already has.")
+@click.option("--include-seen", is_flag=True, help="Do not leave out the items the user (or history) already has.")
 @filter_options
 @json_option
 def recommend(store_dir: Path, name: str | None, version: str | None, user: str | None, users_file: Path | None,
-              output: Path | None, k: int, include_seen: bool, filter_text: str | None, items_file: Path | None,
-              as_json: bool) -> None:
-    """Items for a user (best model score first), without the items they already have.
+              history: list[str] | None, weights: list[float] | None, output: Path | None, k: int, include_seen: bool,
+              filter_text: str | None, items_file: Path | None, as_json: bool) -> None:
+    """Items for a user (best model score first), without the items they already have; or for
+    anyone from their interaction history (embedded now by the version's encoder, no training).
 
     \b
     aefeatures recommend --store store --user 42 -k 10
     aefeatures recommend --store store --user 42 --filter "category = 'books' AND in_stock"
+    aefeatures recommend --store store --history 12,7,99 -k 10
     aefeatures recommend --store store --users-file users.parquet -k 100 --output recs.parquet
     """
-    if (user is None) == (users_file is None):
-        raise click.UsageError("pass exactly one of --user or --users-file")
+    if sum(x is not None for x in (user, users_file, history)) != 1:
+        raise click.UsageError("pass exactly one of --user, --users-file or --history")
     if output is not None and users_file is None:
         raise click.UsageError("--output goes with --users-file")
+    if weights is not None and history is None:
+        raise click.UsageError("--weights goes with --history")
     fs = open_feature_set(store_dir, name, version)
     rules = {"filter": filter_text, "items": _read_ids_file(items_file, "item_id", "items") if items_file else None}
+    if history is not None:
+        found = fs.recommend_history(history, k, weights=weights, exclude_seen=not include_seen, **rules)
+        _warn_unknown(found.unknown, fs)
+        if as_json:
+            print_json({"feature_set": fs.name, "version": fs.version, "history": _typed_items(fs, history),
+                        "unknown": _typed_items(fs, found.unknown), "items": ranked(found.ids, found.scores)})
+        else:
+            click.echo(f"items for a history of {len(history)} item(s) ({fs.name} version {fs.version}):")
+            print_table(["rank", "item_id", "score"], [list(r.values()) for r in ranked(found.ids, found.scores)])
+        return
     if user is not None:
         found = fs.recommend(user, k, exclude_seen=not include_seen, **rules)
         if as_json:
@@ -94,6 +135,22 @@ def recommend(store_dir: Path, name: str | None, version: str | None, user: str 
     else:
         click.echo(f"items for {len(answered):,} user(s) ({fs.name} version {fs.version}):")
         print_table(recs.columns, recs.rows())
+
+
+def _typed_items(fs, history: list[str]) -> list[Any]:
+    out = []
+    for item in history:
+        try:
+            out.append(fs.item_id(item))
+        except errors.BadInputError:
+            out.append(item)
+    return out
+
+
+def _warn_unknown(unknown: list[Any], fs) -> None:
+    if unknown:
+        click.echo(f"warning: {len(unknown)} item(s) of the history not found in {fs.name} version {fs.version} "
+                   f"({_some(unknown)}); left out", err=True)
 
 
 def _some(ids: list[Any]) -> str:
@@ -135,6 +192,7 @@ def _read_ids_file(path: Path, key: str, what: str) -> list[Any]:
 @version_option
 @click.option("--item", default=None, help="Items like this item.")
 @click.option("--user", default=None, help="Users like this user (cosine similarity of embeddings).")
+@history_options
 @click.option("--metric", type=click.Choice(["ip", "cosine"]), default=None,
               help="For --item: inner product of item vectors (through the index, the default) or cosine. "
                    "Users are always compared by cosine.")
@@ -142,16 +200,31 @@ def _read_ids_file(path: Path, key: str, what: str) -> list[Any]:
 @filter_options
 @json_option
 def similar(store_dir: Path, name: str | None, version: str | None, item: str | None, user: str | None,
-            metric: str | None, k: int, filter_text: str | None, items_file: Path | None, as_json: bool) -> None:
-    """Items like an item, or users like a user; the item or user itself is left out."""
-    if (item is None) == (user is None):
-        raise click.UsageError("pass exactly one of --item or --user")
-    if user is not None and (filter_text is not None or items_file is not None):
+            history: list[str] | None, weights: list[float] | None, metric: str | None, k: int,
+            filter_text: str | None, items_file: Path | None, as_json: bool) -> None:
+    """Items like an item, or users like a user (the item or user itself left out), or users
+    like an interaction history (``--history``, embedded now by the version's encoder)."""
+    if sum(x is not None for x in (item, user, history)) != 1:
+        raise click.UsageError("pass exactly one of --item, --user or --history")
+    if item is None and (filter_text is not None or items_file is not None):
         raise click.UsageError("--filter and --items-file go with --item")
-    if user is not None and metric is not None:
+    if item is None and metric is not None:
         raise click.UsageError("--metric goes with --item: users are compared by cosine similarity only")
+    if weights is not None and history is None:
+        raise click.UsageError("--weights goes with --history")
     metric = metric or "ip"
     fs = open_feature_set(store_dir, name, version)
+    if history is not None:
+        found = fs.similar_users_to_history(history, k, weights=weights)
+        _warn_unknown(found.unknown, fs)
+        rows = ranked(found.ids, found.scores, "user_id")
+        if as_json:
+            print_json({"feature_set": fs.name, "version": fs.version, "history": _typed_items(fs, history),
+                        "unknown": _typed_items(fs, found.unknown), "users": rows})
+        else:
+            click.echo(f"users like a history of {len(history)} item(s) ({fs.name} version {fs.version}):")
+            print_table(["rank", "user_id", "score"], [list(r.values()) for r in rows])
+        return
     if item is not None:
         items = _read_ids_file(items_file, "item_id", "items") if items_file else None
         kind, query = "item", typed(fs.item_ids, item)

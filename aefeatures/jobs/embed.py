@@ -26,6 +26,7 @@ from aefeatures.jobs.run import REPORT, RunResult, _refresh_sql_catalog, _timed,
 from aefeatures.quality import report
 from aefeatures.schema import ITEM, USER
 from aefeatures.store import layout, publish, tables
+from aefeatures.store.encoder import ENCODER_DIR, write_encoder
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def embed_job(cfg: JobConfig, *, force: bool = False) -> RunResult:
 
 
 def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -> RunResult:
-    from aefeatures.model.autoencoder import load_model  # torch: only once there is work to do
+    from aefeatures.model.autoencoder import encoder_arrays, load_model  # torch: only once there is work to do
     from aefeatures.model.embed import embed
 
     root, name = cfg.job.store, cfg.job.name
@@ -70,6 +71,9 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -
         with _timed(timings, "write"):
             counts = tables.write_tables(staging, matrix, emb, name=name, version=version, created=created)
             shutil.copytree(source / layout.MODEL_DIR, staging / layout.MODEL_DIR, copy_function=_link_or_copy)
+            if not (staging / layout.MODEL_DIR / ENCODER_DIR).is_dir():  # a version from before encoders were stored
+                write_encoder(staging / layout.MODEL_DIR / ENCODER_DIR, kind=model.shape.kind, dim=model.shape.dim,
+                              arrays=encoder_arrays(model))
             _link_or_copy(source / layout.INDEX, staging / layout.INDEX)
             if (source / layout.ATTRIBUTES).is_file():  # the items are the live version's: so are their attributes
                 _link_or_copy(source / layout.ATTRIBUTES, staging / layout.ATTRIBUTES)

@@ -14,11 +14,13 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from aefeatures.model import kernels
+from aefeatures.store.encoder import ENCODER_DIR, write_encoder
 
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.json"
@@ -267,10 +269,25 @@ def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 def save_model(model: Autoencoder, folder: Path) -> None:
-    """Weights as a plain tensor dict (loadable with ``weights_only=True``) plus a JSON shape."""
+    """Weights as a plain tensor dict (loadable with ``weights_only=True``) plus a JSON shape,
+    and the encoder as numpy arrays for the read side (:mod:`aefeatures.store.encoder`)."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, folder / WEIGHTS_FILE)
     (folder / CONFIG_FILE).write_text(json.dumps(asdict(model.shape), indent=2))
+    write_encoder(folder / ENCODER_DIR, kind=model.shape.kind, dim=model.shape.dim, arrays=encoder_arrays(model))
+
+
+def encoder_arrays(model: Autoencoder) -> dict[str, np.ndarray]:
+    """The encoder's parameters as float32 numpy arrays, named as :func:`write_encoder` reads them."""
+    def plain(t: torch.Tensor) -> np.ndarray:
+        return t.detach().float().cpu().numpy()
+
+    arrays = {"input.weight": plain(model.input_layer.weight), "input.bias": plain(model.input_bias)}
+    for k, layer in enumerate(model.encoder):
+        arrays[f"layer.{k}.weight"], arrays[f"layer.{k}.bias"] = plain(layer.weight), plain(layer.bias)
+    for k, norm in enumerate(model.norms):
+        arrays[f"norm.{k}.weight"], arrays[f"norm.{k}.bias"] = plain(norm.weight), plain(norm.bias)
+    return arrays
 
 
 def load_model(folder: Path, device: str | torch.device = "cpu") -> Autoencoder:

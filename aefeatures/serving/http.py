@@ -52,6 +52,7 @@ class Limits:
     max_batch: int = 1000  # ids per batch request
     max_exclude: int = 1000  # ids in an `exclude` list
     max_allow: int = 10_000  # ids in an `items` allow-list
+    max_history: int = 10_000  # item ids in one interaction history
     max_body_bytes: int = 1 << 20
 
 
@@ -91,6 +92,18 @@ class BatchRecommendations(BaseModel):
                                                "every candidate): their `items` is empty.")
 
 
+class HistoryItems(BaseModel):
+    history: int = Field(description="The history's position in the request (0 for `history`).")
+    items: list[RankedItem]
+    unknown: list[Id] = Field(description="Item ids of the history this version does not know; left out.")
+
+
+class HistoryRecommendations(BaseModel):
+    feature_set: str
+    version: str
+    results: list[HistoryItems]
+
+
 class SimilarItems(BaseModel):
     feature_set: str
     version: str
@@ -111,6 +124,7 @@ class Embeddings(BaseModel):
     dim: int
     users: list[dict[str, Any]] | None = None
     items: list[dict[str, Any]] | None = None
+    histories: list[dict[str, Any]] | None = None
 
 
 class ErrorBody(BaseModel):
@@ -137,9 +151,20 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
     """The ASGI app serving ``live``. With ``follow``, the app polls LATEST while it runs;
     ``on_ready`` is called once it has started."""
 
+    History = Annotated[list[Id], Field(max_length=limits.max_history)]
+    Weights = Annotated[list[float], Field(max_length=limits.max_history)]
+
     class BatchRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        users: list[Id] = Field(min_length=1, max_length=limits.max_batch)
+        model_config = ConfigDict(extra="forbid", json_schema_extra={
+            "oneOf": [{"required": ["users"]}, {"required": ["history"]}, {"required": ["histories"]}]})
+        users: list[Id] = Field(None, min_length=1, max_length=limits.max_batch)
+        history: History = Field(None, description="Anyone's interaction history (item ids), embedded now by the "
+                                                    "version's encoder: no user id, no retraining.")
+        histories: list[History] = Field(None, min_length=1, max_length=limits.max_batch,
+                                         description="Many histories at once.")
+        weights: list[Weights | None] | Weights | None = Field(
+            None, description="With `history`: one weight per item (rating, count); with `histories`: one such "
+                              "list (or null) per history. Encoded as the job encodes its input.")
         k: Count = Field(10, ge=1, le=limits.max_k)
         exclude_seen: StrictBool = True
         exclude: list[Id] = Field([], max_length=limits.max_exclude)
@@ -148,16 +173,37 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
         filter: StrictStr | None = Field(None, max_length=MAX_FILTER_CHARS, description=FILTER_DOC)
         items: list[Id] | None = Field(None, max_length=limits.max_allow, description=ITEMS_DOC)
 
+        @model_validator(mode="after")
+        def _one_kind(self):
+            if sum(x is not None for x in (self.users, self.history, self.histories)) != 1:
+                raise ValueError('send exactly one of "users", "history" or "histories"')
+            if self.weights is not None and self.users is not None:
+                raise ValueError('"weights" goes with "history" or "histories"')
+            if self.skip_unknown and self.users is None:
+                raise ValueError('"skip_unknown" goes with "users": a history\'s unknown items are always listed')
+            return self
+
+    class HistoryRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        history: History
+        weights: Weights | None = None
+        k: Count = Field(10, ge=1, le=limits.max_k)
+
     class EmbeddingsRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", json_schema_extra={
-            "oneOf": [{"required": ["users"]}, {"required": ["items"]}]})
+            "oneOf": [{"required": ["users"]}, {"required": ["items"]}, {"required": ["histories"]}]})
         users: list[Id] = Field(None, min_length=1, max_length=limits.max_batch)  # null is not a list
         items: list[Id] = Field(None, min_length=1, max_length=limits.max_batch)
+        histories: list[History] = Field(None, min_length=1, max_length=limits.max_batch,
+                                         description="Interaction histories (item ids), embedded now.")
+        weights: list[Weights | None] | None = None
 
         @model_validator(mode="after")
         def _one_kind(self):
-            if (self.users is None) == (self.items is None):
-                raise ValueError('send exactly one of "users" or "items"')
+            if sum(x is not None for x in (self.users, self.items, self.histories)) != 1:
+                raise ValueError('send exactly one of "users", "items" or "histories"')
+            if self.weights is not None and self.histories is None:
+                raise ValueError('"weights" goes with "histories"')
             return self
 
     @asynccontextmanager
@@ -218,12 +264,14 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
         found = call() if _quick(fs, filter) else await run_in_threadpool(call)
         return _json(_answer(fs, user=fs.user_id(user), items=_ranked(found, "item_id")))
 
-    @app.post("/v1/{name}/recommend", response_model=BatchRecommendations, responses=ERRORS,
-              summary="Items for many users at once")
+    @app.post("/v1/{name}/recommend", response_model=Union[BatchRecommendations, HistoryRecommendations],
+              responses=ERRORS, summary="Items for many users at once, or for interaction histories")
     async def recommend_batch(body: BatchRequest, name: str = name_path,
                               pinned: Optional[str] = version_query) -> Response:
         fs = live.get(name, pinned)
-        return await run_in_threadpool(_batch, fs, body)
+        if body.history is not None and _quick(fs, body.filter):  # one history: about a millisecond
+            return _histories(fs, body)
+        return await run_in_threadpool(_histories if body.users is None else _batch, fs, body)
 
     @app.get("/v1/{name}/similar", response_model=SimilarItems, responses=ERRORS,
              summary="Items like an item (the item itself left out)")
@@ -244,11 +292,21 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
         found = fs.similar_users(user, k)
         return _json(_answer(fs, user=fs.user_id(user), users=_ranked(found, "user_id")))
 
+    @app.post("/v1/{name}/similar_users", response_model=SimilarUsers, responses=ERRORS,
+              summary="Users like an interaction history, by cosine similarity of embeddings")
+    async def similar_users_history(body: HistoryRequest, name: str = name_path,
+                                    pinned: Optional[str] = version_query) -> Response:
+        fs = live.get(name, pinned)
+        found = fs.similar_users_to_history(body.history, body.k, weights=body.weights)
+        return _json(_answer(fs, users=_ranked(found, "user_id"), unknown=found.unknown))
+
     @app.post("/v1/{name}/embeddings", response_model=Embeddings, responses=ERRORS,
               summary="Embeddings of users or of items (one of the two per request)")
     async def embeddings(body: EmbeddingsRequest, name: str = name_path,
                          pinned: Optional[str] = version_query) -> Response:
         fs = live.get(name, pinned)
+        if body.histories is not None:
+            return await run_in_threadpool(_history_embeddings, fs, body.histories, body.weights)
         return await run_in_threadpool(_embeddings, fs, body.users, body.items)
 
     @app.get("/v1/{name}/anomalies", responses=ERRORS,
@@ -299,6 +357,23 @@ def _batch(fs: FeatureSet, body) -> Response:
     return _json(_answer(fs, results=[{"user": u, "items": results.get(u, [])} for u in known],
                          not_found=[u for u, f in zip(users, found) if not f],
                          nothing_left=[u for u in known if not results.get(u)]))
+
+
+def _histories(fs: FeatureSet, body) -> Response:
+    histories = [body.history] if body.history is not None else body.histories
+    weights = body.weights if body.weights is None or body.histories is not None else [body.weights]
+    ids, scores, counts, unknown = fs.rank_histories(histories, body.k, weights, body.exclude_seen,
+                                                           body.exclude, body.filter, body.items)
+    results = [{"history": h, "items": [{"rank": r + 1, "item_id": i, "score": sc} for r, (i, sc) in
+                                        enumerate(zip(ids[h, :n].tolist(), scores[h, :n].tolist()))],
+                "unknown": unknown[h]} for h, n in enumerate(counts.tolist())]
+    return _json(_answer(fs, results=results))
+
+
+def _history_embeddings(fs: FeatureSet, histories, weights) -> Response:
+    vectors, unknown = fs.embed_histories(histories, weights=weights)
+    rows = [{"history": h, "embedding": v, "unknown": u} for h, (v, u) in enumerate(zip(vectors.tolist(), unknown))]
+    return _json(_answer(fs, dim=fs.dim, histories=rows))
 
 
 def _embeddings(fs: FeatureSet, users: Sequence[Any] | None, items: Sequence[Any] | None) -> Response:

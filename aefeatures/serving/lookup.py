@@ -23,7 +23,9 @@ from aefeatures import errors
 from aefeatures.quality import drift
 from aefeatures.schema import KEY_METRIC, distinct, parse_id, parse_ids  # noqa: F401 (public here too)
 from aefeatures.serving.filters import FilterEngine, empty_attributes
+from aefeatures.serving.history import Histories, encode_histories
 from aefeatures.store import layout
+from aefeatures.store.encoder import Encoder
 from aefeatures.store.index import (
     EmbeddingIndex,
     holds_rows_on_sphere,
@@ -84,6 +86,21 @@ class Neighbours(NamedTuple):
 
     ids: np.ndarray
     scores: np.ndarray
+
+
+class HistoryNeighbours(NamedTuple):
+    """Ranked results for an interaction history, and the history's item ids the version does not know."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    unknown: list[Any]
+
+
+class HistoryEmbedding(NamedTuple):
+    """A history's (dim,) float32 embedding, and its item ids the version does not know."""
+
+    vector: np.ndarray
+    unknown: list[Any]
 
 
 class IdIndex:
@@ -321,7 +338,7 @@ class FeatureSet:
         allowed = self._allowed(filter, items)
         skip = np.union1d([row], self._known_item_rows(exclude))
         if metric == "cosine":
-            return self._cosine_neighbours(self._unit_items, self._item_ids.ids, row, skip, k, allowed)
+            return self._cosine_neighbours(self._unit_items, self._item_ids.ids, self._unit_items[row], skip, k, allowed)
         if metric != "ip":
             raise errors.bad_metric(metric)
         queries = item_queries(self._item_vectors[0][[row]])
@@ -340,7 +357,87 @@ class FeatureSet:
         (exact; the user left out)."""
         _check_k(k)
         row = self._user_rows([user])[0]
-        return self._cosine_neighbours(self._unit_users, self._users[0].ids, row, np.array([row]), k)
+        return self._cosine_neighbours(self._unit_users, self._users[0].ids, self._unit_users[row], np.array([row]), k)
+
+    # --- histories: anyone, embedded from their interactions at request time -----------------
+
+    @cached_property
+    def _encoder(self) -> Encoder:
+        encoder = Encoder.open(self.path / layout.MODEL_DIR, self.name, self.version)
+        if (encoder.n_items, encoder.dim) != (self.n_items, self.dim):
+            raise errors.StoreError(f"version {self.version} of {self.name!r}: its stored encoder reads "
+                                    f"{encoder.n_items:,} items into {encoder.dim} dims, but the version has "
+                                    f"{self.n_items:,} items of {self.dim}; republish it with `aefeatures run --force`.")
+        return encoder
+
+    def _histories(self, histories: Sequence[Sequence[Any]], weights: Sequence[Any] | None) -> Histories:
+        return encode_histories(histories, weights, self._item_ids.rows, self.manifest["config"].get("input") or {},
+                                name=self.name, version=self.version)
+
+    def embed_histories(self, histories: Sequence[Sequence[Any]], *,
+                        weights: Sequence[Sequence[float] | None] | None = None) -> tuple[np.ndarray, list[list[Any]]]:
+        """((n, dim) float32 embeddings, the unknown item ids of each history) of n interaction
+        histories (lists of item ids; ``weights``: None or one list of numbers or None per
+        history), by the version's stored encoder in numpy: what `aefeatures embed` would give
+        users with these interactions, without retraining or torch. See
+        :mod:`aefeatures.serving.history` for the encoding and the errors it raises."""
+        parsed = self._histories(histories, weights)
+        return self._encoder.embed(parsed.indptr, parsed.items, parsed.values), parsed.unknown
+
+    def embed_history(self, history: Sequence[Any], *, weights: Sequence[float] | None = None) -> HistoryEmbedding:
+        """The (dim,) float32 embedding of one history and its unknown item ids (see :meth:`embed_histories`)."""
+        vectors, unknown = self.embed_histories([history], weights=None if weights is None else [weights])
+        return HistoryEmbedding(vectors[0], unknown[0])
+
+    def recommend_history(self, history: Sequence[Any], k: int = 10, *, weights: Sequence[float] | None = None,
+                          exclude_seen: bool = True, exclude: Sequence[Any] = (), filter: str | None = None,
+                          items: Sequence[Any] | None = None) -> HistoryNeighbours:
+        """The ``k`` best items for whoever has ``history`` (item ids, ``weights`` optional), as
+        :meth:`recommend` answers a known user: the history's own items left out (unless
+        ``exclude_seen`` is False), ``exclude``, ``filter`` and ``items`` as there, exactly
+        ``min(k, items left)`` results. Also returns the history's ids this version does not know."""
+        ids, scores, counts, unknown = self.rank_histories([history], k, None if weights is None else [weights],
+                                                                 exclude_seen, exclude, filter, items)
+        return HistoryNeighbours(ids[0, : counts[0]], scores[0, : counts[0]], unknown[0])
+
+    def recommend_histories(self, histories: Sequence[Sequence[Any]], k: int = 10, *,
+                            weights: Sequence[Sequence[float] | None] | None = None, exclude_seen: bool = True,
+                            exclude: Sequence[Any] = (), filter: str | None = None,
+                            items: Sequence[Any] | None = None) -> pl.DataFrame:
+        """:meth:`recommend_history` for many histories at once, as rows ``history`` (its
+        position in ``histories``), ``item_id, rank, score``."""
+        ids, scores, counts, _ = self.rank_histories(histories, k, weights, exclude_seen, exclude, filter, items)
+        keep = np.arange(ids.shape[1])[None, :] < counts[:, None]
+        return pl.DataFrame({
+            "history": np.repeat(np.arange(len(counts), dtype=np.int32), counts),
+            "item_id": ids[keep],
+            "rank": np.broadcast_to(np.arange(1, ids.shape[1] + 1, dtype=np.int32), ids.shape)[keep],
+            "score": scores[keep],
+        })
+
+    def rank_histories(self, histories: Sequence[Sequence[Any]], k: int, weights: Sequence[Any] | None = None,
+                       exclude_seen: bool = True, exclude: Sequence[Any] = (), filter: str | None = None,
+                       items: Sequence[Any] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[Any]]]:
+        """(item ids (n, w), scores (n, w) float32, counts (n,), unknown ids per history): history
+        h's results are the first counts[h] of row h, best first (what :meth:`recommend_histories`
+        and the HTTP service build their answers from; arguments as :meth:`recommend_history`)."""
+        _check_k(k)
+        allowed = self._allowed(filter, items)
+        parsed = self._histories(histories, weights)
+        queries = user_queries(self._encoder.embed(parsed.indptr, parsed.items, parsed.values))
+        ids, scores, counts = self._recommend_rows(np.arange(len(queries)), k, exclude_seen, exclude, allowed,
+                                                   queries=queries, seen=parsed.seen(self.n_items))
+        return ids, scores, counts, parsed.unknown
+
+    def similar_users_to_history(self, history: Sequence[Any], k: int = 10, *,
+                                 weights: Sequence[float] | None = None) -> HistoryNeighbours:
+        """The ``k`` users of this version whose embeddings are closest by cosine similarity to
+        the embedding of ``history`` (exact), and the history's unknown item ids."""
+        _check_k(k)
+        vector, unknown = self.embed_history(history, weights=weights)
+        found = self._cosine_neighbours(self._unit_users, self._users[0].ids, _normalised(vector[None, :])[0],
+                                        np.zeros(0, np.int64), k)
+        return HistoryNeighbours(found.ids, found.scores, unknown)
 
     @cached_property
     def _unit_users(self) -> np.ndarray:
@@ -351,11 +448,11 @@ class FeatureSet:
         return _normalised(self._item_vectors[0])
 
     @staticmethod
-    def _cosine_neighbours(unit: np.ndarray, ids: np.ndarray, row: int, skip: np.ndarray, k: int,
+    def _cosine_neighbours(unit: np.ndarray, ids: np.ndarray, query: np.ndarray, skip: np.ndarray, k: int,
                            allowed: Allowed | None = None) -> Neighbours:
-        """Exact top ``k`` by cosine to ``unit[row]``, leaving out the rows in ``skip`` and
+        """Exact top ``k`` by cosine to the unit vector ``query``, leaving out the rows in ``skip`` and
         those ``allowed`` does not allow."""
-        scores = unit @ unit[row]
+        scores = unit @ query
         scores[skip] = -np.inf
         left = len(unit) - len(skip)
         if allowed is not None:
@@ -434,9 +531,9 @@ class FeatureSet:
             self._cached_vector_bytes += nbytes
             return True
 
-    def _seen_in(self, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """(len(rows),) how many of each user's items ``mask`` allows."""
-        indptr, seen_items, _ = self._seen
+    def _seen_in(self, rows: np.ndarray, mask: np.ndarray, seen: tuple) -> np.ndarray:
+        """(len(rows),) how many of each user's items (``seen``: see :attr:`_seen`) ``mask`` allows."""
+        indptr, seen_items, _ = seen
         starts, lengths = indptr[rows], indptr[rows + 1] - indptr[rows]
         total = int(lengths.sum())
         if not total:
@@ -446,9 +543,13 @@ class FeatureSet:
         return np.bincount(np.repeat(np.arange(len(rows)), lengths), weights=hit, minlength=len(rows)).astype(np.int64)
 
     def _recommend_rows(self, rows: np.ndarray, k: int, exclude_seen: bool, exclude: Sequence[Any] = (),
-                        allowed: Allowed | None = None):
+                        allowed: Allowed | None = None, *, queries: np.ndarray | None = None,
+                        seen: tuple | None = None):
         """(item ids (n, w), scores (n, w), counts (n,)) for user rows, where row r's first
         counts[r] entries are its results, best first.
+
+        ``queries`` (n, dim + 1) and ``seen`` (as :attr:`_seen`, over ``rows``) stand in for
+        the users' stored embeddings and items when the queries are histories, not users.
 
         The items a user has (and ``exclude``) are skipped by over-fetching that many extra
         candidates. Users are searched in groups of similar over-fetch width (k plus what they
@@ -461,12 +562,13 @@ class FeatureSet:
         among the allowed rows alone (see :meth:`_top_from_index`).
         """
         _check_k(k)
-        indptr, _, seen_codes = self._seen
+        seen = self._seen if seen is None else seen
+        indptr, _, seen_codes = seen
         excluded = self._known_item_rows(exclude)
         pool = self.n_items
         if allowed is not None:
             excluded, pool = excluded[allowed.mask[excluded]], len(allowed)
-            n_seen = self._seen_in(rows, allowed.mask) if exclude_seen else np.zeros(len(rows), np.int64)
+            n_seen = self._seen_in(rows, allowed.mask, seen) if exclude_seen else np.zeros(len(rows), np.int64)
         else:
             n_seen = indptr[rows + 1] - indptr[rows] if exclude_seen else np.zeros(len(rows), np.int64)
         n_skip = n_seen + len(excluded)
@@ -476,9 +578,9 @@ class FeatureSet:
         width = max(int(want.max()) if len(rows) else 0, 1)
         out_rows = np.zeros((len(rows), width), np.int64)
         out_scores = np.zeros((len(rows), width), np.float32)
-        queries = user_queries(self._users[1][rows])
+        queries = user_queries(self._users[1][rows]) if queries is None else queries
         if allowed is not None and len(allowed) <= SUBSET_SHARE * self.n_items:
-            indptr, seen_items, _ = self._seen
+            indptr, seen_items, _ = seen
             skips = [np.union1d(seen_items[indptr[r]: indptr[r + 1]], excluded) if exclude_seen else excluded
                      for r in rows.tolist()]
             self._subset_top(queries, allowed, want, skips, out_rows, out_scores)
@@ -491,7 +593,7 @@ class FeatureSet:
             part = np.flatnonzero(groups == fetch)
             sub_rows, sub_scores = out_rows[part], out_scores[part]
             self._top_from_index(queries[part], rows[part], want[part], int(min(fetch, self.n_items)),
-                                 exclude_seen, excluded, sub_rows, sub_scores, allowed, k + n_skip[part])
+                                 exclude_seen, excluded, sub_rows, sub_scores, seen, allowed, k + n_skip[part])
             out_rows[part], out_scores[part] = sub_rows, sub_scores
         return self._item_ids.ids[out_rows], out_scores, want
 
@@ -537,21 +639,22 @@ class FeatureSet:
         return Neighbours(self._item_ids.ids[out_rows[0, :n]], out_scores[0, :n].astype(np.float32))
 
     def _top_from_index(self, queries, rows, want, fetch: int, exclude_seen: bool, excluded,
-                        out_rows, out_scores, allowed: Allowed | None = None, widths: np.ndarray | None = None) -> None:
+                        out_rows, out_scores, seen: tuple, allowed: Allowed | None = None,
+                        widths: np.ndarray | None = None) -> None:
         """Fill out_rows/out_scores from one index search of ``fetch`` candidates per user.
 
         With ``allowed``, candidates it does not allow are dropped; a user left short is searched
         again among the allowed items alone (FAISS bitmap selector, ``widths`` candidates: k
         plus what the user skips). Any user still short (an approximate index) is scored exactly."""
-        indptr, seen_items, _ = self._seen
+        indptr, seen_items, _ = seen
         scores, found = self.index.search(queries, max(fetch, 1))
-        counts = self._take(scores, found, rows, want, exclude_seen, excluded, allowed, out_rows, out_scores)
+        counts = self._take(scores, found, rows, want, exclude_seen, excluded, seen, allowed, out_rows, out_scores)
         short = np.flatnonzero(counts < want)
         if allowed is not None and len(short) and fetch < self.n_items:
             width = int(min(widths[short].max(), self.n_items))
             again, found = search_selected(self.index.faiss, queries[short], max(width, 1), allowed.bitmap)
             sub_rows, sub_scores = out_rows[short], out_scores[short]
-            counts = self._take(again, found, rows[short], want[short], exclude_seen, excluded, allowed,
+            counts = self._take(again, found, rows[short], want[short], exclude_seen, excluded, seen, allowed,
                                 sub_rows, sub_scores)
             out_rows[short], out_scores[short] = sub_rows, sub_scores
             short = short[counts < want[short]]
@@ -560,11 +663,11 @@ class FeatureSet:
             n = int(want[r])
             out_rows[r, :n], out_scores[r, :n] = self._exact_top(queries[r], np.union1d(skip, excluded), n, allowed)
 
-    def _take(self, scores, found, rows, want, exclude_seen: bool, excluded, allowed: Allowed | None,
+    def _take(self, scores, found, rows, want, exclude_seen: bool, excluded, seen: tuple, allowed: Allowed | None,
               out_rows, out_scores) -> np.ndarray:
         """Copy each user's first ``want`` usable candidates of a search into out_rows/out_scores;
         returns how many each got."""
-        _, _, seen_codes = self._seen
+        _, _, seen_codes = seen
         valid = found >= 0
         if allowed is not None:
             valid &= allowed.mask[np.where(valid, found, 0)]
