@@ -250,3 +250,18 @@ def test_the_engine_benchmark_times_the_default_training_beside_an_ease_grid_on_
     assert 0 < training["valid_ndcg@100"] < 1 and set(training["chosen"]) == {"dropout", "l2", "popularity_exponent"}
     assert len(training["fits"]) >= 5 and all(f["method"] == "items" and f["floor_seconds"] > 0 for f in training["fits"])
     assert report["ratio_to_ease_grid"] > 0
+
+
+def test_the_history_lookup_benchmark_times_both_entry_points_beside_a_known_user(tmp_path):
+    out = tmp_path / "history.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "history_lookup.py"), "--items", "3000", "--users", "1500", "--lookups", "20",
+         "--hidden", "32", "--json-out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=BENCHMARKS,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["via"] for r in rows] == ["python", "http"]
+    for row in rows:
+        assert row["known_p99_ms"] > 0 and row["history_p99_ms"] > 0
+        assert row["ratio_p99"] == pytest.approx(row["history_p99_ms"] / row["known_p99_ms"], rel=0.01)

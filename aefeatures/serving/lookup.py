@@ -371,8 +371,8 @@ class FeatureSet:
         return encoder
 
     def _histories(self, histories: Sequence[Sequence[Any]], weights: Sequence[Any] | None) -> Histories:
-        return encode_histories(histories, weights, self._item_ids.rows, self.manifest["config"].get("input") or {},
-                                name=self.name, version=self.version)
+        encoding = (self.manifest.get("config") or {}).get("input") or {}
+        return encode_histories(histories, weights, self._item_ids.rows, encoding, name=self.name, version=self.version)
 
     def embed_histories(self, histories: Sequence[Sequence[Any]], *,
                         weights: Sequence[Sequence[float] | None] | None = None) -> tuple[np.ndarray, list[list[Any]]]:

@@ -96,7 +96,10 @@ class Encoder:
         norms = np.sqrt(np.bincount(owner, weights=values ** 2, minlength=n))
         weights = values / np.maximum(norms, 1e-12)[owner]
         h = np.zeros((n, self.input_weight.shape[1]), dtype=np.float64)
-        np.add.at(h, owner, np.asarray(self.input_weight[np.asarray(items, dtype=np.int64)], np.float64) * weights[:, None])
+        rows = np.asarray(self.input_weight[np.asarray(items, dtype=np.int64)], np.float64) * weights[:, None]
+        filled = lengths > 0
+        if filled.any():  # each history's weighted sum of its rows (the entries are grouped by history)
+            h[filled] = np.add.reduceat(rows, indptr[:-1][filled], axis=0)
         h += self.input_bias
         if self.kind == "recvae":
             h = _layer_norm(_swish(h), *self.norms[0])
