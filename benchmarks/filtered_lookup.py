@@ -43,15 +43,20 @@ SELECTIVITIES = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 0.9)
 BUCKETS = 100_000
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_version_args(parser: argparse.ArgumentParser) -> None:
+    """The options of the version :func:`write_version` writes (shared with history_lookup.py)."""
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--seen", type=int, default=20, help="interactions per user")
     parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_args(parser)
     parser.add_argument("--lookups", type=int, default=1000, help="single-user calls per filter")
     parser.add_argument("--kinds", default="flat,ivf", help="index kinds, comma-separated")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", type=Path, default=RESULTS / "filtered-lookup.json")
     parser.add_argument("--markdown-out", type=Path, default=RESULTS / "filtered-lookup.md")
     return parser.parse_args(argv)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from filtered_lookup import write_version
+from filtered_lookup import add_version_args, write_version
 from pipeline import RESULTS, machine, say, versions
 
 from aefeatures.store import layout
@@ -38,14 +38,10 @@ from aefeatures.store.encoder import ENCODER_DIR, write_encoder
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int, default=100_000)
-    parser.add_argument("--users", type=int, default=20_000)
-    parser.add_argument("--seen", type=int, default=20, help="interactions per user")
-    parser.add_argument("--dim", type=int, default=64)
+    add_version_args(parser)
     parser.add_argument("--hidden", type=int, default=0, help="a dae's hidden width (0: the dlae's form)")
     parser.add_argument("--history", type=int, default=50, help="items per history")
     parser.add_argument("--lookups", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", type=Path, default=RESULTS / "history-lookup.json")
     return parser.parse_args(argv)
 

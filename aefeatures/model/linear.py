@@ -308,14 +308,9 @@ class Solver:
         while True:
             image = s_apply(hw)  # the next block; Vᵀ A V = (Hw)ᵀ S (Hw) with V = Xᵀ w
             iterations += 1
-            ritz = (hw.T @ image).double()
-            values, vectors = torch.linalg.eigh((ritz + ritz.T) / 2)
-            order = torch.argsort(values, descending=True)
-            values, vectors = values[order], vectors[:, order]
-            captured = float(values[:d].clamp_min(0).sum())
+            values, vectors, captured = _rayleigh_ritz(hw, image, d)
             self.trace.append(captured)
-            if last is not None and abs(captured - last) <= USERS_TOLERANCE_SHARE * TOLERANCE * max(captured, 1e-300) \
-                    or iterations >= MAX_ITERATIONS:
+            if _settled(captured, last, USERS_TOLERANCE_SHARE * TOLERANCE) or iterations >= MAX_ITERATIONS:
                 break
             last = captured
             w, hw = _h_orthonormal(image, h @ image)
@@ -341,14 +336,9 @@ class Solver:
         while True:
             image = apply(v)
             iterations += 1
-            h = (v.T @ image).double()
-            values, vectors = torch.linalg.eigh((h + h.T) / 2)
-            order = torch.argsort(values, descending=True)
-            values, vectors = values[order], vectors[:, order]
-            captured = float(values[:d].clamp_min(0).sum())
+            values, vectors, captured = _rayleigh_ritz(v, image, d)
             self.trace.append(captured)
-            if last is not None and abs(captured - last) <= TOLERANCE * max(captured, 1e-300) \
-                    or iterations >= min(passes or MAX_ITERATIONS, MAX_ITERATIONS):
+            if _settled(captured, last, TOLERANCE) or iterations >= min(passes or MAX_ITERATIONS, MAX_ITERATIONS):
                 break
             last = captured
             v = _orthonormal(image)
@@ -388,6 +378,22 @@ class Solver:
         p = (w / root[:, None]) @ ((qv * s) / (e.to(self.device) + 1).sqrt()[:, None]).float()
         flops = (4.0 * self.nnz * q + 4.0 * m * q * q) * iterations + 6.0 * m * q * q
         return p, r, iterations, flops
+
+
+def _rayleigh_ritz(basis: torch.Tensor, image: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(Ritz values (q,) float64, their q × q vectors, both in descending order, and the sum of
+    the top ``d`` values clamped at 0) of the operator restricted to a block: ``basis``ᵀ ``image``
+    with ``image`` the operator applied to the (orthonormal) basis."""
+    h = (basis.T @ image).double()
+    values, vectors = torch.linalg.eigh((h + h.T) / 2)
+    order = torch.argsort(values, descending=True)
+    values, vectors = values[order], vectors[:, order]
+    return values, vectors, float(values[:d].clamp_min(0).sum())
+
+
+def _settled(captured: float, last: float | None, tolerance: float) -> bool:
+    """Whether the captured sum changed by at most ``tolerance`` of itself since the last pass."""
+    return last is not None and abs(captured - last) <= tolerance * max(captured, 1e-300)
 
 
 def _spmm(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
