@@ -59,7 +59,6 @@ def _split_weights(ctx, param, value: str | None) -> list[float] | None:
         raise click.BadParameter("weights are numbers separated by commas, e.g. 5,4,3.5") from None
 
 
-
 @click.command(epilog=LOOKUP_EXIT_CODES_HELP)
 @store_option
 @name_option
@@ -97,13 +96,7 @@ def recommend(store_dir: Path, name: str | None, version: str | None, user: str 
     rules = {"filter": filter_text, "items": _read_ids_file(items_file, "item_id", "items") if items_file else None}
     if history is not None:
         found = fs.recommend_history(history, k, weights=weights, exclude_seen=not include_seen, **rules)
-        _warn_unknown(found.unknown, fs)
-        if as_json:
-            print_json({"feature_set": fs.name, "version": fs.version, "history": _typed_items(fs, history),
-                        "unknown": _typed_items(fs, found.unknown), "items": ranked(found.ids, found.scores)})
-        else:
-            click.echo(f"items for a history of {len(history)} item(s) ({fs.name} version {fs.version}):")
-            print_table(["rank", "item_id", "score"], [list(r.values()) for r in ranked(found.ids, found.scores)])
+        _print_history_answer(fs, history, found, "item", as_json)
         return
     if user is not None:
         found = fs.recommend(user, k, exclude_seen=not include_seen, **rules)
@@ -137,20 +130,30 @@ def recommend(store_dir: Path, name: str | None, version: str | None, user: str 
         print_table(recs.columns, recs.rows())
 
 
-def _typed_items(fs, history: list[str]) -> list[Any]:
+def _print_history_answer(fs, history: list[str], found, kind: str, as_json: bool) -> None:
+    """A history lookup's ranked ``kind``s (items or users), its unknown ids warned about on stderr."""
+    if found.unknown:
+        click.echo(f"warning: {len(found.unknown)} item(s) of the history not found in {fs.name} version "
+                   f"{fs.version} ({_some(found.unknown)}); left out", err=True)
+    rows = ranked(found.ids, found.scores, f"{kind}_id")
+    if as_json:
+        print_json({"feature_set": fs.name, "version": fs.version, "history": _typed_items(fs, history),
+                    "unknown": _typed_items(fs, found.unknown), f"{kind}s": rows})
+        return
+    what = "items for" if kind == "item" else "users like"
+    click.echo(f"{what} a history of {len(history)} item(s) ({fs.name} version {fs.version}):")
+    print_table(["rank", f"{kind}_id", "score"], [list(r.values()) for r in rows])
+
+
+def _typed_items(fs, ids: list[str]) -> list[Any]:
+    """Command-line item ids as the store types them; one that cannot be an item id stays as given."""
     out = []
-    for item in history:
+    for item in ids:
         try:
             out.append(fs.item_id(item))
         except errors.BadInputError:
             out.append(item)
     return out
-
-
-def _warn_unknown(unknown: list[Any], fs) -> None:
-    if unknown:
-        click.echo(f"warning: {len(unknown)} item(s) of the history not found in {fs.name} version {fs.version} "
-                   f"({_some(unknown)}); left out", err=True)
 
 
 def _some(ids: list[Any]) -> str:
@@ -215,15 +218,7 @@ def similar(store_dir: Path, name: str | None, version: str | None, item: str | 
     metric = metric or "ip"
     fs = open_feature_set(store_dir, name, version)
     if history is not None:
-        found = fs.similar_users_to_history(history, k, weights=weights)
-        _warn_unknown(found.unknown, fs)
-        rows = ranked(found.ids, found.scores, "user_id")
-        if as_json:
-            print_json({"feature_set": fs.name, "version": fs.version, "history": _typed_items(fs, history),
-                        "unknown": _typed_items(fs, found.unknown), "users": rows})
-        else:
-            click.echo(f"users like a history of {len(history)} item(s) ({fs.name} version {fs.version}):")
-            print_table(["rank", "user_id", "score"], [list(r.values()) for r in rows])
+        _print_history_answer(fs, history, fs.similar_users_to_history(history, k, weights=weights), "user", as_json)
         return
     if item is not None:
         items = _read_ids_file(items_file, "item_id", "items") if items_file else None

@@ -364,9 +364,8 @@ def _histories(fs: FeatureSet, body) -> Response:
     weights = body.weights if body.weights is None or body.histories is not None else [body.weights]
     ids, scores, counts, unknown = fs.rank_histories(histories, body.k, weights, body.exclude_seen,
                                                            body.exclude, body.filter, body.items)
-    results = [{"history": h, "items": [{"rank": r + 1, "item_id": i, "score": sc} for r, (i, sc) in
-                                        enumerate(zip(ids[h, :n].tolist(), scores[h, :n].tolist()))],
-                "unknown": unknown[h]} for h, n in enumerate(counts.tolist())]
+    results = [{"history": h, "items": _ranked(Neighbours(ids[h, :n], scores[h, :n]), "item_id"), "unknown": unknown[h]}
+               for h, n in enumerate(counts.tolist())]
     return _json(_answer(fs, results=results))
 
 

@@ -315,13 +315,7 @@ class FeatureSet:
             raise errors.NotFoundError("user", [u for u, f in zip(users, found) if not f], self.name, self.version)
         user_ids = self._users[0].ids[rows[found]]
         ids, scores, counts = self._recommend_rows(rows[found], k, exclude_seen, exclude, allowed)
-        keep = np.arange(ids.shape[1])[None, :] < counts[:, None]
-        return pl.DataFrame({
-            "user_id": np.repeat(user_ids, counts),
-            "item_id": ids[keep],
-            "rank": np.broadcast_to(np.arange(1, ids.shape[1] + 1, dtype=np.int32), ids.shape)[keep],
-            "score": scores[keep],
-        })
+        return _ranked_frame("user_id", user_ids, ids, scores, counts)
 
     def similar_items(self, item: Any, k: int = 10, *, metric: str = "ip",
                       exclude: Sequence[Any] = (), filter: str | None = None,
@@ -407,13 +401,7 @@ class FeatureSet:
         """:meth:`recommend_history` for many histories at once, as rows ``history`` (its
         position in ``histories``), ``item_id, rank, score``."""
         ids, scores, counts, _ = self.rank_histories(histories, k, weights, exclude_seen, exclude, filter, items)
-        keep = np.arange(ids.shape[1])[None, :] < counts[:, None]
-        return pl.DataFrame({
-            "history": np.repeat(np.arange(len(counts), dtype=np.int32), counts),
-            "item_id": ids[keep],
-            "rank": np.broadcast_to(np.arange(1, ids.shape[1] + 1, dtype=np.int32), ids.shape)[keep],
-            "score": scores[keep],
-        })
+        return _ranked_frame("history", np.arange(len(counts), dtype=np.int32), ids, scores, counts)
 
     def rank_histories(self, histories: Sequence[Sequence[Any]], k: int, weights: Sequence[Any] | None = None,
                        exclude_seen: bool = True, exclude: Sequence[Any] = (), filter: str | None = None,
@@ -701,6 +689,18 @@ class FeatureSet:
             scores[~allowed.mask] = -np.inf
         order = np.argsort(-scores, kind="stable")[:n]
         return order, scores[order]
+
+
+def _ranked_frame(key: str, keys: np.ndarray, ids: np.ndarray, scores: np.ndarray, counts: np.ndarray) -> pl.DataFrame:
+    """Rows ``key, item_id, rank, score``: the first counts[r] results of row r of ``ids`` and
+    ``scores`` (as :meth:`FeatureSet._recommend_rows` gives them), for ``keys[r]``."""
+    keep = np.arange(ids.shape[1])[None, :] < counts[:, None]
+    return pl.DataFrame({
+        key: np.repeat(keys, counts),
+        "item_id": ids[keep],
+        "rank": np.broadcast_to(np.arange(1, ids.shape[1] + 1, dtype=np.int32), ids.shape)[keep],
+        "score": scores[keep],
+    })
 
 
 def _check_k(k: int) -> None:
