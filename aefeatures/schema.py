@@ -138,6 +138,9 @@ def items_schema(id_type: pa.DataType, dim: int) -> pa.Schema:
             pa.field("last_interaction", TIMESTAMP_TYPE, nullable=True),  # null without timestamps
             pa.field("event_timestamp", TIMESTAMP_TYPE, nullable=False),
             pa.field("created_timestamp", TIMESTAMP_TYPE, nullable=False),
+            # users the vector rests on for an item folded in after training (`aefeatures embed`,
+            # aefeatures.model.fold_in); null for a trained item
+            pa.field("folded_in", pa.int32(), nullable=True),
         ]
     )
 

@@ -9,11 +9,12 @@ SELECT user_id, embedding::FLOAT[${dim}] AS embedding, n_interactions, reconstru
        anomaly_score, ${live_last} AS last_interaction, ${live_event} AS event_timestamp, created_timestamp
 FROM read_parquet(${users});
 
--- Item attributes of the job's `[items]` table (if any) follow the fixed columns; null where an
--- item has none.
+-- `folded_in`: the users a vector rests on for an item folded in after training (`aefeatures
+-- embed`), null for a trained item. Item attributes of the job's `[items]` table (if any) follow
+-- the fixed columns; null where an item has none.
 CREATE OR REPLACE VIEW ${name}_items AS
 SELECT i.item_id, i.embedding::FLOAT[${dim}] AS embedding, i.bias, i.popularity, ${live_last} AS last_interaction,
-       ${live_event} AS event_timestamp, i.created_timestamp${attribute_columns}
+       ${live_event} AS event_timestamp, i.created_timestamp, ${live_folded} AS folded_in${attribute_columns}
 FROM read_parquet(${items}) i${attribute_join};
 
 CREATE OR REPLACE VIEW ${name}_interactions AS
@@ -52,10 +53,10 @@ JOIN ${name}_versions v USING (version);
 CREATE OR REPLACE VIEW ${name}_items_all AS
 SELECT f.version, f.item_id, f.embedding, f.bias, f.popularity,
        CASE WHEN v.schema_version = 1 THEN f.event_timestamp ELSE f.last_interaction END AS last_interaction,
-       v.valid_from AS event_timestamp, f.created_timestamp
+       v.valid_from AS event_timestamp, f.created_timestamp, f.folded_in
 FROM (SELECT regexp_extract(filename, '[/\\]versions[/\\]([^/\\]+)[/\\]items\.parquet$$', 1) AS version,
              item_id, embedding::${all_type} AS embedding, bias, popularity,
-             ${all_last} AS last_interaction, event_timestamp, created_timestamp
+             ${all_last} AS last_interaction, event_timestamp, created_timestamp, ${all_folded} AS folded_in
       FROM read_parquet(${items_all}, filename = true, union_by_name = true)) f
 JOIN ${name}_versions v USING (version);
 

@@ -17,8 +17,11 @@ from aefeatures.errors import Interrupted
 @click.command(epilog=RUN_EXIT_CODES_HELP)
 @click.argument("job_file", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Run even if the live version has the same input and config.")
+@click.option("--fold-in", "fold_in", is_flag=True,
+              help="If the feature set has a live version, fold the input's new items and users into its model "
+                   "instead of training (as `aefeatures embed`); otherwise train.")
 @json_option
-def run(job_file: Path, force: bool, as_json: bool) -> None:
+def run(job_file: Path, force: bool, fold_in: bool, as_json: bool) -> None:
     """Run JOB_FILE (TOML) end to end: read interactions, train, embed, index, publish.
 
     One run per feature set at a time (a second exits 4). A run whose input files (paths,
@@ -30,8 +33,16 @@ def run(job_file: Path, force: bool, as_json: bool) -> None:
     """
     from aefeatures.config import load_job_config
     from aefeatures.jobs.run import run_job
+    from aefeatures.store import layout
 
     cfg = load_job_config(job_file)
+    if fold_in and cfg.job.name in layout.feature_sets(cfg.job.store):
+        from aefeatures.jobs.embed import embed_job
+
+        with _signals_as_errors():
+            result = embed_job(cfg, force=force, fold_in=True)
+        _print_embedded(result, as_json)
+        return
     with _signals_as_errors():
         result = run_job(cfg, force=force)
     summary = _run_summary(result)
@@ -92,28 +103,44 @@ def run(job_file: Path, force: bool, as_json: bool) -> None:
 @click.command(epilog=EMBED_EXIT_CODES_HELP)
 @click.argument("job_file", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Embed even if the live version was embedded from the same input.")
+@click.option("--fold-in/--no-fold-in", "fold_in", default=True, show_default=True,
+              help="Fold items the live model lacks into it (vectors from their users), or drop them.")
 @json_option
-def embed(job_file: Path, force: bool, as_json: bool) -> None:
+def embed(job_file: Path, force: bool, fold_in: bool, as_json: bool) -> None:
     """Embed the users of JOB_FILE's input with the live model, without training, and publish.
 
-    New users and users whose history changed get embeddings between trainings. The version
-    reuses the live model, item vectors and index; items the model does not know are dropped,
-    and users left with none are reported. Locked, logged and idempotent like `run`.
+    New users and users whose history changed get embeddings between trainings. Items first
+    seen after training are folded in: each gets a vector from the users who interacted with it
+    (the live model fixed), is marked `folded_in` in items.parquet, and can be recommended,
+    found by `similar` and counted in histories at once; an item with too few users for a stable
+    fit is listed and dropped. Users left with no known item are reported. Without new items the
+    version reuses the live model, item vectors and index. Locked, logged and idempotent like `run`.
     """
     from aefeatures.config import load_job_config
     from aefeatures.jobs.embed import embed_job
 
     with _signals_as_errors():
-        result = embed_job(load_job_config(job_file), force=force)
+        result = embed_job(load_job_config(job_file), force=force, fold_in=fold_in)
+    _print_embedded(result, as_json)
+
+
+def _print_embedded(result, as_json: bool) -> None:
+    """What `embed` (or `run --fold-in`) published."""
     info = result.manifest.get("embedded_with", {})
+    folded = result.manifest.get("folded_in") or {}
     if as_json:
         print_json({"name": result.name, "version": result.version, "status": result.status,
-                     "counts": result.manifest["counts"], "embedded_with": info})
+                     "counts": result.manifest["counts"], "embedded_with": info, "folded_in": folded})
     elif result.status == "up_to_date":
         click.echo(f"{result.name} is up to date: live version {result.version} was embedded from the same input")
     else:
         click.echo(f"published {result.name} version {result.version}: {result.manifest['counts']['users']:,} "
                    f"users embedded with the model of version {info['version']} (no training)")
+        if folded.get("items"):
+            click.echo(f"  {folded['items']:,} new item(s) folded in from their users; the index was rebuilt")
+        if folded.get("too_few_users"):
+            click.echo(f"  {folded['too_few_users']:,} new item(s) with fewer than {folded['min_users']} users were "
+                       f"left out, e.g. {', '.join(str(x['item_id']) for x in folded['too_few_sample'][:5])}")
         if info["unknown_only_users"]:
             click.echo(f"  {info['unknown_only_users']:,} user(s) had only unknown items and got no embedding, "
                        f"e.g. {', '.join(map(str, info['unknown_only_sample'][:5]))}")

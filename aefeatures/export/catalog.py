@@ -19,6 +19,8 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from aefeatures import errors
 from aefeatures.schema import parse_id
 from aefeatures.store import layout, publish
@@ -71,6 +73,9 @@ def render_views(root: Path, name: str) -> str:
         live_event=(f"{_literal(layout.valid_from(manifests[live]))}::TIMESTAMPTZ" if live_v1
                     else "event_timestamp"),
         all_last="last_interaction" if max(schemas.values()) > 1 else "NULL::TIMESTAMPTZ",
+        # items.parquet gained `folded_in` within schema 2: older files read it as null
+        live_folded="i.folded_in" if _has_folded_in(folder) else "NULL::INTEGER",
+        all_folded="folded_in" if any(_has_folded_in(paths[v]) for v in versions) else "NULL::INTEGER",
         name=name,  # validated as [A-Za-z0-9_]+ by the job file
         dim=int(manifests[live]["dim"]),
         live=_literal(live),
@@ -86,6 +91,14 @@ def render_views(root: Path, name: str) -> str:
         user_type=sql_id_type(manifests[live], "user"),
         item_type=sql_id_type(manifests[live], "item"),
     )
+
+
+def _has_folded_in(folder: Path) -> bool:
+    """Whether the version's items.parquet has the `folded_in` column (its footer only)."""
+    try:
+        return "folded_in" in pq.read_schema(folder / layout.ITEMS).names
+    except (OSError, ValueError):
+        return False
 
 
 def _attribute_parts(folder: Path, manifest: dict) -> dict[str, str]:

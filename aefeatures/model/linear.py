@@ -99,7 +99,7 @@ DENSE_GRAM_DENSITY = 0.02
 # (Σ_j users_j² against nnz × users): 0.05 on Last.fm (4× faster sparse), 0.29 on a Zipf
 # catalogue (1-3× slower sparse).
 SPARSE_KERNEL_SHARE = 0.1
-SPMM_COLUMNS = 128  # columns of a dense block per sparse product on a CPU (:func:`_spmm`)
+SPMM_COLUMNS = 128  # columns of a dense block per sparse product on a CPU (:func:`spmm`)
 
 
 def block_width(dim: int, side: int, oversample: float = OVERSAMPLE) -> int:
@@ -196,7 +196,7 @@ class Solver:
             block_width(dim, min(self.n_users, n_items), EXACT_OVERSAMPLE)
         values64 = values.astype(np.float64)
         self.colsq = self._sum(torch.from_numpy(np.bincount(items, weights=values64 ** 2, minlength=n_items)))
-        self.x, self.xt = _csr_pair(offsets, items, values, n_local, n_items, self.device)
+        self.x, self.xt = csr_pair(offsets, items, values, n_local, n_items, self.device)
         self.rows, self.gram = rows, None
         self.trace: list[float] = []  # the last fit's top-d Ritz value sums, a pass each
         self.flops_gram = 0.0
@@ -210,14 +210,14 @@ class Solver:
             new = np.setdiff1d(rows, warm.rows, assume_unique=True)
             others = float(len(new) + len(warm.rows) != len(rows))  # 0 where rows hold warm's rows
             if float(self._sum(torch.tensor([others], dtype=torch.float64))[0]) == 0:  # on every rank
-                extra = _csr_pair(*csr.gather(new), len(new), n_items, self.device)
+                extra = csr_pair(*csr.gather(new), len(new), n_items, self.device)
                 self.gram = warm.gram.to(self.device) + self._sum(_gram(*extra, self.device))
 
     def warm(self) -> Warm:
         """This solver's state for a solver on a superset of its users (:class:`Warm`)."""
         start = self.start
         if start is None and self.user_start is not None:  # the users path's Ritz vectors, in item space
-            start = _spmm(self.xt, self.user_start[0])
+            start = spmm(self.xt, self.user_start[0])
         return Warm(start, self.gram if self.method == "items" else None, self.rows)
 
     def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -302,7 +302,7 @@ class Solver:
         if self.user_start is not None:
             w, hw = self.user_start
         else:  # from item space: the handed-over subspace (or a random one) mapped by X
-            w = _spmm(self.x, self.start if self.start is not None else self._random_start())
+            w = spmm(self.x, self.start if self.start is not None else self._random_start())
             w, hw = _h_orthonormal(w, h @ w)
         last, iterations, self.trace = None, 0, []
         while True:
@@ -317,8 +317,8 @@ class Solver:
         rotation = vectors.float()
         w, hw = w @ rotation, hw @ rotation  # the Ritz vectors in user space, still H-orthonormal
         self.user_start, self.start = (w, hw), None
-        r = _spmm(self.xt, w[:, :d])  # Xᵀ W: orthonormal item vectors
-        p = _spmm(self.xt, torch.cholesky_solve(hw[:, :d], factor)) * inv[:, None]  # Λ⁻¹ Xᵀ (K+I)⁻¹ X R
+        r = spmm(self.xt, w[:, :d])  # Xᵀ W: orthonormal item vectors
+        p = spmm(self.xt, torch.cholesky_solve(hw[:, :d], factor)) * inv[:, None]  # Λ⁻¹ Xᵀ (K+I)⁻¹ X R
         flops = (self.flops_gram + 2.0 * self.nnz * n + n ** 3 / 3 + (4.0 * n * n * q + 4.0 * n * q * q) * iterations
                  + 4.0 * self.nnz * d + 2.0 * n * n * d)
         self.flops_gram = 0.0
@@ -357,7 +357,7 @@ class Solver:
         inv_root = lam.rsqrt().float()  # Λ^-½
 
         def apply(v: torch.Tensor) -> torch.Tensor:  # Ĝ v = Λ^-½ Xᵀ X Λ^-½ v
-            return self._sum(_spmm(self.xt, _spmm(self.x, inv_root[:, None] * v))) * inv_root[:, None]
+            return self._sum(spmm(self.xt, spmm(self.x, inv_root[:, None] * v))) * inv_root[:, None]
 
         passes = SKETCH_PASSES["warm" if self.start is not None else "cold"]
         basis, rotation, e, iterations = self._iterate(apply, self.dim, passes=passes)
@@ -396,7 +396,7 @@ def _settled(captured: float, last: float | None, tolerance: float) -> bool:
     return last is not None and abs(captured - last) <= tolerance * max(captured, 1e-300)
 
 
-def _spmm(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+def spmm(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     """``sparse @ dense`` (CSR × dense, float32), :data:`SPMM_COLUMNS` columns of ``dense`` at a
     time: the rows of ``dense`` a block reads then stay in cache (Xᵀ T at the ML-20M shape's
     30,000-user sample, q = 512: 0.43 against 0.90 s on 2 cores; X V the same either way)."""
@@ -406,7 +406,7 @@ def _spmm(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
                       for i in range(0, dense.shape[1], SPMM_COLUMNS)], dim=1)
 
 
-def _csr_pair(offsets: np.ndarray, items: np.ndarray, values: np.ndarray, n_rows: int, n_items: int,
+def csr_pair(offsets: np.ndarray, items: np.ndarray, values: np.ndarray, n_rows: int, n_items: int,
               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """X (n_rows × n_items) and Xᵀ as float32 sparse CSR tensors on ``device``: the products a
     fit needs are then all CSR × dense, the fast kernel on CPUs and GPUs."""
@@ -461,7 +461,7 @@ def _kernel(x: torch.Tensor, xt: torch.Tensor, inv_lam: torch.Tensor, device: to
     n = x.shape[0]
     degrees = (xt.crow_indices()[1:] - xt.crow_indices()[:-1]).double()
     if device.type == "cpu" and float((degrees ** 2).sum()) < SPARSE_KERNEL_SHARE * x.values().numel() * n:
-        with warnings.catch_warnings():  # "sparse CSR support is in beta", as in _csr_pair
+        with warnings.catch_warnings():  # "sparse CSR support is in beta", as in csr_pair
             warnings.simplefilter("ignore", UserWarning)
             scaled = torch.sparse_csr_tensor(xt.crow_indices(), xt.col_indices(),
                                              xt.values() * inv_lam.repeat_interleave(degrees.long()), xt.shape,

@@ -251,6 +251,7 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
             "model": (m.get("config") or {}).get("model", {}).get("kind"), "index": m.get("index"),
             KEY_METRIC: ((m.get("evaluation") or {}).get("model") or {}).get(KEY_METRIC),
             "alignment": drift.public(m.get("alignment")), "drift": m.get("drift"),
+            "folded_in": m.get("folded_in"),
         })
 
     @app.get("/v1/{name}/recommend", response_model=Recommendations, responses=ERRORS,

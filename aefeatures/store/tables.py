@@ -51,7 +51,8 @@ class Shard:
 
 
 def write_tables(folder: Path, matrix: InteractionMatrix, emb: Embeddings, *,
-                 name: str, version: str, created: datetime, shard: Shard | None = None) -> dict[str, int]:
+                 name: str, version: str, created: datetime, shard: Shard | None = None,
+                 folded_in: np.ndarray | None = None) -> dict[str, int]:
     """Write users, items and interactions Parquet files; return their row counts.
 
     ``created`` is the instant the version's values became valid: every row's
@@ -65,6 +66,9 @@ def write_tables(folder: Path, matrix: InteractionMatrix, emb: Embeddings, *,
 
     With a ``shard`` of several the users and interactions go to this rank's part files (the
     counts are the shard's), and rank 0 alone writes the items.
+
+    ``folded_in`` (n_items,) int32: the users a folded-in item's vector rests on, 0 for a trained
+    item (written as null); None: every item trained.
     """
     shard = shard or Shard.whole(matrix, emb)
     meta = schema.table_metadata(name, version, emb.dim)
@@ -85,6 +89,7 @@ def write_tables(folder: Path, matrix: InteractionMatrix, emb: Embeddings, *,
             _timestamps(shard.item_last_seen),
             _timestamps(np.full(matrix.shape[1], created_us)),
             _timestamps(np.full(matrix.shape[1], created_us)),
+            _folded_in(folded_in, matrix.shape[1]),
         ], schema=schema.items_schema(item_ids.type, emb.dim).with_metadata(meta))
         pq.write_table(items, folder / ITEMS, compression=_compression(items.schema))
     return {"users": matrix.shape[0], "items": matrix.shape[1], "interactions": matrix.nnz}
@@ -159,6 +164,14 @@ def _user_ranges(indptr: np.ndarray, pairs_per_range: int) -> list[tuple[int, in
     cuts = np.searchsorted(indptr, np.arange(pairs_per_range, indptr[-1], pairs_per_range))
     bounds = np.unique(np.concatenate([[0], cuts, [len(indptr) - 1]]))
     return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
+def _folded_in(users: np.ndarray | None, n_items: int) -> pa.Array:
+    """The `folded_in` column: users per folded-in item, null for trained items."""
+    if users is None:
+        return pa.nulls(n_items, pa.int32())
+    users = np.asarray(users, dtype=np.int32)
+    return pa.array(users, type=pa.int32(), mask=users == 0)
 
 
 def _ids(series) -> pa.Array:
