@@ -265,3 +265,22 @@ def test_the_history_lookup_benchmark_times_both_entry_points_beside_a_known_use
     for row in rows:
         assert row["known_p99_ms"] > 0 and row["history_p99_ms"] > 0
         assert row["ratio_p99"] == pytest.approx(row["history_p99_ms"] / row["known_p99_ms"], rel=0.01)
+
+
+def test_the_fold_in_benchmark_measures_held_out_users_and_hidden_items(tmp_path):
+    out = tmp_path / "fold_in.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "fold_in.py"), "--data", "synthetic", "--users", "1500", "--items", "400",
+         "--min-users", "1,5", "--json-out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=BENCHMARKS,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = json.loads(out.read_text())["lines"]
+    by = {(r["row"], r["method"]): r for r in lines}
+    assert by[("a", "fold-in / retrain")]["ndcg@100"] == pytest.approx(
+        by[("a", "fold-in")]["ndcg@100"] / by[("a", "retrain")]["ndcg@100"], rel=1e-3)
+    assert by[("b", "no fold-in")]["hidden_ndcg@100"] == 0  # hidden items are never recommended without it
+    folded = by[("b", "fold-in, >= 1 users")]
+    assert folded["folded"] == folded["hidden"] == 40 and folded["hidden_ndcg@100"] > by[("b", "popularity")][
+        "hidden_ndcg@100"]
+    assert "| b | fold-in, >= 5 users |" in done.stdout

@@ -121,6 +121,31 @@ def test_every_command_line_example_runs(command_store, monkeypatch):
     assert (command_store / "recs.parquet").is_file() and (command_store / "feast_repo").is_dir()
 
 
+def test_new_items_example_runs_verbatim(tmp_path, monkeypatch):
+    """The "New items, the same day" block, as written, after the example job: the next day's new
+    items are folded in, and a new item's neighbours are items of its planted cluster."""
+    import polars as pl
+    from click.testing import CliRunner
+
+    from aefeatures.cli.app import cli
+
+    (tmp_path / "jobs").mkdir()
+    for job in ("example.toml", "example_next_day.toml"):
+        shutil.copy(REPO / "jobs" / job, tmp_path / "jobs" / job)
+    (tmp_path / "fixtures").symlink_to(REPO / "fixtures")
+    run_job(load_job_config(tmp_path / "jobs" / "example.toml"), progress=False)
+    monkeypatch.chdir(tmp_path)
+    (block,) = [b for b in _blocks("bash") if b.startswith("aefeatures embed jobs/example_next_day.toml")]
+    embedded, similar = (CliRunner().invoke(cli, shlex.split(line, comments=True)[1:]) for line in block.splitlines())
+    assert embedded.exit_code == 0, embedded.output
+    assert "8 new item(s) folded in" in embedded.output and "left out, e.g. 509" in embedded.output
+    assert similar.exit_code == 0, similar.output
+    neighbours = [int(line.split()[1]) for line in similar.output.splitlines()[2:]]
+    clusters = pl.read_parquet(REPO / "fixtures" / "truth_items.parquet")
+    planted = clusters.filter(pl.col("item_id").is_in(neighbours)).get_column("cluster").to_list()
+    assert len(neighbours) == 5 and planted == [0] * 5  # item 501 was rated by cluster 0's fans
+
+
 def _start_service(args: list[str], cwd):
     import re
     import subprocess

@@ -153,12 +153,15 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any], f
 
 def _new_items(interactions: Interactions, live_items: pl.Series) -> tuple[pl.Series, dict[Any, int]]:
     """(items the live version lacks with at least MIN_USERS users, sorted; {item: users} of the
-    ones with fewer)."""
+    ones with fewer). Only users with a trained item count: the others have no embedding to fit
+    an item on."""
     from aefeatures.model.fold_in import MIN_USERS
 
     frame = interactions.frame
-    users = (frame.filter(~pl.col(ITEM).is_in(live_items.implode()))
-             .group_by(ITEM).agg(pl.col(USER).n_unique().alias("users")).sort(ITEM))
+    is_known = pl.col(ITEM).is_in(live_items.implode())
+    embedded = frame.filter(is_known).get_column(USER).unique()
+    users = (frame.filter(~is_known).group_by(ITEM)
+             .agg(pl.col(USER).filter(pl.col(USER).is_in(embedded.implode())).n_unique().alias("users")).sort(ITEM))
     enough = users.filter(pl.col("users") >= MIN_USERS)
     few = users.filter(pl.col("users") < MIN_USERS)
     return enough.get_column(ITEM), dict(zip(few.get_column(ITEM).to_list(), few.get_column("users").to_list()))

@@ -2,9 +2,10 @@
 gets its rows (the decoder's item vector and bias, and the encoder's input row, so histories
 that hold it count it) from the users who interacted with it, with the live model fixed.
 
-dlae (:mod:`aefeatures.model.linear`): exact, for one item at a time. With the encoder P (items ×
-d) fixed, the DLAE objective ||X - X P Rᵀ||² + ||Λ^½ P Rᵀ||² is a ridge regression for each
-decoder row, whose solution for an item with user column y is
+dlae (:mod:`aefeatures.model.linear`): block coordinate descent on the DLAE objective
+||X - X P Rᵀ||² + ||Λ^½ P Rᵀ||² over the new items' rows, every trained row fixed. With the
+encoder P (items × d) fixed the objective is a ridge regression for each decoder row, whose
+solution for an item with user column y is
 
     r = (Zᵀ Z + Pᵀ Λ P)⁻¹ Zᵀ y,   Z = X P (the users' bottlenecks on the trained items),
 
@@ -12,7 +13,12 @@ which for a trained item on its training data is its trained row (R = (Pᵀ M P)
 P = M⁻¹ G R). Its encoder row is the stationarity condition M P = G R of the item's row with
 every other row fixed:
 
-    (G_jj + Λ_jj) p = yᵀ X R + G_jj r - yᵀ Z,   G_jj = yᵀ y,  Λ_jj = p/(1-p) G_jj + λ.
+    (G_jj + Λ_jj) p = yᵀ X R (RᵀR)⁻¹ + G_jj p - yᵀ Z,   G_jj = yᵀ y,  Λ_jj = p/(1-p) G_jj + λ
+
+(Z here includes the new rows' contributions). The two steps alternate :data:`FOLD_ROUNDS`
+times from p = 0. Stopping after the first decoder step (Z without the new items' own rows)
+left the folded vectors at half the scale of a retrain's on the example data; five rounds give
+0.94 of it, and their user-score columns correlate 0.9996 with the retrain's.
 
 A published dlae's item vectors are R's rows times the softmax temperature and the popularity
 correction (n + 1)^-β, and its biases a tie-break rising with log(n + 1): both are read off the
@@ -68,7 +74,9 @@ def fold_in_items(model: Autoencoder, csr: CSR, trained_row: np.ndarray, *, drop
         The live model (any kind), on the CPU.
     csr
         (n_users, n_columns) the users' interactions, values as the model reads them (the job's
-        input encoding applied); every new item has at least one user.
+        input encoding applied). A new item rests on its users who have a trained item (the
+        others have no embedding yet); ``users`` counts them, and the caller keeps only items
+        with enough of them.
     trained_row
         (n_columns,) int64: each column's row in ``model``, -1 for a new item.
     dropout, l2
@@ -90,6 +98,7 @@ def fold_in_items(model: Autoencoder, csr: CSR, trained_row: np.ndarray, *, drop
     new_rows[is_new] = np.arange(int(is_new.sum()))
     y, yt = _columns(csr, new_rows, int(is_new.sum()))
     counts = _column_counts(csr, n_columns)
+    counts[is_new] = _column_counts(_rows_with(csr, ~is_new), n_columns)[is_new]  # users with an embedding
     known_counts = np.zeros(model.shape.n_items, np.int64)
     known_counts[known] = counts[~is_new]
     with torch.no_grad():
@@ -207,6 +216,17 @@ def _weighted_gram(p: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         block = p[start:start + ROWS_PER_BLOCK].double()
         out += block.T @ (block * weights[start:start + ROWS_PER_BLOCK, None])
     return out
+
+
+def _rows_with(csr: CSR, columns: np.ndarray) -> CSR:
+    """The rows of ``csr`` with an entry in one of ``columns`` (bool over columns); others empty."""
+    owner = np.repeat(np.arange(csr.n_rows), np.diff(csr.indptr))
+    has = np.zeros(csr.n_rows, bool)
+    has[owner[columns[csr.indices]]] = True
+    keep = has[owner]
+    indptr = np.zeros(csr.n_rows + 1, np.int64)
+    np.cumsum(np.bincount(owner[keep], minlength=csr.n_rows), out=indptr[1:])
+    return CSR(indptr, csr.indices[keep], csr.values[keep])
 
 
 def _column_counts(csr: CSR, n_columns: int) -> np.ndarray:
