@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -66,9 +67,11 @@ class Manifest(dict):
             this aefeatures reads (written by a newer release).
         """
         try:
-            raw: Any = json.loads(text)
+            raw: Any = json.loads(text, parse_constant=_no_constant)
         except json.JSONDecodeError as exc:
             raise errors.bad_manifest(where, f"it is not JSON ({exc})") from None
+        except ValueError as exc:  # NaN or Infinity: aefeatures never writes a non-finite number
+            raise errors.bad_manifest(where, str(exc)) from None
         if not isinstance(raw, dict):
             raise errors.bad_manifest(where, "it is not a JSON object")
         found = raw.get("schema_version", 1)
@@ -79,7 +82,55 @@ class Manifest(dict):
         missing = [key for key in cls.REQUIRED if key not in raw]
         if missing:
             raise errors.bad_manifest(where, f"it lacks {', '.join(f'`{k}`' for k in missing)}")
+        problem = _wrong_fact(raw, Path(where))
+        if problem:
+            raise errors.bad_manifest(where, problem)
         return cls(raw)
+
+
+MAX_DIM = 65_536  # the widest embedding a manifest may claim
+_VERSION_ID = re.compile(r"\d{8}T\d{6}\.\d{6}Z")  # store.layout.VERSION_FORMAT
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # store.layout.VERSION_PATTERN: one path component
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"it holds `{name}`, a number aefeatures never writes")
+
+
+def _is_int(value: Any, low: int, high: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value and (high is None or value <= high)
+
+
+def _wrong_fact(raw: dict[str, Any], where: Path) -> str | None:
+    """The first fact of a manifest that readers rely on and that is not what aefeatures writes
+    (a hand edit or damage), as a phrase; None when all hold. Keys a reader does not need may be
+    absent (older versions lack some)."""
+    version = raw["version"]
+    if not isinstance(version, str) or not _PLAIN_NAME.fullmatch(version):
+        return f"`version` is {version!r}, not a version id like 20261207T120000.000000Z"
+    if _VERSION_ID.fullmatch(where.parent.name) and where.parent.name != version:
+        return f"`version` is {version!r} but the manifest is in version {where.parent.name}'s folder"
+    if not _is_int(raw["dim"], 1, MAX_DIM):
+        return f"`dim` is {raw['dim']!r}, not a whole number from 1 to {MAX_DIM}"
+    for key in ("feature_set", "created_at", "valid_from"):
+        if key in raw and not isinstance(raw[key], str):
+            return f"`{key}` is {raw[key]!r}, not text"
+    for key in ("created_at", "valid_from"):
+        if isinstance(raw.get(key), str):
+            try:
+                datetime.fromisoformat(raw[key])
+            except ValueError:
+                return f"`{key}` is {raw[key]!r}, not an ISO 8601 time"
+    for key in ("config", "counts", "training", "evaluation", "gate", "index", "id_types", "input"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            return f"`{key}` is {type(raw[key]).__name__}, not an object"
+    for key, count in (raw.get("counts") or {}).items():
+        if not _is_int(count, 0):
+            return f"`counts.{key}` is {count!r}, not a whole number of 0 or more"
+    for kind, type_name in (raw.get("id_types") or {}).items():
+        if type_name not in ("Int64", "UInt64", "String"):
+            return f"`id_types.{kind}` is {type_name!r}, not Int64, UInt64 or String"
+    return None
 
 # Canonical column names of the interaction frame after reading (whatever the input calls them).
 USER, ITEM, WEIGHT, TIMESTAMP = "user_id", "item_id", "weight", "timestamp"

@@ -26,6 +26,7 @@ def versions(store_dir: Path, name: str | None, as_json: bool) -> None:
     if as_json:
         print_json({"feature_set": name, "versions": rows})
         return
+    readable = [r for r in rows if r["status"] != "damaged"]
     print_table(["version", "status", "built", "valid_from", "users", "items", "dim", "kind", "index",
                   "ndcg@100", "popularity", "EASE", "aligned", "user_cos50", "churn@10"],
                  [[r["version"], r["status"], r["built"], r["valid_from"][:19], r["users"], r["items"], r["dim"],
@@ -34,7 +35,11 @@ def versions(store_dir: Path, name: str | None, as_json: bool) -> None:
                    "-" if not r["alignment"] else ("yes" if r["alignment"]["aligned"] else "no"),
                    or_dash(((r["drift"] or {}).get("user_cosine") or {}).get("q50")),
                    or_dash(((r["drift"] or {}).get("churn") or {}).get("mean"))]
-                  for r in rows])
+                  for r in readable])
+    for r in rows:
+        if r["status"] == "damaged":
+            click.echo(f"warning: version {r['version']} ({r['was']}) is damaged: {r['problem']}; remove its folder "
+                       "or run the job again", err=True)
 
 
 @click.command(epilog=READ_EXIT_CODES_HELP)

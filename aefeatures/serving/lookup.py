@@ -781,7 +781,9 @@ class Store:
     def versions(self, name: str) -> list[dict[str, Any]]:
         """Every published or refused version of ``name``, oldest first, with its key facts.
 
-        ``status`` is "live", "published" (superseded) or "refused" (by the quality gate).
+        ``status`` is "live", "published" (superseded), "refused" (by the quality gate) or
+        "damaged" (a non-live version whose manifest does not read: ``problem`` says why, ``was``
+        its status otherwise; it has no other keys).
         """
         refused = layout.list_refused(self.root, name)
         if not refused or (self.root / name / layout.LATEST).is_file():
@@ -792,8 +794,16 @@ class Store:
         found += [(v, layout.REFUSED) for v in refused]
         out = []
         for version, folder in sorted(found):
-            m = layout.read_manifest(self.root / name / folder / version)
             status = "refused" if folder == layout.REFUSED else "live" if version == live else "published"
+            try:
+                m = layout.read_manifest(self.root / name / folder / version)
+            except (errors.DamagedManifestError, OSError) as exc:
+                if version == live:
+                    raise
+                # one damaged old version must not hide the others: listed with what is wrong
+                out.append({"version": version, "status": "damaged", "live": False, "was": status,
+                            "problem": str(exc).split(". The version")[0]})
+                continue
             out.append({
                 "version": version, "status": status, "live": version == live,
                 # "embedded": users embedded by `aefeatures embed` with the model (and metrics) of
