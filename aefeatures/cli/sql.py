@@ -25,18 +25,24 @@ from aefeatures.store.publish import atomic_write
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the result to this file instead of stdout.")
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json: the rows as a JSON list.")
+@click.option("--safe", is_flag=True,
+              help="For less trusted users: queries only (no COPY, ATTACH, SET, INSTALL, CREATE...), reading "
+                   "only the store's published versions, no network or extensions, settings locked.")
 def sql(store_dir: Path, command: str | None, file: Path | None, params: tuple[str, ...], fmt: str,
-        output: Path | None, as_json: bool) -> None:
+        output: Path | None, as_json: bool, safe: bool) -> None:
     """Query the store with DuckDB SQL: the views and macros of `STORE/catalog.sql` are defined.
 
     \b
     aefeatures sql --store store -c 'SELECT * FROM example_recommend($user, 10)' --param user=42
     aefeatures sql --store store -f report.sql --format parquet --output out.parquet
     With neither -c nor -f, an interactive prompt reads statements ending in `;`.
+
+    Without --safe this is DuckDB with the user's own rights: SQL can read and write any file
+    the user can, ATTACH databases, install and load extensions (network) and change settings.
     """
     import duckdb
 
-    from aefeatures.export.catalog import connect, id_param_types, parse_param
+    from aefeatures.export.catalog import check_safe, connect, id_param_types, parse_param
 
     fmt = "json" if as_json else fmt
 
@@ -51,22 +57,36 @@ def sql(store_dir: Path, command: str | None, file: Path | None, params: tuple[s
         raise
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    con = connect(store_dir)
+    con = connect(store_dir, safe=safe)
     text = command if command is not None else file.read_text(encoding="utf-8") if file else None
     try:
         if text is None:
-            _sql_prompt(con)
+            _sql_prompt(con, safe)
             return
+        if safe:
+            check_safe(con, text)
         relation = con.sql(text, params=bound or None)  # the last statement's result, if a query
         frame = _frame(relation)
     except duckdb.Error as exc:
-        raise errors.sql_failed(str(exc).splitlines()[0]) from None
+        raise errors.sql_failed(_reason(exc, safe)) from None
     if frame is not None:
         _write_frame(frame, fmt, output)
 
 
-def _sql_prompt(con) -> None:
+def _reason(exc: Exception, safe: bool) -> str:
+    """A DuckDB error as one line; in --safe mode a refused file says what --safe reads."""
     import duckdb
+
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if safe and isinstance(exc, duckdb.PermissionException):
+        reason += " (--safe reads only the published versions of this store's feature sets)"
+    return reason
+
+
+def _sql_prompt(con, safe: bool) -> None:
+    import duckdb
+
+    from aefeatures.export.catalog import check_safe
 
     click.echo("aefeatures sql: end statements with `;`, quit with Ctrl-D.", err=True)
     buffer = ""
@@ -79,11 +99,15 @@ def _sql_prompt(con) -> None:
         if not buffer.rstrip().endswith(";"):
             continue
         try:
+            if safe:
+                check_safe(con, buffer)
             frame = _frame(con.sql(buffer))
             if frame is not None:
                 _write_frame(frame, "table", None)
         except duckdb.Error as exc:
-            click.echo(f"error: {str(exc).splitlines()[0]}", err=True)
+            click.echo(f"error: {_reason(exc, safe)}", err=True)
+        except errors.BadInputError as exc:
+            click.echo(f"error: {exc}", err=True)
         buffer = ""
 
 

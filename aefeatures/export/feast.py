@@ -81,7 +81,14 @@ entity_key_serialization_version: 3
 
 
 def export_feast_repo(root: Path, name: str, output: Path, *, ttl_days: int = 3650) -> list[Path]:
-    """Write `feature_store.yaml` and `<name>_features.py` into ``output``; return the paths."""
+    """Write `feature_store.yaml` and `<name>_features.py` into ``output``; return the paths.
+    Raises ``BadInputError`` for a ``name`` that is no feature-set name (it is written into
+    Python source) and for ids Feast cannot hold."""
+    from aefeatures.config import NAME_PATTERN, NAME_RULE
+
+    if not NAME_PATTERN.fullmatch(name):
+        raise errors.BadInputError(f"feature set folder {name!r} in `{root}` is no identifier, so it cannot name Feast "
+                                   f"objects: {NAME_RULE}. Rename the folder.")
     version = layout.live_version(root, name)
     folder = layout.version_dir(root, name, version).resolve()
     manifest = layout.read_manifest(folder)
