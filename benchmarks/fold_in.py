@@ -193,9 +193,11 @@ def hidden_items(frame: pl.DataFrame, seed: int, kind: str, thresholds: list[int
         grown_model = grown if t is None else grown.model
         z, _ = encode(grown_model, csr)
         if t == min(thresholds):
+            folded_rows = columns[hidden[columns]]  # the hidden items folded in, catalogue rows
             emit({"row": "b", "method": "agreement with the retrain", "seed": seed,
-                  **agreement(_scores(z, grown_model, np.flatnonzero(hidden[columns])), retrain_scores,
-                              counts[hidden])})
+                  **agreement(_scores(z, grown_model, np.flatnonzero(hidden[columns])),
+                              retrain_scores[:, np.searchsorted(np.flatnonzero(hidden), folded_rows)],
+                              counts[folded_rows])})
         emit_ranking("no fold-in" if t is None else f"fold-in, >= {t} users", ranked(z, grown_model, columns, n_items,
                                                                                      seen),
                      folded=int((hidden & (counts >= (t or n_items + 1))).sum()), hidden=int(hidden.sum()),
