@@ -42,7 +42,7 @@ def read_attributes(cfg: ItemsConfig) -> pl.DataFrame:
         raise errors.bad_attributes(path, str(exc).split("` ", 1)[-1].split(".")[0],
                                     "Check `items.path` in the job file.") from None
     try:
-        frame = pl.read_parquet([f.path for f in files])
+        frame = pl.read_parquet([f.path for f in files], glob=False)
     except Exception as exc:  # polars raises several types for unreadable files
         raise errors.bad_attributes(path, f"cannot be read as Parquet ({str(exc).splitlines()[0][:160]})",
                                     "Point `items.path` at Parquet files.") from None

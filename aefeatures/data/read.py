@@ -103,6 +103,7 @@ def read_interactions(cfg: InputConfig, *, shard: tuple[int, int] | None = None)
     # A directory is read as the exact files listed above, so hidden and `_` files stay out.
     is_dir = Path(source).is_dir()
     lazy = pl.scan_parquet([str(f) for f in files] if is_dir else source, hive_partitioning=is_dir or None,
+                           glob=not (is_dir or Path(source).is_file()),  # `[`, `*`, `?` in a file's name are its own
                            **_SCAN_OPTIONS, **_unified(files, cfg, id_types))
     schema = _blaming_files(lazy.collect_schema, files)
     _check_columns(cfg, schema)
@@ -190,7 +191,7 @@ def _refuse_table_formats(path: str, files: list[Path]) -> None:
 
 
 def _listed_files(path: str) -> tuple[list[Path], str]:
-    if any(c in path for c in _GLOB_CHARS):
+    if any(c in path for c in _GLOB_CHARS) and not Path(path).exists():  # a name that exists is itself
         files = sorted(Path(p) for p in globlib.glob(path, recursive=True) if Path(p).is_file())
         if not files:
             raise errors.InputNotFoundError(path, "matches no files")
@@ -436,7 +437,7 @@ def _check_timestamp_window(rows: pl.DataFrame, cfg: InputConfig, files: list[Pa
     if not count:
         return
     for f in files:
-        frame = pl.scan_parquet(f)
+        frame = pl.scan_parquet(f, glob=False)
         schema = frame.collect_schema()
         if cfg.timestamp_col not in schema:
             continue
@@ -452,7 +453,7 @@ def _check_timestamp_window(rows: pl.DataFrame, cfg: InputConfig, files: list[Pa
 
 def _first_raw_offender(files: list[Path], column: str, pred: pl.Expr) -> tuple[str, int, object]:
     for f in files:
-        frame = pl.scan_parquet(f)
+        frame = pl.scan_parquet(f, glob=False)
         if column not in frame.collect_schema():
             continue
         hit = frame.select(pl.col(column)).with_row_index("row").filter(pred).head(1).collect()
@@ -498,7 +499,7 @@ def _blaming_files(run: Callable[[], _T], files: list[Path]) -> _T:
     except pl.exceptions.PolarsError:
         for f in files:  # the footers were fine (checked above): find the file whose data is not
             try:
-                pl.scan_parquet(f).collect()
+                pl.scan_parquet(f, glob=False).collect()
             except pl.exceptions.PolarsError as exc:
                 raise errors.NotParquetError(str(f), str(exc).splitlines()[0][:160]) from None
         raise
@@ -513,7 +514,7 @@ def _first_offender(files: list[Path], cfg: InputConfig, name: str, pred: pl.Exp
     folder, -1, None)."""
     source = {USER: cfg.user_col, ITEM: cfg.item_col, WEIGHT: cfg.weight_col}[name]
     for f in files:
-        frame = pl.scan_parquet(f)
+        frame = pl.scan_parquet(f, glob=False)
         if source not in frame.collect_schema():  # the column is a hive partition key here
             null_key = next((p for p in f.parents if p.name in {f"{source}={v}" for v in NULL_PARTITIONS}), None)
             if null_key is not None:

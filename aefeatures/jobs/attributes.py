@@ -72,7 +72,7 @@ def _republish(cfg: JobConfig, fingerprint: str, live: dict[str, Any]) -> RunRes
     timings: dict[str, float] = {}
     with _timed(timings, "read"):
         frame = read_attributes(cfg.items)
-        item_ids = pl.read_parquet(source / layout.ITEMS, columns=[ITEM]).get_column(ITEM)
+        item_ids = pl.read_parquet(source / layout.ITEMS, columns=[ITEM], glob=False).get_column(ITEM)
         aligned, summary = align_attributes(frame, item_ids, str(cfg.items.path))
     version = layout.new_version_id(root, name, created)
     with publish.staged_version(root, name, version) as staging:

@@ -78,7 +78,7 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any], f
     with _timed(timings, "read"):
         interactions = read_interactions(cfg.input)
     with _timed(timings, "matrix"):
-        live_items = pl.read_parquet(source / layout.ITEMS, columns=[ITEM]).get_column(ITEM)
+        live_items = pl.read_parquet(source / layout.ITEMS, columns=[ITEM], glob=False).get_column(ITEM)
         new_items, too_few = _new_items(interactions, live_items) if fold_in else (live_items.clear(), {})
         item_ids = pl.concat([live_items, new_items]).sort() if len(new_items) else live_items
         kept, unknown_only = _known_items_only(interactions, item_ids)
@@ -212,7 +212,7 @@ def _copy_attributes(cfg: JobConfig, source: Path, staging: Path, item_ids: pl.S
     if not grown:  # the items are the live version's: so are their attributes
         _link_or_copy(source / layout.ATTRIBUTES, staging / layout.ATTRIBUTES)
         return
-    frame = read_attributes(cfg.items) if cfg.items.path is not None else pl.read_parquet(source / layout.ATTRIBUTES)
+    frame = read_attributes(cfg.items) if cfg.items.path is not None else pl.read_parquet(source / layout.ATTRIBUTES, glob=False)
     aligned, _ = align_attributes(frame, item_ids, str(cfg.items.path or source / layout.ATTRIBUTES))
     tables.write_attributes(staging, aligned)
 

@@ -50,8 +50,8 @@ class LiveVectors:
     @classmethod
     def read(cls, folder: Path) -> "LiveVectors":
         """Read a published version's users and items (ids, embeddings, biases, anomaly scores)."""
-        users = pl.read_parquet(folder / layout.USERS, columns=[USER, "embedding", "anomaly_score"])
-        items = pl.read_parquet(folder / layout.ITEMS, columns=[ITEM, "embedding", "bias"])
+        users = pl.read_parquet(folder / layout.USERS, columns=[USER, "embedding", "anomaly_score"], glob=False)
+        items = pl.read_parquet(folder / layout.ITEMS, columns=[ITEM, "embedding", "bias"], glob=False)
         return cls(folder.name, users.get_column(USER).to_numpy(), _stack(users),
                    users.get_column("anomaly_score").to_numpy(), items.get_column(ITEM).to_numpy(),
                    _stack(items), items.get_column("bias").to_numpy())
