@@ -9,6 +9,9 @@ where, and what to do.
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -408,8 +411,111 @@ def bad_manifest(path: Path | str, problem: str) -> DamagedManifestError:
                                 "job again, or remove that version's folder.")
 
 
-def broken_live_version(store: Path, name: str, version: str, reason: str, job: str) -> StoreError:
-    return StoreError(f"feature set `{name}` in `{store}`: its live version `{version}` (LATEST) is missing or "
+class DamagedVersionError(DamagedManifestError):
+    """A published version's files are not the ones its manifest recorded when it was published
+    (truncated, replaced by another version's, missing), or its index disagrees with its tables
+    (exit code 2). Names the file relative to the store, never the store's absolute path."""
+
+    problem = ""  # the file and what is wrong with it, as a phrase
+
+
+def damaged_version(name: str, version: str, file: str, problem: str) -> DamagedVersionError:
+    exc = DamagedVersionError(
+        f"version `{version}` of feature set `{name}` is damaged: `{file}` {problem}. A published version's "
+        "files never change: restore the folder from a backup, or publish a fresh version with "
+        "`aefeatures run --force JOB.toml` (and read or pin another version meanwhile).")
+    exc.problem = f"`{file}` {problem}"
+    return exc
+
+
+class BrokenLatestError(FeatureSetNotFoundError):
+    """A feature set's LATEST pointer is not a version id naming a published version (garbage,
+    empty, a link, or naming a folder that is gone): nothing of it can be served (exit code 2)."""
+
+    def __init__(self, message: str, problem: str, version: str | None):
+        super().__init__(message, "version")
+        self.problem = problem  # what is wrong with LATEST, as a phrase ("LATEST holds …")
+        self.version = version  # the version id LATEST names, when it names one
+
+
+def broken_latest(store: Path, name: str, problem: str, version: str | None = None) -> BrokenLatestError:
+    return BrokenLatestError(
+        f"feature set `{name}` in `{store}` has no servable live version: its LATEST {problem}. Run "
+        "`aefeatures run --force JOB.toml` to publish a fresh version and point LATEST at it.", f"LATEST {problem}",
+        version)
+
+
+def linked_store_path(link: Path, target: str) -> StoreError:
+    return StoreError(
+        f"`{link}` is a symbolic link (to `{target}`): aefeatures writes and deletes inside a feature set's folders "
+        "and follows no link there, so that a link never makes it change files elsewhere. Replace the link with "
+        "what it points to (move it in), or point `job.store` at the real location.")
+
+
+def not_a_folder(path: Path) -> StoreError:
+    return StoreError(f"`{path}` is a file where the store keeps a folder: move it away (aefeatures recreates the "
+                      "folder), or point `job.store` elsewhere.")
+
+
+class StorageError(AEFeaturesError, OSError):
+    """A write the file system refused: full, over a quota or the file size limit, read-only,
+    not permitted, or a path that cannot be a file (``errno`` says which, :data:`STORAGE_ERRNOS`).
+    Exit code 1 when the machine is short of space or failing, 2 when the path or its file system
+    cannot be written (the setup). Nothing half-written is left: writes go to staging and
+    temporary files first, so ``consequence`` says what did not happen."""
+
+    def __init__(self, path: Path | str | None, code: int, consequence: str, verb: str = "writing"):
+        fix, self.exit_code = STORAGE_ERRNOS[code]
+        where = f" {verb} `{path}`" if path else ""
+        super().__init__(f"{os.strerror(code)}{where}: {fix}; {consequence}.")
+        self.path, self.errno, self.strerror = path, code, os.strerror(code)
+
+
+_FULL = ("free space on that file system (or raise the quota) and run again", EXIT_FAILURE)
+_UNWRITABLE = ("point the job's store or --output at a place this user can write", EXIT_BAD_INPUT)
+STORAGE_ERRNOS: dict[int, tuple[str, int]] = {  # errno → (what to do, exit code)
+    errno.ENOSPC: _FULL,
+    errno.EDQUOT: _FULL,
+    errno.EFBIG: ("the file would pass the file size limit (`ulimit -f`) or the file system's: raise it or "
+                  "write elsewhere", EXIT_FAILURE),
+    errno.EIO: ("the device reported an I/O error: check it and run again", EXIT_FAILURE),
+    errno.EROFS: ("the file system is read-only: point the job's store or --output at a writable place",
+                  EXIT_BAD_INPUT),
+    errno.EACCES: _UNWRITABLE,
+    errno.EPERM: _UNWRITABLE,
+    errno.ENOTDIR: ("a part of that path is a file, not a folder: fix the path", EXIT_BAD_INPUT),
+    errno.EISDIR: ("that path is a folder: name a file", EXIT_BAD_INPUT),
+    errno.ENOENT: ("its folder does not exist: create it or fix the path", EXIT_BAD_INPUT),
+    errno.ENAMETOOLONG: ("the name is too long for the file system: shorten it", EXIT_BAD_INPUT),
+}
+# Errnos that mean the machine's storage refused a write wherever they come from; the others in
+# STORAGE_ERRNOS (a missing folder, a permission) count only where a known path is written.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
+# ... or where an OSError names the path it could not create or open (never a missing file: that
+# may be a bug reading the store, whose traceback must show).
+PATH_ERRNOS = frozenset({errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG})
+
+
+def storage_errno(exc: BaseException, codes: frozenset[int] | None = None) -> int | None:
+    """The errno of a storage failure behind ``exc`` (itself, its cause or context): an ``OSError``'s
+    ``errno``, or the "os error N" / "[Errno N]" that Arrow and Polars put in their messages. Only
+    errnos in ``codes`` (default :data:`DISK_ERRNOS`) count; None when there is none."""
+    codes = DISK_ERRNOS if codes is None else codes
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in codes:
+            return exc.errno
+        for found in re.findall(r"(?:os error|errno)\s*(\d+)", str(exc), flags=re.IGNORECASE):
+            if int(found) in codes:
+                return int(found)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def broken_live_version(store: Path, name: str, version: str | None, reason: str, job: str) -> StoreError:
+    named = f" `{version}`" if version else ""
+    return StoreError(f"feature set `{name}` in `{store}`: its live version{named} (LATEST) is missing or "
                       f"damaged: {reason}. Run `aefeatures run --force {job}` to build a new version "
                       "and point LATEST at it.")
 

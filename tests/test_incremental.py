@@ -71,7 +71,10 @@ def test_an_embed_of_a_version_stored_without_an_encoder_stores_one(setup):
     import shutil
 
     root, trained, later = setup
-    shutil.rmtree(trained.path / "model" / "encoder")  # as a version published by an older aefeatures
+    shutil.rmtree(trained.path / "model" / "encoder")  # as a version published by an older aefeatures ...
+    manifest = json.loads((trained.path / "manifest.json").read_text())
+    del manifest["files"]  # ... which recorded no fingerprints either
+    (trained.path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(aefeatures.errors.StoreError, match="without a stored encoder"):
         aefeatures.open_store(root)["movies"].recommend_history([3, 17], k=5)
     embed_job(load_job_config(later))

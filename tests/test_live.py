@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -19,6 +20,15 @@ def store_copy(trained, tmp_path):
     return tmp_path / "store"
 
 
+def _copy_version(store, version: str, copy: str) -> None:
+    """Publish ``version``'s content again as ``copy`` (its manifest names its own folder, as a
+    real publish's does)."""
+    target = store / "movies" / layout.VERSIONS / copy
+    shutil.copytree(store / "movies" / layout.VERSIONS / version, target)
+    manifest = json.loads((target / layout.MANIFEST).read_text())
+    publish.write_manifest(target, {**manifest, "version": copy})
+
+
 def test_a_moved_latest_switches_and_old_objects_keep_answering(store_copy):
     live = LiveStore(store_copy)
     old = live.get("movies")
@@ -26,7 +36,7 @@ def test_a_moved_latest_switches_and_old_objects_keep_answering(store_copy):
     before = old.recommend(user, 5).ids.tolist()
     version = old.version
     copy = "29991231T000000.000000Z"  # a later version id: same content, other name
-    shutil.copytree(store_copy / "movies" / layout.VERSIONS / version, store_copy / "movies" / layout.VERSIONS / copy)
+    _copy_version(store_copy, version, copy)
     publish.atomic_write(store_copy / "movies" / layout.LATEST, copy + "\n")
     assert live.refresh() == ["movies"] and live.get("movies").version == copy
     shutil.rmtree(store_copy / "movies" / layout.VERSIONS / version)  # retention, say
@@ -40,7 +50,7 @@ def test_a_version_that_cannot_load_leaves_the_previous_one_serving(store_copy, 
     publish.atomic_write(store_copy / "movies" / layout.LATEST, "29991231T000000.000000Z\n")  # no such folder
     assert live.refresh() == []
     assert live.get("movies").version == version
-    assert "could not load feature set movies" in caplog.text
+    assert "feature set movies: cannot read its LATEST" in caplog.text and f"still serving {version}" in caplog.text
 
 
 def test_unknown_names_and_missing_stores(store_copy, tmp_path):
@@ -58,7 +68,7 @@ def test_the_follower_thread_picks_up_a_publish(store_copy):
     try:
         version = live.get("movies").version
         copy = "29991231T000000.000000Z"
-        shutil.copytree(store_copy / "movies" / layout.VERSIONS / version, store_copy / "movies" / layout.VERSIONS / copy)
+        _copy_version(store_copy, version, copy)
         publish.atomic_write(store_copy / "movies" / layout.LATEST, copy + "\n")
         for _ in range(600):
             if live.get("movies").version == copy:

@@ -253,6 +253,7 @@ def _as_schema_1(folder):
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["schema_version"] = 1
     del manifest["valid_from"]
+    del manifest["files"]  # fingerprints came later still
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return manifest
 

@@ -6,7 +6,6 @@ Lookup commands never import torch, so they start fast.
 
 from __future__ import annotations
 
-import errno
 import json
 from datetime import datetime, timezone
 from typing import Any
@@ -15,7 +14,7 @@ import click
 
 from aefeatures.cli import inspect, lookup, run, serve, sql
 from aefeatures.cli.options import EXIT_CODES_HELP, configure_logging, logging_options
-from aefeatures.errors import AEFeaturesError, cli_message
+from aefeatures.errors import PATH_ERRNOS, AEFeaturesError, StorageError, cli_message, storage_errno
 
 
 class _Group(click.Group):
@@ -24,21 +23,28 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except AEFeaturesError as exc:
             _fail(ctx, cli_message(exc), exc.exit_code)
-        except OSError as exc:
-            if exc.errno not in _STORAGE_ERRORS:
+        except Exception as exc:
+            storage = _storage_failure(exc)
+            if storage is None:
                 raise
-            where = f" writing `{exc.filename}`" if exc.filename else ""
-            what, code = _STORAGE_ERRORS[exc.errno]
-            _fail(ctx, f"{exc.strerror}{where}: {what}", code)
+            _fail(ctx, str(storage), storage.exit_code)
 
 
-# Storage failures every write can meet, as one line (exit 1: the machine, 2: the store's setup).
-# Writes go to staging and atomic renames first, so nothing half-written is left or published.
-_STORAGE_ERRORS = {
-    errno.ENOSPC: ("free space on that file system and run again; nothing was published or replaced", 1),
-    errno.EDQUOT: ("raise the quota or free space and run again; nothing was published or replaced", 1),
-    errno.EROFS: ("the file system is read-only: point the job or --output at a writable place", 2),
-}
+def _storage_failure(exc: Exception) -> StorageError | None:
+    """A write the file system refused anywhere in any command (disk full, over a quota or the
+    file size limit, read-only, an I/O error), from Python, Arrow or Polars, or a path that
+    cannot be created (a file where a folder should be, no permission), as one line (exit 1: the
+    machine, 2: the setup). Writes go to staging and atomic renames first, so nothing
+    half-written is left or published. Any other failure is a bug: its traceback is shown."""
+    if isinstance(exc, click.exceptions.ClickException):
+        return None
+    path = getattr(exc, "filename", None)
+    code = storage_errno(exc)
+    if code is None and isinstance(exc, OSError) and path and exc.errno in PATH_ERRNOS:
+        code = exc.errno  # e.g. an output folder that cannot be created where a file is
+    if code is None:
+        return None
+    return StorageError(path, code, "nothing was published or replaced", verb="at")
 
 
 def _fail(ctx: click.Context, message: str, code: int) -> None:

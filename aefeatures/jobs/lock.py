@@ -7,6 +7,7 @@ record left by a holder that is gone is a stale lock: it is taken over with a wa
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -18,10 +19,11 @@ from pathlib import Path
 from typing import Iterator
 
 from aefeatures import errors
+from aefeatures.store.layout import LOCK
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".lock"
+LOCK_FILE = LOCK
 
 
 @contextmanager
@@ -32,10 +34,18 @@ def feature_set_lock(folder: Path) -> Iterator[dict]:
     ------
     LockHeldError
         Another live process holds it (exit code 4).
+    StoreError
+        The lock file is a symbolic link: it is never followed (the holder record is written
+        and truncated in place, which would change the link's target).
     """
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise errors.linked_store_path(path, os.readlink(path)) from None
+        raise
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

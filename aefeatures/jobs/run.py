@@ -225,6 +225,13 @@ def scheduled(cfg: JobConfig, command: str, key: str,
             removed = publish.clean_leftovers(root, name)
             if removed:
                 log.warning("removed leftovers of interrupted runs in %s: %s", folder, ", ".join(removed))
+                entry["removed_leftovers"] = removed
+                # a version retention had taken out of sight is gone now: pinning it says so
+                finished = [f"{layout.VERSIONS}/{r.split('-', 1)[1]}" for r in removed
+                            if r.startswith(f"{layout.TRASH}/{layout.VERSIONS}-")]
+                if finished:
+                    entry["removed_by_retention"] = finished
+                _refresh_sql_catalog(root)  # a killed run may have left it naming what is gone now
             fingerprint = fingerprint or input_fingerprint(cfg)
             live = _checked_live(cfg, force)
             if live and live.get(key) == fingerprint and not force:
@@ -232,9 +239,7 @@ def scheduled(cfg: JobConfig, command: str, key: str,
                                    live, status="up_to_date")
             else:
                 result = work(fingerprint, live)
-                entry["removed_by_retention"] = publish.apply_retention(root, name, cfg.retention.keep)
-                if entry["removed_by_retention"]:
-                    _refresh_sql_catalog(root)  # its all-versions views must not name deleted files
+                _retain(cfg, entry)
         entry.update(status=result.status, exit_code=0, version=result.version,
                      counts=result.manifest["counts"], timings=result.timings)
         return result
@@ -243,12 +248,48 @@ def scheduled(cfg: JobConfig, command: str, key: str,
                      version=getattr(exc, "version", None))
         raise
     except BaseException as exc:
-        entry.update(status="failed", exit_code=1, error=f"{type(exc).__name__}: {exc}")
+        storage = _storage_error(exc, folder)
+        entry.update(status="failed", exit_code=storage.exit_code if storage else 1,
+                     error=str(storage) if storage else f"{type(exc).__name__}: {exc}")
+        if storage is not None:
+            raise storage from None
         raise
     finally:
         entry["ended"] = _now()
-        if folder.is_dir():  # a store that cannot even be created has been reported already
+        # a store that cannot be created or written has been reported already, and so has a linked log
+        if folder.is_dir() and os.access(folder, os.W_OK) and not (folder / runlog.RUN_LOG).is_symlink():
             runlog.append_run(folder, entry)
+
+
+def _retain(cfg: JobConfig, entry: dict[str, Any]) -> None:
+    """Apply `[retention]` after a publish: versions out of sight first (renamed into `.trash/`),
+    then the SQL catalog refreshed, then their files deleted. The version is published whatever
+    happens here: a failure is a warning in the log and in the run log entry (``warnings``), and
+    the next run finishes the job (:func:`aefeatures.store.publish.clean_leftovers`)."""
+    root, name = cfg.job.store, cfg.job.name
+    problems: list[str] = []
+    try:
+        entry["removed_by_retention"] = entry.get("removed_by_retention", []) + publish.apply_retention(
+            root, name, cfg.retention.keep, problems=problems)
+        if entry["removed_by_retention"]:
+            _refresh_sql_catalog(root)  # its all-versions views must not name deleted files
+        publish.empty_trash(root, name)
+    except Exception as exc:  # noqa: BLE001 — housekeeping after the publish: never undoes it
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        problems.append(f"retention did not finish ({why}); the next run finishes it")
+        log.warning("%s", problems[-1])
+    if problems:
+        entry["warnings"] = problems
+
+
+def _storage_error(exc: BaseException, folder: Path) -> errors.StorageError | None:
+    """``exc`` as a :class:`StorageError` (one line, naming the file or the feature set's folder)
+    when the file system refused a write (full, read-only, file too large), else None."""
+    code = errors.storage_errno(exc) if isinstance(exc, Exception) else None
+    if code is None:
+        return None
+    path = getattr(exc, "filename", None) or folder
+    return errors.StorageError(path, code, "nothing was published or replaced and the live version is unchanged")
 
 
 def input_fingerprint(cfg: JobConfig, attribute_files: list[dict[str, Any]] | None = None) -> str:
@@ -273,7 +314,7 @@ def _attribute_files(cfg: JobConfig):
 
 
 def _status_of(exc: errors.AEFeaturesError) -> str:
-    return {errors.GateRefusedError: "refused", errors.LockHeldError: "locked",
+    return {errors.GateRefusedError: "refused", errors.LockHeldError: "locked", errors.StorageError: "failed",
             errors.Interrupted: "interrupted"}.get(type(exc), "bad_input" if exc.exit_code == 2 else "failed")
 
 
@@ -283,6 +324,7 @@ def _check_store(root: Path, name: str) -> None:
     twins = [other for other in layout.known_feature_sets(root) if other.lower() == name.lower() and other != name]
     if twins:
         raise errors.name_differs_only_in_case(root, name, twins[0])
+    publish.check_no_links(root, name)  # a link there would point the run's deletions elsewhere
     try:
         (root / name).mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=root / name, prefix=".probe-")
@@ -541,28 +583,41 @@ def _live_manifest(root: Path, name: str) -> dict[str, Any] | None:
     if name not in layout.feature_sets(root):
         return None
     try:
-        return layout.read_manifest(layout.version_dir(root, name, layout.live_version(root, name)))
+        folder = layout.version_dir(root, name, layout.live_version(root, name))
+        manifest = layout.read_manifest(folder)
+        layout.check_files(folder, manifest)  # a damaged one is neither aligned to nor gated against
+        return manifest
     except (errors.FeatureSetNotFoundError, errors.DamagedManifestError):
         return None
 
 
 def _checked_live(cfg: JobConfig, force: bool) -> dict[str, Any] | None:
-    """:func:`_live_manifest`, but a live version that LATEST names and that is missing or
-    damaged (a cleaner deleted its files) refuses the run in one line saying how to get out,
-    unless ``force``: then the run builds a new version and LATEST moves to it."""
+    """:func:`_live_manifest`, but a live version that is missing or damaged (a cleaner deleted
+    its files, a file truncated or replaced, LATEST garbage, a link or naming nothing) refuses the
+    run in one line saying how to get out, unless ``force``: then the run builds a new version
+    and LATEST moves to it."""
     root, name = cfg.job.store, cfg.job.name
     if name not in layout.feature_sets(root):
         return None
-    version = layout.live_version(root, name)
+    version = None
     try:
-        return layout.read_manifest(layout.version_dir(root, name, version))
+        version = layout.live_version(root, name)
+        folder = layout.version_dir(root, name, version)
+        manifest = layout.read_manifest(folder)
+        layout.check_files(folder, manifest)  # its files are the ones published (sizes, hashes)
+        return manifest
     except (errors.FeatureSetNotFoundError, errors.DamagedManifestError) as exc:
-        if not force:
+        if isinstance(exc, errors.BrokenLatestError):
+            version, reason = exc.version, "its folder or manifest.json is gone" if exc.version else exc.problem
+        elif isinstance(exc, errors.DamagedVersionError):
+            reason = exc.problem
+        else:
             reason = "its manifest cannot be read" if isinstance(exc, errors.DamagedManifestError) else \
                 "its folder or manifest.json is gone"
+        if not force:
             raise errors.broken_live_version(root, name, version, reason, str(cfg.source)) from None
-        log.warning("the live version %s of %s is missing or damaged: --force builds a new one and moves LATEST "
-                    "to it", version, name)
+        log.warning("the live version%s of %s is missing or damaged (%s): --force builds a new one and moves "
+                    "LATEST to it", f" {version}" if version else "", name, reason)
         return None
 
 

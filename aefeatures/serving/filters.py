@@ -25,14 +25,19 @@ The answer is one boolean per item row (null counts as false). Invalid filters r
 from __future__ import annotations
 
 import json
+import logging
 import threading
-from typing import Any
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from aefeatures import errors
+
+log = logging.getLogger(__name__)
 
 MAX_FILTER_CHARS = 4096
 MAX_DEPTH = 64  # nested expression levels
@@ -64,7 +69,9 @@ class FilterEngine:
     time_limit
         Seconds one evaluation may take before it is interrupted.
 
-    Thread-safe: evaluations take turns on the one sandboxed connection.
+    Thread-safe, and evaluations run side by side: each parses and runs on a cursor of its own
+    (a DuckDB connection is not safe to share between threads; its cursors are separate
+    connections to the one sandboxed database). Only making a cursor takes a lock, briefly.
     """
 
     def __init__(self, table: pa.Table, time_limit: float = TIME_LIMIT_S):
@@ -95,12 +102,13 @@ class FilterEngine:
         """
         import duckdb
 
-        statement = self.validate(text)
-        with self._lock:
-            cursor = self._con.cursor()
+        with self._cursor() as cursor:
+            statement = self.validate(text, cursor)
             done = threading.Event()
             timer = threading.Thread(target=_interrupt_past, args=(cursor, self.time_limit, done), daemon=True)
             timer.start()
+            log.debug("filter `%s`: evaluating", _short(text))
+            start = time.perf_counter()
             try:
                 relation = cursor.sql(statement)
                 kind = str(relation.types[0])
@@ -116,12 +124,23 @@ class FilterEngine:
             finally:
                 done.set()
                 timer.join()
-                cursor.close()
+                log.debug("filter `%s`: finished in %.1f ms", _short(text), 1e3 * (time.perf_counter() - start))
         keep = pc.fill_null(keep.cast(pa.bool_()), False)
         return np.asarray(keep.to_numpy(zero_copy_only=False), dtype=bool)
 
-    def validate(self, text: Any) -> str:
-        """The one statement that evaluates ``text``, once it has passed every check."""
+    @contextmanager
+    def _cursor(self) -> Iterator[Any]:
+        """A cursor of the sandboxed database for one evaluation, closed after it."""
+        with self._lock:  # making a cursor registers it with the parent connection
+            cursor = self._con.cursor()
+        try:
+            yield cursor
+        finally:
+            cursor.close()
+
+    def validate(self, text: Any, cursor: Any = None) -> str:
+        """The one statement that evaluates ``text``, once it has passed every check (parsed on
+        ``cursor``, or on a cursor of its own). Raises :class:`FilterError` as :meth:`mask` does."""
         if not isinstance(text, str):
             raise errors.FilterError(f"a filter is a string, got {type(text).__name__}.")
         if not text.strip():
@@ -132,8 +151,10 @@ class FilterEngine:
         if "\x00" in text:
             raise errors.FilterError("it contains a NUL character.")
         statement = _TEMPLATE.format(text)
-        with self._lock:
-            serialized = self._con.execute("SELECT json_serialize_sql($1::VARCHAR)", [statement]).fetchone()[0]
+        if cursor is None:
+            with self._cursor() as cursor:
+                return self.validate(text, cursor)
+        serialized = cursor.execute("SELECT json_serialize_sql($1::VARCHAR)", [statement]).fetchall()[0][0]
         try:
             parsed = json.loads(serialized)
         except RecursionError:  # hundreds of nested NOTs or brackets: deeper than any JSON reader goes

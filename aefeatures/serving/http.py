@@ -6,9 +6,12 @@ versions. Bad requests get a 4xx JSON error ``{"error": {"status", "code", "mess
 unknown ids a 404; a 5xx means a fault in the service itself.
 
 Single lookups run on the event loop (they take about a millisecond; a thread hop would cost
-as much again); batch calls run in the thread pool so they never stall the single ones.
+as much again) when all they need is in memory (:meth:`FeatureSet.is_warm`); batch calls, new
+filters and pinned versions still to load (:class:`PinnedVersions`) go to threads, so nothing
+stalls the single ones.
 """
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,8 +30,8 @@ from aefeatures import __version__, errors
 from aefeatures.quality import drift
 from aefeatures.schema import KEY_METRIC, strict_json
 from aefeatures.serving.filters import MAX_FILTER_CHARS
-from aefeatures.serving.live import LiveStore
-from aefeatures.serving.lookup import FeatureSet, Neighbours, distinct
+from aefeatures.serving.live import LiveStore, scrub
+from aefeatures.serving.lookup import FeatureSet, Neighbours, PinnedVersions, distinct
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ def _whole_number(value: Any) -> Any:
 
 
 Count = Annotated[int, BeforeValidator(_whole_number)]
+RETRY_AFTER_S = 1  # what a 503 tells a client to wait before asking for a pinned version again
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class Limits:
     max_allow: int = 10_000  # ids in an `items` allow-list
     max_history: int = 10_000  # item ids in one interaction history
     max_body_bytes: int = 1 << 20
+    body_timeout: float = 30.0  # seconds to receive a whole request body once its headers are in (else 408)
 
 
 # --- response shapes (for the OpenAPI description) ---------------------------------------------
@@ -137,7 +142,7 @@ class Error(BaseModel):
     error: ErrorBody
 
 
-ERRORS = {code: {"model": Error} for code in (400, 404, 410, 413, 422)}
+ERRORS = {code: {"model": Error} for code in (400, 404, 410, 413, 422, 503)}
 FILTER_DOC = ("Keep only items whose attributes satisfy this SQL boolean expression over the attribute "
               "columns and item_id, e.g. `category = 'books' AND in_stock AND price < 20` or "
               "`list_contains(tags, 'kids')`. Comparisons, AND/OR/NOT, IN, BETWEEN, LIKE, IS NULL, casts "
@@ -147,9 +152,10 @@ ITEMS_DOC = "Keep only these item ids (an allow-list; repeat the parameter); unk
 
 
 def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = True,
-               on_ready: Callable[[], None] | None = None) -> FastAPI:
+               allowed_hosts: Sequence[str] | None = None, on_ready: Callable[[], None] | None = None) -> FastAPI:
     """The ASGI app serving ``live``. With ``follow``, the app polls LATEST while it runs;
-    ``on_ready`` is called once it has started."""
+    ``allowed_hosts``: the Host header values answered (``NAME:PORT``, ``NAME`` for any port,
+    ``*`` for any; None: no check), any other gets 400; ``on_ready`` is called once it has started."""
 
     History = Annotated[list[Id], Field(max_length=limits.max_history)]
     Weights = Annotated[list[float], Field(max_length=limits.max_history)]
@@ -224,7 +230,12 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
                               "from the live version of each feature set. Every answer names its version.")
     app.state.live, app.state.limits = live, limits
     _install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    # Outermost last: the Host check first, then HEAD as GET, error bodies scrubbed of the store's path.
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout=limits.body_timeout)
+    app.add_middleware(ScrubErrors, root=live.root)
+    app.add_middleware(HeadAsGet)
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=allowed_hosts)
 
     k_query = Query(10, ge=1, le=limits.max_k, description=f"How many results (at most {limits.max_k}).")
     name_path = Path(description="Feature set name (letters, digits, `_`); any other name is simply not found.")
@@ -236,13 +247,30 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
     filter_query = Query(None, max_length=MAX_FILTER_CHARS, description=FILTER_DOC)
     items_query = Query(None, max_length=limits.max_allow, description=ITEMS_DOC)
 
-    @app.get("/healthz", summary="Liveness, and the version served for each feature set")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "feature_sets": live.versions()}
+    @app.get("/healthz", summary="Liveness, and the version served for each feature set",
+             responses={503: {"description": "The thread following LATEST is dead"}})
+    async def healthz() -> Response:
+        report = live.status()
+        body = {"status": report["status"], "feature_sets": live.versions()}
+        if report["problems"]:
+            body["problems"] = report["problems"]
+        return _json(body, 503 if report["status"] == "failing" else 200)
+
+    @app.get("/readyz", summary="Readiness: each feature set's version, its age, when LATEST was last read, "
+                                "the follower's last error", responses={503: {"description": "Not ready: see "
+                                "`problems` (follower dead or stale, a feature set with no servable version)"}})
+    async def readyz() -> Response:
+        report = live.status()
+        return _json(report, 200 if report["ready"] else 503)
+
+    pinned_versions = PinnedVersions(live.root)  # `?version=`: loaded off the event loop, a few kept
+
+    async def serving(name: str, pinned: str | None) -> FeatureSet:
+        return await _serving(live, pinned_versions, name, pinned)
 
     @app.get("/v1/{name}/version", summary="The version being served", responses=ERRORS)
     async def version(name: str = name_path, pinned: Optional[str] = version_query) -> Response:
-        fs = live.get(name, pinned)
+        fs = await serving(name, pinned)
         m = fs.manifest
         return _json({
             "feature_set": fs.name, "version": fs.version, "created_at": m.get("created_at"),
@@ -260,17 +288,17 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
                         exclude_seen: bool = True, exclude: list[str] = exclude_query,
                         filter: str | None = filter_query, items: list[str] | None = items_query,
                         pinned: Optional[str] = version_query) -> Response:
-        fs = live.get(name, pinned)
+        fs = await serving(name, pinned)
         call = partial(fs.recommend, user, k, exclude_seen=exclude_seen, exclude=exclude, filter=filter, items=items)
-        found = call() if _quick(fs, filter) else await run_in_threadpool(call)
+        found = call() if _quick(fs, "recommend", filter, items) else await run_in_threadpool(call)
         return _json(_answer(fs, user=fs.user_id(user), items=_ranked(found, "item_id")))
 
     @app.post("/v1/{name}/recommend", response_model=Union[BatchRecommendations, HistoryRecommendations],
               responses=ERRORS, summary="Items for many users at once, or for interaction histories")
     async def recommend_batch(body: BatchRequest, name: str = name_path,
                               pinned: Optional[str] = version_query) -> Response:
-        fs = live.get(name, pinned)
-        if body.history is not None and _quick(fs, body.filter):  # one history: about a millisecond
+        fs = await serving(name, pinned)
+        if body.history is not None and _quick(fs, "history", body.filter, body.items):  # about a millisecond
             return _histories(fs, body)
         return await run_in_threadpool(_histories if body.users is None else _batch, fs, body)
 
@@ -280,32 +308,35 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
                       metric: Literal["ip", "cosine"] = "ip", exclude: list[str] = exclude_query,
                       filter: str | None = filter_query, items: list[str] | None = items_query,
                       pinned: Optional[str] = version_query) -> Response:
-        fs = live.get(name, pinned)
+        fs = await serving(name, pinned)
         call = partial(fs.similar_items, item, k, metric=metric, exclude=exclude, filter=filter, items=items)
-        found = call() if _quick(fs, filter) else await run_in_threadpool(call)
+        found = call() if _quick(fs, "similar" if metric == "ip" else "similar_cosine", filter, items) \
+            else await run_in_threadpool(call)
         return _json(_answer(fs, item=fs.item_id(item), items=_ranked(found, "item_id")))
 
     @app.get("/v1/{name}/similar_users", response_model=SimilarUsers, responses=ERRORS,
              summary="Users like a user, by cosine similarity of their embeddings")
     async def similar_users(name: str = name_path, user: str = Query(..., max_length=256),
                             k: int = k_query, pinned: Optional[str] = version_query) -> Response:
-        fs = live.get(name, pinned)
-        found = fs.similar_users(user, k)
+        fs = await serving(name, pinned)
+        call = partial(fs.similar_users, user, k)
+        found = call() if _quick(fs, "similar_users") else await run_in_threadpool(call)
         return _json(_answer(fs, user=fs.user_id(user), users=_ranked(found, "user_id")))
 
     @app.post("/v1/{name}/similar_users", response_model=SimilarUsers, responses=ERRORS,
               summary="Users like an interaction history, by cosine similarity of embeddings")
     async def similar_users_history(body: HistoryRequest, name: str = name_path,
                                     pinned: Optional[str] = version_query) -> Response:
-        fs = live.get(name, pinned)
-        found = fs.similar_users_to_history(body.history, body.k, weights=body.weights)
+        fs = await serving(name, pinned)
+        call = partial(fs.similar_users_to_history, body.history, body.k, weights=body.weights)
+        found = call() if _quick(fs, "similar_users_history") else await run_in_threadpool(call)
         return _json(_answer(fs, users=_ranked(found, "user_id"), unknown=found.unknown))
 
     @app.post("/v1/{name}/embeddings", response_model=Embeddings, responses=ERRORS,
               summary="Embeddings of users or of items (one of the two per request)")
     async def embeddings(body: EmbeddingsRequest, name: str = name_path,
                          pinned: Optional[str] = version_query) -> Response:
-        fs = live.get(name, pinned)
+        fs = await serving(name, pinned)
         if body.histories is not None:
             return await run_in_threadpool(_history_embeddings, fs, body.histories, body.weights)
         return await run_in_threadpool(_embeddings, fs, body.users, body.items)
@@ -315,7 +346,7 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
     async def anomalies(name: str = name_path, k: int = Query(20, ge=1, le=limits.max_k, description=(
             f"How many users (at most {limits.max_k}); 20 as in the CLI and Python API.")),
                         pinned: Optional[str] = version_query) -> Response:
-        fs = live.get(name, pinned)
+        fs = await serving(name, pinned)
         return _json(_answer(fs, users=fs.anomalies(k).to_dicts()))
 
     @app.get("/docs", include_in_schema=False)
@@ -329,10 +360,29 @@ def create_app(live: LiveStore, limits: Limits = Limits(), *, follow: bool = Tru
 
 # --- answers ---------------------------------------------------------------------------------------
 
-def _quick(fs: FeatureSet, filter: str | None) -> bool:
-    """Whether a single lookup stays on the event loop: always, unless its filter is new to
-    this version (evaluating it may take up to the filter time limit; then the thread pool)."""
-    return filter is None or fs.has_cached_filter(filter)
+async def _serving(live: LiveStore, pinned_versions: PinnedVersions, name: str, pinned: str | None) -> FeatureSet:
+    """The version a request reads: the live one of ``name``, or ``pinned`` (``?version=``).
+    Nothing is read on the event loop: a pinned version not yet loaded is looked up and loaded
+    on a thread (:class:`PinnedVersions`), one at a time; a request for yet another while one
+    loads gets a 503 with Retry-After. Raises what :meth:`PinnedVersions.get` raises."""
+    fs = live.get(name)
+    if pinned is None or pinned == fs.version:
+        return fs
+    found = pinned_versions.get(name, pinned)
+    if found is None:
+        raise HTTPException(503, f"the service is loading another pinned version; retry in {RETRY_AFTER_S} s "
+                                 "(the live version answers at once).", headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(found, FeatureSet):
+        return found
+    return await asyncio.shield(asyncio.wrap_future(found))  # a client leaving never cancels a shared load
+
+
+def _quick(fs: FeatureSet, lookup: str, filter: str | None = None, items: Sequence[Any] | None = None) -> bool:
+    """Whether a single lookup stays on the event loop: when it costs about what its search
+    costs (about a millisecond). Not when its filter is new to this version (evaluating it may
+    take up to the filter time limit) or the version has still to derive what the lookup needs
+    (normalised vectors, say): then the thread pool."""
+    return fs.is_warm(lookup, filter, items)
 
 
 def _answer(fs: FeatureSet, **fields: Any) -> dict[str, Any]:
@@ -410,6 +460,8 @@ def _install_error_handlers(app: FastAPI) -> None:
                                 (errors.FeatureSetNotFoundError, 404, "no_feature_set"),
                                 (errors.FilterError, 422, "invalid_filter"),
                                 (errors.InvalidIdError, 422, "invalid_id"),
+                                # the store's fault, not the request's (a damaged version's files)
+                                (errors.DamagedManifestError, 503, "version_damaged"),
                                 (errors.BadInputError, 400, "bad_request")):
         app.add_exception_handler(error, _answer_with(status, code))
 
@@ -432,12 +484,14 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        code = {404: "no_such_endpoint", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "error")
+        code = {404: "no_such_endpoint", 405: "method_not_allowed", 413: "body_too_large",
+                503: "busy"}.get(exc.status_code, "error")
         response = _error(exc.status_code, code, str(exc.detail))
         response.headers.update(exc.headers or {})
         if exc.status_code == 405:  # Allow lists every method of the path, not just one route's
             routes = [r for r in request.app.routes if r.matches(request.scope)[0] != Match.NONE]
-            response.headers["allow"] = ", ".join(sorted({m for r in routes for m in getattr(r, "methods", ())}))
+            methods = {m for r in routes for m in getattr(r, "methods", ())}
+            response.headers["allow"] = ", ".join(sorted(methods | ({"HEAD"} if "GET" in methods else set())))
         return response
 
     @app.exception_handler(Exception)
@@ -454,12 +508,14 @@ def _where(parts: Sequence[str]) -> str:
 
 class BodyLimit:
     """ASGI middleware: refuse request bodies over ``max_bytes`` with 413 before anything parses
-    them (by Content-Length when given, else by counting while reading). Every body is read as
-    JSON whatever its Content-Type says: ``curl -d '{...}'`` sends a form content type, and no
-    endpoint takes anything but JSON."""
+    them (by Content-Length when given, else by counting while reading), and bodies not received
+    whole within ``timeout`` seconds of the headers with 408 (the connection is closed: a slow
+    client cannot hold it open by trickling bytes). Every body is read as JSON whatever its
+    Content-Type says: ``curl -d '{...}'`` sends a form content type, and no endpoint takes
+    anything but JSON."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout: float = 30.0):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -467,12 +523,22 @@ class BodyLimit:
         if scope["method"] == "POST":
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await self._refuse(send)
+        # Only a request announcing a body can make the read wait (a GET's arrives with its headers).
+        deadline = (asyncio.get_running_loop().time() + self.timeout
+                    if (length not in (None, b"0") or b"transfer-encoding" in headers) else None)
         chunks, size, more = [], 0, True
         while more:
-            message = await receive()
+            if deadline is None:
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+                except asyncio.TimeoutError:
+                    return await self._too_slow(send)
             if message["type"] != "http.request":
                 return await self.app(scope, _replay([message]), send)
             chunks.append(message)
@@ -485,6 +551,91 @@ class BodyLimit:
     async def _refuse(self, send) -> None:
         response = _error(413, "body_too_large", f"request body over {self.max_bytes:,} bytes; send fewer ids per request.")
         await response({"type": "http"}, None, send)
+
+    async def _too_slow(self, send) -> None:
+        response = _error(408, "request_timeout", f"request body not received within {self.timeout:g} s.")
+        response.headers["connection"] = "close"  # what is left of the body must not be read as a request
+        await response({"type": "http"}, None, send)
+
+
+class HostCheck:
+    """ASGI middleware: answer 400 unless the Host header is one of ``allowed`` (``NAME:PORT``;
+    ``NAME`` for any port; ``*`` for any), so a page whose DNS name was rebound to this
+    machine's address cannot use the service. A request without Host is refused too."""
+
+    def __init__(self, app, allowed: Sequence[str]):
+        self.app, self.any = app, "*" in allowed
+        self.exact = {a for a in allowed if a != "*" and _split_host(a)[1] is not None}
+        self.names = {a for a in allowed if a != "*" and _split_host(a)[1] is None}
+        self.shown = ", ".join(a for a in allowed if a != "*")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.any:
+            return await self.app(scope, receive, send)
+        raw = next((v for k, v in scope["headers"] if k == b"host"), None)
+        host = raw.decode("latin-1").strip().lower() if raw is not None else ""
+        if host in self.exact or _split_host(host)[0] in self.names:
+            return await self.app(scope, receive, send)
+        shown = f"Host `{host[:100]}`" if host else "a request without a Host header"
+        response = _error(400, "host_not_allowed", f"{shown} is not one this service answers to ({self.shown}); "
+                                                   "start it with --allowed-host NAME to add a name.")
+        await response(scope, receive, send)
+
+
+def _split_host(value: str) -> tuple[str, str | None]:
+    """``("name", "port")`` of a Host value (``[::1]:8000``, ``example.com``); port None if absent."""
+    if value.startswith("["):
+        name, _, rest = value.partition("]")
+        return name + "]", rest[1:] if rest.startswith(":") else None
+    name, colon, port = value.rpartition(":")
+    return (name, port) if colon else (value, None)
+
+
+class HeadAsGet:
+    """ASGI middleware: HEAD is answered as GET without the body (status and headers, the
+    length included), on every GET endpoint."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message):
+            await send({**message, "body": b""} if message["type"] == "http.response.body" else message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+class ScrubErrors:
+    """ASGI middleware: an error answer (status 400 and up) never shows the store's absolute
+    path, whichever handler wrote it: it reads ``STORE`` instead (see :func:`live.scrub`)."""
+
+    def __init__(self, app, root):
+        self.app, self.root = app, root
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held: dict[str, Any] = {}
+
+        async def scrubbing(message):
+            if message["type"] == "http.response.start" and message.get("status", 200) >= 400:
+                held["start"], held["body"] = message, []
+                return
+            if "start" not in held or message["type"] != "http.response.body":
+                return await send(message)
+            held["body"].append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = scrub(b"".join(held["body"]).decode("utf-8", "replace"), self.root).encode()
+            start = held.pop("start")
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, scrubbing)
 
 
 def _replay(messages: list[dict], then=None):

@@ -8,9 +8,11 @@ then never touches the version's files again, and retention may delete them).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
-from functools import cached_property
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -28,9 +30,9 @@ from aefeatures.store import layout
 from aefeatures.store.encoder import Encoder
 from aefeatures.store.index import (
     EmbeddingIndex,
-    holds_rows_on_sphere,
     item_queries,
     item_rows,
+    open_version_index,
     search_selected,
     user_queries,
 )
@@ -44,8 +46,11 @@ from aefeatures.store.index import (
 SUBSET_SHARE = 0.25
 OVERFETCH = 2.0  # above SUBSET_SHARE: candidates fetched per result wanted, × 1 / the filter's share
 SUBSET_BLOCK = 1 << 22  # scores computed at once when scoring a subset for many users
-FILTER_CACHE = 256  # distinct filters whose item sets a version keeps (n_items bytes each)
+FILTER_CACHE = 256  # distinct filters whose item sets a version keeps at most ...
+FILTER_CACHE_BYTES = 64 << 20  # ... and at most this many bytes of them (masks, rows, bitmaps)
 SUBSET_CACHE_BYTES = 256 << 20  # at most this much of cached filters' item vectors per version
+PINNED_VERSIONS = 4  # versions asked for by id that a service keeps loaded beside the live ones
+PINNED_LOADS = 1  # versions a service loads (or looks up) at once; a request for yet another gets a 503
 
 
 class Allowed:
@@ -59,9 +64,16 @@ class Allowed:
         self.mask[self.rows] = True
         self._vectors: np.ndarray | None = None
         self.keep_vectors: Callable[[int], bool] = lambda nbytes: True
+        self.reserved_bytes = 0  # of vectors, counted in its version's budget (see FeatureSet._keep_filter)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows, the mask and the bitmap (counted before it is made); the kept
+        vectors are counted apart (:attr:`vector_bytes`)."""
+        return self.rows.nbytes + self.mask.nbytes + (len(self.mask) + 7) // 8
 
     @cached_property
     def bitmap(self) -> np.ndarray:
@@ -130,15 +142,23 @@ class IdIndex:
 
 
 class FeatureSet:
-    """One published version of a feature set, loaded lazily, read-only."""
+    """One published version of a feature set, loaded lazily, read-only.
 
-    def __init__(self, root: Path, name: str, version: str):
+    ``filter_cache_bytes`` bounds the item sets of distinct filters it keeps (default
+    :data:`FILTER_CACHE_BYTES`; least recently used first out). Thread-safe.
+    """
+
+    def __init__(self, root: Path, name: str, version: str, *, filter_cache_bytes: int | None = None):
         self.root, self.name, self.version = root, name, version
         self.path = layout.version_dir(root, name, version)
         self.manifest = layout.read_manifest(self.path)
+        layout.check_files(self.path, self.manifest)  # sizes and hashes recorded at publish
         self.dim: int = int(self.manifest["dim"])
+        self.filter_cache_bytes = FILTER_CACHE_BYTES if filter_cache_bytes is None else int(filter_cache_bytes)
         self._filter_cache: OrderedDict[str, Allowed] = OrderedDict()
-        self._filter_lock = threading.Lock()
+        self._filter_lock = threading.Lock()  # held only to read or change the cache, never to evaluate
+        self._filters_pending: dict[str, Future] = {}  # filters being evaluated, for callers asking meanwhile
+        self._filter_bytes = 0  # Allowed.nbytes of the filters in _filter_cache
         self._cached_vector_bytes = 0  # of the filters in _filter_cache
 
     def __repr__(self) -> str:
@@ -183,11 +203,10 @@ class FeatureSet:
 
     @cached_property
     def index(self) -> EmbeddingIndex:
-        """The item index, checked against the manifest's ``dim`` when opened."""
-        built = self.manifest.get("index") or {}
-        sphere = (holds_rows_on_sphere(built["kind"], built["factory"])
-                  if {"kind", "factory"} <= set(built) else None)
-        return EmbeddingIndex.open(self.path / layout.INDEX, self.dim, on_sphere=sphere)
+        """The item index, read into memory (mapped only when very large) and checked when
+        opened: the file published, the manifest's ``dim``, one row per item, the items'
+        vectors (:func:`aefeatures.store.index.open_version_index`; ``DamagedVersionError``)."""
+        return open_version_index(self.path, self.manifest, self.n_items)
 
     @cached_property
     def _anomaly_table(self) -> pl.DataFrame | None:
@@ -223,14 +242,39 @@ class FeatureSet:
         """Whether ``filter``'s item set is already known (a lookup with it costs no evaluation)."""
         return filter in self._filter_cache
 
+    @property
+    def filter_cache_size(self) -> tuple[int, int]:
+        """(filters, bytes) the filter cache holds now (bytes as :attr:`Allowed.nbytes`; the
+        kept vectors are bounded apart, by :data:`SUBSET_CACHE_BYTES`)."""
+        with self._filter_lock:
+            return len(self._filter_cache), self._filter_bytes
+
+    def is_warm(self, lookup: str, filter: str | None = None, items: Sequence[Any] | None = None) -> bool:
+        """Whether one ``lookup`` costs about what the search itself costs now: no filter to
+        evaluate and nothing to read or derive on first use. ``lookup`` is "recommend",
+        "similar", "similar_cosine", "similar_users", "history" (recommend for a history) or
+        "similar_users_history". A service answers warm lookups on its event loop and sends the
+        others to threads (see :mod:`aefeatures.serving.http`)."""
+        needs = _WARM_NEEDS[lookup]
+        if filter is not None or items is not None:
+            if filter is not None and not (isinstance(filter, str) and self.has_cached_filter(filter)):
+                return False
+            needs = (*needs, "_index_rows")
+        return all(part in self.__dict__ for part in needs)  # cached_property values live there
+
     def load(self) -> "FeatureSet":
-        """Read every table and open the index now, so that no later call reads a file (what
-        is derived from them, such as normalised vectors for cosine, is computed on first use,
-        from memory). Returns self."""
+        """Read every table, the stored encoder (where the version has one) and open the index
+        now, so that no later call reads a file (what is derived from them, such as normalised
+        vectors for cosine, is computed on first use, from memory: see :meth:`is_warm`).
+        Returns self."""
         for name in ("_users", "_item_ids", "_seen", "index", "_anomaly_table", "_filters"):
             getattr(self, name)
         if not self._index_holds_items():  # else copied out of the mapped index when first needed
             getattr(self, "_item_vectors")
+        try:
+            getattr(self, "_encoder")  # its files are read now; the history lookups need it
+        except errors.StoreError:
+            pass  # a version without a usable encoder: said when a history lookup asks for it
         return self
 
     @property
@@ -496,27 +540,66 @@ class FeatureSet:
         return allowed
 
     def _filter_set(self, filter: str) -> Allowed:
-        """The rows ``filter`` allows, evaluated once per distinct filter text and version."""
+        """The rows ``filter`` allows, evaluated once per distinct filter text and version.
+
+        Distinct filters are evaluated side by side (no lock is held while one runs); a caller
+        asking for a filter another is evaluating waits for that evaluation and shares its
+        answer or its error. The item sets are kept within :attr:`filter_cache_bytes`.
+        """
+        if not isinstance(filter, str):  # refused by the engine, with the reason
+            return Allowed(np.flatnonzero(self._filters.mask(filter)), self.n_items)
         with self._filter_lock:
-            hit = self._filter_cache.get(filter) if isinstance(filter, str) else None
+            hit = self._filter_cache.get(filter)
             if hit is not None:
                 self._filter_cache.move_to_end(filter)
                 return hit
-        allowed = Allowed(np.flatnonzero(self._filters.mask(filter)), self.n_items)
-        allowed.keep_vectors = self._reserve_vector_bytes
+            pending = self._filters_pending.get(filter)
+            if pending is None:
+                pending = self._filters_pending[filter] = Future()
+                pending.set_running_or_notify_cancel()
+                evaluate = True
+            else:
+                evaluate = False
+        if not evaluate:
+            return pending.result()
+        try:
+            allowed = Allowed(np.flatnonzero(self._filters.mask(filter)), self.n_items)
+        except BaseException as exc:
+            with self._filter_lock:
+                del self._filters_pending[filter]
+            pending.set_exception(exc)
+            raise
         with self._filter_lock:
-            self._filter_cache[filter] = allowed
-            while len(self._filter_cache) > FILTER_CACHE:
-                self._cached_vector_bytes -= self._filter_cache.popitem(last=False)[1].vector_bytes
+            del self._filters_pending[filter]
+            self._keep_filter(filter, allowed)
+        pending.set_result(allowed)
         return allowed
 
-    def _reserve_vector_bytes(self, nbytes: int) -> bool:
-        """Whether a cached filter may keep ``nbytes`` of item vectors (the version's budget is
-        :data:`SUBSET_CACHE_BYTES`); counted if so."""
+    def _keep_filter(self, filter: str, allowed: Allowed) -> None:
+        """Cache ``allowed`` (the caller holds the filter lock), dropping the least recently used
+        filters until the cache is within :data:`FILTER_CACHE` filters and
+        :attr:`filter_cache_bytes` bytes. An item set larger than the whole budget is not kept."""
+        if allowed.nbytes > self.filter_cache_bytes:
+            return
+        allowed.keep_vectors = partial(self._reserve_vector_bytes, allowed)
+        self._filter_cache[filter] = allowed
+        self._filter_bytes += allowed.nbytes
+        while len(self._filter_cache) > FILTER_CACHE or self._filter_bytes > self.filter_cache_bytes:
+            _, dropped = self._filter_cache.popitem(last=False)
+            dropped.keep_vectors = _keep_none  # a request still holding it makes its vectors per call
+            self._filter_bytes -= dropped.nbytes
+            self._cached_vector_bytes -= dropped.reserved_bytes
+            dropped.reserved_bytes = 0
+
+    def _reserve_vector_bytes(self, allowed: Allowed, nbytes: int) -> bool:
+        """Whether the cached filter set ``allowed`` may keep ``nbytes`` of item vectors (the
+        version's budget is :data:`SUBSET_CACHE_BYTES`); counted if so, until it leaves the cache."""
         with self._filter_lock:
-            if self._cached_vector_bytes + nbytes > SUBSET_CACHE_BYTES:
+            if allowed.reserved_bytes or allowed.keep_vectors is _keep_none \
+                    or self._cached_vector_bytes + nbytes > SUBSET_CACHE_BYTES:
                 return False
             self._cached_vector_bytes += nbytes
+            allowed.reserved_bytes = nbytes
             return True
 
     def _seen_in(self, rows: np.ndarray, mask: np.ndarray, seen: tuple) -> np.ndarray:
@@ -691,6 +774,21 @@ class FeatureSet:
         return order, scores[order]
 
 
+def _keep_none(nbytes: int) -> bool:
+    return False
+
+
+# What each lookup derives or reads on first use (cached properties), for FeatureSet.is_warm.
+_WARM_NEEDS = {
+    "recommend": ("_users", "_item_ids", "_seen", "index"),
+    "similar": ("_item_ids", "_item_vectors", "index"),
+    "similar_cosine": ("_item_ids", "_item_vectors", "_unit_items"),
+    "similar_users": ("_users", "_unit_users"),
+    "history": ("_item_ids", "_encoder", "index"),
+    "similar_users_history": ("_item_ids", "_encoder", "_users", "_unit_users"),
+}
+
+
 def _ranked_frame(key: str, keys: np.ndarray, ids: np.ndarray, scores: np.ndarray, counts: np.ndarray) -> pl.DataFrame:
     """Rows ``key, item_id, rank, score``: the first counts[r] results of row r of ``ids`` and
     ``scores`` (as :meth:`FeatureSet._recommend_rows` gives them), for ``keys[r]``."""
@@ -836,3 +934,92 @@ class Store:
 def open_store(root: Path | str) -> Store:
     """Open a store directory for lookups (does not import torch)."""
     return Store(root)
+
+
+class PinnedVersions:
+    """Versions asked for by id (HTTP ``?version=``) of the feature sets in the store at
+    ``root``, for a service: each is looked up and loaded whole on a thread of this object's,
+    never the caller's, at most ``loads`` at once, and kept loaded, the ``keep`` most recently
+    used (least recently used first out).
+
+    Errors name no path of the store: they go to clients.
+    """
+
+    def __init__(self, root: Path | str, *, keep: int = PINNED_VERSIONS, loads: int = PINNED_LOADS):
+        self.root, self.keep, self.loads = Path(root), keep, loads
+        self._loaded: OrderedDict[tuple[str, str], FeatureSet] = OrderedDict()
+        self._loading: dict[tuple[str, str], Future] = {}
+        self._lock = threading.Lock()  # held only to read or change the two dicts, never to load
+        self._pool = ThreadPoolExecutor(max_workers=loads, thread_name_prefix="aefeatures-pinned",
+                                        initializer=_yield_cpu)
+
+    def get(self, name: str, version: str) -> FeatureSet | Future | None:
+        """At once, without reading a file: version ``version`` of ``name`` if it is loaded; else
+        a future of it (a load started now, or the one under way for it), whose result raises
+        :class:`FeatureSetNotFoundError` for a version never published, :class:`VersionGoneError`
+        for one retention deleted; None when ``loads`` loads of other versions are under way
+        (the caller says so and that the client may retry shortly)."""
+        if not isinstance(version, str) or not layout.VERSION_PATTERN.fullmatch(version):
+            raise self._public(errors.no_such_version(self.root, name, str(version)))
+        key = (name, version)
+        with self._lock:
+            found = self._loaded.get(key)
+            if found is not None:
+                self._loaded.move_to_end(key)
+                return found
+            pending = self._loading.get(key)
+            if pending is not None:
+                return pending
+            if len(self._loading) >= self.loads:
+                return None
+            pending = self._loading[key] = self._pool.submit(self._load, name, version)
+        # Outside the lock: a load that has already finished runs the callback at once, and
+        # `_done` takes the lock.
+        pending.add_done_callback(partial(self._done, key))
+        return pending
+
+    def loaded(self) -> list[tuple[str, str]]:
+        """(name, version) of the versions kept loaded now, least recently used first."""
+        with self._lock:
+            return list(self._loaded)
+
+    def _load(self, name: str, version: str) -> FeatureSet:
+        try:
+            found = FeatureSet(self.root, name, version).load()
+        except errors.BadInputError as exc:
+            raise self._public(exc) from None
+        with self._lock:
+            self._loaded[(name, version)] = found
+            while len(self._loaded) > self.keep:
+                self._loaded.popitem(last=False)
+        return found
+
+    def _done(self, key: tuple[str, str], future: Future) -> None:
+        with self._lock:
+            if self._loading.get(key) is future:
+                del self._loading[key]
+
+    def _public(self, exc: Exception) -> Exception:
+        """``exc`` with the store's path left out of its message (it goes to clients)."""
+        message = str(exc)
+        for root in sorted({str(self.root), str(self.root.resolve())}, key=len, reverse=True):
+            message = message.replace(f" in `{root}`", "").replace(f"`{root}`", "the store")
+            if Path(root).is_absolute():  # within another path, say a file's
+                message = message.replace(root, "STORE")
+        if message == str(exc):
+            return exc
+        public = type(exc).__new__(type(exc))  # the same class and fields (`missing`), another message
+        public.__dict__.update(exc.__dict__)
+        public.args = (message,)
+        if "message" in public.__dict__:  # AEFeaturesError's str()
+            public.message = message
+        return public
+
+
+def _yield_cpu() -> None:
+    """Lower the calling thread's CPU priority (Linux gives each thread a nice value of its own):
+    loading a pinned version yields the CPU to the lookups being answered meanwhile."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not allowed: load at the usual priority
+        pass

@@ -51,10 +51,16 @@ def write_encoder(folder: Path, *, kind: str, dim: int, arrays: dict[str, np.nda
     (folder / "encoder.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
+MAP_ABOVE = 64 << 20  # bytes: a larger input layer is memory-mapped, a smaller one read whole (as the index)
+
+
 class Encoder:
     """A stored encoder (:func:`write_encoder`), read without executing anything.
 
-    ``input_weight`` is memory-mapped: a history reads only its own items' rows.
+    ``input_weight`` is read whole up to :data:`MAP_ABOVE` bytes and memory-mapped beyond (a
+    history reads only its own items' rows, and worker processes share the pages): a mapped
+    file truncated in place under its reader would kill the process with SIGBUS, so only a large
+    one is mapped (see :func:`aefeatures.store.index.load_index`).
     """
 
     def __init__(self, folder: Path):
@@ -67,7 +73,7 @@ class Encoder:
         def load(name: str, mmap: bool = False) -> np.ndarray:
             return np.load(folder / f"{name}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
 
-        self.input_weight = load("input.weight", mmap=True)
+        self.input_weight = load("input.weight", mmap=(folder / "input.weight.npy").stat().st_size > MAP_ABOVE)
         self.input_bias = load("input.bias").astype(np.float64)
         self.layers = [(load(f"layer.{k}.weight").astype(np.float64), load(f"layer.{k}.bias").astype(np.float64))
                        for k in range(int(meta["layers"]))]

@@ -16,6 +16,7 @@ import numpy as np
 
 from aefeatures import errors
 from aefeatures.config import INDEX_KINDS
+from aefeatures.store import layout
 
 HNSW_EF_SEARCH = 128  # starting search effort; raised until the recall target is met
 IVF_NPROBE = 16
@@ -268,8 +269,8 @@ def _keep_item_positions(index: faiss.Index) -> None:
 
 
 def stored_rows(index: faiss.Index) -> np.ndarray | None:
-    """(n_items, width) read-only rows an index stores whole: a view of its (memory-mapped)
-    storage for Flat or HNSW over Flat, a copy out of the lists for IVF-Flat; None for
+    """(n_items, width) read-only rows an index stores whole: a view of its storage (in memory
+    or memory-mapped) for Flat or HNSW over Flat, a copy out of the lists for IVF-Flat; None for
     compressed codes. A view is valid while ``index`` lives: copy what must outlive it."""
     index = faiss.downcast_index(index)
     if isinstance(index, faiss.IndexIVFFlat) and index.direct_map.type != faiss.DirectMap.NoMap and index.ntotal:
@@ -289,14 +290,84 @@ def save_index(index: faiss.Index, path: Path) -> None:
     faiss.write_index(index, str(path))
 
 
+READ_WHOLE_UP_TO = 64 << 20  # bytes: an index up to this size is read into memory, a larger one mapped
+
+
 def load_index(path: Path) -> faiss.Index:
-    """The index at ``path``, memory-mapped where FAISS can (flat codes, HNSW storage, IVF
-    lists): opening costs milliseconds whatever the size, processes share the pages, and the
-    mapping outlives the file's deletion. Read whole otherwise."""
+    """The index at ``path``, read whole into memory up to :data:`READ_WHOLE_UP_TO` bytes (a
+    flat index of about 250k items at 64 dims), memory-mapped beyond where FAISS can (flat
+    codes, HNSW storage, IVF lists): a large index then opens in milliseconds and worker
+    processes share its pages instead of each holding a copy (+248 MiB a process at 1M items).
+
+    A mapped file truncated in place under its reader kills the process with SIGBUS at the next
+    read of a page past the new end; a file read whole is immune, and deleting either is
+    harmless. Versions never change after publishing, and :func:`open_version_index` checks
+    the file's recorded size and hash right before this is called, so only a hand-made change
+    to a large index while it is served can still do that.
+
+    Raises
+    ------
+    RuntimeError
+        FAISS cannot read the file (truncated, not an index).
+    """
+    if path.stat().st_size <= READ_WHOLE_UP_TO:
+        return faiss.read_index(str(path))
     try:
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
     except RuntimeError:
         return faiss.read_index(str(path))
+
+
+HEAD_ROWS = 8  # rows of items.parquet compared with the index when a version's index is opened
+
+
+def open_version_index(folder: Path, manifest: dict, n_items: int) -> "EmbeddingIndex":
+    """The item index of the published version in ``folder`` (its ``manifest``, ``n_items``
+    rows in `items.parquet`), checked before it is used: the file is the one published (size and
+    hash, :func:`aefeatures.store.layout.check_files`), FAISS reads it, its rows are as wide as
+    the manifest's ``dim`` says, it holds exactly ``n_items`` rows, and where it stores rows whole
+    its first :data:`HEAD_ROWS` rows equal `items.parquet`'s ``[embedding, bias]`` (which also
+    catches another version's index in a version published before fingerprints).
+
+    Raises
+    ------
+    DamagedVersionError
+        Any of these checks fails; the message names the file and the version.
+    """
+    layout.check_files(folder, manifest, [layout.INDEX])
+    name, version = manifest.get("feature_set", folder.parent.parent.name), manifest.get("version", folder.name)
+    built = manifest.get("index") or {}
+    sphere = holds_rows_on_sphere(built["kind"], built["factory"]) if {"kind", "factory"} <= set(built) else None
+    path = folder / layout.INDEX
+    try:
+        index = EmbeddingIndex(load_index(path), int(manifest["dim"]), on_sphere=sphere, source=path)
+    except (RuntimeError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[-1].split("Error: ")[-1][:160] if str(exc).strip() else type(exc).__name__
+        raise errors.damaged_version(name, version, layout.INDEX, f"cannot be read by FAISS ({reason})") from None
+    if index.ntotal != n_items:
+        raise errors.damaged_version(name, version, layout.INDEX, f"holds {index.ntotal:,} items but "
+                                     f"{layout.ITEMS} has {n_items:,} rows: it is not this version's index")
+    head = index.head_rows(HEAD_ROWS)
+    if head is not None and len(head):
+        expected = _items_head(folder / layout.ITEMS, len(head), index.dim)
+        if expected is not None and not np.allclose(head, expected, rtol=1e-6, atol=1e-6):
+            raise errors.damaged_version(name, version, layout.INDEX, f"holds other vectors than {layout.ITEMS} "
+                                         "for its first items: it is not this version's index")
+    return index
+
+
+def _items_head(path: Path, n: int, dim: int) -> np.ndarray | None:
+    """(n, dim + 1) ``[embedding, bias]`` of the first ``n`` rows of an `items.parquet`; None for
+    a table without a bias column. Reads the first pages only, through a small buffer (the
+    default reads the whole row group's column: 1.2 s and 340 MiB at 1M items × 64 dims)."""
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(path, buffer_size=1 << 16, pre_buffer=False)
+    if "bias" not in table.schema_arrow.names:
+        return None
+    batch = next(table.iter_batches(batch_size=n, columns=["embedding", "bias"]))
+    vectors = batch.column(0).flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return item_rows(vectors.astype(np.float32), batch.column(1).to_numpy(zero_copy_only=False).astype(np.float32))
 
 
 def holds_rows_on_sphere(kind: str, factory: str) -> bool:
@@ -352,6 +423,17 @@ class EmbeddingIndex:
             raise errors.query_width(queries.shape, self.dim + 1)
         return search(self.faiss, queries, k)
 
+    def head_rows(self, n: int) -> np.ndarray | None:
+        """(min(n, n_items), dim + 1) the first item rows where the index stores rows whole (a
+        view, or a copy of only these out of IVF lists), else None."""
+        inner = faiss.downcast_index(self.faiss)
+        if isinstance(inner, faiss.IndexIVFFlat):
+            if inner.direct_map.type == faiss.DirectMap.NoMap or not inner.ntotal:
+                return None
+            return inner.reconstruct_n(0, min(n, int(inner.ntotal)))[:, : self.dim + 1]
+        rows = stored_rows(self.faiss)
+        return None if rows is None else rows[:n, : self.dim + 1]
+
     def stored_rows(self) -> np.ndarray | None:
         """(n_items, dim + 1) the item rows where the index stores them whole, else None
         (see :func:`stored_rows`; the sphere's column is dropped)."""
@@ -359,7 +441,7 @@ class EmbeddingIndex:
         return None if rows is None else rows[:, : self.dim + 1]
 
     def holds_items(self) -> bool:
-        """Whether item rows can come from the (memory-mapped) index at any later time."""
+        """Whether item rows can come from the index (in memory or memory-mapped) at any later time."""
         index = faiss.downcast_index(self.faiss)
         if isinstance(index, faiss.IndexHNSW):
             index = faiss.downcast_index(index.storage)

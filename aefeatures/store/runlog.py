@@ -23,7 +23,8 @@ def append_run(folder: Path, entry: dict[str, Any]) -> None:
     line = (json.dumps(entry, default=str, sort_keys=False) + "\n").encode()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / RUN_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # O_NOFOLLOW: a runs.jsonl that is a link fails here rather than appending to its target
+        fd = os.open(folder / RUN_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             os.write(fd, line)
             os.fsync(fd)
