@@ -32,13 +32,10 @@ import json
 import multiprocessing
 import os
 import random
-import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -155,17 +152,6 @@ def window(port: int, normal: list[str], others: list[str] | None, args: argpars
     return got_normal, got_churn
 
 
-def start_service(store: Path) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "aefeatures", "serve", "--store", str(store), "--port", "0"],
-                            stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
-        match = re.search(r"http://[\d.]+:(\d+)", line)
-        if match:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
-            return proc, int(match.group(1))
-    raise SystemExit(f"the service did not start (exit {proc.wait()})")
-
-
 def percentiles(latencies: list[float]) -> dict:
     import numpy as np
 
@@ -191,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
              + [f"/v1/{NAME}/recommend?user={sample[0]}&k=10&version=20990101T{{rand}}Z"] * 20 * (len(ids) - 1))
     control = [f"/v1/{NAME}/recommend?user={u}&k=10" for u in sample[:100]]  # as many clients, live version
     say(f"store {store}: {len(ids)} versions, run log {(store / NAME / 'runs.jsonl').stat().st_size / 1e6:.1f} MB")
+    from service_load import start_service  # a sibling script, on sys.path since parse_args
+
     proc, port = start_service(store)
     phases: dict[str, list] = {"idle": [], "live": [], "churn": []}
     churned: list = []

@@ -26,11 +26,9 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import re
 import selectors
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,18 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service_load import NAME, build_store  # noqa: E402  (a sibling script, not a package)
-
-
-def start_service(store: Path) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "aefeatures", "serve", "--store", str(store), "--port", "0"],
-                            stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
-        match = re.search(r"http://[\d.]+:(\d+)", line)
-        if match:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
-            return proc, int(match.group(1))
-    raise SystemExit(f"the service did not start (exit {proc.wait()})")
+from service_load import NAME, build_store, start_service  # noqa: E402  (a sibling script, not a package)
 
 
 class Flood:

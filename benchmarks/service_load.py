@@ -91,7 +91,8 @@ def api_floor(fs, endpoint: str, ids: list, calls: int) -> dict:
             "errors": 0}
 
 
-def start_service(store: Path, workers: int) -> tuple[subprocess.Popen, int]:
+def start_service(store: Path, workers: int = 1) -> tuple[subprocess.Popen, int]:
+    """`aefeatures serve` on a free port, once every worker answers /healthz: (process, port)."""
     proc = subprocess.Popen([sys.executable, "-m", "aefeatures", "serve", "--store", str(store), "--port", "0",
                              "--workers", str(workers)], stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
