@@ -43,7 +43,7 @@ import polars as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import LASTFM, load, split  # noqa: E402  (benchmarks/ is not a package)
+from quality import add_data_args, load, split  # noqa: E402  (benchmarks/ is not a package)
 
 from aefeatures.config import EvaluationConfig, InputConfig, JobConfig, JobSection, ModelConfig  # noqa: E402
 from aefeatures.data.matrix import CSR, InteractionMatrix, build_matrix  # noqa: E402
@@ -266,14 +266,7 @@ def summary(lines: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", choices=("synthetic", "lastfm", "ml100k"), default="synthetic")
-    parser.add_argument("--lastfm", type=Path, default=LASTFM)
-    parser.add_argument("--ml100k", type=Path, help="the recbole wheel or its ml-100k.inter (benchmarks/quality.py)")
-    parser.add_argument("--users", type=int, default=4000)
-    parser.add_argument("--items", type=int, default=1000)
-    parser.add_argument("--mean-items", type=float, default=30)
-    parser.add_argument("--communities", type=int, default=20)
-    parser.add_argument("--in-cluster", type=float, default=0.5)
+    add_data_args(parser, users=4000, items=1000, mean_items=30, communities=20)
     parser.add_argument("--kind", default="dlae")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--rows", default="a,b", help="which rows: a (held-out users), b (hidden items)")

@@ -103,16 +103,23 @@ def metrics(ranked: np.ndarray, held: CSR, n_items: int) -> dict[str, float]:
     return metrics_of_totals(ranking_totals(ranked, (held.indptr, held.indices), n_items))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_data_args(parser: argparse.ArgumentParser, *, users: int = 20000, items: int = 5000,
+                  mean_items: float = 50, communities: int = 40) -> None:
+    """The options :func:`load` reads: which data set, where the real ones are, and the shape of
+    the synthetic one."""
     parser.add_argument("--data", choices=("synthetic", "lastfm", "ml100k"), default="synthetic")
     parser.add_argument("--lastfm", type=Path, default=LASTFM)
-    parser.add_argument("--ml100k", type=Path, help="the recbole wheel or its ml-100k.inter (see above)")
-    parser.add_argument("--users", type=int, default=20000)
-    parser.add_argument("--items", type=int, default=5000)
-    parser.add_argument("--mean-items", type=float, default=50)
-    parser.add_argument("--communities", type=int, default=40)
+    parser.add_argument("--ml100k", type=Path, help="the recbole wheel or its ml-100k.inter (benchmarks/quality.py)")
+    parser.add_argument("--users", type=int, default=users)
+    parser.add_argument("--items", type=int, default=items)
+    parser.add_argument("--mean-items", type=float, default=mean_items)
+    parser.add_argument("--communities", type=int, default=communities)
     parser.add_argument("--in-cluster", type=float, default=0.5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(parser)
     parser.add_argument("--kinds", default="dlae,dae,vae,recvae", help="comma-separated model kinds, default settings")
     parser.add_argument("--dims", default=str(ModelConfig.dim), help="comma-separated model.dim values")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (split and model)")
