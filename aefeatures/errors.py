@@ -616,7 +616,8 @@ class NotFoundError(AEFeaturesError, KeyError):
             f"Only {kind}s present in the input of that version have embeddings"
             + ("; for a user new since then, recommend from their history now (`recommend --history`, "
                "`recommend_history`, HTTP `{\"history\": [...]}`), or embed them with `aefeatures embed JOB.toml` "
-               "(the live model, no training)." if kind == "user" else "; new items need the next run.")
+               "(the live model, no training)." if kind == "user" else
+               "; fold an item new since then into the live model with `aefeatures embed JOB.toml` (no training).")
         )
 
 

@@ -94,6 +94,12 @@ def test_unknown_items_are_reported_and_bad_histories_refused(trained):
         fs.recommend_history("7", k=5)
     with pytest.raises(errors.BadInputError):
         fs.recommend_history(history, k=0)
+    # a string id where ids are integers is an id this version does not know: reported
+    assert fs.recommend_history(history + ["abc"], k=5).unknown == ["abc"]
+    # a value no feature set could have as an id is a wrong request, even beside known items
+    for malformed in ("x" * 5000, 2**64, 1.5, None, [7]):
+        with pytest.raises(errors.InvalidIdError, match="is not a valid item id"):
+            fs.recommend_history(history + [malformed], k=5)
 
 
 def test_history_lookups_keep_filters_exclusions_and_exact_k(trained):

@@ -77,3 +77,17 @@ def test_the_follower_thread_picks_up_a_publish(store_copy):
         assert live.get("movies").version == copy
     finally:
         live.stop()
+
+
+def test_a_feature_set_whose_folder_leaves_the_store_is_no_longer_served(store_copy):
+    live = LiveStore(store_copy)
+    version = live.get("movies").version
+    (store_copy / "movies").rename(store_copy / "movies_moved")
+    live.refresh()
+    assert live.versions() == {"movies_moved": version}
+    with pytest.raises(errors.FeatureSetNotFoundError):
+        live.get("movies")
+    assert "movies" not in live.status()["feature_sets"]
+    (store_copy / "movies_moved").rename(store_copy / "movies")
+    live.refresh()
+    assert live.versions() == {"movies": version} and live.status()["feature_sets"].keys() == {"movies"}

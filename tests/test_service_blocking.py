@@ -213,8 +213,8 @@ def test_unknown_and_deleted_versions_are_told_apart_without_the_store_path(stor
                                                           "ended": "2026-01-01T00:00:00+00:00"}) + "\n")
     app = create_app(LiveStore(store), follow=False)
     for version, status, code, text in [("v0", 410, "version_gone", "was deleted by retention"),
-                                        ("v9", 404, "no_feature_set", "has no version `v9`"),
-                                        ("../../etc", 404, "no_feature_set", "has no version")]:
+                                        ("v9", 404, "no_such_version", "has no version `v9`"),
+                                        ("../../etc", 404, "no_such_version", "has no version")]:
         got, _, body = asyncio.run(asgi(app, "/v1/p/recommend", user=1, k=3, version=version))
         assert (got, body["error"]["code"]) == (status, code)
         assert text in body["error"]["message"] and str(store) not in body["error"]["message"]

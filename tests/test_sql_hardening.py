@@ -100,6 +100,16 @@ def test_a_feature_set_folder_whose_name_is_no_identifier_is_left_out_not_splice
     assert "left out" in warning and "COPY" in warning
 
 
+def test_folders_that_differ_only_in_case_are_both_left_out_never_one_answering_for_the_other(store):
+    """SQL names ignore case: with `example` and a hand-made `EXAMPLE`, `example_items` must not
+    answer with `EXAMPLE`'s rows (it did: the first in sort order was kept)."""
+    shutil.copytree(store / "example", store / "EXAMPLE")
+    result = _sql(store, "-c", "SELECT count(*) AS n FROM example_items", "--format", "csv")
+    assert result.exit_code == 2, result.stdout  # no such view: neither is shown
+    warned = " ".join(_warnings(result))
+    assert "'EXAMPLE' is left out" in warned and "'example' is left out" in warned
+
+
 def test_an_attribute_column_name_in_a_hand_edited_manifest_cannot_inject_sql(store, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     live = _versions(store)[-1]

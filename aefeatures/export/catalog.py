@@ -327,18 +327,22 @@ def _list(paths) -> str:
 
 def _sql_names(root: Path, *, warn: bool = True) -> list[str]:
     """The feature sets of ``root`` whose names can name SQL views: a folder whose name is no
-    feature-set name (the job file's rule), or differs only in case from one before it (SQL
-    ignores case), is left out (and said, with ``warn``)."""
+    feature-set name (the job file's rule), or differs only in case from another's, is left out
+    (and said, with ``warn``). SQL ignores case, so of `example` and `EXAMPLE` neither is shown:
+    keeping one would answer queries about the other with its data."""
     from aefeatures.config import NAME_PATTERN
 
-    names, seen = [], set()
-    for name in layout.feature_sets(root):
-        if not NAME_PATTERN.fullmatch(name) or name.lower() in seen:
+    found = layout.feature_sets(root)
+    cases: dict[str, int] = {}
+    for name in found:
+        cases[name.lower()] = cases.get(name.lower(), 0) + 1
+    names = []
+    for name in found:
+        if not NAME_PATTERN.fullmatch(name) or cases[name.lower()] > 1:
             if warn:
                 log.warning("SQL catalog: feature set folder %r is left out: its name is no SQL identifier, or "
                             "differs only in case from another's; rename it to letters, digits and _", name)
             continue
-        seen.add(name.lower())
         names.append(name)
     return names
 

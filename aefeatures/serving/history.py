@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from aefeatures import errors
+from aefeatures.schema import MAX_ID_CHARS
 
 MAX_HISTORY = 100_000  # items in one history
 
@@ -84,6 +85,15 @@ def encode_histories(histories: Sequence[Sequence[Any]], weights: Sequence[Seque
                      np.zeros(0, np.float32), unknown)
 
 
+def _id_shaped(value: Any) -> bool:
+    """Whether ``value`` could be an item id of some feature set: a string of at most
+    :data:`MAX_ID_CHARS` characters, or an integer in the int64 or uint64 range."""
+    if isinstance(value, str):
+        return len(value) <= MAX_ID_CHARS
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) \
+        and -(2**63) <= int(value) < 2**64
+
+
 def _one(history: Any, weights: Any, item_rows, where: str, name: str, version: str
          ) -> tuple[np.ndarray, np.ndarray, list[Any]]:
     """(known rows, their weights as float64, the unknown ids) of one history."""
@@ -105,9 +115,13 @@ def _one(history: Any, weights: Any, item_rows, where: str, name: str, version: 
             raise errors.BadInputError(f"weight {bad} of {where} is {errors.brief(weights[bad])}; weights are finite "
                                        "numbers of 0 or more.")
         values = np.asarray(weights, np.float64)
+    malformed = next((i for i, item in enumerate(history) if not _id_shaped(item)), None)
+    if malformed is not None:  # not an id of any feature set: the request is wrong, not the version
+        raise errors.InvalidIdError("item", history[malformed],
+                                    f"integers or strings of at most {MAX_ID_CHARS:,} characters")
     try:
         rows, found = item_rows(list(history))
-    except errors.InvalidIdError:  # one id that cannot be an item id of this version: unknown, as any other
+    except errors.InvalidIdError:  # an id of the other type ("abc" where ids are integers): unknown here
         rows, found = np.zeros(len(history), np.int64), np.zeros(len(history), bool)
         for i, item in enumerate(history):
             try:

@@ -457,13 +457,18 @@ def _install_error_handlers(app: FastAPI) -> None:
     # The library's errors as HTTP answers, most specific first (a handler serves its subclasses).
     for error, status, code in ((errors.NotFoundError, 404, "not_found"),
                                 (errors.VersionGoneError, 410, "version_gone"),
-                                (errors.FeatureSetNotFoundError, 404, "no_feature_set"),
                                 (errors.FilterError, 422, "invalid_filter"),
                                 (errors.InvalidIdError, 422, "invalid_id"),
                                 # the store's fault, not the request's (a damaged version's files)
                                 (errors.DamagedManifestError, 503, "version_damaged"),
                                 (errors.BadInputError, 400, "bad_request")):
         app.add_exception_handler(error, _answer_with(status, code))
+
+    async def not_there(request: Request, exc: errors.FeatureSetNotFoundError) -> Response:
+        version = getattr(exc, "missing", None) == "version"
+        return _error(404, "no_such_version" if version else "no_feature_set", str(exc))
+
+    app.add_exception_handler(errors.FeatureSetNotFoundError, not_there)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:

@@ -228,11 +228,28 @@ class LiveStore:
                 self._store_checked = (time.time(), time.monotonic())
             self._cleared("store", "the store can be checked again")
             self._cleared("follower", "the LATEST follower works again")
+            self._drop_removed(set(names))
             switched = []
             for name in sorted(set(names) | set(self._sets)):
                 if self._check_one(name, backoff):
                     switched.append(name)
             return switched
+
+    def _drop_removed(self, listed: set[str]) -> None:
+        """Stop serving a feature set whose folder left the store (deleted or renamed): it is no
+        longer anyone's to serve, and would otherwise be reported stale for ever."""
+        gone = [name for name in self._sets if name not in listed and not (self.root / name).exists()]
+        gone += [name for name in self._followed if name not in self._sets and name not in listed
+                 and not (self.root / name).exists()]
+        if not gone:
+            return
+        self._sets = {name: fs for name, fs in self._sets.items() if name not in gone}
+        with self._state_lock:
+            for name in gone:
+                self._followed.pop(name, None)
+        for name in sorted(set(gone)):
+            self._cleared(f"set:{name}", f"feature set {name}: its folder left the store; no longer served")
+            log.warning("feature set %s: its folder left the store; no longer served", name)
 
     def _check_one(self, name: str, backoff: bool) -> bool:
         with self._state_lock:  # status() iterates the dict
