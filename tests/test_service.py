@@ -315,6 +315,9 @@ def test_broken_json_and_wrong_media_type(service):
     svc, _ = service
     status, body = svc.request("POST", "/v1/movies/recommend", raw=b'{"users": [1,')
     assert status == 422 and body["error"]["code"] == "invalid_request"
+    for unreadable in (b'{"users": [' + b"9" * 5000 + b"]}", b'{"users": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
+        status, body = svc.request("POST", "/v1/movies/recommend", raw=unreadable)  # json.loads itself fails
+        assert status == 422 and body["error"]["code"] == "invalid_request", body
     for both_or_neither in ({"users": [1], "items": [1]}, {}, {"users": None}):
         status, body = svc.request("POST", "/v1/movies/embeddings", both_or_neither)
         assert status == 422 and ("exactly one" in body["error"]["message"] or "list" in body["error"]["message"])

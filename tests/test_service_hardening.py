@@ -350,6 +350,10 @@ def test_only_requests_naming_this_service_are_answered(store, served):
         assert status == 400 and error["code"] == "host_not_allowed" and "--allowed-host" in error["message"], host
     sock = svc.stalled(b"GET /healthz HTTP/1.0\r\n\r\n")  # no Host at all
     assert read_all(sock).startswith(b"HTTP/1.1 400 ")
+    for hosts in ((f"localhost:{port}", "evil.example"), ("evil.example", f"localhost:{port}")):  # two Host headers
+        sock = svc.stalled(b"GET /healthz HTTP/1.1\r\n" + b"".join(b"Host: " + h.encode() + b"\r\n" for h in hosts)
+                           + b"Connection: close\r\n\r\n")
+        assert read_all(sock).startswith(b"HTTP/1.1 400 "), hosts
 
 
 def test_head_is_answered_like_get_without_a_body(store, served):

@@ -489,6 +489,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer when json.loads itself fails (an integer over 4,300 digits,
+            # nesting beyond the parser's depth): a malformed body, as any other
+            return _error(422, "invalid_request", "body: not JSON this service can read (a number over 4,300 "
+                                                  "digits, or nesting too deep); send one JSON object")
         code = {404: "no_such_endpoint", 405: "method_not_allowed", 413: "body_too_large",
                 503: "busy"}.get(exc.status_code, "error")
         response = _error(exc.status_code, code, str(exc.detail))
@@ -577,11 +582,13 @@ class HostCheck:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or self.any:
             return await self.app(scope, receive, send)
-        raw = next((v for k, v in scope["headers"] if k == b"host"), None)
-        host = raw.decode("latin-1").strip().lower() if raw is not None else ""
-        if host in self.exact or _split_host(host)[0] in self.names:
+        found = [v for k, v in scope["headers"] if k == b"host"]
+        host = found[0].decode("latin-1").strip().lower() if len(found) == 1 else ""
+        if host and (host in self.exact or _split_host(host)[0] in self.names):
             return await self.app(scope, receive, send)
-        shown = f"Host `{host[:100]}`" if host else "a request without a Host header"
+        # RFC 9112: a request with several Host headers is refused (which one a proxy read is unknown)
+        shown = f"Host `{host[:100]}`" if host else f"a request with {len(found)} Host headers" if found \
+            else "a request without a Host header"
         response = _error(400, "host_not_allowed", f"{shown} is not one this service answers to ({self.shown}); "
                                                    "start it with --allowed-host NAME to add a name.")
         await response(scope, receive, send)
