@@ -43,7 +43,7 @@ import polars as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import add_data_args, load, split  # noqa: E402  (benchmarks/ is not a package)
+from quality import add_data_args, data_absent, load, split  # noqa: E402  (benchmarks/ is not a package)
 
 from aefeatures.config import EvaluationConfig, InputConfig, JobConfig, JobSection, ModelConfig  # noqa: E402
 from aefeatures.data.matrix import CSR, InteractionMatrix, build_matrix  # noqa: E402
@@ -273,11 +273,9 @@ def main() -> None:
     parser.add_argument("--min-users", default="1,2,3,5,10", help="fold-in thresholds measured in row (b)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
-    if args.data == "lastfm" and not args.lastfm.is_file():
-        print(f"skipped: {args.lastfm} is absent (the Last.fm data is read from there, never downloaded)")
-        return
-    if args.data == "ml100k" and (args.ml100k is None or not args.ml100k.is_file()):
-        print("skipped: pass --ml100k with the recbole wheel or its ml-100k.inter; nothing is downloaded here")
+    absent = data_absent(args)
+    if absent:
+        print(absent)
         return
     frame = load(args)
     header = {"data": args.data, "users": frame["user_id"].n_unique(), "items": frame["item_id"].n_unique(),

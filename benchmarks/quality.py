@@ -117,6 +117,16 @@ def add_data_args(parser: argparse.ArgumentParser, *, users: int = 20000, items:
     parser.add_argument("--in-cluster", type=float, default=0.5)
 
 
+def data_absent(args: argparse.Namespace) -> str | None:
+    """Why the chosen real data set cannot be read here ("skipped: ..."), or None when it can."""
+    if args.data == "lastfm" and not args.lastfm.is_file():
+        return f"skipped: {args.lastfm} is absent (the Last.fm data is read from there, never downloaded)"
+    if args.data == "ml100k" and (args.ml100k is None or not args.ml100k.is_file()):
+        return ("skipped: pass --ml100k with the recbole wheel (`pip download --no-deps recbole==1.2.1`) or its "
+                "ml-100k.inter; nothing is downloaded here")
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser)
@@ -126,12 +136,9 @@ def main() -> None:
     parser.add_argument("--model", action="append", default=[], help="KEY=VALUE overriding a model default")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
-    if args.data == "lastfm" and not args.lastfm.is_file():
-        print(f"skipped: {args.lastfm} is absent (the Last.fm data is read from there, never downloaded)")
-        return
-    if args.data == "ml100k" and (args.ml100k is None or not args.ml100k.is_file()):
-        print("skipped: pass --ml100k with the recbole wheel (`pip download --no-deps recbole==1.2.1`) or its "
-              "ml-100k.inter; nothing is downloaded here")
+    absent = data_absent(args)
+    if absent:
+        print(absent)
         return
     overrides = {k: type(getattr(ModelConfig, k))(v) for k, v in (o.split("=", 1) for o in args.model)}
     frame = load(args)
