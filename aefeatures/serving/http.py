@@ -620,6 +620,38 @@ class HeadAsGet:
         await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
+class ClientGone:
+    """ASGI middleware, outermost: once the client's connection is closed, what is left to send
+    is dropped, not raised. A client that pipelines requests and hangs up without reading left
+    the queued answers writing to a closed transport (uvloop raises "the handler is closed"),
+    and each one logged two tracebacks: a free way to flood the service's log."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def __getattr__(self, name):  # the wrapped app's attributes (``state``, routes) stay reachable
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        gone = False
+
+        async def sending(message):
+            nonlocal gone
+            if gone:
+                return
+            try:
+                await send(message)
+            except (RuntimeError, ConnectionError) as exc:
+                if isinstance(exc, RuntimeError) and "closed" not in str(exc):
+                    raise
+                gone = True
+                log.debug("client gone before %s %s was answered", scope.get("method"), scope.get("path"))
+
+        await self.app(scope, receive, sending)
+
+
 class ScrubErrors:
     """ASGI middleware: an error answer (status 400 and up) never shows the store's absolute
     path, whichever handler wrote it: it reads ``STORE`` instead (see :func:`live.scrub`)."""

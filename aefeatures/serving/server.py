@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from aefeatures import errors
-from aefeatures.serving.http import Limits, create_app
+from aefeatures.serving.http import ClientGone, Limits, create_app
 from aefeatures.serving.live import LiveStore, pointed_versions
 
 SETTINGS_ENV = "AEFEATURES_SERVE_SETTINGS"  # how worker processes learn what to serve
@@ -195,7 +195,7 @@ def app_from_environment() -> FastAPI:
         _access_log_on()
     open_file_limit()
     live = LiveStore(settings["store"], poll_seconds=settings["poll_seconds"])
-    return create_app(live, Limits(**settings["limits"]), allowed_hosts=settings["allowed_hosts"])
+    return ClientGone(create_app(live, Limits(**settings["limits"]), allowed_hosts=settings["allowed_hosts"]))
 
 
 def serve(store_dir: str, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
@@ -230,7 +230,7 @@ def serve(store_dir: str, *, host: str = "127.0.0.1", port: int = 8000, workers:
                    http=GuardedHttp, limit_concurrency=cap + 1, timeout_keep_alive=connections.keep_alive,
                    h11_max_incomplete_event_size=connections.max_header_bytes)
     if workers == 1:
-        config = uvicorn.Config(create_app(live, limits, allowed_hosts=hosts, on_ready=ready), **options)
+        config = uvicorn.Config(ClientGone(create_app(live, limits, allowed_hosts=hosts, on_ready=ready)), **options)
         setattr(config, GUARD_ATTR, connections)
         server = uvicorn.Server(config)
         for sig in (signal.SIGINT, signal.SIGTERM):
