@@ -184,9 +184,10 @@ def _folded_in_column(source: Path, item_ids: pl.Series, folded) -> np.ndarray:
     """(n_items,) int32 users each item's vector rests on if folded in, 0 if trained: the live
     version's marks carried over, and this version's new items."""
     out = np.zeros(len(item_ids), np.int32) if folded is None else folded.users.copy()
-    items = pq.read_table(source / layout.ITEMS)
-    if "folded_in" in items.column_names:
-        earlier = pl.from_arrow(items.select([ITEM, "folded_in"])).filter(pl.col("folded_in").is_not_null())
+    path = source / layout.ITEMS
+    if "folded_in" in pq.read_schema(path).names:  # the footer only: the vectors are not read
+        earlier = pl.from_arrow(pq.read_table(path, columns=[ITEM, "folded_in"])).filter(
+            pl.col("folded_in").is_not_null())
         rows = item_ids.search_sorted(earlier.get_column(ITEM)).to_numpy()
         out[rows] = earlier.get_column("folded_in").to_numpy()
     return out

@@ -135,10 +135,11 @@ def _fit_dlae(model: Autoencoder, x: torch.Tensor, xt: torch.Tensor, y: torch.Te
     for _ in range(FOLD_ROUNDS):  # block coordinate descent on the new rows; the first round: P fixed
         z = z_known + spmm(y, p_new)
         a = z.double().T @ z.double() + omega_known + _weighted_gram(p_new, lam_new)
-        r_new = (spmm(yt, z).double() @ torch.linalg.inv(a)).float()
+        yz = spmm(yt, z)  # Yᵀ Z: each new item's users' bottlenecks, summed
+        r_new = (yz.double() @ torch.linalg.inv(a)).float()
         gram_r = r_known.double().T @ r_known.double() + r_new.double().T @ r_new.double()
         target = (spmm(yt, xr + spmm(y, r_new)).double() @ torch.linalg.inv(gram_r)).float()
-        p_new = (target - spmm(yt, z) + g_new[:, None].float() * p_new) / (g_new + lam_new)[:, None].float()
+        p_new = (target - yz + g_new[:, None].float() * p_new) / (g_new + lam_new)[:, None].float()
     weight = model.decoder.weight.float()
     scale = _scale_law(weight, r_known, known_counts)
     bias = _bias_law(model.decoder.bias.double(), known_counts)
