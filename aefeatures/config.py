@@ -75,10 +75,11 @@ class InputConfig:
     weight_transform: str = "none"
 
 
-# model.dim = 0 means the kind's own default width: a dlae needs a wider bottleneck to match EASE
-# (Last.fm, BENCHMARKS.md: NDCG@100 0.99× EASE at 64, 1.01× at 128, ~1.01× at 256 with EASE's
-# coverage@20 only at 256); dae and vae keep 64; recvae the paper's latent width, 200.
-DEFAULT_DIMS = {"dae": 64, "vae": 64, "dlae": 256, "recvae": 200}
+# model.dim = 0 means the kind's own default width: dae and vae keep 64; recvae the paper's latent
+# width, 200. A dlae's stays 0 here and follows the data's shape when it is fitted
+# (aefeatures.model.dlae_search.dlae_width: up to 2048 where an exact path fits, 256 on the
+# sketch path), since its NDCG@100 rises with the width up to full rank (BENCHMARKS.md).
+DEFAULT_DIMS = {"dae": 64, "vae": 64, "recvae": 200}
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class ModelConfig:
     # Steck 2020: no hidden layer, no epochs; validation picks its dropout) | "recvae" (RecVAE,
     # Shenbin et al. 2020: aefeatures.model.recvae; `hidden` is then its one width H of 5 layers)
     kind: str = "dlae"  # the default by measurement (BENCHMARKS.md, "Quality of every kind")
-    dim: int = 0  # bottleneck width = user-embedding size; 0: the kind's default (DEFAULT_DIMS)
+    dim: int = 0  # bottleneck width = user-embedding size; 0: the kind's default (DEFAULT_DIMS; a dlae's by the data)
     hidden: tuple[int, ...] = (600,)  # encoder hidden layers; the decoder is one linear layer
     epochs: int = 50
     batch_size: int = 512
@@ -324,7 +325,7 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
     rules = [
         ("job.name", cfg.job.name, NAME_PATTERN.fullmatch(cfg.job.name), NAME_RULE),
         ("model.kind", m.kind, m.kind in MODEL_KINDS, f"choose one of {', '.join(MODEL_KINDS)}"),
-        ("model.dim", m.dim, m.dim >= 1, "it must be at least 1 (or 0: the kind's default)"),
+        ("model.dim", m.dim, m.dim >= 0, "it must be at least 1 (or 0: the kind's default)"),
         ("model.hidden", list(m.hidden), all(h >= 1 for h in m.hidden), "every layer needs >= 1 unit"),
         ("model.epochs", m.epochs, m.epochs >= 0, "it must be 0 or more"),
         ("model.batch_size", m.batch_size, m.batch_size >= 1, "it must be at least 1"),
@@ -369,7 +370,8 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
             raise errors.bad_value(path, key, value, rule)
     if m.kind == "recvae":
         _check_recvae(path, m)
-    _check_index_kind(path, cfg.index.kind, cfg.model.dim + 1)
+    # a dlae of width 0 takes its width from the data: a factory string is checked at the narrow one
+    _check_index_kind(path, cfg.index.kind, (cfg.model.dim or 256) + 1)
     if cfg.input.weight_transform not in WEIGHT_TRANSFORMS:
         raise errors.bad_value(path, "input.weight_transform", cfg.input.weight_transform,
                                f"choose one of {', '.join(WEIGHT_TRANSFORMS)}")

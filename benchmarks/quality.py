@@ -59,6 +59,7 @@ LASTFM = next((p for p in (Path(__file__).resolve().parents[n] / "shared/data/la
                            for n in (2, 3)) if p.is_file()),
               Path(__file__).resolve().parents[2] / "shared/data/lastfm-hetrec2k/user_artists.parquet")
 
+IBM = LASTFM.parents[1] / "ibm-articles/interactions.parquet"
 
 ML100K_MEMBER = "recbole/dataset_example/ml-100k/ml-100k.inter"
 
@@ -76,16 +77,26 @@ def load_ml100k(path: Path) -> pl.DataFrame:
 
 
 def load(args: argparse.Namespace) -> pl.DataFrame:
-    """(user_id, item_id) pairs of users with at least 5 items."""
+    """(user_id, item_id) pairs of users with at least 5 items (after ``--min-item-users`` and
+    ``--cut-users``)."""
     if args.data == "lastfm":
         frame = pl.read_parquet(args.lastfm).select(user_id="user_id", item_id="artist_id")
     elif args.data == "ml100k":
         frame = load_ml100k(args.ml100k)
+    elif args.data == "ibm":
+        frame = pl.read_parquet(args.ibm).select("user_id", "item_id")
+    elif args.data == "file":
+        frame = pl.read_parquet(args.file).select(pl.col("user_id").cast(pl.Int64), pl.col("item_id").cast(pl.Int64))
     else:
         frame = generate(n_users=args.users, n_items=args.items, mean_items=args.mean_items,
                          n_communities=args.communities, in_cluster=args.in_cluster, zipf=1.1,
                          seed=3).interactions.select("user_id", "item_id")
     frame = frame.unique(["user_id", "item_id"])
+    if args.cut_users:
+        users = frame["user_id"].unique().sort().sample(args.cut_users, seed=7)
+        frame = frame.filter(pl.col("user_id").is_in(users.implode()))
+    if args.min_item_users > 1:
+        frame = frame.filter(pl.len().over("item_id") >= args.min_item_users)
     return frame.filter(pl.len().over("user_id") >= 5).sort("user_id", "item_id")
 
 
@@ -107,8 +118,12 @@ def add_data_args(parser: argparse.ArgumentParser, *, users: int = 20000, items:
                   mean_items: float = 50, communities: int = 40) -> None:
     """The options :func:`load` reads: which data set, where the real ones are, and the shape of
     the synthetic one."""
-    parser.add_argument("--data", choices=("synthetic", "lastfm", "ml100k"), default="synthetic")
+    parser.add_argument("--data", choices=("synthetic", "lastfm", "ml100k", "ibm", "file"), default="synthetic")
     parser.add_argument("--lastfm", type=Path, default=LASTFM)
+    parser.add_argument("--ibm", type=Path, default=IBM)
+    parser.add_argument("--file", type=Path, help="--data file: a Parquet table with user_id and item_id (int64)")
+    parser.add_argument("--cut-users", type=int, default=0, help="keep this many random users (seed 7) first")
+    parser.add_argument("--min-item-users", type=int, default=1, help="keep items with at least this many users")
     parser.add_argument("--ml100k", type=Path, help="the recbole wheel or its ml-100k.inter (benchmarks/quality.py)")
     parser.add_argument("--users", type=int, default=users)
     parser.add_argument("--items", type=int, default=items)
@@ -121,6 +136,10 @@ def data_absent(args: argparse.Namespace) -> str | None:
     """Why the chosen real data set cannot be read here ("skipped: ..."), or None when it can."""
     if args.data == "lastfm" and not args.lastfm.is_file():
         return f"skipped: {args.lastfm} is absent (the Last.fm data is read from there, never downloaded)"
+    if args.data == "ibm" and not args.ibm.is_file():
+        return f"skipped: {args.ibm} is absent (read from there, never downloaded)"
+    if args.data == "file" and (args.file is None or not args.file.is_file()):
+        return "skipped: --data file needs --file with a Parquet table of user_id, item_id"
     if args.data == "ml100k" and (args.ml100k is None or not args.ml100k.is_file()):
         return ("skipped: pass --ml100k with the recbole wheel (`pip download --no-deps recbole==1.2.1`) or its "
                 "ml-100k.inter; nothing is downloaded here")

