@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from aefeatures.config import InputConfig, ModelConfig
 from aefeatures.data.matrix import build_matrix
@@ -191,3 +192,22 @@ def test_a_dlae_of_width_0_is_the_full_rank_dlae_below_the_wide_width(matrix):
     b = p @ r.T
     t = float((b * full).sum() / (full * full).sum())  # the temperature scales the item vectors
     np.testing.assert_allclose(b, t * full, atol=2e-3 * np.abs(t * full).max())
+
+
+def test_a_full_rank_fit_on_the_users_path_is_the_full_rank_dlae_without_iterating(matrix):
+    """Fewer users than items and a block as wide as the users: the users path takes the Ritz
+    pairs of the whole user space at once (one pass) and its P Rᵀ is M⁻¹ G."""
+    rows = np.arange(0, matrix.shape[0], 7)  # 290 users × 500 items: the users path
+    solver = linear.Solver(matrix.csr, rows, matrix.shape[1], dim=512)
+    factors = solver.fit(0.5, 100.0)
+    assert solver.method == "users" and factors.iterations == 1
+    x = np.zeros((len(rows), matrix.shape[1]))
+    for i, row in enumerate(rows):
+        lo, hi = matrix.csr.indptr[row], matrix.csr.indptr[row + 1]
+        x[i, matrix.csr.indices[lo:hi]] = matrix.csr.values[lo:hi]
+    gram = x.T @ x
+    full = np.linalg.solve(gram + np.diag(gram.diagonal() + 100.0), gram)
+    b = factors.p.double().numpy() @ factors.r.double().numpy().T
+    np.testing.assert_allclose(b, full, atol=2e-3 * np.abs(full).max())
+    again = solver.fit(0.8, 300.0)  # the next fit reuses the user-space basis
+    assert again.iterations == 1 and torch.isfinite(again.p).all()

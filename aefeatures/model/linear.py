@@ -203,7 +203,7 @@ class Solver:
         self.nnz = nnz
         # (n_items, q) orthonormal, the last fit's Ritz vectors: the next fit's start; on the users
         # path (W, H W), W (n_users, q) H-orthonormal, instead
-        self.start, self.user_start = None, None
+        self.start, self.user_start, self.h_basis = None, None, None
         if warm is not None and warm.start is not None and tuple(warm.start.shape) == (n_items, self.q):
             self.start = warm.start.to(self.device)
         if self.method == "items" and warm is not None and warm.gram is not None:
@@ -299,13 +299,19 @@ class Solver:
         def s_apply(hw: torch.Tensor) -> torch.Tensor:  # S y = y - (K + I)⁻¹ y
             return hw - torch.cholesky_solve(hw, factor)
 
-        if self.user_start is not None:
+        last, iterations, self.trace = None, 0, []
+        direct = q >= n  # the block is the whole user space: the full-rank DLAE, its Ritz pairs at once
+        if direct:
+            w, hw = self._h_basis()
+            image = s_apply(hw)
+            values, vectors, captured = _rayleigh_ritz(hw, image, d)
+            self.trace, iterations = [captured], 1
+        elif self.user_start is not None:
             w, hw = self.user_start
         else:  # from item space: the handed-over subspace (or a random one) mapped by X
             w = spmm(self.x, self.start if self.start is not None else self._random_start())
             w, hw = _h_orthonormal(w, h @ w)
-        last, iterations, self.trace = None, 0, []
-        while True:
+        while not direct:
             image = s_apply(hw)  # the next block; Vᵀ A V = (Hw)ᵀ S (Hw) with V = Xᵀ w
             iterations += 1
             values, vectors, captured = _rayleigh_ritz(hw, image, d)
@@ -323,6 +329,18 @@ class Solver:
                  + 4.0 * self.nnz * d + 2.0 * n * n * d)
         self.flops_gram = 0.0
         return p, r, iterations, flops
+
+    def _h_basis(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, H W) for the whole user space: W = U D^-½ over H = X Xᵀ = U D Uᵀ's nonzero
+        eigenvalues, H-orthonormal (Wᵀ H W = I), computed once per solver (H does not depend on
+        the fit). Users whose rows are combinations of others' add no column."""
+        if self.h_basis is None:
+            values, vectors = torch.linalg.eigh(self.gram.double())
+            keep = values > 1e-10 * float(values.max().clamp_min(1e-300))
+            vectors, values = vectors[:, keep], values[keep]
+            self.h_basis = ((vectors * values.rsqrt()).float(), (vectors * values.sqrt()).float())
+            self.flops_gram += 9.0 * self.n_users ** 3
+        return self.h_basis
 
     def _iterate(self, apply: Callable[[torch.Tensor], torch.Tensor], d: int, *, passes: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
