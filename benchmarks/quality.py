@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--dims", default=str(ModelConfig.dim), help="comma-separated model.dim values")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (split and model)")
     parser.add_argument("--model", action="append", default=[], help="KEY=VALUE overriding a model default")
+    parser.add_argument("--folds", type=int, default=1, help="evaluation.folds: k >= 2 for a dlae's k-fold search")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     absent = data_absent(args)
@@ -216,7 +217,7 @@ def run_seed(frame: pl.DataFrame, seed: int, args: argparse.Namespace, overrides
         for dim in [int(d) for d in args.dims.split(",")]:
             model_cfg = replace(ModelConfig(kind=kind, dim=dim, seed=seed), **overrides)
             job = JobConfig(JobSection("quality", Path(tempfile.gettempdir())), InputConfig(str(LASTFM)),
-                            model=model_cfg, evaluation=EvaluationConfig(reference_max_items=0))
+                            model=model_cfg, evaluation=EvaluationConfig(reference_max_items=0, folds=args.folds))
             start = time.perf_counter()
             trained, evaluation, _ = _train_and_evaluate(matrix, job, progress=False)
             seconds = time.perf_counter() - start

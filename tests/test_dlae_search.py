@@ -211,3 +211,28 @@ def test_a_full_rank_fit_on_the_users_path_is_the_full_rank_dlae_without_iterati
     np.testing.assert_allclose(b, full, atol=2e-3 * np.abs(full).max())
     again = solver.fit(0.8, 300.0)  # the next fit reuses the user-space basis
     assert again.iterations == 1 and torch.isfinite(again.p).all()
+
+
+def test_with_k_folds_a_dlae_chooses_by_the_mean_over_folds_and_says_how_sure(tmp_path):
+    """evaluation.folds = 3: every fit is scored on 3 folds, the chosen setting has the best
+    mean, and the manifest keeps each fold's NDCG@100 and how many folds' own best it is."""
+    import json
+
+    from click.testing import CliRunner
+
+    from aefeatures.cli.app import cli
+    from tests.conftest import write_job
+
+    job = write_job(tmp_path, model={"kind": "dlae", "dim": 8}, evaluation={"folds": 3})
+    out = CliRunner().invoke(cli, ["run", str(job)])
+    assert out.exit_code == 0, out.output
+    manifest = json.loads(next((tmp_path / "store" / "movies" / "versions").glob("*/manifest.json")).read_text())
+    history = manifest["training"]["history"]
+    assert all(len(h["folds"]) == 3 for h in history)
+    means = [sum(h["folds"]) / 3 for h in history]
+    chosen = manifest["training"]["best_epoch"] - 1
+    assert means[chosen] == max(means)
+    assert abs(history[chosen]["ndcg@100"] - means[chosen]) < 1e-4
+    folds = manifest["evaluation"]["folds"]
+    assert folds["k"] == 3 and folds["ndcg@100"] == history[chosen]["folds"]
+    assert 0 <= folds["folds_choosing_it"] <= 3 and folds["spread"] >= 0

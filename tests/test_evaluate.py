@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from aefeatures.quality.evaluate import popularity_ranking, rank_by_embeddings, ranking_metrics, split_users, top_k
+from aefeatures.quality.evaluate import popularity_ranking, rank_by_embeddings, ranking_metrics, split_folds, split_users, top_k
 
 
 def csr(rows):
@@ -69,6 +69,21 @@ def test_split_holds_out_whole_users_and_hides_part_of_their_items():
     again = split_users(indptr, indices, share=0.2, max_users=1000, holdout=0.2, seed=0)
     assert np.array_equal(again.valid_rows, split.valid_rows)
     assert len(split_users(indptr, indices, share=0.2, max_users=3, holdout=0.2, seed=0).valid_rows) == 3
+
+
+def test_k_folds_validate_every_user_with_two_items_exactly_once():
+    indptr, indices = csr([list(range(10))] * 52 + [[1]] * 10)
+    folds = split_folds(indptr, indices, folds=5, holdout=0.2, seed=0)
+    valid = np.concatenate([f.valid_rows for f in folds])
+    assert sorted(valid) == list(range(52))  # single-item users never validate
+    assert sorted(len(f.valid_rows) for f in folds) == [10, 10, 10, 11, 11]
+    for f in folds:
+        assert not set(f.valid_rows) & set(f.train_rows) and len(f.valid_rows) + len(f.train_rows) == 62
+        assert (np.diff(f.fold_in[0]) == 8).all() and (np.diff(f.held_out[0]) == 2).all()
+    again = split_folds(indptr, indices, folds=5, holdout=0.2, seed=0)
+    assert all(np.array_equal(a.valid_rows, b.valid_rows) for a, b in zip(folds, again))
+    with pytest.raises(ValueError):
+        split_folds(indptr, indices, folds=1, holdout=0.2, seed=0)
 
 
 def test_popularity_ranks_training_counts_without_the_users_items():

@@ -39,6 +39,7 @@ from aefeatures.quality.evaluate import (
     metrics_of_totals,
     popularity_ranking,
     ranking_totals,
+    split_folds,
     split_users,
 )
 from aefeatures.quality.reference import ease_reference
@@ -458,15 +459,20 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
             log.warning("%s; training without evaluation, so the quality gate's metric checks are skipped", why)
         return train(matrix, cfg.model, progress=progress, deadline=deadline), None, why
 
-    def validate(model: Autoencoder) -> dict[str, float]:
-        vectors = embeddings(model, split.fold_in)
-        totals = embedding_totals(vectors, model.decoder.weight.detach().float().cpu().numpy(),
-                                  model.decoder.bias.detach().float().cpu().numpy(), split)
-        model.train()
-        return _rounded(metrics_of_totals(_summed(totals, group)))
+    def validator(split: Split) -> Callable[[Autoencoder], dict[str, float]]:
+        def validate(model: Autoencoder) -> dict[str, float]:
+            vectors = embeddings(model, split.fold_in)
+            totals = embedding_totals(vectors, model.decoder.weight.detach().float().cpu().numpy(),
+                                      model.decoder.bias.detach().float().cpu().numpy(), split)
+            model.train()
+            return _rounded(metrics_of_totals(_summed(totals, group)))
+        return validate
 
+    folds = _folds(matrix, cfg, group)
+    split = folds[0] if folds else split
+    validate = validator(split)
     trained = train(matrix, cfg.model, rows=split.train_rows, validate=validate, progress=progress,
-                    deadline=deadline)
+                    deadline=deadline, folds=[(f.train_rows, validator(f)) for f in folds[1:]])
     final = validate(trained.model)  # the restored best weights (or untrained, with 0 epochs)
     trained.model.eval()
     evaluation = {
@@ -476,11 +482,40 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
         "model": final,
         "popularity": _popularity(matrix, split, group),
         "reference": _reference(matrix, split, ev.reference_max_items, group),
+        **({"folds": _fold_summary(trained, len(folds))} if folds else {}),
     }
     if ev.refit:
         users = matrix.shape[0] if group is None else int(group.reduce_array(np.array([matrix.shape[0]]))[0])
         trained.refit = _refit(matrix, cfg, trained, progress, deadline, users)
     return trained, evaluation, None
+
+
+def _folds(matrix: InteractionMatrix, cfg: JobConfig, group: distributed.Group | None) -> list[Split]:
+    """The k-fold splits (k = `evaluation.folds`) a dlae's search chooses on, or [] for the one
+    split: one process only (under torchrun each rank keeps its own split); other kinds, which
+    would train k times, keep the one split (the run says so)."""
+    k = cfg.evaluation.folds
+    if k >= 2 and (cfg.model.kind != "dlae" or group is not None):
+        log.warning("evaluation.folds = %d applies to a dlae in one process; this run validates on one split", k)
+    if k < 2 or cfg.model.kind != "dlae" or group is not None:
+        return []
+    eligible = int((matrix.row_lengths() >= 2).sum())
+    if eligible < 2 * k:
+        log.warning("evaluation.folds = %d needs %d users with 2 items, there are %d: one split", k, 2 * k, eligible)
+        return []
+    return split_folds(matrix.indptr, matrix.indices, folds=k, holdout=cfg.evaluation.holdout, seed=cfg.model.seed)
+
+
+def _fold_summary(trained: TrainResult, k: int) -> dict[str, Any]:
+    """The manifest's `evaluation.folds`: each fold's NDCG@100 at the chosen setting, their mean
+    and spread, and how sure the choice is: the folds whose own best fit is the chosen one."""
+    fits = [h for h in trained.history if "folds" in h]
+    if not fits or trained.best_epoch == 0:
+        return {"k": k}
+    chosen = trained.history[trained.best_epoch - 1]["folds"]
+    agree = sum(max(fits, key=lambda h: h["folds"][i]) is trained.history[trained.best_epoch - 1] for i in range(k))
+    return {"k": k, KEY_METRIC: chosen, "mean": round(float(np.mean(chosen)), 5),
+            "spread": round(float(np.ptp(chosen)), 5), "folds_choosing_it": agree}
 
 
 def _refit(matrix: InteractionMatrix, cfg: JobConfig, validated: TrainResult, progress: bool | None,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -76,7 +77,8 @@ QUIET_SECONDS = 5.0  # a search this young logs no progress line (small jobs sta
 
 
 def train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | None,
-               validate: Validator | None, deadline: float | None, warm: linear.Warm | None = None) -> TrainResult:
+               validate: Validator | None, deadline: float | None, warm: linear.Warm | None = None,
+               folds: Sequence[tuple[np.ndarray, Validator]] = ()) -> TrainResult:
     """The closed-form low-rank DLAE (Steck, "Autoencoders that don't overfit towards the
     identity", NeurIPS 2020) of the users at ``rows`` (default: all), as an eval-mode
     :class:`Autoencoder` in a :class:`TrainResult`, fitted on ``cfg.device`` ("auto": the first
@@ -116,7 +118,7 @@ def train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray 
     rows = np.arange(matrix.shape[0]) if rows is None else rows
     threads = training_threads(cfg.threads)
     torch.set_num_threads(threads)  # the CPUs this process may use, as the trained kinds do
-    search = _Search(matrix, cfg, rows, validate, deadline, warm)
+    search = _Search(matrix, cfg, rows, validate, deadline, warm, folds)
     search.result.threads = threads
     if validate is None:
         search.fit(cfg.dropout, cfg.l2)
@@ -159,7 +161,8 @@ class _Search:
     """The fits of one search and the best so far (``result``)."""
 
     def __init__(self, matrix: InteractionMatrix, cfg: ModelConfig, rows: np.ndarray, validate: Validator | None,
-                 deadline: float | None, warm: linear.Warm | None):
+                 deadline: float | None, warm: linear.Warm | None,
+                 folds: Sequence[tuple[np.ndarray, Validator]] = ()):
         self.matrix, self.cfg, self.rows, self.validate, self.deadline = matrix, cfg, rows, validate, deadline
         self.device, self.started = select_device(cfg.device), time.perf_counter()
         self.group = distributed.current()
@@ -168,11 +171,16 @@ class _Search:
         self.result = TrainResult(model=None, device=str(self.device))  # type: ignore[arg-type]
         self.best_score, self.kept_counts, self.solver = -np.inf, None, None
         self.n_rows = self._total(len(rows))
-        if validate is not None and self.n_rows > SEARCH_USERS:
+        if validate is not None and self.n_rows > SEARCH_USERS and not folds:
             sample = -(-SEARCH_USERS * len(rows) // self.n_rows)  # this rank's part of the sample
             self._fit_on(np.sort(np.random.default_rng(cfg.seed).choice(rows, sample, replace=False)), warm)
         else:
             self._fit_on(rows, warm)
+        if folds and (self.group is not None or validate is None):
+            raise ValueError("folds need a validator and one process")
+        # the other folds: (validator, solver, item counts), fitted beside the first
+        self.folds = [(check, linear.Solver(matrix.csr, fold_rows, matrix.shape[1], dim=cfg.dim, device=self.device,
+                                            seed=cfg.seed), self._counts(fold_rows)) for fold_rows, check in folds]
 
     def _total(self, count: int) -> int:
         """``count`` summed over the ranks."""
@@ -190,8 +198,12 @@ class _Search:
         self.solver = None  # its matrix and Gram go before the next solver's come
         self.solver = linear.Solver(self.matrix.csr, rows, self.matrix.shape[1], dim=self.cfg.dim, device=self.device,
                                     seed=self.cfg.seed, reduce=self._reduce(), warm=warm)
+        self.counts = self._counts(rows)
+
+    def _counts(self, rows: np.ndarray) -> np.ndarray:
+        """(n_items,) int64: each item's users among ``rows`` (every rank's)."""
         counts = np.bincount(self.matrix.csr.gather(rows)[1], minlength=self.matrix.shape[1]).astype(np.int64)
-        self.counts = counts if self.group is None else self.group.reduce_array(counts)
+        return counts if self.group is None else self.group.reduce_array(counts)
 
     def run(self) -> None:
         cfg, history = self.cfg, self.result.history
@@ -238,21 +250,28 @@ class _Search:
         factors = self.solver.fit(dropout, l2 * self.share)
         model = _dlae_model(self.matrix.shape[1], cfg, factors.p, self.device)
         counts = self.counts
+        others = [(check, _dlae_model(self.matrix.shape[1], cfg, fitted.p, self.device), fitted.r, fold_counts)
+                  for check, solver, fold_counts in self.folds for fitted in [solver.fit(dropout, l2)]]
         result.steps += 1
-        exponent, metrics = self.exponents[0], {}
+        exponent, metrics, per_fold = self.exponents[0], {}, []
         for candidate in self.exponents:
             _set_item_vectors(model, factors.r, counts, candidate)
-            scored = self._validated(model)
-            if metrics and scored.get(KEY_METRIC, 0.0) <= metrics.get(KEY_METRIC, 0.0):
+            scored = [self._validated(model)]
+            for check, other, r, fold_counts in others:
+                _set_item_vectors(other, r, fold_counts, candidate)
+                scored.append(check(other))
+            mean = {k: float(np.mean([m[k] for m in scored])) for k in scored[0]}
+            if metrics and mean.get(KEY_METRIC, 0.0) <= metrics.get(KEY_METRIC, 0.0):
                 break
-            exponent, metrics = candidate, scored
+            exponent, metrics, per_fold = candidate, mean, [m.get(KEY_METRIC, 0.0) for m in scored]
         _set_item_vectors(model, factors.r, counts, exponent)
         result.history.append({"epoch": result.steps, "dropout": dropout, "l2": l2, "popularity_exponent": exponent,
                                "users": self._total(len(self.fit_rows)), "method": factors.method,
                                "iterations": factors.iterations, "fit_seconds": round(factors.seconds, 3),
                                "gflop": round(factors.flops / 1e9, 2),
                                **({"reduced_mb": round(factors.reduced_bytes / 2**20, 2)} if self.group else {}),
-                               "seconds": round(time.perf_counter() - started, 3), "loss": 0.0, "beta": 0.0, **metrics})
+                               "seconds": round(time.perf_counter() - started, 3), "loss": 0.0, "beta": 0.0, **metrics,
+                               **({"folds": per_fold} if self.folds else {})})
         result.epoch_losses.append(0.0)
         score = metrics.get(KEY_METRIC, 0.0)
         if time.perf_counter() - self.started >= QUIET_SECONDS and distributed.is_leader():
@@ -273,7 +292,7 @@ class _Search:
         _set_temperature(self.result.model, self.matrix, self.cfg, self.fit_rows, self.device, self._reduce())
         _set_tie_break(self.result.model, self.kept_counts)
         self.result.warm = self.solver.warm()
-        self.solver = None
+        self.solver, self.folds = None, []
 
 
 def _dlae_model(n_items: int, cfg: ModelConfig, p: torch.Tensor, device: torch.device) -> Autoencoder:

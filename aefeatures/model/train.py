@@ -42,7 +42,7 @@ PROGRESS_EVERY = 30.0  # seconds between progress lines (the first and last epoc
 
 def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | None = None,
           validate: Validator | None = None, progress: bool | None = None, epochs: int | None = None,
-          deadline: float | None = None, warm: Any = None) -> TrainResult:
+          deadline: float | None = None, warm: Any = None, folds: Any = ()) -> TrainResult:
     """Train an autoencoder on the users at ``rows`` of ``matrix`` (default: all of them).
 
     The budget fits the data: at most ``cfg.epochs`` epochs, a cap raised so that training takes
@@ -71,13 +71,14 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
     catalogues above ``cfg.full_softmax_max_items`` (``BadInputError``).
 
     ``cfg.kind = "dlae"`` is fitted in closed form instead (:func:`aefeatures.model.dlae_search.train_dlae`,
-    ``warm`` a search's state to start from), on the device and under torchrun alike; one too large for memory
+    ``warm`` a search's state to start from, ``folds`` further (rows, validator) pairs of a
+    k-fold cross-validation), on the device and under torchrun alike; one too large for memory
     is refused (``BadInputError``), never silently replaced by another kind.
     """
     if cfg.kind == "dlae":  # closed form, on the device, across ranks under torchrun (aefeatures.model.dlae_search)
         from aefeatures.model.dlae_search import train_dlae
 
-        return train_dlae(matrix, cfg, rows=rows, validate=validate, deadline=deadline, warm=warm)
+        return train_dlae(matrix, cfg, rows=rows, validate=validate, deadline=deadline, warm=warm, folds=folds)
     # --- setup: seed, device, precision, model, optimizer, fixed once here
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

@@ -57,7 +57,28 @@ def split_users(indptr: np.ndarray, indices: np.ndarray, *, share: float, max_us
         n_valid = max(n_valid, min(min_users, len(lengths) // 2))
     n_valid = min(n_valid, max_users, len(eligible))
     valid = np.sort(rng.choice(eligible, n_valid, replace=False)) if n_valid else np.array([], np.int64)
-    train = np.setdiff1d(np.arange(len(lengths)), valid)
+    return _hiding(indptr, indices, valid, holdout, rng)
+
+
+def split_folds(indptr: np.ndarray, indices: np.ndarray, *, folds: int, holdout: float, seed: int) -> list[Split]:
+    """``folds`` splits (k-fold cross-validation over users): the users with at least 2 items
+    dealt at random into ``folds`` groups of sizes within one, each group the validation users
+    of one split (``holdout`` of their items hidden, as :func:`split_users` hides them) and
+    every other user its training users. Every eligible user validates exactly once.
+
+    Raises ``ValueError`` when ``folds`` < 2 or there are fewer eligible users than folds."""
+    rng = np.random.default_rng(seed)
+    eligible = np.flatnonzero(np.diff(indptr) >= 2)
+    if folds < 2 or len(eligible) < folds:
+        raise ValueError(f"{folds} folds need at least 2 and as many users with 2 items ({len(eligible)})")
+    groups = np.array_split(rng.permutation(eligible), folds)
+    return [_hiding(indptr, indices, np.sort(group), holdout, rng) for group in groups]
+
+
+def _hiding(indptr: np.ndarray, indices: np.ndarray, valid: np.ndarray, holdout: float,
+            rng: np.random.Generator) -> Split:
+    """The split validating ``valid``: per user at least one item hidden, at least one shown."""
+    train = np.setdiff1d(np.arange(len(indptr) - 1), valid)
     shown, hidden = [], []
     for row in valid:  # per user: hide at least one item, show at least one
         items = indices[indptr[row]:indptr[row + 1]]
