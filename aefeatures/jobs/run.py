@@ -459,14 +459,26 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
             log.warning("%s; training without evaluation, so the quality gate's metric checks are skipped", why)
         return train(matrix, cfg.model, progress=progress, deadline=deadline), None, why
 
-    def validator(split: Split) -> Callable[[Autoencoder], dict[str, float]]:
-        def validate(model: Autoencoder) -> dict[str, float]:
-            vectors = embeddings(model, split.fold_in)
+    class validator:  # noqa: N801 (a validator is called like the function it was)
+        """``validator(split)(model)``: the model's validation metrics on ``split`` (every rank's
+        users together); ``.scaled(model, scales)``: those of the model with its item vectors
+        scaled per item by each of ``scales``, its user vectors and their products computed once
+        (a dlae's popularity-correction walk)."""
+
+        def __init__(self, split: Split):
+            self.split = split
+
+        def __call__(self, model: Autoencoder) -> dict[str, float]:
+            return self.scaled(model, [None])[0]
+
+        def scaled(self, model: Autoencoder, scales: list[np.ndarray | None]) -> list[dict[str, float]]:
+            vectors = embeddings(model, self.split.fold_in)
             totals = embedding_totals(vectors, model.decoder.weight.detach().float().cpu().numpy(),
-                                      model.decoder.bias.detach().float().cpu().numpy(), split)
+                                      model.decoder.bias.detach().float().cpu().numpy(), self.split,
+                                      column_scales=scales)
             model.train()
-            return _rounded(metrics_of_totals(_summed(totals, group)))
-        return validate
+            totals = [totals] if not isinstance(totals, list) else totals
+            return [_rounded(metrics_of_totals(_summed(t, group))) for t in totals]
 
     folds = _folds(matrix, cfg, group)
     split = folds[0] if folds else split

@@ -254,12 +254,16 @@ class _Search:
                   for check, solver, fold_counts in self.folds for fitted in [solver.fit(dropout, l2)]]
         result.steps += 1
         exponent, metrics, per_fold = self.exponents[0], {}, []
-        for candidate in self.exponents:
-            _set_item_vectors(model, factors.r, counts, candidate)
-            scored = [self._validated(model)]
-            for check, other, r, fold_counts in others:
-                _set_item_vectors(other, r, fold_counts, candidate)
-                scored.append(check(other))
+        at_once = self._at_once([(self.validate, model, factors.r, counts), *others])
+        for step, candidate in enumerate(self.exponents):
+            if at_once is not None:
+                scored = [fold[step] for fold in at_once]
+            else:
+                _set_item_vectors(model, factors.r, counts, candidate)
+                scored = [self._validated(model)]
+                for check, other, r, fold_counts in others:
+                    _set_item_vectors(other, r, fold_counts, candidate)
+                    scored.append(check(other))
             mean = {k: float(np.mean([m[k] for m in scored])) for k in scored[0]}
             if metrics and mean.get(KEY_METRIC, 0.0) <= metrics.get(KEY_METRIC, 0.0):
                 break
@@ -285,6 +289,20 @@ class _Search:
             if self.validate is not None:
                 result.chosen = {"dropout": dropout, "l2": l2, "popularity_exponent": exponent}
         return score
+
+    def _at_once(self, folds: list[tuple]) -> list[list[dict[str, float]]] | None:
+        """Each fold's validation metrics at every candidate exponent, from one product of its
+        user and item vectors per fold (a validator's ``scaled``), or None when a validator
+        has no ``scaled`` (then the walk validates one exponent at a time)."""
+        if not folds[0][0] or not all(hasattr(check, "scaled") for check, *_ in folds):
+            return None
+        out = []
+        for check, model, r, counts in folds:
+            _set_item_vectors(model, r, counts, 0.0)
+            scales = [(counts.astype(np.float64) + 1.0) ** -e for e in self.exponents]
+            metrics = check.scaled(model, scales)
+            out.append(metrics if self.group is None else self.group.from_leader(metrics))
+        return out
 
     def finish(self) -> None:
         """The kept model's temperature and tie-break (set once: rankings never depend on

@@ -15,7 +15,7 @@ deterministic either way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -197,8 +197,21 @@ def popularity_ranking(item_counts: np.ndarray, split: Split, k: int, *,
 def rank_by_embeddings(user_vectors: np.ndarray, item_vectors: np.ndarray, item_bias: np.ndarray,
                        exclude: tuple[np.ndarray, np.ndarray], k: int, *,
                        chunk_scores: int = 32 * 2**20) -> np.ndarray:
-    """(n_users, k) item rows ranked by the model's score ``u · W[j] + b[j]``, best first,
-    ``exclude`` CSR items (what each user showed) left out; equal scores in any order.
+    """(n_users, k) item rows ranked by the model's score ``u · W[j] + b[j]``: the one ranking of
+    :func:`rank_by_scaled_embeddings` with every item's scale 1."""
+    return rank_by_scaled_embeddings(user_vectors, item_vectors, item_bias, exclude, k, [None],
+                                     chunk_scores=chunk_scores)[0]
+
+
+def rank_by_scaled_embeddings(user_vectors: np.ndarray, item_vectors: np.ndarray, item_bias: np.ndarray,
+                              exclude: tuple[np.ndarray, np.ndarray], k: int,
+                              column_scales: Sequence[np.ndarray | None], *,
+                              chunk_scores: int = 32 * 2**20) -> list[np.ndarray]:
+    """For each of ``column_scales`` (an (n_items,) float array s, or None for all ones), the
+    (n_users, k) int64 item rows ranked by the score ``(u · W[j]) s[j] + b[j]``, best first,
+    ``exclude`` CSR items (what each user showed) left out; equal scores in any order. The
+    products u · W are computed once for all the scales (a dlae's search tries several
+    popularity corrections of the same fit, each a per-item scale of its item vectors).
 
     Scores a chunk of users at a time into one kept buffer, and takes each row's top k with
     torch on every core: validation ranks every item for up to 10,000 users after each epoch,
@@ -212,15 +225,20 @@ def rank_by_embeddings(user_vectors: np.ndarray, item_vectors: np.ndarray, item_
     step = max(1, chunk_scores // max(n_items, 1))
     indptr, items = exclude[0], exclude[1]
     vectors, bias = _tensor(item_vectors), _tensor(item_bias)
-    scores = torch.empty(min(step, len(user_vectors)), n_items)
-    out = []
+    scales = [None if c is None else _tensor(c) for c in column_scales]
+    raw = torch.empty(min(step, len(user_vectors)), n_items)
+    scaled = torch.empty_like(raw) if any(c is not None for c in scales) else None
+    out: list[list[np.ndarray]] = [[] for _ in scales]
     for start in range(0, len(user_vectors), step):
         stop = min(start + step, len(user_vectors))
-        chunk = torch.addmm(bias, _tensor(user_vectors[start:stop]), vectors.t(), out=scores[:stop - start])
-        rows = np.repeat(np.arange(stop - start), np.diff(indptr[start:stop + 1]))
-        chunk[torch.from_numpy(rows), torch.from_numpy(items[indptr[start]:indptr[stop]].astype(np.int64))] = -np.inf
-        out.append(torch.topk(chunk, k, dim=1).indices.numpy())
-    return np.concatenate(out) if out else np.zeros((0, k), np.int64)
+        products = torch.mm(_tensor(user_vectors[start:stop]), vectors.t(), out=raw[:stop - start])
+        rows = torch.from_numpy(np.repeat(np.arange(stop - start), np.diff(indptr[start:stop + 1])))
+        shown = torch.from_numpy(items[indptr[start]:indptr[stop]].astype(np.int64))
+        for ranked, scale in zip(out, scales):
+            chunk = products + bias if scale is None else torch.addcmul(bias, products, scale, out=scaled[:stop - start])
+            chunk[rows, shown] = -np.inf
+            ranked.append(torch.topk(chunk, k, dim=1).indices.numpy())
+    return [np.concatenate(r) if r else np.zeros((0, k), np.int64) for r in out]
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -238,7 +256,11 @@ def evaluate_embeddings(user_vectors: np.ndarray, item_vectors: np.ndarray, item
 
 
 def embedding_totals(user_vectors: np.ndarray, item_vectors: np.ndarray, item_bias: np.ndarray,
-                     split: Split, ks: tuple[int, ...] = KS) -> RankingTotals:
-    """The sums behind :func:`evaluate_embeddings` (same parameters)."""
-    ranked = rank_by_embeddings(user_vectors, item_vectors, item_bias, split.fold_in, max(ks))
-    return ranking_totals(ranked, split.held_out, len(item_vectors), ks)
+                     split: Split, ks: tuple[int, ...] = KS,
+                     column_scales: Sequence[np.ndarray | None] = (None,)) -> RankingTotals | list[RankingTotals]:
+    """The sums behind :func:`evaluate_embeddings` (same parameters); with ``column_scales``
+    given, one per scale (:func:`rank_by_scaled_embeddings`)."""
+    rankings = rank_by_scaled_embeddings(user_vectors, item_vectors, item_bias, split.fold_in, max(ks), column_scales)
+    totals = [ranking_totals(ranked, split.held_out, len(item_vectors), ks) for ranked in rankings]
+    plain = len(column_scales) == 1 and column_scales[0] is None
+    return totals[0] if plain else totals
