@@ -7,7 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from aefeatures.quality.evaluate import popularity_ranking, rank_by_embeddings, ranking_metrics, split_folds, split_users, top_k
+from aefeatures.quality.evaluate import (
+    popularity_ranking,
+    rank_by_embeddings,
+    rank_by_scaled_embeddings,
+    ranking_metrics,
+    split_folds,
+    split_users,
+    top_k,
+)
 
 
 def csr(rows):
@@ -128,3 +136,16 @@ def test_rank_by_embeddings_ranks_the_whole_catalogue_when_k_exceeds_it():
                              np.zeros(5, np.float32), csr([[4], []]), 100)
     assert got.shape == (2, 5)
     assert got[0].tolist()[:4] == [3, 2, 1, 0] and got[1].tolist() == [4, 3, 2, 1, 0]  # excluded: last
+
+
+def test_scaled_rankings_equal_rankings_of_scaled_item_vectors():
+    """One product u·W for several per-item scales: each ranking is that of the item vectors
+    scaled beforehand (a dlae's popularity-correction walk), the bias added after scaling."""
+    rng = np.random.default_rng(0)
+    users, items, bias = rng.normal(size=(37, 6)), rng.normal(size=(50, 6)), rng.normal(size=50) * 1e-3
+    exclude = csr([sorted(rng.choice(50, 3, replace=False)) for _ in range(37)])
+    scales = [None, (np.arange(50) + 1.0) ** -0.2, rng.uniform(0.5, 2.0, 50)]
+    rankings = rank_by_scaled_embeddings(users, items, bias, exclude, 10, scales, chunk_scores=500)
+    for scale, ranked in zip(scales, rankings):
+        scaled = items if scale is None else items * scale[:, None]
+        np.testing.assert_array_equal(ranked, rank_by_embeddings(users, scaled, bias, exclude, 10))
