@@ -141,7 +141,7 @@ class EvaluationConfig:
     # dlae, one process: k >= 2 chooses its (p, λ, β) by k-fold cross-validation over users (every
     # user validates once; the manifest's evaluation.folds says how sure the choice is); 1 = one
     # held-out split. One split by measurement, 3 seeds: 5 folds gave 0.999× a tuned EASE against
-    # one split's 1.008× on a 591-user purchase set, 1.038× against 1.035× on a 600-user Last.fm
+    # one split's 1.007× on a 591-user purchase set, 1.038× against 1.034× on a 600-user Last.fm
     # cut: no consistent gain for 5× the fits (BENCHMARKS.md, "Choosing on small data: folds").
     folds: int = 1
     # After validation chose the epochs, train again on every user (the validation users too)
