@@ -133,6 +133,24 @@ def test_the_grown_model_keeps_every_trained_row_exactly(hidden_setup):
         torch.testing.assert_close(new[name], old[name], rtol=0, atol=0)
 
 
+def test_a_dlae_wider_than_its_rank_folds_in_on_its_used_columns(hidden_setup):
+    """dim 0 on the fixture: width 512 over ~450 trained items, the last columns zero; folding in
+    keeps them zero and scores the hidden items as the full-rank dlae trained on them."""
+    h = hidden_setup
+    wide = _train(h.partial, **{**DLAE, "dim": 0})
+    assert wide.shape.dim == 512 and (wide.input_layer.weight.abs().sum(0) == 0).any()
+    folded = fold_in_items(wide, h.full.csr, h.trained_row, dropout=DLAE["dropout"], l2=DLAE["l2"])
+    assert folded.refit_residual < 1e-3
+    unused = wide.input_layer.weight.abs().sum(0) == 0
+    for name in ("decoder.weight", "input_layer.weight"):
+        rows = folded.model.state_dict()[name][torch.from_numpy(h.hidden)]
+        assert torch.isfinite(rows).all() and (rows[:, unused] == 0).all()
+    ours = _scores(folded.model, h.full.csr, h.hidden)
+    theirs = _scores(_train(h.full, **{**DLAE, "dim": 0}), h.full.csr, h.hidden)
+    correlations = [np.corrcoef(ours[:, j], theirs[:, j])[0, 1] for j in range(len(h.hidden))]
+    assert min(correlations) > 0.99, sorted(correlations)[:5]
+
+
 def test_a_dae_gets_finite_rows_for_its_new_items(hidden_setup):
     full, hidden, trained_row = hidden_setup.full, hidden_setup.hidden, hidden_setup.trained_row
     dae = _train(hidden_setup.partial, kind="dae", dim=16, hidden=(32,), epochs=2, min_steps=0, seed=0)

@@ -122,7 +122,11 @@ def fold_in_items(model: Autoencoder, csr: CSR, trained_row: np.ndarray, *, drop
 def _fit_dlae(model: Autoencoder, x: torch.Tensor, xt: torch.Tensor, y: torch.Tensor, yt: torch.Tensor,
               known_counts: np.ndarray, new_counts: np.ndarray, *, dropout: float, l2: float
               ) -> tuple[dict[str, torch.Tensor], float]:
-    p = model.input_layer.weight.float()
+    # a dlae wider than its data's rank has zero columns (linear.Solver.fit): they stay zero, and
+    # the d × d systems below are solved on the others
+    width = model.input_layer.weight.shape[1]
+    used = torch.nonzero(model.input_layer.weight.abs().sum(0) > 0).flatten()
+    p = model.input_layer.weight.float()[:, used]
     z_known = spmm(x, p)  # (users, d): X P on the trained items, before the encoder's L2 normalisation
     shrink = dropout / (1 - dropout)
     omega_known = _weighted_gram(p, shrink * _squares(xt) + l2)
@@ -140,12 +144,18 @@ def _fit_dlae(model: Autoencoder, x: torch.Tensor, xt: torch.Tensor, y: torch.Te
         gram_r = r_known.double().T @ r_known.double() + r_new.double().T @ r_new.double()
         target = (spmm(yt, xr + spmm(y, r_new)).double() @ torch.linalg.inv(gram_r)).float()
         p_new = (target - yz + g_new[:, None].float() * p_new) / (g_new + lam_new)[:, None].float()
-    weight = model.decoder.weight.float()
+    weight = model.decoder.weight.float()[:, used]
     scale = _scale_law(weight, r_known, known_counts)
     bias = _bias_law(model.decoder.bias.double(), known_counts)
     refit = r_known * scale(known_counts)[:, None]
-    return ({"decoder.weight": r_new * scale(new_counts)[:, None], "decoder.bias": bias(new_counts),
-             "input_layer.weight": p_new}, _relative_error(refit, weight, known_counts))
+
+    def full(block: torch.Tensor) -> torch.Tensor:  # back to the model's width, zero where P is
+        out = torch.zeros(block.shape[0], width, dtype=block.dtype)
+        out[:, used] = block
+        return out
+
+    return ({"decoder.weight": full(r_new * scale(new_counts)[:, None]), "decoder.bias": bias(new_counts),
+             "input_layer.weight": full(p_new)}, _relative_error(refit, weight, known_counts))
 
 
 def _fit_by_features(model: Autoencoder, x: torch.Tensor, xt: torch.Tensor, y: torch.Tensor, yt: torch.Tensor,
