@@ -443,7 +443,6 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
     validation users together. `model.max_minutes` bounds both phases together. The third
     value says why there is no validation (None when there is).
     """
-    from aefeatures.model.embed import embeddings
     from aefeatures.model.train import train
 
     ev = cfg.evaluation
@@ -459,32 +458,11 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
             log.warning("%s; training without evaluation, so the quality gate's metric checks are skipped", why)
         return train(matrix, cfg.model, progress=progress, deadline=deadline), None, why
 
-    class validator:  # noqa: N801 (a validator is called like the function it was)
-        """``validator(split)(model)``: the model's validation metrics on ``split`` (every rank's
-        users together); ``.scaled(model, scales)``: those of the model with its item vectors
-        scaled per item by each of ``scales``, its user vectors and their products computed once
-        (a dlae's popularity-correction walk)."""
-
-        def __init__(self, split: Split):
-            self.split = split
-
-        def __call__(self, model: Autoencoder) -> dict[str, float]:
-            return self.scaled(model, [None])[0]
-
-        def scaled(self, model: Autoencoder, scales: list[np.ndarray | None]) -> list[dict[str, float]]:
-            vectors = embeddings(model, self.split.fold_in)
-            totals = embedding_totals(vectors, model.decoder.weight.detach().float().cpu().numpy(),
-                                      model.decoder.bias.detach().float().cpu().numpy(), self.split,
-                                      column_scales=scales)
-            model.train()
-            totals = [totals] if not isinstance(totals, list) else totals
-            return [_rounded(metrics_of_totals(_summed(t, group))) for t in totals]
-
     folds = _folds(matrix, cfg, group)
     split = folds[0] if folds else split
-    validate = validator(split)
+    validate = _Validator(split, group)
     trained = train(matrix, cfg.model, rows=split.train_rows, validate=validate, progress=progress,
-                    deadline=deadline, folds=[(f.train_rows, validator(f)) for f in folds[1:]])
+                    deadline=deadline, folds=[(f.train_rows, _Validator(f, group)) for f in folds[1:]])
     final = validate(trained.model)  # the restored best weights (or untrained, with 0 epochs)
     trained.model.eval()
     evaluation = {
@@ -500,6 +478,30 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
         users = matrix.shape[0] if group is None else int(group.reduce_array(np.array([matrix.shape[0]]))[0])
         trained.refit = _refit(matrix, cfg, trained, progress, deadline, users)
     return trained, evaluation, None
+
+
+class _Validator:
+    """``_Validator(split, group)(model)``: the model's validation metrics on ``split`` (every
+    rank's users together under torchrun); ``.scaled(model, scales)``: those of the model with its
+    item vectors scaled per item by each of ``scales``, its user vectors and their products
+    computed once (a dlae's popularity-correction walk)."""
+
+    def __init__(self, split: Split, group: distributed.Group | None):
+        self.split, self.group = split, group
+
+    def __call__(self, model: Autoencoder) -> dict[str, float]:
+        return self.scaled(model, [None])[0]
+
+    def scaled(self, model: Autoencoder, scales: list[np.ndarray | None]) -> list[dict[str, float]]:
+        from aefeatures.model.embed import embeddings
+
+        vectors = embeddings(model, self.split.fold_in)
+        totals = embedding_totals(vectors, model.decoder.weight.detach().float().cpu().numpy(),
+                                  model.decoder.bias.detach().float().cpu().numpy(), self.split,
+                                  column_scales=scales)
+        model.train()
+        totals = [totals] if not isinstance(totals, list) else totals
+        return [_rounded(metrics_of_totals(_summed(t, self.group))) for t in totals]
 
 
 def _folds(matrix: InteractionMatrix, cfg: JobConfig, group: distributed.Group | None) -> list[Split]:
