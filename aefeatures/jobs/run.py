@@ -35,10 +35,10 @@ from aefeatures.quality.evaluate import (
     KS,
     RankingTotals,
     Split,
-    embedding_totals,
     metrics_of_totals,
     popularity_ranking,
     ranking_totals,
+    scaled_embedding_totals,
     split_folds,
     split_users,
 )
@@ -496,11 +496,9 @@ class _Validator:
         from aefeatures.model.embed import embeddings
 
         vectors = embeddings(model, self.split.fold_in)
-        totals = embedding_totals(vectors, model.decoder.weight.detach().float().cpu().numpy(),
-                                  model.decoder.bias.detach().float().cpu().numpy(), self.split,
-                                  column_scales=scales)
+        totals = scaled_embedding_totals(vectors, model.decoder.weight.detach().float().cpu().numpy(),
+                                         model.decoder.bias.detach().float().cpu().numpy(), self.split, scales)
         model.train()
-        totals = [totals] if not isinstance(totals, list) else totals
         return [_rounded(metrics_of_totals(_summed(t, self.group))) for t in totals]
 
 
@@ -509,9 +507,10 @@ def _folds(matrix: InteractionMatrix, cfg: JobConfig, group: distributed.Group |
     split: one process only (under torchrun each rank keeps its own split); other kinds, which
     would train k times, keep the one split (the run says so)."""
     k = cfg.evaluation.folds
-    if k >= 2 and (cfg.model.kind != "dlae" or group is not None):
+    if k < 2:
+        return []
+    if cfg.model.kind != "dlae" or group is not None:
         log.warning("evaluation.folds = %d applies to a dlae in one process; this run validates on one split", k)
-    if k < 2 or cfg.model.kind != "dlae" or group is not None:
         return []
     eligible = int((matrix.row_lengths() >= 2).sum())
     if eligible < 2 * k:
@@ -526,8 +525,9 @@ def _fold_summary(trained: TrainResult, k: int) -> dict[str, Any]:
     fits = [h for h in trained.history if "folds" in h]
     if not fits or trained.best_epoch == 0:
         return {"k": k}
-    chosen = trained.history[trained.best_epoch - 1]["folds"]
-    agree = sum(max(fits, key=lambda h: h["folds"][i]) is trained.history[trained.best_epoch - 1] for i in range(k))
+    best = trained.history[trained.best_epoch - 1]
+    chosen = best["folds"]
+    agree = sum(max(fits, key=lambda h: h["folds"][i]) is best for i in range(k))
     return {"k": k, KEY_METRIC: chosen, "mean": round(float(np.mean(chosen)), 5),
             "spread": round(float(np.ptp(chosen)), 5), "folds_choosing_it": agree}
 

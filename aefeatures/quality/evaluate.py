@@ -256,11 +256,14 @@ def evaluate_embeddings(user_vectors: np.ndarray, item_vectors: np.ndarray, item
 
 
 def embedding_totals(user_vectors: np.ndarray, item_vectors: np.ndarray, item_bias: np.ndarray,
-                     split: Split, ks: tuple[int, ...] = KS,
-                     column_scales: Sequence[np.ndarray | None] = (None,)) -> RankingTotals | list[RankingTotals]:
-    """The sums behind :func:`evaluate_embeddings` (same parameters); with ``column_scales``
-    given, one per scale (:func:`rank_by_scaled_embeddings`)."""
+                     split: Split, ks: tuple[int, ...] = KS) -> RankingTotals:
+    """The sums behind :func:`evaluate_embeddings` (same parameters)."""
+    return scaled_embedding_totals(user_vectors, item_vectors, item_bias, split, [None], ks)[0]
+
+
+def scaled_embedding_totals(user_vectors: np.ndarray, item_vectors: np.ndarray, item_bias: np.ndarray,
+                            split: Split, column_scales: Sequence[np.ndarray | None],
+                            ks: tuple[int, ...] = KS) -> list[RankingTotals]:
+    """:func:`embedding_totals` for each of ``column_scales`` (:func:`rank_by_scaled_embeddings`)."""
     rankings = rank_by_scaled_embeddings(user_vectors, item_vectors, item_bias, split.fold_in, max(ks), column_scales)
-    totals = [ranking_totals(ranked, split.held_out, len(item_vectors), ks) for ranked in rankings]
-    plain = len(column_scales) == 1 and column_scales[0] is None
-    return totals[0] if plain else totals
+    return [ranking_totals(ranked, split.held_out, len(item_vectors), ks) for ranked in rankings]
