@@ -100,6 +100,13 @@ class ModelConfig:
     # (its item vector is scaled); with validation the exponent is chosen from a grid that
     # includes this value, as the dropout is
     popularity_exponent: float = 0.0
+    # dlae: a sparse item-item part beside the bottleneck (aefeatures.model.neighbours), this many
+    # neighbours an item, where the width is below the data's rank; 0 = none. With validation
+    # the search tries it at each weight of NEIGHBOUR_WEIGHTS and keeps it only where it scores
+    # higher; neighbour_weight is then the chosen γ (0: not kept), and without validation the
+    # γ fitted (0: none)
+    neighbours: int = 64
+    neighbour_weight: float = 0.0
     beta_cap: float = 0.2  # vae: KL weight is annealed linearly up to this cap
     anneal_steps: int = 20000  # vae: optimizer steps to reach beta_cap
     # recvae: γ of RecVAE, the KL weight per unit of a user's interaction weight (a user's KL
@@ -340,6 +347,8 @@ def _check_values(path: Path, cfg: JobConfig) -> None:
         ("model.weight_decay", m.weight_decay, m.weight_decay >= 0, "it must be 0 or more"),
         ("model.dropout", m.dropout, 0 <= m.dropout < 1, "it must be in [0, 1)"),
         ("model.popularity_exponent", m.popularity_exponent, 0 <= m.popularity_exponent <= 1, "it must be in [0, 1]"),
+        ("model.neighbours", m.neighbours, m.neighbours >= 0, "it must be 0 (none) or more"),
+        ("model.neighbour_weight", m.neighbour_weight, m.neighbour_weight >= 0, "it must be 0 (none) or more"),
         ("model.beta_cap", m.beta_cap, m.beta_cap >= 0, "it must be 0 or more"),
         ("model.anneal_steps", m.anneal_steps, m.anneal_steps >= 1, "it must be at least 1"),
         ("model.gamma", m.gamma, m.gamma >= 0, "it must be 0 or more"),

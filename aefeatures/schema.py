@@ -213,6 +213,27 @@ def interactions_schema(user_type: pa.DataType, item_type: pa.DataType) -> pa.Sc
     )
 
 
+def neighbours_schema(item_type: pa.DataType) -> pa.Schema:
+    """`item_neighbours.parquet`: a dlae's sparse item–item part, present in a version whose
+    manifest has an `item_neighbours` section. Rows are sorted by (`neighbour_row`, `item_row`).
+
+    A user's model score for item j is then ``user.embedding · item.embedding + item.bias`` plus,
+    over the rows with `item_id` j whose `neighbour_id` the user has, ``x · weight``, x the
+    interaction's `weight` in `interactions.parquet` (the value the model reads: 1 when the job
+    binarizes). `item_row` / `neighbour_row` are row numbers in items.parquet. No item is its own
+    neighbour; every weight is finite.
+    """
+    return pa.schema(
+        [
+            pa.field(ITEM, item_type, nullable=False),
+            pa.field("neighbour_id", item_type, nullable=False),
+            pa.field("item_row", pa.int32(), nullable=False),
+            pa.field("neighbour_row", pa.int32(), nullable=False),
+            pa.field("weight", pa.float32(), nullable=False),
+        ]
+    )
+
+
 def table_metadata(name: str, version: str, dim: int) -> dict[bytes, bytes]:
     """Parquet key-value metadata carried by every table of a version."""
     return {

@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (split and model)")
     parser.add_argument("--model", action="append", default=[], help="KEY=VALUE overriding a model default")
     parser.add_argument("--folds", type=int, default=1, help="evaluation.folds: k >= 2 for a dlae's k-fold search")
+    parser.add_argument("--ease-lambdas", default=",".join(f"{v:g}" for v in LAMBDAS[3:8]),
+                        help="EASE's λ grid (a fit each: ~3 min at 18k items here), or 'none' (no EASE row)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     absent = data_absent(args)
@@ -199,19 +201,8 @@ def run_seed(frame: pl.DataFrame, seed: int, args: argparse.Namespace, overrides
     ranked = top_k(np.broadcast_to(counts, (matrix.shape[0], n_items)).copy(), seen, max(KS))
     record("popularity", metrics(ranked, held, n_items), 0.0)
 
-    everyone = np.arange(matrix.shape[0])
-    ease = EASE(matrix.csr, everyone, n_items)
-    x = dense_rows(matrix.csr, everyone, n_items)
-    best = None
-    for lam in LAMBDAS[3:8]:  # 30 .. 3000
-        start = time.perf_counter()
-        scores = ease.scorer(lam)(x)
-        seconds = time.perf_counter() - start
-        m = metrics(top_k(scores, seen, max(KS)), held, n_items)
-        if best is None or m["ndcg@100"] > best[0]["ndcg@100"]:
-            best = (m, seconds, lam)
-    record("EASE", best[0], best[1], **{"lambda": best[2]})
-    del ease, x
+    if args.ease_lambdas != "none":
+        record_ease(matrix, held, seen, args.ease_lambdas, record)
 
     for kind in args.kinds.split(","):
         for dim in [int(d) for d in args.dims.split(",")]:
@@ -222,18 +213,38 @@ def run_seed(frame: pl.DataFrame, seed: int, args: argparse.Namespace, overrides
             trained, evaluation, _ = _train_and_evaluate(matrix, job, progress=False)
             seconds = time.perf_counter() - start
             vectors, _ = encode(trained.model, matrix.csr)
+            part = trained.model.neighbours  # a dlae's sparse item-item part: its scores are the model's too
             ranked = rank_by_embeddings(vectors, trained.model.decoder.weight.detach().float().numpy(),
-                                        trained.model.decoder.bias.detach().float().numpy(), seen, max(KS))
+                                        trained.model.decoder.bias.detach().float().numpy(), seen, max(KS),
+                                        extra=None if part is None else part.row_scores(*matrix.csr))
             record(f"{kind} d={model_cfg.dim}", metrics(ranked, held, n_items), seconds,
                    best_epoch=trained.best_epoch, stop=trained.stop_reason, chosen=trained.chosen,
-                   refit=(trained.refit or {}).get("status"), valid_ndcg=evaluation["model"]["ndcg@100"])
+                   refit=(trained.refit or {}).get("status"), valid_ndcg=evaluation["model"]["ndcg@100"],
+                   neighbours=0 if part is None else part.nnz)
     return out
+
+
+def record_ease(matrix, held: CSR, seen: tuple, lambdas: str, record) -> None:
+    """EASE on all training rows with λ picked on the hidden items from ``lambdas`` (comma-separated)."""
+    n_items = matrix.shape[1]
+    everyone = np.arange(matrix.shape[0])
+    ease = EASE(matrix.csr, everyone, n_items)
+    x = dense_rows(matrix.csr, everyone, n_items)
+    best = None
+    for lam in [float(v) for v in lambdas.split(",")]:
+        start = time.perf_counter()
+        scores = ease.scorer(lam)(x)
+        seconds = time.perf_counter() - start
+        m = metrics(top_k(scores, seen, max(KS)), held, n_items)
+        if best is None or m["ndcg@100"] > best[0]["ndcg@100"]:
+            best = (m, seconds, lam)
+    record("EASE", best[0], best[1], **{"lambda": best[2]})
 
 
 def table(results: list[dict]) -> str:
     """Markdown: mean ± spread (max - min over seeds) per method, and NDCG@100 / EASE's."""
     methods = list(dict.fromkeys(r["method"] for r in results))
-    ease = np.mean([r["ndcg@100"] for r in results if r["method"] == "EASE"])
+    ease = np.mean([r["ndcg@100"] for r in results if r["method"] == "EASE"] or [np.nan])
     lines = ["| method | seeds | " + " | ".join(ROW_NAMES) + " | NDCG@100 / EASE | train s |",
              "| --- | --- |" + " ---: |" * (len(ROW_NAMES) + 2)]
     for method in methods:

@@ -30,7 +30,7 @@ def test_a_dlae_walks_the_popularity_exponent_while_validation_rises_and_scales_
         calls.append(model.decoder.weight.detach().clone())
         return {"ndcg@100": next(scripted)}
 
-    cfg = ModelConfig(kind="dlae", dim=8, dropout=DLAE_DROPOUTS[0])
+    cfg = ModelConfig(kind="dlae", dim=8, dropout=DLAE_DROPOUTS[0], neighbours=0)
     result = train(matrix, cfg, validate=validate, progress=False)
     chosen = DLAE_POPULARITY_EXPONENTS[2]
     assert result.chosen == {"dropout": DLAE_DROPOUTS[0], "l2": cfg.l2, "popularity_exponent": chosen}
@@ -63,7 +63,7 @@ def test_a_dlae_walks_l2_up_from_the_best_dropout_while_validation_rises(matrix)
     # p: the first best, the second next; λ at the first rises twice, at the second never
     per_fit = [0.30, 0.25] + [0.20] * (len(DLAE_DROPOUTS) - 2) + [0.31, 0.33, 0.32] + [0.24, 0.24]
     scripted = iter([v for score in per_fit for v in (score, score - 0.01)])
-    result = train(matrix, ModelConfig(kind="dlae", dim=8, dropout=DLAE_DROPOUTS[0], l2=50.0),
+    result = train(matrix, ModelConfig(kind="dlae", dim=8, dropout=DLAE_DROPOUTS[0], l2=50.0, neighbours=0),
                    validate=lambda model: {"ndcg@100": next(scripted)}, progress=False)
     walked = result.history[len(DLAE_DROPOUTS):]
     assert [h["dropout"] for h in walked] == [DLAE_DROPOUTS[0]] * 3 + [DLAE_DROPOUTS[1]] * 2
@@ -87,7 +87,7 @@ def test_above_search_users_the_search_fits_a_sample_with_lambda_scaled_then_eve
     monkeypatch.setattr(linear.Solver, "fit", recording)
     rows = np.arange(1, matrix.shape[0], 2)  # the training rows: every other user (1,015)
     scores = iter(np.linspace(0.1, 0.9, 200))  # every validation better than the last: the walks go far
-    result = train(matrix, ModelConfig(kind="dlae", dim=8), rows=rows,
+    result = train(matrix, ModelConfig(kind="dlae", dim=8, neighbours=0), rows=rows,
                    validate=lambda model: {"ndcg@100": float(next(scores))}, progress=False)
     *search, final = fitted
     share = 500 / len(rows)
@@ -115,7 +115,7 @@ def test_above_search_users_the_search_fits_a_sample_with_lambda_scaled_then_eve
 
 def test_below_search_users_every_fit_uses_every_training_user(matrix):
     rows = np.arange(0, matrix.shape[0], 3)
-    result = train(matrix, ModelConfig(kind="dlae", dim=8), rows=rows,
+    result = train(matrix, ModelConfig(kind="dlae", dim=8, neighbours=0), rows=rows,
                    validate=lambda model: {"ndcg@100": 0.5}, progress=False)
     assert {h["users"] for h in result.history} == {len(rows)}
     assert result.best_epoch == 1  # ties keep the first fit

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aefeatures import __version__, errors, schema
@@ -110,6 +111,7 @@ def _embed_and_publish(cfg: JobConfig, fingerprint: str, live: dict[str, Any], f
                 save_model(model, staging / layout.MODEL_DIR)
                 index_info = _rebuild_index(staging, emb, live, seed=cfg.model.seed)
             _copy_attributes(cfg, source, staging, item_ids, grown=folded is not None)
+            _copy_neighbours(source, staging, item_ids, grown=folded is not None)
         with _timed(timings, "check"):
             publish.check_finite(staging)  # a NaN embedding, bias or score is never published
         manifest = {
@@ -216,6 +218,23 @@ def _copy_attributes(cfg: JobConfig, source: Path, staging: Path, item_ids: pl.S
     frame = read_attributes(cfg.items) if cfg.items.path is not None else pl.read_parquet(source / layout.ATTRIBUTES, glob=False)
     aligned, _ = align_attributes(frame, item_ids, str(cfg.items.path or source / layout.ATTRIBUTES))
     tables.write_attributes(staging, aligned)
+
+
+def _copy_neighbours(source: Path, staging: Path, item_ids: pl.Series, *, grown: bool) -> None:
+    """The live version's sparse item-item part, where it has one: the same file, or for a grown
+    catalogue the same entries with their item rows renumbered (a folded-in item has none)."""
+    path = source / layout.NEIGHBOURS
+    if not path.is_file():
+        return
+    if not grown:
+        _link_or_copy(path, staging / layout.NEIGHBOURS)
+        return
+    table = pq.read_table(path)
+    rows = [pa.array(item_ids.search_sorted(pl.from_arrow(table.column(c))).to_numpy().astype(np.int32))
+            for c in (ITEM, "neighbour_id")]
+    table = table.set_column(2, "item_row", rows[0]).set_column(3, "neighbour_row", rows[1])
+    order = np.lexsort((rows[0].to_numpy(), rows[1].to_numpy()))
+    pq.write_table(table.take(pa.array(order)), staging / layout.NEIGHBOURS, compression="zstd")
 
 
 def _fold_summary(folded, too_few: dict[Any, int], enabled: bool) -> dict[str, Any]:

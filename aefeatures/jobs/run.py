@@ -368,6 +368,9 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
                 counts = {"users": total["users"], "items": matrix.shape[1], "interactions": total["interactions"]}
                 read_counts = {key: total[key] for key in ("rows_read", "rows_kept")}
             save_model(made.trained.model, staging / layout.MODEL_DIR)
+            part = made.trained.model.neighbours
+            neighbours = None if part is None else tables.write_neighbours(
+                staging, part, matrix.item_ids, name=name, version=version, dim=emb.dim)
             attribute_summary = None
             if attributes is not None:
                 aligned, attribute_summary = align_attributes(attributes, matrix.item_ids, str(cfg.items.path))
@@ -402,6 +405,7 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
                       "timestamps": interactions.timestamps},
             "counts": counts,
             "dim": emb.dim,
+            "item_neighbours": neighbours,  # a dlae's sparse item-item part (item_neighbours.parquet), or None
             "id_types": {"user": str(matrix.user_ids.dtype), "item": str(matrix.item_ids.dtype)},
             "training": _training_summary(made.trained),
             "evaluation": made.evaluation,
@@ -496,8 +500,11 @@ class _Validator:
         from aefeatures.model.embed import embeddings
 
         vectors = embeddings(model, self.split.fold_in)
+        rows = self.split.fold_in
+        extra = None if model.neighbours is None else model.neighbours.row_scores(rows.indptr, rows.indices, rows.values)
         totals = scaled_embedding_totals(vectors, model.decoder.weight.detach().float().cpu().numpy(),
-                                         model.decoder.bias.detach().float().cpu().numpy(), self.split, scales)
+                                         model.decoder.bias.detach().float().cpu().numpy(), self.split, scales,
+                                         extra=extra)
         model.train()
         return [_rounded(metrics_of_totals(_summed(t, self.group))) for t in totals]
 

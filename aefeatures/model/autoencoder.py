@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aefeatures.model import kernels
+from aefeatures.model.neighbours import ItemNeighbours
 from aefeatures.store.encoder import ENCODER_DIR, write_encoder
 
 WEIGHTS_FILE = "weights.pt"
@@ -104,6 +105,9 @@ class Autoencoder(nn.Module):
                                    for _ in range(RECVAE_LAYERS if shape.kind == "recvae" else 0))
         # Set by training on a CPU: the input layer's gradient is then written into a kept buffer.
         self.workspace: kernels.Workspace | None = None
+        # A dlae's sparse item-item part (aefeatures.model.neighbours), its scores added to the
+        # decoder's; not a parameter: the version stores it as item_neighbours.parquet.
+        self.neighbours: ItemNeighbours | None = None
         for layer in [*self.encoder, self.decoder]:
             nn.init.xavier_uniform_(layer.weight)
             nn.init.normal_(layer.bias, std=0.001)

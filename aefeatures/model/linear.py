@@ -226,11 +226,26 @@ class Solver:
         self.reduced_bytes += tensor.numel() * tensor.element_size()
         return self.reduce(tensor)
 
+    def penalty(self, dropout: float, l2: float) -> torch.Tensor:
+        """Λ's diagonal, p/(1-p) · diag(G) + λ: (n_items,) float64 on the solver's device."""
+        return (dropout / (1.0 - dropout) * self.colsq + l2).to(self.device)
+
+    def item_gram(self) -> torch.Tensor:
+        """G = XᵀX over the solver's users (every rank's summed), (n_items, n_items) float32
+        dense on its device: the items path's own Gram, computed once; on the other paths
+        computed on each call and not kept."""
+        if self.method == "items":
+            if self.gram is None:
+                self.gram = self._sum(_gram(self.x, self.xt, self.device))
+                self.flops_gram = 2.0 * self.nnz * self.n_items
+            return self.gram
+        return self._sum(_gram(self.x, self.xt, self.device))
+
     def fit(self, dropout: float, l2: float) -> Factors:
         """The rank-``dim`` DLAE at dropout p = ``dropout`` in [0, 1) and λ = ``l2`` > 0.
         When the data's rank is below ``dim`` the last columns are zero."""
         started, reduced = time.perf_counter(), self.reduced_bytes
-        lam = (dropout / (1.0 - dropout) * self.colsq + l2).to(self.device)  # (n_items,) float64
+        lam = self.penalty(dropout, l2)
         solve = {"sketch": self._sketch, "users": self._users, "items": self._exact}[self.method]
         p, r, iterations, flops = solve(lam)
         out_p = torch.zeros(self.n_items, self.dim, dtype=torch.float32, device=self.device)

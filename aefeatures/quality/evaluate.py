@@ -15,7 +15,7 @@ deterministic either way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -196,22 +196,27 @@ def popularity_ranking(item_counts: np.ndarray, split: Split, k: int, *,
 
 def rank_by_embeddings(user_vectors: np.ndarray, item_vectors: np.ndarray, item_bias: np.ndarray,
                        exclude: tuple[np.ndarray, np.ndarray], k: int, *,
+                       extra: Callable[[int, int], Any] | None = None,
                        chunk_scores: int = 32 * 2**20) -> np.ndarray:
-    """(n_users, k) item rows ranked by the model's score ``u · W[j] + b[j]``: the one ranking of
-    :func:`rank_by_scaled_embeddings` with every item's scale 1."""
-    return rank_by_scaled_embeddings(user_vectors, item_vectors, item_bias, exclude, k, [None],
+    """(n_users, k) item rows ranked by the model's score ``u · W[j] + b[j]`` (plus ``extra``):
+    the one ranking of :func:`rank_by_scaled_embeddings` with every item's scale 1."""
+    return rank_by_scaled_embeddings(user_vectors, item_vectors, item_bias, exclude, k, [None], extra=extra,
                                      chunk_scores=chunk_scores)[0]
 
 
 def rank_by_scaled_embeddings(user_vectors: np.ndarray, item_vectors: np.ndarray, item_bias: np.ndarray,
                               exclude: tuple[np.ndarray, np.ndarray], k: int,
                               column_scales: Sequence[np.ndarray | None], *,
+                              extra: Callable[[int, int], Any] | None = None,
                               chunk_scores: int = 32 * 2**20) -> list[np.ndarray]:
     """For each of ``column_scales`` (an (n_items,) float array s, or None for all ones), the
     (n_users, k) int64 item rows ranked by the score ``(u · W[j]) s[j] + b[j]``, best first,
     ``exclude`` CSR items (what each user showed) left out; equal scores in any order. The
     products u · W are computed once for all the scales (a dlae's search tries several
     popularity corrections of the same fit, each a per-item scale of its item vectors).
+    ``extra(start, stop)``, where given, is a (stop - start, n_items) float32 tensor added to
+    u · W of those users before the scale (a dlae's sparse item-item part:
+    :meth:`aefeatures.model.neighbours.ItemNeighbours.row_scores`).
 
     Scores a chunk of users at a time into one kept buffer, and takes each row's top k with
     torch on every core: validation ranks every item for up to 10,000 users after each epoch,
@@ -232,6 +237,8 @@ def rank_by_scaled_embeddings(user_vectors: np.ndarray, item_vectors: np.ndarray
     for start in range(0, len(user_vectors), step):
         stop = min(start + step, len(user_vectors))
         products = torch.mm(_tensor(user_vectors[start:stop]), vectors.t(), out=raw[:stop - start])
+        if extra is not None:
+            products += extra(start, stop)
         rows = torch.from_numpy(np.repeat(np.arange(stop - start), np.diff(indptr[start:stop + 1])))
         shown = torch.from_numpy(items[indptr[start]:indptr[stop]].astype(np.int64))
         for ranked, scale in zip(out, scales):
@@ -263,7 +270,10 @@ def embedding_totals(user_vectors: np.ndarray, item_vectors: np.ndarray, item_bi
 
 def scaled_embedding_totals(user_vectors: np.ndarray, item_vectors: np.ndarray, item_bias: np.ndarray,
                             split: Split, column_scales: Sequence[np.ndarray | None],
-                            ks: tuple[int, ...] = KS) -> list[RankingTotals]:
-    """:func:`embedding_totals` for each of ``column_scales`` (:func:`rank_by_scaled_embeddings`)."""
-    rankings = rank_by_scaled_embeddings(user_vectors, item_vectors, item_bias, split.fold_in, max(ks), column_scales)
+                            ks: tuple[int, ...] = KS, *,
+                            extra: Callable[[int, int], Any] | None = None) -> list[RankingTotals]:
+    """:func:`embedding_totals` for each of ``column_scales`` (:func:`rank_by_scaled_embeddings`,
+    ``extra`` as there)."""
+    rankings = rank_by_scaled_embeddings(user_vectors, item_vectors, item_bias, split.fold_in, max(ks), column_scales,
+                                         extra=extra)
     return [ranking_totals(ranked, split.held_out, len(item_vectors), ks) for ranked in rankings]

@@ -36,6 +36,7 @@ REFUSED = "refused"
 MANIFEST = "manifest.json"
 USERS, ITEMS, INTERACTIONS = "users.parquet", "items.parquet", "interactions.parquet"
 ATTRIBUTES = "attributes.parquet"  # optional: item attributes in item-row order (`[items]` in the job)
+NEIGHBOURS = "item_neighbours.parquet"  # optional: a dlae's sparse item-item part (manifest `item_neighbours`)
 INDEX = "items.faiss"
 MODEL_DIR = "model"
 VERSION_FORMAT = "%Y%m%dT%H%M%S.%fZ"

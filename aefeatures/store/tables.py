@@ -14,11 +14,12 @@ import pyarrow.parquet as pq
 
 from aefeatures import schema
 from aefeatures.quality.anomaly import anomaly_scores
-from aefeatures.store.layout import ATTRIBUTES, INTERACTIONS, ITEMS, USERS
+from aefeatures.store.layout import ATTRIBUTES, INTERACTIONS, ITEMS, NEIGHBOURS, USERS
 
 if TYPE_CHECKING:
     from aefeatures.data.matrix import InteractionMatrix
     from aefeatures.model.embed import Embeddings
+    from aefeatures.model.neighbours import ItemNeighbours
 USERS_PER_ROW_GROUP = 65_536  # users.parquet row groups: 16 MiB of 64-dim vectors
 PAIRS_PER_ROW_GROUP = 1 << 20  # interactions.parquet row groups (whole users each)
 _PARTS = ".parts"  # a version's part files while several ranks write it
@@ -100,6 +101,25 @@ def write_attributes(folder: Path, table) -> None:
     :func:`aefeatures.data.attributes.align_attributes`: ``item_id`` first, one row per item in
     item-row order) to `attributes.parquet`."""
     table.write_parquet(folder / ATTRIBUTES, compression="zstd")
+
+
+def write_neighbours(folder: Path, part: ItemNeighbours, item_ids, *, name: str, version: str, dim: int) -> dict[str, int]:
+    """Write a dlae's sparse item-item part to `item_neighbours.parquet`
+    (:func:`aefeatures.schema.neighbours_schema`: its weights with their column scale, as the
+    model scores) and return the manifest's `item_neighbours` section. ``item_ids``: the
+    version's item ids in item-row order (a Polars Series)."""
+    ids = _ids(item_ids)
+    meta = schema.table_metadata(name, version, dim)
+    sources, targets = part.sources.astype(np.int32), part.targets.astype(np.int32)
+    table = pa.Table.from_arrays([
+        ids.take(pa.array(targets)),
+        ids.take(pa.array(sources)),
+        pa.array(targets),
+        pa.array(sources),
+        pa.array(part.scaled_weights()),
+    ], schema=schema.neighbours_schema(ids.type).with_metadata(meta))
+    pq.write_table(table, folder / NEIGHBOURS, compression="zstd")
+    return {"per_item": part.per_item, "entries": part.nnz}
 
 
 def join_parts(folder: Path, world_size: int) -> None:
