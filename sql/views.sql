@@ -1,7 +1,9 @@
 -- DuckDB views and macros over feature set `${name}` (rendered by aefeatures at each publish
 -- into STORE/catalog.sql; `duckdb -init STORE/catalog.sql` or run the file to get them).
 -- `embedding` is FLOAT[${dim}] so array_cosine_similarity / array_inner_product work.
--- A user's model score for an item is array_inner_product(u.embedding, i.embedding) + i.bias.
+-- A user's model score for an item is array_inner_product(u.embedding, i.embedding) + i.bias,
+-- plus, where the version has an item-item part, the sum of x * weight over the rows of
+-- `${name}_item_neighbours` for that item whose neighbour_id the user has (x: the interaction's weight).
 
 -- Live version ----------------------------------------------------------------------------------
 CREATE OR REPLACE VIEW "${name}_users" AS
@@ -19,6 +21,12 @@ FROM read_parquet(${items}) i${attribute_join};
 
 CREATE OR REPLACE VIEW "${name}_interactions" AS
 SELECT user_id, item_id, weight FROM read_parquet(${interactions});
+
+-- The sparse item-item part of the live version (a dlae's, where it has one; no rows otherwise):
+-- a user who has `neighbour_id`, with weight x in `${name}_interactions`, gets x * weight added to
+-- `item_id`'s score. No item is its own neighbour.
+CREATE OR REPLACE VIEW "${name}_item_neighbours" AS
+${item_neighbours};
 
 -- Every published version (point-in-time questions) --------------------------------------------
 -- A version's values are valid from its valid_from (every row's event_timestamp: when its tables
@@ -77,10 +85,10 @@ FROM "${name}_users" q, "${name}_users" o
 WHERE q.user_id = user::${user_type} AND o.user_id <> user::${user_type}
 ORDER BY score DESC, o.user_id LIMIT k;
 
--- Items for `user`, scored as the model scores them, items they already have left out
--- (as `aefeatures recommend`).
+-- Items for `user`, scored as the model scores them (the item-item part included), items they
+-- already have left out (as `aefeatures recommend`).
 CREATE OR REPLACE MACRO "${name}_recommend"(user, k) AS TABLE
-SELECT i.item_id, array_inner_product(u.embedding, i.embedding) + i.bias AS score
+SELECT i.item_id, ${score} AS score
 FROM "${name}_users" u, "${name}_items" i
 WHERE u.user_id = user::${user_type}
   AND i.item_id NOT IN (SELECT s.item_id FROM "${name}_interactions" s WHERE s.user_id = user::${user_type})
@@ -91,7 +99,7 @@ ORDER BY score DESC, i.item_id LIMIT k;
 -- the query's own SQL, not checked: it can do whatever the query around it can.
 --   SELECT * FROM ${name}_recommend_where(42, 10, category = 'books' AND in_stock);
 CREATE OR REPLACE MACRO "${name}_recommend_where"(user, k, keep) AS TABLE
-SELECT i.item_id, array_inner_product(u.embedding, i.embedding) + i.bias AS score
+SELECT i.item_id, ${score} AS score
 FROM "${name}_users" u, "${name}_items" i
 WHERE u.user_id = user::${user_type} AND (keep)
   AND i.item_id NOT IN (SELECT s.item_id FROM "${name}_interactions" s WHERE s.user_id = user::${user_type})

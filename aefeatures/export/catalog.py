@@ -2,7 +2,8 @@
 
 `duckdb -init STORE/catalog.sql` (or ``con.execute(open(...).read())``) defines, for every
 feature set, views over its live version (`<name>_users`, `<name>_items`,
-`<name>_interactions`), over every published version (`<name>_versions`, `<name>_drift`, `<name>_users_all`,
+`<name>_interactions`, `<name>_item_neighbours`: the item-item part, without rows for a version
+that has none), over every published version (`<name>_versions`, `<name>_drift`, `<name>_users_all`,
 `<name>_items_all`) and macros (`<name>_recommend`, `<name>_similar_items`,
 `<name>_similar_users`, `<name>_user_embedding_asof`, `<name>_item_embedding_asof`, and the filtered
 `<name>_recommend_where`, `<name>_similar_items_where`). `<name>_items` carries the item attributes,
@@ -176,6 +177,7 @@ def render_views(root: Path, name: str) -> str:
                                 "which DuckDB cannot read as it is written. Move the store to a path without them.")
     try:
         current = _read_version(root, name, live, (layout.USERS, layout.ITEMS, layout.INTERACTIONS))
+        neighbours = _neighbour_parts(name, current)
     except _LeftOut as exc:
         raise errors.StoreError(f"feature set `{name}` has no SQL views: its live version {live!r} cannot be "
                                 f"read ({exc}). Publish a new version (run its job again).") from None
@@ -199,6 +201,7 @@ def render_views(root: Path, name: str) -> str:
         items=_path_literal(folder / layout.ITEMS),
         interactions=_path_literal(folder / layout.INTERACTIONS),
         **_attribute_parts(name, current),
+        **neighbours,
         version_rows=", ".join(_version_row(versions[v]) for v in ordered),
         drift_rows=", ".join([_NO_DRIFT] + [_drift_row(versions[v]) for v in ordered]),
         users_all=_list(versions[v].path / layout.USERS for v in ordered),
@@ -237,6 +240,40 @@ def _attribute_parts(name: str, version: _Version) -> dict[str, str]:
         "attribute_columns": "".join(f", a.{_identifier(c)}" for c in columns),
         "attribute_join": f" LEFT JOIN read_parquet({_path_literal(version.path / layout.ATTRIBUTES)}) a "
                           "ON a.item_id = i.item_id",
+    }
+
+
+_DENSE_SCORE = "array_inner_product(u.embedding, i.embedding) + i.bias"
+_NEIGHBOUR_COLUMNS = ("item_id", "neighbour_id", "weight")
+
+
+def _neighbour_parts(name: str, version: _Version) -> dict[str, str]:
+    """The `<name>_item_neighbours` view's query and the recommend macros' score.
+
+    Without an item-item part (no `item_neighbours` in the manifest) the view has no rows (the
+    same columns and types) and the macros score exactly as before it existed. With one, the
+    macros add ``coalesce(sum(x * weight), 0)`` over the user's interactions joined to it, in
+    DOUBLE, and give the score as FLOAT (float32), as the lookups do. Raises :class:`_LeftOut`
+    when the manifest promises a file that does not read or lacks a column."""
+    item_type, user_type = _id_type(version.manifest, "item"), _id_type(version.manifest, "user")
+    if version.manifest.get("item_neighbours") is None:
+        return {
+            "item_neighbours": f"SELECT NULL::{item_type} AS item_id, NULL::{item_type} AS neighbour_id, "
+                               "NULL::FLOAT AS weight WHERE false",
+            "score": _DENSE_SCORE,
+        }
+    missing = [c for c in _NEIGHBOUR_COLUMNS if c not in _table_columns(version.path, layout.NEIGHBOURS)]
+    if missing:
+        raise _LeftOut(f"its {layout.NEIGHBOURS} lacks {', '.join(missing)}")
+    # A scalar subquery, not a join: it adds no column that a `_recommend_where` filter could
+    # name (`item_id` would become ambiguous). `user` is the macro's argument.
+    residual = (f"(SELECT sum(s.weight::DOUBLE * n.weight) FROM {_identifier(name + '_interactions')} s "
+                f"JOIN {_identifier(name + '_item_neighbours')} n ON n.neighbour_id = s.item_id "
+                f"WHERE s.user_id = user::{user_type} AND n.item_id = i.item_id)")
+    return {
+        "item_neighbours": f"SELECT item_id::{item_type} AS item_id, neighbour_id::{item_type} AS neighbour_id, "
+                           f"weight::FLOAT AS weight FROM read_parquet({_path_literal(version.path / layout.NEIGHBOURS)})",
+        "score": f"({_DENSE_SCORE}\n       + coalesce({residual}, 0))::FLOAT",
     }
 
 

@@ -24,7 +24,8 @@ MAX_HISTORY = 100_000  # items in one history
 
 class Histories(NamedTuple):
     """n histories as a CSR over item rows: ``indptr`` (n + 1,) int64, ``items`` (nnz,) int64
-    sorted within each history, ``values`` (nnz,) float32 as the model reads them, and for each
+    sorted within each history, ``values`` (nnz,) float32 as the model reads them (the stored
+    encoder, and a version's item-item part, whose weights they multiply), and for each
     history the ids it named that the version does not know (``unknown``, in the order given)."""
 
     indptr: np.ndarray

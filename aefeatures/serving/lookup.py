@@ -51,6 +51,7 @@ FILTER_CACHE_BYTES = 64 << 20  # ... and at most this many bytes of them (masks,
 SUBSET_CACHE_BYTES = 256 << 20  # at most this much of cached filters' item vectors per version
 PINNED_VERSIONS = 4  # versions asked for by id that a service keeps loaded beside the live ones
 PINNED_LOADS = 1  # versions a service loads (or looks up) at once; a request for yet another gets a 503
+RESIDUAL_BLOCK = 1 << 22  # item-item contributions summed at once when scoring many users
 
 
 class Allowed:
@@ -94,7 +95,9 @@ class Allowed:
 
 
 class Neighbours(NamedTuple):
-    """Ranked results: ``ids`` best first and their ``scores`` (inner products)."""
+    """Ranked results: ``ids`` best first and their ``scores`` (float32): the model's scores
+    for recommendations (inner product plus bias, plus the item-item part where the version has
+    one), inner products or cosines of vectors for similar items and users."""
 
     ids: np.ndarray
     scores: np.ndarray
@@ -106,6 +109,19 @@ class HistoryNeighbours(NamedTuple):
     ids: np.ndarray
     scores: np.ndarray
     unknown: list[Any]
+
+
+class _Residual(NamedTuple):
+    """The item-item part's residuals for n queries (users or histories), as a CSR over query
+    positions: ``indptr`` (n + 1,) int64, ``items`` (entries,) int64 sorted within each query,
+    ``scores`` (entries,) float64, and per entry its query ``owners`` and sorted ``codes``
+    ``owner * n_items + item`` for vectorised membership tests."""
+
+    indptr: np.ndarray
+    items: np.ndarray
+    scores: np.ndarray
+    owners: np.ndarray
+    codes: np.ndarray
 
 
 class HistoryEmbedding(NamedTuple):
@@ -191,15 +207,46 @@ class FeatureSet:
         return self.index.holds_items()
 
     @cached_property
-    def _seen(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(indptr (n_users + 1,), item rows, codes): what each user already has, as a CSR and
-        as sorted ``user_row * n_items + item_row`` codes for vectorised membership tests."""
-        table = pq.read_table(self.path / layout.INTERACTIONS, columns=["user_row", "item_row"])
+    def _interactions(self) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray | None]:
+        """(:attr:`_seen`, :attr:`_seen_values`) from one read of `interactions.parquet`; the
+        values are read only where the version has an item-item part (see :attr:`_neighbours`)."""
+        columns = ["user_row", "item_row"] + (["weight"] if self.has_item_neighbours else [])
+        table = pq.read_table(self.path / layout.INTERACTIONS, columns=columns)
         users = table.column("user_row").to_numpy().astype(np.int64)
         items = table.column("item_row").to_numpy()
         indptr = np.zeros(self.n_users + 1, np.int64)
         np.cumsum(np.bincount(users, minlength=self.n_users), out=indptr[1:])
-        return indptr, items, users * self.n_items + items  # sorted: the file is in CSR order
+        values = table.column("weight").to_numpy().astype(np.float32) if self.has_item_neighbours else None
+        return (indptr, items, users * self.n_items + items), values  # codes sorted: the file is in CSR order
+
+    @property
+    def _seen(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(indptr (n_users + 1,), item rows, codes): what each user already has, as a CSR and
+        as sorted ``user_row * n_items + item_row`` codes for vectorised membership tests."""
+        return self._interactions[0]
+
+    @property
+    def _seen_values(self) -> np.ndarray | None:
+        """(nnz,) float32 the value the model reads for each of :attr:`_seen`'s interactions
+        (their `weight`), or None for a version without an item-item part."""
+        return self._interactions[1]
+
+    @property
+    def has_item_neighbours(self) -> bool:
+        """Whether this version's scores have a sparse item-item part (its manifest's
+        ``item_neighbours`` section, the file `item_neighbours.parquet`)."""
+        return self.manifest.get("item_neighbours") is not None
+
+    @cached_property
+    def _neighbours(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The item-item part as a CSR keyed by neighbour row: (indptr (n_items + 1,) int64,
+        item rows (entries,) int64, weights (entries,) float32): a user holding item i with value
+        x adds ``x * weights[p]`` to the score of item ``item rows[p]`` for every p in
+        ``indptr[i]:indptr[i + 1]``. None for a version without one. Raises
+        :class:`DamagedVersionError` when the manifest promises one that is missing or malformed."""
+        if not self.has_item_neighbours:
+            return None
+        return _read_neighbours(self.path, self.manifest, self.name, self.version, self.n_items)
 
     @cached_property
     def index(self) -> EmbeddingIndex:
@@ -260,6 +307,8 @@ class FeatureSet:
             if filter is not None and not (isinstance(filter, str) and self.has_cached_filter(filter)):
                 return False
             needs = (*needs, "_index_rows")
+        elif lookup in ("recommend", "history") and self.has_item_neighbours:
+            needs = (*needs, "_index_rows")  # items the item-item part reaches are scored from them
         return all(part in self.__dict__ for part in needs)  # cached_property values live there
 
     def load(self) -> "FeatureSet":
@@ -267,10 +316,12 @@ class FeatureSet:
         now, so that no later call reads a file (what is derived from them, such as normalised
         vectors for cosine, is computed on first use, from memory: see :meth:`is_warm`).
         Returns self."""
-        for name in ("_users", "_item_ids", "_seen", "index", "_anomaly_table", "_filters"):
+        for name in ("_users", "_item_ids", "_interactions", "_neighbours", "index", "_anomaly_table", "_filters"):
             getattr(self, name)
         if not self._index_holds_items():  # else copied out of the mapped index when first needed
             getattr(self, "_item_vectors")
+        if self.has_item_neighbours:  # recommendations score the items the item-item part reaches from them
+            getattr(self, "_index_rows")
         try:
             getattr(self, "_encoder")  # its files are read now; the history lookups need it
         except errors.StoreError:
@@ -332,6 +383,11 @@ class FeatureSet:
         """The ``k`` best-scored items for ``user``, without the items they already have and
         without the items in ``exclude`` (ids not in the catalogue are ignored there).
 
+        Scores (float32) are the model's: ``user · item + bias``, plus, where the version has an
+        item-item part (:attr:`has_item_neighbours`), ``x * weight`` for every row of
+        `item_neighbours.parquet` with that item whose neighbour the user has (x the
+        interaction's `weight`); the top k is exact for that score wherever the index is exact.
+
         ``filter`` keeps only items whose attributes satisfy a SQL boolean expression (e.g.
         ``"category = 'books' AND in_stock"``, see :mod:`aefeatures.serving.filters`), and
         ``items`` only the items of an allow-list (unknown ids ignored; an empty list allows
@@ -368,8 +424,9 @@ class FeatureSet:
 
         ``metric="ip"`` (default) ranks by the inner product of item vectors through the FAISS
         index, which favours items the model scores strongly overall; ``metric="cosine"``
-        ranks by the angle alone (exact search over normalised vectors). ``filter`` and
-        ``items`` restrict the answer as in :meth:`recommend`.
+        ranks by the angle alone (exact search over normalised vectors). Either way only the
+        vectors count, never a version's item-item part. ``filter`` and ``items`` restrict the
+        answer as in :meth:`recommend`.
         """
         _check_k(k)
         row = self._item_rows([item])[0]
@@ -458,7 +515,8 @@ class FeatureSet:
         parsed = self._histories(histories, weights)
         queries = user_queries(self._encoder.embed(parsed.indptr, parsed.items, parsed.values))
         ids, scores, counts = self._recommend_rows(np.arange(len(queries)), k, exclude_seen, exclude, allowed,
-                                                   queries=queries, seen=parsed.seen(self.n_items))
+                                                   queries=queries, seen=parsed.seen(self.n_items),
+                                                   values=parsed.values)
         return ids, scores, counts, parsed.unknown
 
     def similar_users_to_history(self, history: Sequence[Any], k: int = 10, *,
@@ -615,12 +673,13 @@ class FeatureSet:
 
     def _recommend_rows(self, rows: np.ndarray, k: int, exclude_seen: bool, exclude: Sequence[Any] = (),
                         allowed: Allowed | None = None, *, queries: np.ndarray | None = None,
-                        seen: tuple | None = None):
-        """(item ids (n, w), scores (n, w), counts (n,)) for user rows, where row r's first
+                        seen: tuple | None = None, values: np.ndarray | None = None):
+        """(item ids (n, w), scores (n, w) float32, counts (n,)) for user rows, where row r's first
         counts[r] entries are its results, best first.
 
-        ``queries`` (n, dim + 1) and ``seen`` (as :attr:`_seen`, over ``rows``) stand in for
-        the users' stored embeddings and items when the queries are histories, not users.
+        ``queries`` (n, dim + 1), ``seen`` (as :attr:`_seen`, over ``rows``) and ``values`` (as
+        :attr:`_seen_values`, aligned with ``seen``'s items) stand in for the users' stored
+        embeddings, items and interaction values when the queries are histories, not users.
 
         The items a user has (and ``exclude``) are skipped by over-fetching that many extra
         candidates. Users are searched in groups of similar over-fetch width (k plus what they
@@ -631,6 +690,12 @@ class FeatureSet:
         catalogue) are scored exactly, without the index; for more, the index search over-fetches
         by :data:`OVERFETCH` / (their share) as well, and users it leaves short are searched again
         among the allowed rows alone (see :meth:`_top_from_index`).
+
+        Where the version has an item-item part (:attr:`_neighbours`), the items it reaches from a
+        user's items (R) score their dense score plus the residual and every other item its dense
+        score alone. The index then supplies the best items outside R (over-fetching by the usable
+        items of R as well) and every usable item of R is scored exactly from :attr:`_index_rows`;
+        the best of both are the results: the exact top k wherever the index is exact.
         """
         _check_k(k)
         seen = self._seen if seen is None else seen
@@ -650,28 +715,121 @@ class FeatureSet:
         out_rows = np.zeros((len(rows), width), np.int64)
         out_scores = np.zeros((len(rows), width), np.float32)
         queries = user_queries(self._users[1][rows]) if queries is None else queries
+        residual = None
+        if self._neighbours is not None:
+            residual = self._residual(rows, seen, self._seen_values if values is None else values)
         if allowed is not None and len(allowed) <= SUBSET_SHARE * self.n_items:
             indptr, seen_items, _ = seen
             skips = [np.union1d(seen_items[indptr[r]: indptr[r + 1]], excluded) if exclude_seen else excluded
                      for r in rows.tolist()]
-            self._subset_top(queries, allowed, want, skips, out_rows, out_scores)
+            self._subset_top(queries, allowed, want, skips, out_rows, out_scores, residual)
             return self._item_ids.ids[out_rows], out_scores, want
-        widths = k + n_skip
+        usable, n_reached = None, np.zeros(len(rows), np.int64)
+        if residual is not None:
+            usable = self._usable(residual, rows, exclude_seen, excluded, seen_codes, allowed)
+            n_reached = np.bincount(residual.owners[usable], minlength=len(rows)).astype(np.int64)
+        want_dense = np.maximum(np.minimum(k, pool - n_skip - n_reached), 0)  # from outside R
+        widths = k + n_skip + n_reached
         if allowed is not None:  # over-fetch for what the filter drops: OVERFETCH × its expected share
             widths = np.ceil(widths * OVERFETCH * self.n_items / len(allowed)).astype(np.int64)
         groups = 2 ** np.ceil(np.log2(widths)).astype(np.int64)
         for fetch in np.unique(groups):
             part = np.flatnonzero(groups == fetch)
             sub_rows, sub_scores = out_rows[part], out_scores[part]
-            self._top_from_index(queries[part], rows[part], want[part], int(min(fetch, self.n_items)),
-                                 exclude_seen, excluded, sub_rows, sub_scores, seen, allowed, k + n_skip[part])
+            self._top_from_index(queries[part], rows[part], want_dense[part], int(min(fetch, self.n_items)),
+                                 exclude_seen, excluded, sub_rows, sub_scores, seen, allowed,
+                                 (k + n_skip + n_reached)[part], positions=part, residual=residual)
             out_rows[part], out_scores[part] = sub_rows, sub_scores
+        if residual is not None and usable.any():
+            self._add_reached(queries, residual, usable, want, want_dense, out_rows, out_scores)
         return self._item_ids.ids[out_rows], out_scores, want
 
+    def _residual(self, rows: np.ndarray, seen: tuple, values: np.ndarray) -> "_Residual":
+        """The item-item part's residuals for the users (or histories) ``rows``: for each, the
+        items R its items reach through :attr:`_neighbours` and ``r_j = sum x_i * w_ij`` over
+        them (x from ``values``, aligned with ``seen``'s items), summed for blocks of users of
+        about :data:`RESIDUAL_BLOCK` contributions at a time."""
+        nb_indptr, nb_items, nb_weights = self._neighbours
+        indptr, seen_items, _ = seen
+        n = len(rows)
+        lengths = indptr[rows + 1] - indptr[rows]
+        at = _ranges(indptr[rows], lengths)
+        items = seen_items[at].astype(np.int64)
+        x = np.asarray(values)[at].astype(np.float64)
+        fan = nb_indptr[items + 1] - nb_indptr[items]  # contributions of each interaction
+        query_of = np.repeat(np.arange(n, dtype=np.int64), lengths)
+        item_ends = np.cumsum(lengths)
+        entry_ends = np.bincount(query_of, weights=fan, minlength=n).cumsum() if n else np.zeros(0)
+        cuts = np.searchsorted(entry_ends, np.arange(RESIDUAL_BLOCK, entry_ends[-1] if n else 0, RESIDUAL_BLOCK))
+        bounds = np.unique(np.concatenate([[0], cuts + 1, [n]]).clip(0, n))  # blocks [a, b) of whole users
+        found_items, found_scores, counts = [], [], np.zeros(n, np.int64)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            lo, hi = (item_ends[a - 1] if a else 0), (item_ends[b - 1] if b else 0)
+            part_fan = fan[lo:hi]
+            pos = _ranges(nb_indptr[items[lo:hi]], part_fan)
+            codes = np.repeat(query_of[lo:hi] - a, part_fan) * self.n_items + nb_items[pos]
+            contributions = np.repeat(x[lo:hi], part_fan) * nb_weights[pos]
+            span = int(b - a) * self.n_items
+            if span <= min(RESIDUAL_BLOCK, 4 * len(codes)):  # dense enough: add up in place instead of sorting
+                sums = np.bincount(codes, weights=contributions, minlength=span)
+                codes = np.flatnonzero(np.bincount(codes, minlength=span))
+                sums = sums[codes]
+            else:
+                codes, inverse = np.unique(codes, return_inverse=True)
+                sums = np.bincount(inverse, weights=contributions, minlength=len(codes))
+            found_scores.append(sums)
+            found_items.append(codes % self.n_items)
+            counts[a:b] += np.bincount(codes // self.n_items, minlength=int(b - a))
+        res_indptr = np.zeros(n + 1, np.int64)
+        np.cumsum(counts, out=res_indptr[1:])
+        res_items = np.concatenate(found_items) if found_items else np.zeros(0, np.int64)
+        owners = np.repeat(np.arange(n, dtype=np.int64), counts)
+        return _Residual(res_indptr, res_items, np.concatenate(found_scores) if found_scores else np.zeros(0),
+                         owners, owners * self.n_items + res_items)
+
+    def _usable(self, residual: "_Residual", rows: np.ndarray, exclude_seen: bool, excluded: np.ndarray,
+                seen_codes: np.ndarray, allowed: Allowed | None) -> np.ndarray:
+        """(entries,) bool: which items of ``residual`` may be returned (not seen where
+        ``exclude_seen``, not ``excluded``, allowed)."""
+        ok = np.ones(len(residual.items), bool)
+        if allowed is not None:
+            ok &= allowed.mask[residual.items]
+        if exclude_seen:
+            ok &= ~_member(seen_codes, rows[residual.owners].astype(np.int64) * self.n_items + residual.items)
+        if len(excluded):
+            ok &= ~np.isin(residual.items, excluded)
+        return ok
+
+    def _add_reached(self, queries: np.ndarray, residual: "_Residual", usable: np.ndarray, want: np.ndarray,
+                     want_dense: np.ndarray, out_rows: np.ndarray, out_scores: np.ndarray) -> None:
+        """Merge each user's usable items of ``residual``, scored exactly (dense + residual), into
+        the ``want_dense`` best items from outside R that out_rows/out_scores hold: the best
+        ``want`` of both, best first (ties by item row)."""
+        owners, items = residual.owners[usable], residual.items[usable]
+        dense = np.empty(len(items), np.float32)
+        for start in range(0, len(items), SUBSET_BLOCK // max(self.dim + 1, 1)):
+            stop = start + SUBSET_BLOCK // max(self.dim + 1, 1)
+            dense[start:stop] = np.einsum("ij,ij->i", self._index_rows[items[start:stop]],
+                                          queries[owners[start:stop]])
+        scores = (dense.astype(np.float64) + residual.scores[usable]).astype(np.float32)
+        users = np.unique(owners)
+        have = np.arange(out_rows.shape[1])[None, :] < want_dense[users][:, None]
+        which, _ = np.nonzero(have)
+        all_owners = np.concatenate([users[which], owners])
+        all_items = np.concatenate([out_rows[users][have], items])
+        all_scores = np.concatenate([out_scores[users][have], scores])
+        order = np.lexsort((all_items, -all_scores, all_owners))
+        all_owners, all_items, all_scores = all_owners[order], all_items[order], all_scores[order]
+        rank = np.arange(len(order)) - np.searchsorted(all_owners, all_owners)
+        keep = rank < want[all_owners]
+        out_rows[all_owners[keep], rank[keep]] = all_items[keep]
+        out_scores[all_owners[keep], rank[keep]] = all_scores[keep]
+
     def _subset_top(self, queries: np.ndarray, allowed: Allowed, want: np.ndarray, skips: Sequence[np.ndarray],
-                    out_rows: np.ndarray, out_scores: np.ndarray) -> None:
+                    out_rows: np.ndarray, out_scores: np.ndarray, residual: "_Residual | None" = None) -> None:
         """Exact top ``want[i]`` of ``allowed`` for each query, leaving out the rows in
-        ``skips[i]``: one (queries × allowed) product over the allowed items' vectors, in blocks."""
+        ``skips[i]``: one (queries × allowed) product over the allowed items' vectors, in blocks,
+        plus each query's ``residual`` (the item-item part) on the allowed items it reaches."""
         vectors = allowed.vectors(self._index_rows)
         block = max(1, SUBSET_BLOCK // max(len(allowed), 1))
         for start in range(0, len(queries), block):
@@ -680,6 +838,12 @@ class FeatureSet:
                 n = int(want[start + i])
                 if n <= 0:
                     continue
+                if residual is not None:
+                    lo, hi = residual.indptr[start + i], residual.indptr[start + i + 1]
+                    reached = residual.items[lo:hi]
+                    pos = np.searchsorted(allowed.rows, reached).clip(0, len(allowed) - 1)
+                    hit = allowed.rows[pos] == reached
+                    row_scores[pos[hit]] = row_scores[pos[hit]] + residual.scores[lo:hi][hit]
                 skip = skips[start + i]
                 if len(skip):
                     pos = np.searchsorted(allowed.rows, skip).clip(0, len(allowed) - 1)
@@ -711,33 +875,43 @@ class FeatureSet:
 
     def _top_from_index(self, queries, rows, want, fetch: int, exclude_seen: bool, excluded,
                         out_rows, out_scores, seen: tuple, allowed: Allowed | None = None,
-                        widths: np.ndarray | None = None) -> None:
+                        widths: np.ndarray | None = None, *, positions: np.ndarray | None = None,
+                        residual: "_Residual | None" = None) -> None:
         """Fill out_rows/out_scores from one index search of ``fetch`` candidates per user.
 
         With ``allowed``, candidates it does not allow are dropped; a user left short is searched
         again among the allowed items alone (FAISS bitmap selector, ``widths`` candidates: k
-        plus what the user skips). Any user still short (an approximate index) is scored exactly."""
+        plus what the user skips). Any user still short (an approximate index) is scored exactly.
+        With ``residual`` (over the queries at ``positions`` of it), the items it reaches are
+        left out too: :meth:`_add_reached` scores them."""
         indptr, seen_items, _ = seen
+        reached = None if residual is None else (residual.codes, positions)
         scores, found = self.index.search(queries, max(fetch, 1))
-        counts = self._take(scores, found, rows, want, exclude_seen, excluded, seen, allowed, out_rows, out_scores)
+        counts = self._take(scores, found, rows, want, exclude_seen, excluded, seen, allowed, out_rows, out_scores,
+                            reached)
         short = np.flatnonzero(counts < want)
         if allowed is not None and len(short) and fetch < self.n_items:
             width = int(min(widths[short].max(), self.n_items))
             again, found = search_selected(self.index.faiss, queries[short], max(width, 1), allowed.bitmap)
             sub_rows, sub_scores = out_rows[short], out_scores[short]
             counts = self._take(again, found, rows[short], want[short], exclude_seen, excluded, seen, allowed,
-                                sub_rows, sub_scores)
+                                sub_rows, sub_scores, None if reached is None else (reached[0], positions[short]))
             out_rows[short], out_scores[short] = sub_rows, sub_scores
             short = short[counts < want[short]]
         for r in short:  # an approximate index came back short
             skip = seen_items[indptr[rows[r]]: indptr[rows[r] + 1]] if exclude_seen else excluded[:0]
+            skip = np.union1d(skip, excluded)
+            if residual is not None:
+                p = positions[r]
+                skip = np.union1d(skip, residual.items[residual.indptr[p]: residual.indptr[p + 1]])
             n = int(want[r])
-            out_rows[r, :n], out_scores[r, :n] = self._exact_top(queries[r], np.union1d(skip, excluded), n, allowed)
+            out_rows[r, :n], out_scores[r, :n] = self._exact_top(queries[r], skip, n, allowed)
 
     def _take(self, scores, found, rows, want, exclude_seen: bool, excluded, seen: tuple, allowed: Allowed | None,
-              out_rows, out_scores) -> np.ndarray:
+              out_rows, out_scores, reached: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Copy each user's first ``want`` usable candidates of a search into out_rows/out_scores;
-        returns how many each got."""
+        returns how many each got. ``reached``: (sorted ``position * n_items + item`` codes, the
+        users' positions) of items to leave out as well."""
         _, _, seen_codes = seen
         valid = found >= 0
         if allowed is not None:
@@ -746,6 +920,8 @@ class FeatureSet:
             valid &= ~_is_seen(seen_codes, self.n_items, rows, found)
         if len(excluded):
             valid &= ~np.isin(found, excluded)
+        if reached is not None:
+            valid &= ~_is_seen(reached[0], self.n_items, reached[1], found)
         take = valid & (np.cumsum(valid, axis=1) <= want[:, None])
         counts = take.sum(axis=1)
         dest = np.arange(out_rows.shape[1])[None, :] < counts[:, None]
@@ -780,11 +956,11 @@ def _keep_none(nbytes: int) -> bool:
 
 # What each lookup derives or reads on first use (cached properties), for FeatureSet.is_warm.
 _WARM_NEEDS = {
-    "recommend": ("_users", "_item_ids", "_seen", "index"),
+    "recommend": ("_users", "_item_ids", "_interactions", "_neighbours", "index"),
     "similar": ("_item_ids", "_item_vectors", "index"),
     "similar_cosine": ("_item_ids", "_item_vectors", "_unit_items"),
     "similar_users": ("_users", "_unit_users"),
-    "history": ("_item_ids", "_encoder", "index"),
+    "history": ("_item_ids", "_encoder", "_neighbours", "index"),
     "similar_users_history": ("_item_ids", "_encoder", "_users", "_unit_users"),
 }
 
@@ -826,6 +1002,23 @@ def _is_seen(seen_codes: np.ndarray, n_items: int, rows: np.ndarray, found: np.n
     return seen_codes[pos] == codes
 
 
+def _member(sorted_codes: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Whether each of ``codes`` is in ``sorted_codes`` (sorted ascending), elementwise."""
+    if not len(sorted_codes):
+        return np.zeros(np.shape(codes), bool)
+    pos = np.searchsorted(sorted_codes, codes).clip(0, len(sorted_codes) - 1)
+    return sorted_codes[pos] == codes
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """(lengths.sum(),) int64: the ranges ``starts[i] .. starts[i] + lengths[i]``, concatenated."""
+    total = int(lengths.sum())
+    if not total:
+        return np.zeros(0, np.int64)
+    offsets = np.repeat(np.asarray(starts, np.int64) - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return offsets + np.arange(total, dtype=np.int64)
+
+
 def _ids(column) -> np.ndarray:
     values = column.to_numpy()
     return values if values.dtype.kind in "iu" else values.astype(str)
@@ -834,6 +1027,51 @@ def _ids(column) -> np.ndarray:
 def _matrix(column, dim: int) -> np.ndarray:
     flat = column.combine_chunks().values.to_numpy(zero_copy_only=False)
     return np.ascontiguousarray(flat.reshape(-1, dim), dtype=np.float32)
+
+
+def _read_neighbours(folder: Path, manifest: dict, name: str, version: str,
+                     n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CSR of :attr:`FeatureSet._neighbours` from ``folder``'s `item_neighbours.parquet`,
+    checked against :func:`aefeatures.schema.neighbours_schema`'s rules: rows in range, sorted by
+    (neighbour_row, item_row) without repeats, no item its own neighbour, finite weights, as many
+    rows as the manifest's ``item_neighbours.entries``. Raises :class:`DamagedVersionError`."""
+    name, version = manifest.get("feature_set", name), manifest.get("version", version)
+    file = layout.NEIGHBOURS
+
+    def damaged(problem: str) -> errors.DamagedVersionError:
+        return errors.damaged_version(name, version, file, problem)
+
+    section = manifest.get("item_neighbours")
+    if not isinstance(section, dict):
+        raise errors.damaged_version(name, version, layout.MANIFEST, f"has `item_neighbours` {errors.brief(section)}, "
+                                     "not an object")
+    path = folder / file
+    if not path.is_file():
+        raise damaged("is missing, though the manifest's `item_neighbours` says the version has an item-item part")
+    try:
+        table = pq.read_table(path, columns=["item_row", "neighbour_row", "weight"])
+    except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise damaged(f"does not read as an item-neighbours table ({reason})") from None
+    items, neighbours, weights = (table.column(c).to_numpy() for c in ("item_row", "neighbour_row", "weight"))
+    if items.dtype.kind not in "iu" or neighbours.dtype.kind not in "iu" or weights.dtype.kind != "f":
+        raise damaged("has other column types than int32 `item_row`, `neighbour_row` and float32 `weight`")
+    entries = section.get("entries")
+    if isinstance(entries, int) and not isinstance(entries, bool) and entries != len(items):
+        raise damaged(f"holds {len(items):,} rows where the manifest's `item_neighbours.entries` says {entries:,}")
+    items, neighbours = items.astype(np.int64), neighbours.astype(np.int64)
+    if len(items) and (min(items.min(), neighbours.min()) < 0 or max(items.max(), neighbours.max()) >= n_items):
+        raise damaged(f"names item rows outside the version's {n_items:,} items")
+    if (items == neighbours).any():
+        raise damaged("makes an item its own neighbour")
+    if not np.isfinite(weights).all():
+        raise damaged("holds a weight that is not a finite number")
+    step = np.diff(neighbours)
+    if (step < 0).any() or ((step == 0) & (np.diff(items) <= 0)).any():
+        raise damaged("is not sorted by (neighbour_row, item_row), or repeats a pair")
+    indptr = np.zeros(n_items + 1, np.int64)
+    np.cumsum(np.bincount(neighbours, minlength=n_items), out=indptr[1:])
+    return indptr, items, weights.astype(np.float32)
 
 
 class Store:
