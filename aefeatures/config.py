@@ -77,8 +77,9 @@ class InputConfig:
 
 # model.dim = 0 means the kind's own default width: dae and vae keep 64; recvae the paper's latent
 # width, 200. A dlae's stays 0 here and follows the data's shape when it is fitted
-# (aefeatures.model.dlae_search.dlae_width: up to 2048 where an exact path fits, 256 on the
-# sketch path), since its NDCG@100 rises with the width up to full rank (BENCHMARKS.md).
+# (aefeatures.model.dlae_search.dlae_width: full rank up to 2048 where an exact path fits, 1024
+# on the sketch path up to 2M interactions, else 256), since its NDCG@100 rises with the width
+# up to full rank (BENCHMARKS.md).
 DEFAULT_DIMS = {"dae": 64, "vae": 64, "recvae": 200}
 
 

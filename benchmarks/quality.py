@@ -204,7 +204,7 @@ def run_seed(frame: pl.DataFrame, seed: int, args: argparse.Namespace, overrides
     if args.ease_lambdas != "none":
         record_ease(matrix, held, seen, args.ease_lambdas, record)
 
-    for kind in args.kinds.split(","):
+    for kind in [k for k in args.kinds.split(",") if k]:
         for dim in [int(d) for d in args.dims.split(",")]:
             model_cfg = replace(ModelConfig(kind=kind, dim=dim, seed=seed), **overrides)
             job = JobConfig(JobSection("quality", Path(tempfile.gettempdir())), InputConfig(str(LASTFM)),

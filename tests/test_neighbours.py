@@ -4,6 +4,8 @@ rises, the refit, and the version that stores it."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -182,3 +184,22 @@ def test_embed_carries_the_part_into_its_version_with_item_rows_renumbered(tmp_p
     np.testing.assert_array_equal(items[after.get_column("item_row").to_numpy()], after.get_column("item_id").to_numpy())
     np.testing.assert_array_equal(items[after.get_column("neighbour_row").to_numpy()],
                                   after.get_column("neighbour_id").to_numpy())
+
+
+def test_the_run_summary_says_the_part_was_kept_and_its_sample_is_the_lookups_answer(tmp_path):
+    from click.testing import CliRunner
+
+    import aefeatures
+    from aefeatures.cli.app import cli
+    from tests.conftest import write_job
+
+    job = write_job(tmp_path, model={"kind": "dlae", "dim": 8, "neighbours": 6, "neighbour_weight": 1.0},
+                    evaluation={"valid_share": 0.0})
+    out = CliRunner().invoke(cli, ["run", str(job), "--json"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.stdout)
+    sample = summary["sample"]
+    live = aefeatures.open_store(tmp_path / "store")["movies"]
+    assert sample["recommend"] == live.recommend(sample["user"], 5).ids.tolist()
+    text = CliRunner().invoke(cli, ["run", str(job), "--force"])
+    assert text.exit_code == 0 and "item-item part kept" in text.output

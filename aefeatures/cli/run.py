@@ -68,6 +68,12 @@ def run(job_file: Path, force: bool, fold_in: bool, as_json: bool) -> None:
         click.echo(f"  training  {train['epochs']} closed-form fit(s) on {train['device']} in {train['seconds']:.1f}s, "
                    f"dropout {chosen['dropout']:g}, l2 {chosen['l2']:g}, popularity exponent "
                    f"{chosen.get('popularity_exponent', 0):g}")
+        part = m.get("item_neighbours")
+        if part:
+            click.echo(f"            item-item part kept: {part['entries']:,} entries, up to {part['per_item']} "
+                       f"neighbours an item (weight {chosen.get('neighbour_weight', 0):g})")
+        elif any(h.get("method") == "neighbours" for h in train.get("history", [])):
+            click.echo("            item-item part tried, not kept: validation NDCG@100 did not rise")
         fitted_on = [h.get("users") for h in train.get("history", [])]
         if fitted_on and min(fitted_on) < fitted_on[-1]:  # a sampled search, then every training user
             click.echo(f"            searched on {min(fitted_on):,} sampled users, then fitted on all "
@@ -197,7 +203,8 @@ def _run_summary(result) -> dict[str, Any]:
         "evaluation": result.manifest["evaluation"], "gate": result.manifest["gate"], "status": result.status,
         "alignment": _public_alignment(result.manifest.get("alignment")), "drift": result.manifest.get("drift"),
         "timings": result.timings,
-        "sample": None if result.status == "up_to_date" else _sample(result.path, int(result.manifest["dim"])),
+        "sample": None if result.status == "up_to_date" else _sample(
+            result.path, int(result.manifest["dim"]), neighbours=result.manifest.get("item_neighbours") is not None),
     }
 
 
@@ -207,12 +214,14 @@ def _public_alignment(alignment):
     return public(alignment)
 
 
-def _sample(path: Path, dim: int, k: int = 5) -> dict[str, Any]:
+def _sample(path: Path, dim: int, k: int = 5, *, neighbours: bool = False) -> dict[str, Any]:
     """The first user's ``k`` best unseen items and the first item's ``k`` nearest items (by
     inner product), as :meth:`FeatureSet.recommend` and :meth:`FeatureSet.similar_items` give
     them, read cheaply: the first rows of the users, items and interactions tables, the item id
     column, and the memory-mapped index; not the whole tables a :class:`FeatureSet` loads.
-    Fewer than ``k`` ids where an approximate index returns fewer."""
+    Fewer than ``k`` ids where an approximate index returns fewer. With ``neighbours`` (a
+    version with an item-item part, whose scores the index alone does not give) the user's
+    items come from :meth:`FeatureSet.recommend` itself."""
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -239,5 +248,13 @@ def _sample(path: Path, dim: int, k: int = 5) -> dict[str, Any]:
         found = index.search(query, min(index.ntotal, k + len(skip)))[1][0]
         return [plain(item_ids[int(r)].as_py()) for r in found if r >= 0 and int(r) not in skip][:k]
 
-    return {"user": plain(user.column("user_id")[0].as_py()), "recommend": top(user_queries(vector(user)), set(seen)),
+    user_id = plain(user.column("user_id")[0].as_py())
+    if neighbours:
+        from aefeatures.serving.lookup import FeatureSet
+
+        recommended = [plain(i) for i in FeatureSet(path.parents[2], path.parents[1].name, path.name)
+                       .recommend(user_id, k).ids.tolist()]
+    else:
+        recommended = top(user_queries(vector(user)), set(seen))
+    return {"user": user_id, "recommend": recommended,
             "item": plain(item.column("item_id")[0].as_py()), "similar": top(item_queries(vector(item)), {0})}

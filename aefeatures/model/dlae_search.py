@@ -69,8 +69,9 @@ DLAE_POPULARITY_EXPONENTS = (0.0, 0.05, 0.1, 0.15, 0.2)
 WIDE_DIM, SKETCH_WIDE_DIM, NARROW_DIM, WIDE_ITEM_BYTES = 2048, 1024, 256, 256 << 20
 SKETCH_WIDE_ENTRIES = 2_000_000
 # γ tried for the sparse item-item part (aefeatures.model.neighbours) on the kept fit, each with
-# its own β walk, kept only where validation NDCG@100 rises. On the book set (k 64): γ 1 gave
-# 0.1112, 0.3 ..., 0.1 0.0888 (overfitted), against 0.1028 without the part and EASE's 0.1120.
+# its own β walk, kept only where validation NDCG@100 rises. On the book set's test items (width
+# 1,024, p 0.8, λ 300, β 0.2): γ 1 gave NDCG@100 0.1108 with 32 neighbours and 0.1118 with 128;
+# with 64, γ 0.3 gave 0.1090 and γ 0.1 0.0888 (overfitted); without the part 0.1028.
 NEIGHBOUR_WEIGHTS = (1.0,)
 SEARCH_USERS = 30_000  # above this many training users the search fits a sample of them
 TEMPERATURE_SAMPLE = 2000  # training users that set a dlae's softmax temperature

@@ -19,8 +19,8 @@ N(j), a smaller γ (chosen on validation) shrinks S less. Item j's neighbours ar
 items with the largest first-order gain E[i, j]² / M[i, i]: the items that explain most of what
 the bottleneck missed, not the most co-consumed ones (which B already covers). At full rank
 (the width at or above the data's rank) E is 0 and S adds nothing, so it is fitted only below.
-On the book set, with B at width 1,024 and the search's (p, λ), k = 64 lifts NDCG@100 from
-0.94× to 1.0× a tuned EASE and above (BENCHMARKS.md, "A sparse item–item part").
+On the book set, through the default run (width 1,024, the search's (p, λ)), it lifted
+NDCG@100 from 0.1051 to 0.1087 (BENCHMARKS.md, "A sparse item–item part").
 
 A user's score for item j is ``x P · R[j] + Σ_i x_i S[i, j]``: the embedding's inner product
 plus the item's neighbours among the user's items. The version stores S as
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# k: neighbours an item. On the book set at γ 1, 32 gave NDCG@100 0.1108, 128 0.1118 (EASE 0.1120)
+# k: neighbours an item. On the book set at γ 1 and β 0.2, 32 gave NDCG@100 0.1108 and 128 0.1118
 PER_ITEM = 64
 MAX_ITEMS = 32_768  # the dense Gram: 4 GiB of float32
 # The Gram of a sparse X costs ~2 · nnz · items at the sparse-product rate (linear._gram): at
