@@ -9,7 +9,9 @@ The search, with a validator:
    that p's validation NDCG@100 rises (down when the first step up does not help), at most
    :data:`DLAE_L2_STEPS` fits each way;
 3. for every fit, β walked up over :data:`DLAE_POPULARITY_EXPONENTS` while NDCG@100 rises (no
-   refit: β only scales the item vectors).
+   refit: β only scales the item vectors);
+4. below full rank, the kept fit with a sparse item-item part (:mod:`aefeatures.model.neighbours`)
+   at each γ of :data:`NEIGHBOUR_WEIGHTS`, with its own β walk, kept only where NDCG@100 rises.
 
 Above :data:`SEARCH_USERS` training users the search fits a seeded sample of that many users,
 with λ scaled by the sample's share (the data term and the dropout's penalty both grow with the

@@ -1,7 +1,7 @@
 """A dlae's sparse item–item part: what a rank-d bottleneck cannot hold, as a few neighbours an item.
 
 A rank-d DLAE (:mod:`aefeatures.model.linear`) loses the long tail of a catalogue whose rank is
-far above d: on a 13.8k-user × 18.3k-book set it scored 0.94× a tuned EASE at width 1,024. The
+far above d: on a 13.8k-user × 18.3k-book set it scored 0.966× a tuned EASE at width 1,024. The
 full-rank models that stay at or above EASE there (EASE, EDLAE; Steck 2019, 2020) are dense
 item × item matrices; sparse approximations of them (SANSA, Spišák et al., RecSys 2023;
 Steck's sparse MRF, 2019) keep their quality with a few neighbours an item. So a dlae may add a
