@@ -147,10 +147,13 @@ def test_two_gloo_ranks_fit_the_default_dlae_across_the_ranks_like_one_process(t
 
     # the dlae itself, searched and refitted across the ranks: no other kind stands in
     assert load_model(version / "model").shape.kind == "dlae" == manifest["config"]["model"]["kind"]
-    assert set(manifest["training"]["chosen"]) == {"dropout", "l2", "popularity_exponent"}
+    # dim 32 is below the data's rank: the search also tried the sparse item-item part, across the ranks
+    assert set(manifest["training"]["chosen"]) == {"dropout", "l2", "popularity_exponent", "neighbour_weight"}
     assert manifest["training"]["refit"]["status"] == "published"
     assert manifest["training"]["refit"]["users"] == single.manifest["training"]["refit"]["users"]  # every rank's
-    assert all(fit["method"] == "items" for fit in manifest["training"]["history"])  # the Gram, summed over ranks
+    # the Gram, summed over ranks (the item-item part's fit reads it too)
+    assert [fit["method"] for fit in manifest["training"]["history"]][-1] == "neighbours"
+    assert all(fit["method"] == "items" for fit in manifest["training"]["history"][:-1])
     assert manifest["training"]["history"][0]["users"] == single.manifest["training"]["history"][0]["users"] + \
         single.manifest["evaluation"]["valid_users"] - manifest["evaluation"]["valid_users"]  # all ranks' users
     # every user and item present, as in one process
