@@ -314,31 +314,33 @@ class _Search:
                 and self.matrix.shape[1] <= neighbours.MAX_ITEMS and self.result.model is not None
                 and (chosen or self.solver.nnz <= neighbours.MAX_ENTRIES))
 
-    def fit_neighbours(self, weight: float) -> neighbours.ItemNeighbours:
-        """The kept fit's sparse item-item part at γ = ``weight`` (with its column scale reset)."""
+    def _part(self, weight: float) -> neighbours.ItemNeighbours:
+        """The kept fit's sparse item-item part at γ = ``weight``, its column scale 1."""
         p, r, dropout, l2 = self.kept_fit
-        part = neighbours.fit(self.solver.item_gram(), p, r, self.solver.penalty(dropout, l2),
+        return neighbours.fit(self.solver.item_gram(), p, r, self.solver.penalty(dropout, l2),
                               per_item=self.cfg.neighbours, weight=weight)
+
+    def fit_neighbours(self, weight: float) -> neighbours.ItemNeighbours:
+        """Give the kept model its sparse item-item part at γ = ``weight``, scaled as its item vectors."""
         model = self.result.model
-        model.neighbours = part
-        _set_item_vectors(model, r, self.kept_counts, self.result.chosen.get("popularity_exponent",
-                                                                            self.cfg.popularity_exponent))
-        return part
+        model.neighbours = self._part(weight)
+        _set_item_vectors(model, self.kept_fit[1], self.kept_counts,
+                          self.result.chosen.get("popularity_exponent", self.cfg.popularity_exponent))
+        return model.neighbours
 
     def try_neighbours(self) -> None:
         """Validate the kept fit with a sparse item-item part at each of
         :data:`NEIGHBOUR_WEIGHTS` (each with its own β walk) and keep the best where it scores
         higher than the fit alone; a fit of ``history`` each."""
         result, chosen = self.result, {**self.result.chosen, "neighbour_weight": 0.0}
-        p, r, dropout, l2 = self.kept_fit
+        _, r, dropout, _ = self.kept_fit
         model, counts, kept = result.model, self.kept_counts, None
         for weight in NEIGHBOUR_WEIGHTS:
             if self._late():
                 result.stopped_early, result.stop_reason = True, "max_minutes"
                 break
             started = time.perf_counter()
-            model.neighbours = neighbours.fit(self.solver.item_gram(), p, r, self.solver.penalty(dropout, l2),
-                                              per_item=self.cfg.neighbours, weight=weight)
+            model.neighbours = self._part(weight)
             fitted = time.perf_counter() - started
             at_once = self._at_once([(self.validate, model, r, counts)])
             exponent, metrics = self.exponents[0], {}

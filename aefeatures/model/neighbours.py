@@ -15,7 +15,7 @@ Column j is then one small regularised least-squares problem,
     (G[N, N] + γ Λ[N, N]) s_j = E[N, j],   E = G - M B = G - (G P + Λ P) Rᵀ,   M = G + Λ,
 
 E[:, j] being what the low-rank part leaves of item j's fit; γ = 1 is the exact optimum over
-N(j), a smaller γ (chosen on validation) shrinks S less. Item j's neighbours are the k
+N(j), a smaller γ shrinks S less (the search's grid: dlae_search.NEIGHBOUR_WEIGHTS). Item j's neighbours are the k
 items with the largest first-order gain E[i, j]² / M[i, i]: the items that explain most of what
 the bottleneck missed, not the most co-consumed ones (which B already covers). At full rank
 (the width at or above the data's rank) E is 0 and S adds nothing, so it is fitted only below.
