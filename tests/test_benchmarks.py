@@ -200,6 +200,27 @@ def test_the_quality_benchmark_compares_a_kind_with_popularity_and_ease(tmp_path
     assert rows["dlae"]["ndcg@100"] > rows["popularity"]["ndcg@100"]  # planted communities: far above popularity
 
 
+def test_the_choice_benchmark_scores_every_fit_of_the_search_on_validation_and_test(tmp_path):
+    out = tmp_path / "choice.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "choice.py"), "--data", "synthetic", "--users", "400", "--items", "120",
+         "--mean-items", "12", "--communities", "4", "--dim", "16", "--neighbours", "3", "--seeds", "0",
+         "--json-out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(out.read_text())
+    fits = {(r["dropout"], r["l2"]) for r in result["rows"]}
+    assert len(fits) >= 4  # every dropout of the search at least
+    # each fit alone and with the part, at every popularity exponent
+    assert {r["neighbour_weight"] for r in result["rows"]} == {0.0, 3.0}
+    for row in result["rows"]:
+        assert 0 < row["valid"] <= 1 and 0 < row["test"] <= 1
+    (summary,) = result["summary"]
+    assert summary["chosen"]["valid"] == max(r["valid"] for r in result["rows"])
+    assert summary["chosen_over_best"] == summary["chosen"]["test"] / max(r["test"] for r in result["rows"]) <= 1
+
+
 def test_movielens_100k_is_read_from_the_recbole_wheel_or_its_inter_file(tmp_path):
     import zipfile
 

@@ -15,7 +15,7 @@ from aefeatures.config import InputConfig, ModelConfig
 from aefeatures.data.matrix import build_matrix
 from aefeatures.data.read import read_interactions
 from aefeatures.model import linear, neighbours
-from aefeatures.model.dlae_search import NEIGHBOUR_WEIGHTS
+from aefeatures.model.dlae_search import NEIGHBOUR_FITS, NEIGHBOUR_WEIGHTS
 from aefeatures.model.train import train
 from aefeatures.store import layout
 from tests.conftest import FIXTURES
@@ -85,7 +85,13 @@ def test_the_search_keeps_the_part_only_where_validation_rises_and_the_refit_fit
     result = train(matrix, ModelConfig(kind="dlae", dim=8, neighbours=5), rows=rows, validate=validate,
                    progress=False)
     assert result.chosen["neighbour_weight"] == NEIGHBOUR_WEIGHTS[0]
-    assert result.history[-1]["method"] == "neighbours" and result.best_epoch == len(result.history)
+    tried = [h for h in result.history if h["method"] == "neighbours"]
+    # the best fits alone, each with the part at every weight; the first that rose is kept
+    assert len(tried) == NEIGHBOUR_FITS * len(NEIGHBOUR_WEIGHTS) and tried == result.history[-len(tried):]
+    fits = sorted(result.history[:-len(tried)], key=lambda h: -h["ndcg@100"])[:NEIGHBOUR_FITS]
+    assert [(h["dropout"], h["l2"]) for h in tried[::len(NEIGHBOUR_WEIGHTS)]] == [(h["dropout"], h["l2"]) for h in fits]
+    assert result.history[result.best_epoch - 1] is tried[0]
+    assert (result.chosen["dropout"], result.chosen["l2"]) == (tried[0]["dropout"], tried[0]["l2"])
     part = result.model.neighbours
     assert part is not None and part.per_item == 5
     # its column scale is the item vectors' own: (n_j + 1)^-β × the temperature
@@ -102,6 +108,36 @@ def test_the_search_keeps_the_part_only_where_validation_rises_and_the_refit_fit
     assert refit.model.neighbours is not None and refit.model.neighbours.nnz > 0
     none = train(matrix, ModelConfig(kind="dlae", dim=8, neighbours=5), progress=False)
     assert none.model.neighbours is None  # no validation and no weight: no part
+
+
+def test_a_fit_below_the_best_may_win_with_its_part(matrix):
+    rows, first = np.arange(0, matrix.shape[0], 2), []
+
+    def validate(model):  # alone the first fit is best; with the part the second one wins
+        if model.neighbours is None:
+            first.append(first[0] if first else model)
+            return {"ndcg@100": 0.3 if model is first[0] else 0.29}
+        return {"ndcg@100": 0.31 if model is first[0] else 0.4}
+
+    result = train(matrix, ModelConfig(kind="dlae", dim=8, neighbours=5), rows=rows, validate=validate,
+                   progress=False)
+    second = result.history[1]  # the best of the fits scored 0.29: the first of them
+    assert result.model is not first[0] and result.model.neighbours is not None
+    assert (result.chosen["dropout"], result.chosen["l2"]) == (second["dropout"], second["l2"])
+    assert result.history[result.best_epoch - 1]["method"] == "neighbours"
+
+
+def test_the_parts_of_several_weights_share_one_residual_and_match_one_fit_each(matrix):
+    solver = linear.Solver(matrix.csr, np.arange(matrix.shape[0]), matrix.shape[1], dim=8)
+    factors = solver.fit(0.5, 100.0)
+    lam = solver.penalty(0.5, 100.0)
+    parts = neighbours.fit_weights(solver.item_gram(), factors.p, factors.r, lam, per_item=6, weights=(0.5, 3.0))
+    for weight, part in zip((0.5, 3.0), parts):
+        one = neighbours.fit(solver.item_gram(), factors.p, factors.r, lam, per_item=6, weight=weight)
+        np.testing.assert_array_equal(part.sources, one.sources)
+        np.testing.assert_allclose(part.weights, one.weights, rtol=1e-5, atol=1e-7)
+    # a larger γ shrinks the weights
+    assert np.abs(parts[1].weights).sum() < np.abs(parts[0].weights).sum()
 
 
 def test_at_full_rank_there_is_nothing_left_to_fit(matrix):

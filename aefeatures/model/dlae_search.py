@@ -10,8 +10,9 @@ The search, with a validator:
    :data:`DLAE_L2_STEPS` fits each way;
 3. for every fit, β walked up over :data:`DLAE_POPULARITY_EXPONENTS` while NDCG@100 rises (no
    refit: β only scales the item vectors);
-4. below full rank, the kept fit with a sparse item-item part (:mod:`aefeatures.model.neighbours`)
-   at each γ of :data:`NEIGHBOUR_WEIGHTS`, with its own β walk, kept only where NDCG@100 rises.
+4. below full rank, each of the :data:`NEIGHBOUR_FITS` best fits with a sparse item-item part
+   (:mod:`aefeatures.model.neighbours`) at each γ of :data:`NEIGHBOUR_WEIGHTS`, with its own β
+   walk, kept only where NDCG@100 rises above every fit alone.
 
 Above :data:`SEARCH_USERS` training users the search fits a seeded sample of that many users,
 with λ scaled by the sample's share (the data term and the dropout's penalty both grow with the
@@ -70,11 +71,16 @@ DLAE_POPULARITY_EXPONENTS = (0.0, 0.05, 0.1, 0.15, 0.2)
 # the item vectors within WIDE_ITEM_BYTES (float32; the model and the index hold them too).
 WIDE_DIM, SKETCH_WIDE_DIM, NARROW_DIM, WIDE_ITEM_BYTES = 2048, 1024, 256, 256 << 20
 SKETCH_WIDE_ENTRIES = 2_000_000
-# γ tried for the sparse item-item part (aefeatures.model.neighbours) on the kept fit, each with
-# its own β walk, kept only where validation NDCG@100 rises. On the book set's test items (width
-# 1,024, p 0.8, λ 300, β 0.2): γ 1 gave NDCG@100 0.1108 with 32 neighbours and 0.1118 with 128;
-# with 64, γ 0.3 gave 0.1090 and γ 0.1 0.0888 (overfitted); without the part 0.1028.
-NEIGHBOUR_WEIGHTS = (1.0,)
+# γ tried for the sparse item-item part (aefeatures.model.neighbours), each with its own β walk,
+# on each of the NEIGHBOUR_FITS best fits (by validation alone), kept only where validation
+# NDCG@100 rises above every fit alone. γ multiplies the fit's Λ: a fit with a small λ leaves the
+# part too little shrinkage at γ 1. On the book set (seed 1, width 1,024, each fit on 90% of the
+# users, scored on the test items at its best β), every p at λ 100 lost with γ 1 (e.g. p 0.67:
+# 0.0994 alone, 0.0916 with the part), and gained with γ 3 (0.1049) and γ 10 (0.1031), and
+# validation ranked the three γ the same way on every p; at (p 0.8, λ 300) γ 1 gained (seed 0).
+# γ 0.5 lost everywhere. Rows: benchmarks/results/choice-books-seed1.json.
+NEIGHBOUR_WEIGHTS = (1.0, 3.0, 10.0)
+NEIGHBOUR_FITS = 2
 SEARCH_USERS = 30_000  # above this many training users the search fits a sample of them
 TEMPERATURE_SAMPLE = 2000  # training users that set a dlae's softmax temperature
 # the largest item bias: a popularity tie-break (_set_tie_break), far below any score difference
@@ -182,6 +188,10 @@ class _Search:
         self.result = TrainResult(model=None, device=str(self.device))  # type: ignore[arg-type]
         self.best_score, self.kept_counts, self.solver = -np.inf, None, None
         self.kept_fit: tuple[torch.Tensor, torch.Tensor, float, float] | None = None  # the kept model's P, R, p, λ
+        # the NEIGHBOUR_FITS best fits, (score, model, P, R, p, λ, β), that try_neighbours gives the part
+        self.shortlist: list[tuple] = []
+        self.shortlisting = (validate is not None and cfg.neighbours > 0 and not folds
+                             and matrix.shape[1] <= neighbours.MAX_ITEMS)
         self.n_rows = self._total(len(rows))
         if validate is not None and self.n_rows > SEARCH_USERS and not folds:
             sample = -(-SEARCH_USERS * len(rows) // self.n_rows)  # this rank's part of the sample
@@ -239,7 +249,7 @@ class _Search:
             chosen = self.result.chosen
             self._fit_on(self.rows)
             self.exponents = [chosen["popularity_exponent"]]
-            self.best_score = -np.inf  # this fit is the result, whatever its score
+            self.best_score, self.shortlist = -np.inf, []  # this fit is the result, whatever its score
             self.fit(chosen["dropout"], chosen["l2"])
 
     def _late(self) -> bool:
@@ -295,6 +305,9 @@ class _Search:
                               result.steps, result.history[-1]["users"], dropout, l2, exponent,
                               f", validation {KEY_METRIC} {score:.4f}" if metrics else "",
                               result.history[-1]["seconds"])
+        if self.shortlisting:
+            self.shortlist = sorted([*self.shortlist, (score, model, factors.p, factors.r, dropout, l2, exponent)],
+                                    key=lambda fit: -fit[0])[:NEIGHBOUR_FITS]
         if result.model is None or score > self.best_score:
             self.best_score, result.model, self.kept_counts = score, model, counts
             self.kept_fit = (factors.p, factors.r, dropout, l2 * self.share)
@@ -329,51 +342,69 @@ class _Search:
         return model.neighbours
 
     def try_neighbours(self) -> None:
-        """Validate the kept fit with a sparse item-item part at each of
-        :data:`NEIGHBOUR_WEIGHTS` (each with its own β walk) and keep the best where it scores
-        higher than the fit alone; a fit of ``history`` each."""
-        result, chosen = self.result, {**self.result.chosen, "neighbour_weight": 0.0}
-        _, r, dropout, _ = self.kept_fit
-        model, counts, kept = result.model, self.kept_counts, None
-        for weight in NEIGHBOUR_WEIGHTS:
+        """Validate each of the :data:`NEIGHBOUR_FITS` best fits with a sparse item-item part at
+        each γ of :data:`NEIGHBOUR_WEIGHTS` (one residual and one set of neighbours a fit; each
+        γ with its own β walk) and keep the best where it scores higher than every fit alone;
+        a fit of ``history`` each."""
+        result = self.result
+        result.chosen = {**result.chosen, "neighbour_weight": 0.0}
+        kept = None  # (model, part, P, R, p, λ, β, γ) of the best fit with a part so far
+        gram = self.solver.item_gram()
+        for _, model, p, r, dropout, l2, _ in self.shortlist:
             if self._late():
                 result.stopped_early, result.stop_reason = True, "max_minutes"
                 break
             started = time.perf_counter()
-            model.neighbours = self._part(weight)
-            fitted = time.perf_counter() - started
-            at_once = self._at_once([(self.validate, model, r, counts)])
-            exponent, metrics = self.exponents[0], {}
-            for step, candidate in enumerate(self.exponents):
-                if at_once is not None:
-                    scored = at_once[0][step]
-                else:
-                    _set_item_vectors(model, r, counts, candidate)
-                    scored = self._validated(model)
-                if metrics and scored.get(KEY_METRIC, 0.0) <= metrics.get(KEY_METRIC, 0.0):
-                    break
-                exponent, metrics = candidate, scored
-            result.steps += 1
-            result.history.append({"epoch": result.steps, "dropout": dropout, "l2": chosen["l2"],
-                                   "popularity_exponent": exponent, "neighbours": self.cfg.neighbours,
-                                   "neighbour_weight": weight, "entries": model.neighbours.nnz,
-                                   "users": self._total(len(self.fit_rows)), "method": "neighbours",
-                                   "fit_seconds": round(fitted, 3),
-                                   "seconds": round(time.perf_counter() - started, 3), "loss": 0.0, "beta": 0.0,
-                                   **metrics})
-            result.epoch_losses.append(0.0)
-            score = metrics.get(KEY_METRIC, 0.0)
-            if distributed.is_leader():
-                progress_log.info("dlae fit %d: %d neighbours an item at weight %g, popularity exponent %g, "
-                                  "validation %s %.4f (%.1fs)", result.steps, self.cfg.neighbours, weight, exponent,
-                                  KEY_METRIC, score, result.history[-1]["seconds"])
-            if score > self.best_score:
-                self.best_score, kept = score, model.neighbours
-                result.best_epoch = result.best_step = result.steps
-                chosen.update(popularity_exponent=exponent, neighbour_weight=weight)
-        model.neighbours = kept
-        result.chosen = chosen
-        _set_item_vectors(model, r, counts, chosen["popularity_exponent"])
+            parts = neighbours.fit_weights(gram, p, r, self.solver.penalty(dropout, l2 * self.share),
+                                           per_item=self.cfg.neighbours, weights=NEIGHBOUR_WEIGHTS)
+            fitted = (time.perf_counter() - started) / len(parts)
+            for weight, part in zip(NEIGHBOUR_WEIGHTS, parts):
+                started = time.perf_counter()
+                model.neighbours = part
+                exponent, metrics = self._walk_exponents(model, r)
+                model.neighbours = None
+                result.steps += 1
+                result.history.append({"epoch": result.steps, "dropout": dropout, "l2": l2,
+                                       "popularity_exponent": exponent, "neighbours": self.cfg.neighbours,
+                                       "neighbour_weight": weight, "entries": part.nnz,
+                                       "users": self._total(len(self.fit_rows)), "method": "neighbours",
+                                       "fit_seconds": round(fitted, 3),
+                                       "seconds": round(time.perf_counter() - started + fitted, 3),
+                                       "loss": 0.0, "beta": 0.0, **metrics})
+                result.epoch_losses.append(0.0)
+                score = metrics.get(KEY_METRIC, 0.0)
+                if distributed.is_leader():
+                    progress_log.info("dlae fit %d: dropout %g, l2 %g with %d neighbours an item at weight %g, "
+                                      "popularity exponent %g, validation %s %.4f (%.1fs)", result.steps, dropout, l2,
+                                      self.cfg.neighbours, weight, exponent, KEY_METRIC, score,
+                                      result.history[-1]["seconds"])
+                if score > self.best_score:
+                    self.best_score, kept = score, (model, part, p, r, dropout, l2, exponent, weight)
+                    result.best_epoch = result.best_step = result.steps
+        self.shortlist = []
+        if kept is not None:
+            model, part, p, r, dropout, l2, exponent, weight = kept
+            model.neighbours, result.model = part, model
+            self.kept_fit, self.kept_counts = (p, r, dropout, l2 * self.share), self.counts
+            result.chosen = {"dropout": dropout, "l2": l2, "popularity_exponent": exponent,
+                             "neighbour_weight": weight}
+        _set_item_vectors(result.model, self.kept_fit[1], self.kept_counts, result.chosen["popularity_exponent"])
+
+    def _walk_exponents(self, model: Autoencoder, r: torch.Tensor) -> tuple[float, dict[str, float]]:
+        """β walked up over the search's exponents on validation while NDCG@100 rises, for
+        ``model`` (item vectors R): (β, its metrics)."""
+        at_once = self._at_once([(self.validate, model, r, self.counts)])
+        exponent, metrics = self.exponents[0], {}
+        for step, candidate in enumerate(self.exponents):
+            if at_once is not None:
+                scored = at_once[0][step]
+            else:
+                _set_item_vectors(model, r, self.counts, candidate)
+                scored = self._validated(model)
+            if metrics and scored.get(KEY_METRIC, 0.0) <= metrics.get(KEY_METRIC, 0.0):
+                break
+            exponent, metrics = candidate, scored
+        return exponent, metrics
 
     def _at_once(self, folds: list[tuple]) -> list[list[dict[str, float]]] | None:
         """Each fold's validation metrics at every candidate exponent, from one product of its

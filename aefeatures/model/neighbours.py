@@ -15,7 +15,8 @@ Column j is then one small regularised least-squares problem,
     (G[N, N] + γ Λ[N, N]) s_j = E[N, j],   E = G - M B = G - (G P + Λ P) Rᵀ,   M = G + Λ,
 
 E[:, j] being what the low-rank part leaves of item j's fit; γ = 1 is the exact optimum over
-N(j), a smaller γ shrinks S less (the search's grid: dlae_search.NEIGHBOUR_WEIGHTS). Item j's neighbours are the k
+N(j), a larger γ shrinks S more (the search's grid: dlae_search.NEIGHBOUR_WEIGHTS; a fit chosen
+with a small λ leaves the part too little shrinkage at γ 1). Item j's neighbours are the k
 items with the largest first-order gain E[i, j]² / M[i, i]: the items that explain most of what
 the bottleneck missed, not the most co-consumed ones (which B already covers). At full rank
 (the width at or above the data's rank) E is 0 and S adds nothing, so it is fitted only below.
@@ -34,6 +35,7 @@ The dense Gram G (items² float32) is what limits it: up to :data:`MAX_ITEMS` it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -118,12 +120,21 @@ class ItemNeighbours:
 
 def fit(gram: torch.Tensor, p: torch.Tensor, r: torch.Tensor, lam: torch.Tensor, *,
         per_item: int = PER_ITEM, weight: float = 1.0) -> ItemNeighbours:
-    """The sparse item–item part S of the module docstring for a dlae B = P Rᵀ.
+    """The sparse item–item part S of the module docstring for a dlae B = P Rᵀ at γ =
+    ``weight``: :func:`fit_weights` with one weight."""
+    return fit_weights(gram, p, r, lam, per_item=per_item, weights=(weight,))[0]
+
+
+def fit_weights(gram: torch.Tensor, p: torch.Tensor, r: torch.Tensor, lam: torch.Tensor, *,
+                per_item: int = PER_ITEM, weights: Sequence[float] = (1.0,)) -> list[ItemNeighbours]:
+    """The sparse item–item part S of the module docstring for a dlae B = P Rᵀ, one for each γ
+    of ``weights``: the neighbours (which do not depend on γ), the residual and the systems are
+    formed once, and each γ costs only its solves.
 
     ``gram``: G = XᵀX, (n_items, n_items) float32 (dense, every rank's users summed); ``p``,
     ``r``: the fit's P and R, (n_items, d) float32; ``lam``: Λ's diagonal, (n_items,) (the
-    fit's p/(1-p) · diag(G) + λ); ``per_item``: k ≥ 1; ``weight``: γ > 0, the L2 weight's
-    multiplier. Returns S with at most ``per_item`` neighbours an item (fewer where fewer
+    fit's p/(1-p) · diag(G) + λ); ``per_item``: k ≥ 1; ``weights``: each γ > 0, the L2
+    weight's multiplier. Each S has at most ``per_item`` neighbours an item (fewer where fewer
     items co-occur at all: a neighbour whose gain is 0 is dropped). Computed in blocks of
     :data:`COLUMN_BLOCK` items on ``gram``'s device; the systems are solved in float64.
     """
@@ -132,7 +143,7 @@ def fit(gram: torch.Tensor, p: torch.Tensor, r: torch.Tensor, lam: torch.Tensor,
     lam = lam.to(gram.device, torch.float32)
     fitted_cross = gram @ p + lam[:, None] * p  # M P: E[:, J] = G[:, J] - M P R[J]ᵀ
     diag = gram.diagonal() + lam
-    sources, targets, weights = [], [], []
+    sources, targets, weights_out = [], [], [[] for _ in weights]
     for start in range(0, n, COLUMN_BLOCK):
         stop = min(start + COLUMN_BLOCK, n)
         cols = torch.arange(start, stop, device=gram.device)
@@ -142,18 +153,18 @@ def fit(gram: torch.Tensor, p: torch.Tensor, r: torch.Tensor, lam: torch.Tensor,
         top = torch.topk(gain, k, dim=0)
         keep = top.values.t() > 0  # (block, k)
         nb = top.indices.t()  # (block, k): item j's neighbours
-        system = gram[nb[:, :, None], nb[:, None, :]].double()
-        system += torch.diag_embed(weight * lam[nb].double())
-        rhs = residual.t().gather(1, nb).double()
+        both = (keep[:, :, None] & keep[:, None, :]).double()
+        system = gram[nb[:, :, None], nb[:, None, :]].double() * both
         # a dropped neighbour keeps a unit row so the system stays regular, with no weight
-        eye = (~keep).double()
-        system = system * (keep[:, :, None] & keep[:, None, :]).double() + torch.diag_embed(eye)
-        rhs = rhs * keep.double()
-        s = torch.linalg.solve(system, rhs).float()
+        system += torch.diag_embed((~keep).double())
+        penalty = lam[nb].double() * keep.double()
+        rhs = residual.t().gather(1, nb).double() * keep.double()
+        for out, weight in zip(weights_out, weights):
+            s = torch.linalg.solve(system + torch.diag_embed(weight * penalty), rhs).float()
+            out.append(s[keep].cpu().numpy())
         sources.append(nb[keep].cpu().numpy())
         targets.append(cols[:, None].expand(-1, k)[keep].cpu().numpy())
-        weights.append(s[keep].cpu().numpy())
-    src, tgt, w = np.concatenate(sources), np.concatenate(targets), np.concatenate(weights)
+    src, tgt = np.concatenate(sources), np.concatenate(targets)
     order = np.lexsort((tgt, src))
-    return ItemNeighbours(src[order].astype(np.int64), tgt[order].astype(np.int64),
-                          w[order].astype(np.float32), n)
+    return [ItemNeighbours(src[order].astype(np.int64), tgt[order].astype(np.int64),
+                           np.concatenate(w)[order].astype(np.float32), n) for w in weights_out]
