@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,32 @@ from hypothesis import settings
 settings.register_profile("default", max_examples=40, derandomize=True)
 settings.register_profile("explore", max_examples=400)
 settings.load_profile("default")
+
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pyproject's addopts): one worker per CPU this process may use, the cgroup's
+    quota included (:func:`aefeatures.model.threads.available_cpus`), not the host's count."""
+    from aefeatures.model.threads import available_cpus
+
+    return available_cpus()
+
+
+def _pin_this_worker() -> None:
+    """Under pytest-xdist, keep worker gwN (and the processes it starts) on one CPU of its own:
+    the code under test sizes its thread pools by the CPUs it may use, so two workers never
+    run four threads on two cores."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if count <= len(cpus):
+        os.sched_setaffinity(0, {cpus[int(worker[2:]) % len(cpus)]})
+
+
+_pin_this_worker()
+
 
 def _refuse_constant(name: str):
     raise ValueError(f"non-strict JSON: {name} is not a JSON number (RFC 8259)")
