@@ -103,6 +103,8 @@ def test_the_search_keeps_the_part_only_where_validation_rises_and_the_refit_fit
                     validate=lambda model: {"ndcg@100": 0.2 if model.neighbours is not None else 0.3},
                     progress=False)
     assert refused.chosen["neighbour_weight"] == 0.0 and refused.model.neighbours is None
+    # the part lowered the best fit at every γ: the next fits are not tried
+    assert [h["method"] for h in refused.history].count("neighbours") == len(NEIGHBOUR_WEIGHTS)
 
     refit = train(matrix, ModelConfig(kind="dlae", dim=8, neighbours=5, neighbour_weight=1.0), progress=False)
     assert refit.model.neighbours is not None and refit.model.neighbours.nnz > 0

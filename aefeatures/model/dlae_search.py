@@ -345,19 +345,20 @@ class _Search:
         """Validate each of the :data:`NEIGHBOUR_FITS` best fits with a sparse item-item part at
         each γ of :data:`NEIGHBOUR_WEIGHTS` (one residual and one set of neighbours a fit; each
         γ with its own β walk) and keep the best where it scores higher than every fit alone;
-        a fit of ``history`` each."""
+        a fit of ``history`` each. Where no γ raised a fit above its score alone, the next fits
+        are not tried (on a 6,040 × 3,700 film-shaped set every γ lowered the best fit)."""
         result = self.result
         result.chosen = {**result.chosen, "neighbour_weight": 0.0}
         kept = None  # (model, part, P, R, p, λ, β, γ) of the best fit with a part so far
         gram = self.solver.item_gram()
-        for _, model, p, r, dropout, l2, _ in self.shortlist:
+        for alone, model, p, r, dropout, l2, _ in self.shortlist:
             if self._late():
                 result.stopped_early, result.stop_reason = True, "max_minutes"
                 break
             started = time.perf_counter()
             parts = neighbours.fit_weights(gram, p, r, self.solver.penalty(dropout, l2 * self.share),
                                            per_item=self.cfg.neighbours, weights=NEIGHBOUR_WEIGHTS)
-            fitted = (time.perf_counter() - started) / len(parts)
+            fitted, best_here = (time.perf_counter() - started) / len(parts), -np.inf
             for weight, part in zip(NEIGHBOUR_WEIGHTS, parts):
                 started = time.perf_counter()
                 model.neighbours = part
@@ -373,6 +374,7 @@ class _Search:
                                        "loss": 0.0, "beta": 0.0, **metrics})
                 result.epoch_losses.append(0.0)
                 score = metrics.get(KEY_METRIC, 0.0)
+                best_here = max(best_here, score)
                 if distributed.is_leader():
                     progress_log.info("dlae fit %d: dropout %g, l2 %g with %d neighbours an item at weight %g, "
                                       "popularity exponent %g, validation %s %.4f (%.1fs)", result.steps, dropout, l2,
@@ -381,6 +383,8 @@ class _Search:
                 if score > self.best_score:
                     self.best_score, kept = score, (model, part, p, r, dropout, l2, exponent, weight)
                     result.best_epoch = result.best_step = result.steps
+            if best_here <= alone:  # the part lowered the best fit: the data has no tail it finds
+                break
         self.shortlist = []
         if kept is not None:
             model, part, p, r, dropout, l2, exponent, weight = kept
