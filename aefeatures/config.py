@@ -103,9 +103,9 @@ class ModelConfig:
     popularity_exponent: float = 0.0
     # dlae: a sparse item-item part beside the bottleneck (aefeatures.model.neighbours), this many
     # neighbours an item, where the width is below the data's rank; 0 = none. With validation
-    # the search tries it at each weight of NEIGHBOUR_WEIGHTS and keeps it only where it scores
-    # higher; neighbour_weight is then the chosen γ (0: not kept), and without validation the
-    # γ fitted (0: none)
+    # the search tries it on its best fits at each weight of NEIGHBOUR_WEIGHTS and keeps it only
+    # where it scores higher; neighbour_weight is then the chosen γ (0: not kept), and without
+    # validation the γ fitted (0: none)
     neighbours: int = 64
     neighbour_weight: float = 0.0
     beta_cap: float = 0.2  # vae: KL weight is annealed linearly up to this cap

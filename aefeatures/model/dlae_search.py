@@ -190,9 +190,7 @@ class _Search:
         self.kept_fit: tuple[torch.Tensor, torch.Tensor, float, float] | None = None  # the kept model's P, R, p, λ
         # the NEIGHBOUR_FITS best fits, (score, model, P, R, p, λ, β), that try_neighbours gives the part
         self.shortlist: list[tuple] = []
-        self.shortlisting = (validate is not None and cfg.neighbours > 0 and not folds
-                             and matrix.shape[1] <= neighbours.MAX_ITEMS)
-        self.n_rows = self._total(len(rows))
+        self.n_rows, self.folds_given = self._total(len(rows)), bool(folds)
         if validate is not None and self.n_rows > SEARCH_USERS and not folds:
             sample = -(-SEARCH_USERS * len(rows) // self.n_rows)  # this rank's part of the sample
             self._fit_on(np.sort(np.random.default_rng(cfg.seed).choice(rows, sample, replace=False)), warm)
@@ -221,6 +219,12 @@ class _Search:
         self.solver = linear.Solver(self.matrix.csr, rows, self.matrix.shape[1], dim=self.cfg.dim, device=self.device,
                                     seed=self.cfg.seed, reduce=self._reduce(), warm=warm)
         self.counts = self._counts(rows)
+        self.part_applies = (self.cfg.neighbours > 0 and not self.folds_given
+                             and self.matrix.shape[1] <= neighbours.MAX_ITEMS
+                             and self.cfg.dim < min(self._total(len(rows)), self.matrix.shape[1]))
+        # only where a search will try the part are its best fits' factors kept for it
+        self.shortlisting = (self.validate is not None and self.part_applies
+                             and self.solver.nnz <= neighbours.MAX_ENTRIES)
 
     def _counts(self, rows: np.ndarray) -> np.ndarray:
         """(n_items,) int64: each item's users among ``rows`` (every rank's)."""
@@ -322,10 +326,7 @@ class _Search:
         :data:`aefeatures.model.neighbours.MAX_ITEMS` items, one validation split, and for a
         search at most :data:`~aefeatures.model.neighbours.MAX_ENTRIES` interactions (a refit
         of a ``chosen`` part fits it whatever the validation users added)."""
-        rank = min(self._total(len(self.fit_rows)), self.matrix.shape[1])
-        return (self.cfg.neighbours > 0 and self.cfg.dim < rank and not self.folds
-                and self.matrix.shape[1] <= neighbours.MAX_ITEMS and self.result.model is not None
-                and (chosen or self.solver.nnz <= neighbours.MAX_ENTRIES))
+        return self.result.model is not None and (self.part_applies if chosen else self.shortlisting)
 
     def _part(self, weight: float) -> neighbours.ItemNeighbours:
         """The kept fit's sparse item-item part at γ = ``weight``, its column scale 1."""
