@@ -20,22 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from aefeatures.config import EvaluationConfig, InputConfig, ModelConfig
-from aefeatures.data.matrix import CSR, build_matrix
-from aefeatures.data.read import read_interactions
+from aefeatures.config import EvaluationConfig, ModelConfig
 from aefeatures.jobs.run import _Validator
 from aefeatures.model import dlae_search, neighbours
 from aefeatures.model.embed import embeddings
 from aefeatures.quality.evaluate import KS, rank_by_scaled_embeddings, split_users
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import add_data_args, load, metrics, split  # noqa: E402  (benchmarks/ is not a package)
+from quality import add_data_args, load, metrics, split_matrix  # noqa: E402  (benchmarks/ is not a package)
 
 
 class Probe(dlae_search._Search):
@@ -85,21 +82,8 @@ class Probe(dlae_search._Search):
 
 
 def run_seed(frame, seed: int, args: argparse.Namespace) -> list[dict]:
-    train_pairs, hidden_pairs = split(frame, seed)
-    items = frame["item_id"].unique().sort()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "train.parquet"
-        train_pairs.write_parquet(path)
-        matrix = build_matrix(read_interactions(InputConfig(str(path))), item_ids=items)
+    matrix, held = split_matrix(frame, seed)
     n_items = matrix.shape[1]
-    user_row = {u: i for i, u in enumerate(matrix.user_ids.to_list())}
-    item_row = {v: i for i, v in enumerate(items.to_list())}
-    rows = np.array([user_row[u] for u in hidden_pairs["user_id"].to_list()])
-    cols = np.array([item_row[v] for v in hidden_pairs["item_id"].to_list()])
-    order = np.lexsort((cols, rows))
-    indptr = np.zeros(matrix.shape[0] + 1, np.int64)
-    np.cumsum(np.bincount(rows, minlength=matrix.shape[0]), out=indptr[1:])
-    held = CSR(indptr, cols[order].astype(np.int32), np.ones(len(cols), np.float32))
 
     ev = EvaluationConfig()
     valid_split = split_users(matrix.indptr, matrix.indices, share=ev.valid_share, max_users=ev.max_valid_users,

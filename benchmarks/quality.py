@@ -174,14 +174,15 @@ def main() -> None:
         args.json_out.write_text(json.dumps(results, indent=2))
 
 
-def run_seed(frame: pl.DataFrame, seed: int, args: argparse.Namespace, overrides: dict) -> list[dict]:
+def split_matrix(frame: pl.DataFrame, seed: int) -> tuple:
+    """(the training pairs' InteractionMatrix over every item of ``frame``, the hidden pairs as a
+    CSR over its user rows): :func:`split` as a model and the metrics read it."""
     train_pairs, hidden_pairs = split(frame, seed)
     items = frame["item_id"].unique().sort()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.parquet"
         train_pairs.write_parquet(path)
         matrix = build_matrix(read_interactions(InputConfig(str(path))), item_ids=items)
-    n_items = matrix.shape[1]
     user_row = {u: i for i, u in enumerate(matrix.user_ids.to_list())}
     item_row = {v: i for i, v in enumerate(items.to_list())}
     rows = np.array([user_row[u] for u in hidden_pairs["user_id"].to_list()])
@@ -190,6 +191,12 @@ def run_seed(frame: pl.DataFrame, seed: int, args: argparse.Namespace, overrides
     indptr = np.zeros(matrix.shape[0] + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=matrix.shape[0]), out=indptr[1:])
     held = CSR(indptr, cols[order].astype(np.int32), np.ones(len(cols), np.float32))
+    return matrix, held
+
+
+def run_seed(frame: pl.DataFrame, seed: int, args: argparse.Namespace, overrides: dict) -> list[dict]:
+    matrix, held = split_matrix(frame, seed)
+    n_items = matrix.shape[1]
     seen = (matrix.csr.indptr, matrix.csr.indices)
     out = []
 
