@@ -188,19 +188,19 @@ class _Search:
         self.result = TrainResult(model=None, device=str(self.device))  # type: ignore[arg-type]
         self.best_score, self.kept_counts, self.solver = -np.inf, None, None
         self.kept_fit: tuple[torch.Tensor, torch.Tensor, float, float] | None = None  # the kept model's P, R, p, λ
-        # the NEIGHBOUR_FITS best fits, (score, model, P, R, p, λ, β), that try_neighbours gives the part
+        # the NEIGHBOUR_FITS best fits, (score, model, P, R, p, λ), that try_neighbours gives the part
         self.shortlist: list[tuple] = []
-        self.n_rows, self.folds_given = self._total(len(rows)), bool(folds)
-        if validate is not None and self.n_rows > SEARCH_USERS and not folds:
-            sample = -(-SEARCH_USERS * len(rows) // self.n_rows)  # this rank's part of the sample
-            self._fit_on(np.sort(np.random.default_rng(cfg.seed).choice(rows, sample, replace=False)), warm)
-        else:
-            self._fit_on(rows, warm)
         if folds and (self.group is not None or validate is None):
             raise ValueError("folds need a validator and one process")
         # the other folds: (validator, solver, item counts), fitted beside the first
         self.folds = [(check, linear.Solver(matrix.csr, fold_rows, matrix.shape[1], dim=cfg.dim, device=self.device,
                                             seed=cfg.seed), self._counts(fold_rows)) for fold_rows, check in folds]
+        self.n_rows = self._total(len(rows))
+        if validate is not None and self.n_rows > SEARCH_USERS and not folds:
+            sample = -(-SEARCH_USERS * len(rows) // self.n_rows)  # this rank's part of the sample
+            self._fit_on(np.sort(np.random.default_rng(cfg.seed).choice(rows, sample, replace=False)), warm)
+        else:
+            self._fit_on(rows, warm)
 
     def _total(self, count: int) -> int:
         """``count`` summed over the ranks."""
@@ -219,7 +219,7 @@ class _Search:
         self.solver = linear.Solver(self.matrix.csr, rows, self.matrix.shape[1], dim=self.cfg.dim, device=self.device,
                                     seed=self.cfg.seed, reduce=self._reduce(), warm=warm)
         self.counts = self._counts(rows)
-        self.part_applies = (self.cfg.neighbours > 0 and not self.folds_given
+        self.part_applies = (self.cfg.neighbours > 0 and not self.folds
                              and self.matrix.shape[1] <= neighbours.MAX_ITEMS
                              and self.cfg.dim < min(self._total(len(rows)), self.matrix.shape[1]))
         # only where a search will try the part are its best fits' factors kept for it
@@ -310,7 +310,7 @@ class _Search:
                               f", validation {KEY_METRIC} {score:.4f}" if metrics else "",
                               result.history[-1]["seconds"])
         if self.shortlisting:
-            self.shortlist = sorted([*self.shortlist, (score, model, factors.p, factors.r, dropout, l2, exponent)],
+            self.shortlist = sorted([*self.shortlist, (score, model, factors.p, factors.r, dropout, l2)],
                                     key=lambda fit: -fit[0])[:NEIGHBOUR_FITS]
         if result.model is None or score > self.best_score:
             self.best_score, result.model, self.kept_counts = score, model, counts
@@ -328,17 +328,12 @@ class _Search:
         of a ``chosen`` part fits it whatever the validation users added)."""
         return self.result.model is not None and (self.part_applies if chosen else self.shortlisting)
 
-    def _part(self, weight: float) -> neighbours.ItemNeighbours:
-        """The kept fit's sparse item-item part at γ = ``weight``, its column scale 1."""
-        p, r, dropout, l2 = self.kept_fit
-        return neighbours.fit(self.solver.item_gram(), p, r, self.solver.penalty(dropout, l2),
-                              per_item=self.cfg.neighbours, weight=weight)
-
     def fit_neighbours(self, weight: float) -> neighbours.ItemNeighbours:
         """Give the kept model its sparse item-item part at γ = ``weight``, scaled as its item vectors."""
-        model = self.result.model
-        model.neighbours = self._part(weight)
-        _set_item_vectors(model, self.kept_fit[1], self.kept_counts,
+        model, (p, r, dropout, l2) = self.result.model, self.kept_fit
+        model.neighbours = neighbours.fit(self.solver.item_gram(), p, r, self.solver.penalty(dropout, l2),
+                                          per_item=self.cfg.neighbours, weight=weight)
+        _set_item_vectors(model, r, self.kept_counts,
                           self.result.chosen.get("popularity_exponent", self.cfg.popularity_exponent))
         return model.neighbours
 
@@ -352,7 +347,7 @@ class _Search:
         result.chosen = {**result.chosen, "neighbour_weight": 0.0}
         kept = None  # (model, part, P, R, p, λ, β, γ) of the best fit with a part so far
         gram = self.solver.item_gram()
-        for alone, model, p, r, dropout, l2, _ in self.shortlist:
+        for alone, model, p, r, dropout, l2 in self.shortlist:
             if self._late():
                 result.stopped_early, result.stop_reason = True, "max_minutes"
                 break
