@@ -219,6 +219,10 @@ def test_coercion_of_an_unknown_type_is_a_programming_error():
     ("[model]\nanneal_steps = 0", r"`model\.anneal_steps` = 0 is not allowed: it must be at least 1\."),
     ('[model]\ndevice = "gpu"', r"`model\.device` = 'gpu' is not allowed: use auto, cpu, cuda or cuda:N\."),
     ('[model]\ndevice = "cuda:x"', r"`model\.device` = 'cuda:x' is not allowed"),
+    ('[evaluation]\nprotocol = "held-out rows"', r"`evaluation\.protocol` = 'held-out rows' is not allowed: "
+                                                r"choose one of held-out items, held-out users\."),
+    ("[evaluation]\nfolds = 5", r"`evaluation\.folds` = 5 is not allowed: k folds deal the users into k groups held "
+                               r"out in turn: set `evaluation\.protocol = \"held-out users\"` too\."),
     ('[index]\nkind = "  "', r"`index\.kind` = '  ' is neither a named kind .* \(it is empty\); use one of auto, "
                               r"flat, hnsw, ivf, ivfpq or a factory string"),
 ], ids=lambda v: v.split("\n")[1] if "\n" in v else None)

@@ -130,7 +130,7 @@ def test_the_run_summary_says_when_the_search_was_sampled(tmp_path, monkeypatch)
     monkeypatch.setattr(dlae_search, "SEARCH_USERS", 400)
     out = CliRunner().invoke(cli, ["run", str(write_job(tmp_path, model={"kind": "dlae", "dim": 8}))])
     assert out.exit_code == 0, out.output
-    assert "searched on 400 sampled users, then fitted on all 1,030 training users" in out.stdout
+    assert "searched on 400 sampled users, then fitted on all 2,030 training users" in out.stdout
 
 
 def test_a_user_whose_items_nobody_else_has_gets_the_popular_items(tmp_path):
@@ -223,7 +223,7 @@ def test_with_k_folds_a_dlae_chooses_by_the_mean_over_folds_and_says_how_sure(tm
     from aefeatures.cli.app import cli
     from tests.conftest import write_job
 
-    job = write_job(tmp_path, model={"kind": "dlae", "dim": 8}, evaluation={"folds": 3})
+    job = write_job(tmp_path, model={"kind": "dlae", "dim": 8}, evaluation={"folds": 3, "protocol": "held-out users"})
     out = CliRunner().invoke(cli, ["run", str(job)])
     assert out.exit_code == 0, out.output
     manifest = json.loads(next((tmp_path / "store" / "movies" / "versions").glob("*/manifest.json")).read_text())
@@ -236,3 +236,41 @@ def test_with_k_folds_a_dlae_chooses_by_the_mean_over_folds_and_says_how_sure(tm
     folds = manifest["evaluation"]["folds"]
     assert folds["k"] == 3 and folds["ndcg@100"] == history[chosen]["folds"]
     assert 0 <= folds["folds_choosing_it"] <= 3 and folds["spread"] >= 0
+
+
+def test_held_out_items_fit_every_user_without_the_hidden_items_and_refit_with_them(tmp_path, monkeypatch):
+    """The default protocol: the search fits every user's shown items (each validation user's
+    hidden items removed, nothing else), and the refit fits the whole matrix."""
+    from aefeatures.config import load_job_config
+    from aefeatures.jobs.run import run_job
+    from aefeatures.model import train as train_module
+    from tests.conftest import write_job
+
+    calls, real = [], train_module.train
+
+    def recording(matrix, cfg, **kwargs):
+        calls.append((matrix.nnz, kwargs.get("rows"), kwargs.get("keep")))
+        return real(matrix, cfg, **kwargs)
+
+    monkeypatch.setattr(train_module, "train", recording)
+    job = load_job_config(write_job(tmp_path, model={"kind": "dlae", "dim": 8}))
+    full = build_matrix(read_interactions(job.input))
+    result = run_job(job, progress=False)
+    evaluation = result.manifest["evaluation"]
+    assert evaluation["protocol"] == "held-out items"
+    assert evaluation["valid_users"] == int((full.row_lengths() >= 2).sum())
+    (searched, rows, keep), (refitted, refit_rows, _) = calls
+    hidden = sum(min(max(1, round(0.2 * int(n))), int(n) - 1) for n in full.row_lengths()[keep])  # holdout 0.2
+    assert list(rows) == list(range(full.shape[0])) and searched == full.nnz - hidden
+    assert refitted == full.nnz and refit_rows is None
+    assert {h["users"] for h in result.manifest["training"]["history"]} == {full.shape[0]}
+
+
+def test_a_sampled_search_keeps_the_rows_it_must_fit():
+    rng = np.random.default_rng(0)
+    rows, keep = np.arange(1000), np.arange(0, 1000, 10)
+    sample = dlae_search._sample(rows, 300, keep, rng)
+    assert len(sample) == 300 == len(set(sample)) and set(keep) <= set(sample) and list(sample) == sorted(sample)
+    assert set(dlae_search._sample(rows, 50, keep, rng)) <= set(keep)  # fewer places than kept rows
+    assert np.array_equal(dlae_search._sample(rows, 300, None, np.random.default_rng(1)),
+                          np.sort(np.random.default_rng(1).choice(rows, 300, replace=False)))

@@ -13,9 +13,12 @@ from aefeatures.quality.evaluate import (
     rank_by_scaled_embeddings,
     ranking_metrics,
     split_folds,
+    split_items,
     split_users,
     top_k,
+    without_hidden,
 )
+from aefeatures.data.matrix import CSR
 
 
 def csr(rows):
@@ -77,6 +80,29 @@ def test_split_holds_out_whole_users_and_hides_part_of_their_items():
     again = split_users(indptr, indices, share=0.2, max_users=1000, holdout=0.2, seed=0)
     assert np.array_equal(again.valid_rows, split.valid_rows)
     assert len(split_users(indptr, indices, share=0.2, max_users=3, holdout=0.2, seed=0).valid_rows) == 3
+
+
+def test_held_out_items_validate_every_user_with_two_items_and_train_everyone_on_the_rest():
+    rows = [list(range(r % 7, 10 + r % 7)) for r in range(50)] + [[1]] * 10
+    indptr, indices = csr(rows)
+    split = split_items(indptr, indices, max_users=1000, holdout=0.2, seed=0)
+    assert list(split.valid_rows) == list(range(50))  # single-item users cannot be split
+    assert list(split.train_rows) == list(range(60))  # every user is in the fit
+    fit = without_hidden(CSR(indptr, indices, np.arange(len(indices), dtype=np.float32)), split)
+    for i, r in enumerate(split.valid_rows):  # the fit keeps exactly what the user shows
+        shown = split.fold_in[1][split.fold_in[0][i]:split.fold_in[0][i + 1]]
+        hidden = split.held_out[1][split.held_out[0][i]:split.held_out[0][i + 1]]
+        kept = fit.indices[fit.indptr[r]:fit.indptr[r + 1]]
+        assert list(kept) == sorted(shown) and len(hidden) == 2 and not set(hidden) & set(kept)
+        values = fit.values[fit.indptr[r]:fit.indptr[r + 1]]  # each kept pair keeps its value
+        assert list(values) == [indptr[r] + rows[r].index(item) for item in kept]
+    for r in range(50, 60):  # rows that do not validate are untouched
+        assert list(fit.indices[fit.indptr[r]:fit.indptr[r + 1]]) == rows[r]
+    assert len(fit.indices) == len(indices) - 100
+    capped = split_items(indptr, indices, max_users=5, holdout=0.2, seed=0)
+    assert len(capped.valid_rows) == 5 and len(capped.train_rows) == 60
+    again = split_items(indptr, indices, max_users=5, holdout=0.2, seed=0)
+    assert np.array_equal(again.valid_rows, capped.valid_rows)
 
 
 def test_k_folds_validate_every_user_with_two_items_exactly_once():

@@ -60,7 +60,7 @@ def test_both_kinds_beat_popularity_on_the_planted_fixture(tmp_path, kind):
     model = {"kind": kind, "epochs": 40, "dim": 32, "hidden": [128], "anneal_steps": 200}
     result = run_job(load_job_config(write_job(tmp_path, model=model)), progress=False)
     ev = result.manifest["evaluation"]
-    assert ev["valid_users"] == 1000  # evaluation.min_valid_users (10% of 2,030 users is 203)
+    assert ev["valid_users"] == 2018  # held-out items: every user with 2 items or more (of 2,030)
     assert ev["model"]["ndcg@10"] > 3 * ev["popularity"]["ndcg@10"]
     assert ev["model"]["ndcg@10"] > ev["popularity"]["ndcg@10"] + 0.2
     history = result.manifest["training"]["history"]
@@ -142,7 +142,8 @@ def test_small_data_trains_to_convergence_where_the_epoch_cap_cut_it_off(tmp_pat
         folder = tmp_path / name
         folder.mkdir()
         job = write_job(folder, input={"path": str(tmp_path / "small.parquet")},
-                        model={**old_defaults, "min_steps": min_steps}, evaluation={"refit": False})
+                        model={**old_defaults, "min_steps": min_steps},
+                        evaluation={"refit": False, "protocol": "held-out users"})
         runs[name] = run_job(load_job_config(job), progress=False).manifest
     old, new = runs["old"]["training"], runs["new"]["training"]
     assert old["stop_reason"] == "epochs" and old["best_epoch"] > 50 - 10  # patience had not stopped it
@@ -196,7 +197,7 @@ def test_refit_trains_the_published_model_on_every_user(tmp_path, kind, monkeypa
     result = run_job(job, progress=False)
     training = result.manifest["training"]
     assert training["refit"]["status"] == "published" and training["refit"]["users"] == 2030
-    assert result.manifest["evaluation"]["valid_users"] == 1000  # validated on held-out users first
+    assert result.manifest["evaluation"]["valid_users"] == 2018  # validated on held-out items first
     published = load_model(result.path / "model")
     # the same training on all users, for the chosen budget, gives the published weights
     matrix = build_matrix(read_interactions(job.input))
@@ -210,7 +211,7 @@ def test_refit_trains_the_published_model_on_every_user(tmp_path, kind, monkeypa
     else:
         for key, value in direct.state_dict().items():
             torch.testing.assert_close(published.state_dict()[key], value)
-    # and the model validation chose (without the held-out users) is a different one
+    # and the model validation chose (without the hidden items) is a different one
     (tmp_path / "norefit").mkdir()
     unrefit = run_job(load_job_config(write_job(tmp_path / "norefit", model={"kind": kind, "epochs": 4},
                                                 evaluation={"refit": False})), progress=False)

@@ -48,7 +48,7 @@ def versions(store_dir: Path, name: str | None, as_json: bool) -> None:
 @click.option("--version", "version", default=None, help="A version id (default: the live one).")
 @json_option
 def evaluate(store_dir: Path, name: str | None, version: str | None, as_json: bool) -> None:
-    """Validation metrics of a version (held-out users), against popularity, with its
+    """Validation metrics of a version (held-out items or users), against popularity, with its
     training curve and the quality gate's verdict."""
     from aefeatures.serving.lookup import open_store
 

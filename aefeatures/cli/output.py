@@ -62,8 +62,12 @@ def or_dash(value: float | None) -> Any:
 def echo_metrics(evaluation: dict[str, Any], indent: str = "") -> None:
     from aefeatures.schema import KEY_METRIC  # schema needs pyarrow: not on the --help path
 
-    click.echo(f"{indent}validation on {evaluation['valid_users']:,} held-out users "
-               f"({evaluation['holdout']:.0%} of their items hidden):")
+    if evaluation.get("protocol") == "held-out items":
+        click.echo(f"{indent}validation on {evaluation['valid_users']:,} users' held-out items "
+                   f"({evaluation['holdout']:.0%} of their items hidden, the rest in training):")
+    else:
+        click.echo(f"{indent}validation on {evaluation['valid_users']:,} held-out users "
+                   f"({evaluation['holdout']:.0%} of their items hidden):")
     names = ["recall@20", "ndcg@10", "ndcg@100", "coverage@20"]
     rows = [("model", "model"), ("popularity", "popularity")]
     reference = evaluation.get("reference") or {}

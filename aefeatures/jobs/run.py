@@ -40,7 +40,9 @@ from aefeatures.quality.evaluate import (
     ranking_totals,
     scaled_embedding_totals,
     split_folds,
+    split_items,
     split_users,
+    without_hidden,
 )
 from aefeatures.quality.reference import ease_reference
 from aefeatures.schema import KEY_METRIC
@@ -436,15 +438,16 @@ def _build_and_publish(cfg: JobConfig, fingerprint: str, progress: bool | None,
 def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: bool | None,
                         group: distributed.Group | None = None
                         ) -> tuple[TrainResult, dict[str, Any] | None, str | None]:
-    """Train with validation users held out (if evaluation is on) and early stopping, then (with
-    `evaluation.refit`) train again on every user for the chosen budget.
+    """Train with validation (if evaluation is on: `evaluation.protocol`'s split, module
+    :mod:`aefeatures.quality.evaluate`) and early stopping, then (with `evaluation.refit`) train
+    again on every user, every item, for the chosen budget.
 
     Validation chooses the epoch (and a dlae's dropout); the manifest keeps the metrics that
     chose it. With refit the published model is trained on all users for that many epochs;
-    without it, it is the validated model, which never saw the validation users (they get
-    their embeddings like any new user, from their full interaction vector). Under torchrun
-    each rank holds out its share of its own users and the metrics are those of all ranks'
-    validation users together. `model.max_minutes` bounds both phases together. The third
+    without it, it is the validated model, which never saw the hidden items (nor, with held-out
+    users, the validation users: they get their embeddings like any new user, from their full
+    interaction vector). Under torchrun each rank draws its validation users from its own users
+    and the metrics are those of all ranks' validation users together. `model.max_minutes` bounds both phases together. The third
     value says why there is no validation (None when there is).
     """
     from aefeatures.model.train import train
@@ -452,9 +455,13 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
     ev = cfg.evaluation
     world = group.world_size if group else 1
     deadline = time.perf_counter() + 60.0 * cfg.model.max_minutes if cfg.model.max_minutes > 0 else None
-    split = split_users(matrix.indptr, matrix.indices, share=ev.valid_share, max_users=-(-ev.max_valid_users // world),
-                        holdout=ev.holdout, seed=cfg.model.seed,
-                        min_users=-(-ev.min_valid_users // world) if ev.refit else 0)
+    max_users = -(-ev.max_valid_users // world)
+    if ev.protocol == "held-out items" and ev.valid_share > 0:
+        split = split_items(matrix.indptr, matrix.indices, max_users=max_users, holdout=ev.holdout, seed=cfg.model.seed)
+    else:
+        split = split_users(matrix.indptr, matrix.indices, share=ev.valid_share, max_users=max_users,
+                            holdout=ev.holdout, seed=cfg.model.seed,
+                            min_users=-(-ev.min_valid_users // world) if ev.refit else 0)
     n_valid = len(split.valid_rows) if group is None else int(group.reduce_array(np.array([len(split.valid_rows)]))[0])
     if n_valid == 0:
         why = _why_no_validation(matrix, cfg, group)
@@ -464,13 +471,19 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
 
     folds = _folds(matrix, cfg, group)
     split = folds[0] if folds else split
+    full = matrix
+    if ev.protocol == "held-out items":  # every user fits, on what they show
+        matrix = dataclasses.replace(matrix, **without_hidden(matrix.csr, split)._asdict())
     validate = _Validator(split, group)
     trained = train(matrix, cfg.model, rows=split.train_rows, validate=validate, progress=progress,
-                    deadline=deadline, folds=[(f.train_rows, _Validator(f, group)) for f in folds[1:]])
+                    deadline=deadline, folds=[(f.train_rows, _Validator(f, group)) for f in folds[1:]],
+                    keep=split.valid_rows if matrix is not full else None)
+    if matrix is not full and trained.warm is not None:
+        trained.warm = dataclasses.replace(trained.warm, gram=None)  # its Gram lacks the hidden items
     final = validate(trained.model)  # the restored best weights (or untrained, with 0 epochs)
     trained.model.eval()
     evaluation = {
-        "protocol": "held-out users",
+        "protocol": ev.protocol,
         "valid_users": n_valid,
         "holdout": ev.holdout,
         "model": final,
@@ -480,7 +493,7 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
     }
     if ev.refit:
         users = matrix.shape[0] if group is None else int(group.reduce_array(np.array([matrix.shape[0]]))[0])
-        trained.refit = _refit(matrix, cfg, trained, progress, deadline, users)
+        trained.refit = _refit(full, cfg, trained, progress, deadline, users)
     return trained, evaluation, None
 
 
@@ -588,7 +601,7 @@ def _why_no_validation(matrix: InteractionMatrix, cfg: JobConfig, group: distrib
     n_eligible, n_users = int(eligible[0]), int(eligible[1])
     if n_eligible == 0:
         return (f"no user has 2 or more items (all {n_users:,} have one), so no validation split is possible "
-                "(a held-out user needs one item shown and one hidden)")
+                "(a validation user needs one item shown and one hidden)")
     return (f"`evaluation.valid_share` = {ev.valid_share:g} of {n_users:,} users rounds to no validation user; "
             "raise it to evaluate")
 

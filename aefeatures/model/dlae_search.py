@@ -91,7 +91,7 @@ QUIET_SECONDS = 5.0  # a search this young logs no progress line (small jobs sta
 
 def train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | None,
                validate: Validator | None, deadline: float | None, warm: linear.Warm | None = None,
-               folds: Sequence[tuple[np.ndarray, Validator]] = ()) -> TrainResult:
+               folds: Sequence[tuple[np.ndarray, Validator]] = (), keep: np.ndarray | None = None) -> TrainResult:
     """The closed-form low-rank DLAE (Steck, "Autoencoders that don't overfit towards the
     identity", NeurIPS 2020) of the users at ``rows`` (default: all), as an eval-mode
     :class:`Autoencoder` in a :class:`TrainResult`, fitted on ``cfg.device`` ("auto": the first
@@ -102,7 +102,8 @@ def train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray 
     users it was fitted on, its path, solver iterations, seconds (the fit and its β walk) and
     validation metrics. Without it ``cfg.dropout``, ``cfg.l2`` and ``cfg.popularity_exponent``
     are fitted once on ``rows``, from ``warm`` (a search's ``TrainResult.warm``: its subspace,
-    and its Gram when ``rows`` add users to it) when given. ``deadline`` (a
+    and its Gram when ``rows`` add users to it) when given. A search sampling users fits every
+    row of ``keep`` it can (the validation users under held-out items). ``deadline`` (a
     ``time.perf_counter()`` value; default ``cfg.max_minutes`` from now, when set) stops the
     search between fits, keeping the best so far (``stop_reason`` "max_minutes"; a sampled
     search then keeps its sample's model); otherwise ``stop_reason`` is "fitted". Under
@@ -131,7 +132,7 @@ def train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray 
     rows = np.arange(matrix.shape[0]) if rows is None else rows
     threads = training_threads(cfg.threads)
     torch.set_num_threads(threads)  # the CPUs this process may use, as the trained kinds do
-    search = _Search(matrix, cfg, rows, validate, deadline, warm, folds)
+    search = _Search(matrix, cfg, rows, validate, deadline, warm, folds, keep)
     search.result.threads = threads
     if validate is None:
         search.fit(cfg.dropout, cfg.l2)
@@ -151,6 +152,16 @@ def train_dlae(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray 
              result.device, result.seconds,
              *(result.chosen.get(k, getattr(cfg, k)) for k in ("dropout", "l2", "popularity_exponent")))
     return result
+
+
+def _sample(rows: np.ndarray, size: int, keep: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """``size`` of ``rows`` drawn at random, sorted, with as many of ``keep`` (rows validated on
+    their hidden items, which must be in the fit) as the size allows."""
+    keep = np.array([], rows.dtype) if keep is None else keep
+    if len(keep) >= size:
+        return np.sort(rng.choice(keep, size, replace=False))
+    others = np.setdiff1d(rows, keep)
+    return np.sort(np.concatenate([keep, rng.choice(others, size - len(keep), replace=False)]))
 
 
 def dlae_width(n_users: int, n_items: int, nnz: int, *, distributed: bool = False, cuda: bool = False) -> int:
@@ -179,7 +190,7 @@ class _Search:
 
     def __init__(self, matrix: InteractionMatrix, cfg: ModelConfig, rows: np.ndarray, validate: Validator | None,
                  deadline: float | None, warm: linear.Warm | None,
-                 folds: Sequence[tuple[np.ndarray, Validator]] = ()):
+                 folds: Sequence[tuple[np.ndarray, Validator]] = (), keep: np.ndarray | None = None):
         self.matrix, self.cfg, self.rows, self.validate, self.deadline = matrix, cfg, rows, validate, deadline
         self.device, self.started = select_device(cfg.device), time.perf_counter()
         self.group = distributed.current()
@@ -198,7 +209,7 @@ class _Search:
         self.n_rows = self._total(len(rows))
         if validate is not None and self.n_rows > SEARCH_USERS and not folds:
             sample = -(-SEARCH_USERS * len(rows) // self.n_rows)  # this rank's part of the sample
-            self._fit_on(np.sort(np.random.default_rng(cfg.seed).choice(rows, sample, replace=False)), warm)
+            self._fit_on(_sample(rows, sample, keep, np.random.default_rng(cfg.seed)), warm)
         else:
             self._fit_on(rows, warm)
 

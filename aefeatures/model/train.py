@@ -42,7 +42,8 @@ PROGRESS_EVERY = 30.0  # seconds between progress lines (the first and last epoc
 
 def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | None = None,
           validate: Validator | None = None, progress: bool | None = None, epochs: int | None = None,
-          deadline: float | None = None, warm: Any = None, folds: Any = ()) -> TrainResult:
+          deadline: float | None = None, warm: Any = None, folds: Any = (), keep: np.ndarray | None = None
+          ) -> TrainResult:
     """Train an autoencoder on the users at ``rows`` of ``matrix`` (default: all of them).
 
     The budget fits the data: at most ``cfg.epochs`` epochs, a cap raised so that training takes
@@ -72,13 +73,15 @@ def train(matrix: InteractionMatrix, cfg: ModelConfig, *, rows: np.ndarray | Non
 
     ``cfg.kind = "dlae"`` is fitted in closed form instead (:func:`aefeatures.model.dlae_search.train_dlae`,
     ``warm`` a search's state to start from, ``folds`` further (rows, validator) pairs of a
-    k-fold cross-validation), on the device and under torchrun alike; one too large for memory
+    k-fold cross-validation, ``keep`` the rows a sampled search must fit: the validation users
+    under held-out items), on the device and under torchrun alike; one too large for memory
     is refused (``BadInputError``), never silently replaced by another kind.
     """
     if cfg.kind == "dlae":  # closed form, on the device, across ranks under torchrun (aefeatures.model.dlae_search)
         from aefeatures.model.dlae_search import train_dlae
 
-        return train_dlae(matrix, cfg, rows=rows, validate=validate, deadline=deadline, warm=warm, folds=folds)
+        return train_dlae(matrix, cfg, rows=rows, validate=validate, deadline=deadline, warm=warm, folds=folds,
+                          keep=keep)
     # --- setup: seed, device, precision, model, optimizer, fixed once here
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

@@ -1,11 +1,16 @@
-"""Held-out evaluation: the split, full-ranking metrics, and the popularity baseline.
+"""Held-out evaluation: the splits, full-ranking metrics, and the popularity baseline.
 
-Protocol (strong generalisation, as in Liang et al. 2018): a share of users is held out of
-training entirely. For each of them a random ``holdout`` share of their items is hidden; the
-model reads the rest (the fold-in part, exactly as it embeds any new user) and ranks every item
-it has not seen. Metrics compare that ranking with the hidden items. Holding out users, not a
-share of every user's items, measures what the product does for users it never trained on and
-keeps every training user's full history in training.
+Two protocols. In both, each validation user hides a random ``holdout`` share of their items;
+the model reads the rest (the fold-in part) and ranks every item it has not seen, and metrics
+compare that ranking with the hidden items.
+
+- Held-out items (:func:`split_items`, weak generalisation, the protocol most recommender
+  papers and the EASE baselines report): every user with 2 or more items validates, and the
+  model is fitted on every user's shown items (:func:`without_hidden`). It measures what a
+  nightly run publishes: recommendations for users who are in its fit.
+- Held-out users (:func:`split_users`, strong generalisation, Liang et al. 2018): a share of
+  users is left out of training entirely and embedded from their shown items, as any new user
+  is. It measures what the product does for users it never trained on.
 
 The popularity baseline breaks ties by item row (lower first); the model's rankings come from
 torch's top-k, which orders equal scores the same way every run on a machine. Metrics are
@@ -14,6 +19,7 @@ deterministic either way.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -32,7 +38,7 @@ class Split:
     """Which users train and which validate, and what validation users show and hide."""
 
     train_rows: np.ndarray  # (n_train,) user rows the model trains on
-    valid_rows: np.ndarray  # (n_valid,) user rows held out of training
+    valid_rows: np.ndarray  # (n_valid,) user rows that validate (out of train_rows with held-out users)
     fold_in: CSR  # (n_valid rows) the items each validation user shows: what the model reads
     held_out: tuple[np.ndarray, np.ndarray]  # CSR of the hidden items to rank
 
@@ -58,6 +64,22 @@ def split_users(indptr: np.ndarray, indices: np.ndarray, *, share: float, max_us
     n_valid = min(n_valid, max_users, len(eligible))
     valid = np.sort(rng.choice(eligible, n_valid, replace=False)) if n_valid else np.array([], np.int64)
     return _hiding(indptr, indices, valid, holdout, rng)
+
+
+def split_items(indptr: np.ndarray, indices: np.ndarray, *, max_users: int, holdout: float, seed: int) -> Split:
+    """The held-out-items split: every user with at least 2 items (at most ``max_users`` of
+    them, drawn at random) hides ``holdout`` of their items, and every user trains
+    (``train_rows`` is every row): a model fits :func:`without_hidden` of the matrix.
+
+    Parameters
+    ----------
+    indptr, indices
+        The user × item CSR, shape (n_users, n_items).
+    """
+    rng = np.random.default_rng(seed)
+    eligible = np.flatnonzero(np.diff(indptr) >= 2)
+    valid = np.sort(rng.choice(eligible, min(max_users, len(eligible)), replace=False))
+    return dataclasses.replace(_hiding(indptr, indices, valid, holdout, rng), train_rows=np.arange(len(indptr) - 1))
 
 
 def split_folds(indptr: np.ndarray, indices: np.ndarray, *, folds: int, holdout: float, seed: int) -> list[Split]:
@@ -89,6 +111,20 @@ def _hiding(indptr: np.ndarray, indices: np.ndarray, valid: np.ndarray, holdout:
         hidden.append(items[mask])
     fold_in = _csr(shown)
     return Split(train, valid, CSR(*fold_in, np.ones(len(fold_in[1]), np.float32)), _csr(hidden))
+
+
+def without_hidden(csr: CSR, split: Split) -> CSR:
+    """``csr`` (n_users rows) without each validation user's hidden items: what a model fits
+    under the held-out-items protocol. Values and row order are kept; rows outside
+    ``split.valid_rows`` are unchanged."""
+    n_items = int(csr.indices.max()) + 1 if len(csr.indices) else 1
+    indptr, hidden = split.held_out
+    hidden_keys = np.repeat(split.valid_rows.astype(np.int64), np.diff(indptr)) * n_items + hidden
+    rows = np.repeat(np.arange(csr.n_rows, dtype=np.int64), np.diff(csr.indptr))
+    keep = ~np.isin(rows * n_items + csr.indices, hidden_keys)
+    out_indptr = np.zeros(csr.n_rows + 1, np.int64)
+    np.cumsum(np.bincount(rows[keep], minlength=csr.n_rows), out=out_indptr[1:])
+    return CSR(out_indptr, csr.indices[keep], csr.values[keep])
 
 
 def _csr(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
