@@ -8,7 +8,7 @@ lock and decides whether to train (the input may be up to date) and tells the ot
 (:class:`TrainSignal`). If it trains, each rank reads only its own contiguous range of users
 (``read_interactions(shard=...)``) with the union of all ranks' items, and trains a
 DistributedDataParallel copy of the model on batches of its own users, gradients averaged over
-the ranks. Validation totals are summed over all ranks' held-out users, so every rank makes the
+the ranks. Validation totals are summed over all ranks' validation users, so every rank makes the
 same early-stopping decision. Each rank then embeds its users and writes their part files into
 the version rank 0 staged; rank 0 joins the parts and publishes, and the other ranks exit
 quietly with code 0.
