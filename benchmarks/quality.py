@@ -153,7 +153,13 @@ def main() -> None:
     parser.add_argument("--dims", default=str(ModelConfig.dim), help="comma-separated model.dim values")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (split and model)")
     parser.add_argument("--model", action="append", default=[], help="KEY=VALUE overriding a model default")
-    parser.add_argument("--folds", type=int, default=1, help="evaluation.folds: k >= 2 for a dlae's k-fold search")
+    parser.add_argument("--folds", type=int, default=1,
+                        help='evaluation.folds: k >= 2 for a dlae\'s k-fold search (with --protocol "held-out users")')
+    parser.add_argument("--protocol", default=EvaluationConfig.protocol, help="evaluation.protocol of the search")
+    parser.add_argument("--valid-share", type=float, default=EvaluationConfig.valid_share,
+                        help="evaluation.valid_share (held-out users)")
+    parser.add_argument("--reference", action="store_true",
+                        help="keep the run's own EASE reference on its validation split (valid_reference in each row)")
     parser.add_argument("--ease-lambdas", default=",".join(f"{v:g}" for v in LAMBDAS[3:8]),
                         help="EASE's λ grid (a fit each: ~3 min at 18k items here), or 'none' (no EASE row)")
     parser.add_argument("--json-out", type=Path)
@@ -214,8 +220,10 @@ def run_seed(frame: pl.DataFrame, seed: int, args: argparse.Namespace, overrides
     for kind in [k for k in args.kinds.split(",") if k]:
         for dim in [int(d) for d in args.dims.split(",")]:
             model_cfg = replace(ModelConfig(kind=kind, dim=dim, seed=seed), **overrides)
+            checks = EvaluationConfig(protocol=args.protocol, valid_share=args.valid_share, folds=args.folds,
+                                      reference_max_items=EvaluationConfig.reference_max_items if args.reference else 0)
             job = JobConfig(JobSection("quality", Path(tempfile.gettempdir())), InputConfig(str(LASTFM)),
-                            model=model_cfg, evaluation=EvaluationConfig(reference_max_items=0, folds=args.folds))
+                            model=model_cfg, evaluation=checks)
             start = time.perf_counter()
             trained, evaluation, _ = _train_and_evaluate(matrix, job, progress=False)
             seconds = time.perf_counter() - start
@@ -227,6 +235,7 @@ def run_seed(frame: pl.DataFrame, seed: int, args: argparse.Namespace, overrides
             record(f"{kind} d={model_cfg.dim}", metrics(ranked, held, n_items), seconds,
                    best_epoch=trained.best_epoch, stop=trained.stop_reason, chosen=trained.chosen,
                    refit=(trained.refit or {}).get("status"), valid_ndcg=evaluation["model"]["ndcg@100"],
+                   valid_reference=evaluation["reference"].get("ndcg@100"),
                    neighbours=0 if part is None else part.nnz)
     return out
 
