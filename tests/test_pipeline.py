@@ -111,7 +111,9 @@ def test_manifest_records_config_input_and_training(trained):
     assert manifest["input"]["files"][0]["path"].endswith("interactions.parquet")
     assert manifest["input"]["rows_read"] > manifest["input"]["rows_kept"] >= manifest["input"]["pairs"]
     assert manifest["counts"] == {"users": 2030, "items": 500, "interactions": manifest["input"]["pairs"]}
-    assert len(manifest["training"]["epoch_losses"]) == 30
+    training = manifest["training"]
+    assert len(training["epoch_losses"]) == training["epochs"] == len(training["history"])  # one per epoch
+    assert training["epochs"] == 30 or training["stop_reason"] == "patience"  # `epochs`, or patience first
     assert manifest["training"]["epoch_losses"][-1] < manifest["training"]["epoch_losses"][0]
     assert manifest["index"]["factory"] == "Flat"
 
