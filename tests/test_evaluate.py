@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from aefeatures.data.matrix import CSR
 from aefeatures.quality.evaluate import (
     popularity_ranking,
     rank_by_embeddings,
@@ -18,7 +19,6 @@ from aefeatures.quality.evaluate import (
     top_k,
     without_hidden,
 )
-from aefeatures.data.matrix import CSR
 
 
 def csr(rows):
