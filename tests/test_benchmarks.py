@@ -241,7 +241,7 @@ def test_movielens_100k_is_read_from_the_recbole_wheel_or_its_inter_file(tmp_pat
 def test_the_whole_run_benchmark_times_the_cli_job_and_reports_every_fit(tmp_path):
     out = tmp_path / "run.json"
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "whole_run.py"), "--scale", "0.005", "--data-dir", str(tmp_path / "data"),
+        [sys.executable, str(BENCHMARKS / "whole_run.py"), "--scale", "0.003", "--data-dir", str(tmp_path / "data"),
          "--work-dir", str(tmp_path), "--json-out", str(out), "--markdown-out", str(tmp_path / "run.md"),
          "--model", "dim = 32"],
         capture_output=True, text=True, timeout=900,
