@@ -170,3 +170,23 @@ def test_the_users_path_iterates_in_user_space_and_fits_what_the_items_path_fits
     assert users.user_start[0].shape == (43, users.q)  # the start it keeps is user-sized, never item-sized
     handed = linear.Solver(csr, np.arange(43), 120, dim=8, warm=users.warm())  # a refit starts from it
     assert handed.fit(0.67, 4.0).iterations < linear.Solver(csr, np.arange(43), 120, dim=8).fit(0.67, 4.0).iterations
+
+
+def test_a_warm_gram_is_reused_only_where_its_rows_hold_the_entries_it_summed():
+    x, csr = _data(60, 40)
+    rows = np.arange(50)
+    search = linear.Solver(csr, rows, 40, dim=8, method="items")
+    search.item_gram()
+    added = linear.Solver(csr, np.arange(60), 40, dim=8, method="items", warm=search.warm())
+    assert added.gram is not None  # only the 10 new users' products were summed
+    np.testing.assert_allclose(added.item_gram().numpy(), x.T @ x, rtol=1e-5, atol=1e-4)
+    fewer = x.copy()
+    fewer[rows, np.argmax(x[rows] > 0, axis=1)] = 0  # each searched user loses an item (held-out items)
+    kept = np.nonzero(fewer)
+    masked = CSR(np.append(0, np.cumsum(np.bincount(kept[0], minlength=60))), kept[1].astype(np.int32),
+                 fewer[kept].astype(np.float32))
+    search = linear.Solver(masked, rows, 40, dim=8, method="items")
+    search.item_gram()
+    refit = linear.Solver(csr, np.arange(60), 40, dim=8, method="items", warm=search.warm())
+    assert refit.gram is None  # summed again, over the entries the search never saw
+    np.testing.assert_allclose(refit.item_gram().numpy(), x.T @ x, rtol=1e-5, atol=1e-4)

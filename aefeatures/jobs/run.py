@@ -478,8 +478,6 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
     trained = train(matrix, cfg.model, rows=split.train_rows, validate=validate, progress=progress,
                     deadline=deadline, folds=[(f.train_rows, _Validator(f, group)) for f in folds[1:]],
                     keep=split.valid_rows if matrix is not full else None)
-    if matrix is not full and trained.warm is not None:
-        trained.warm = dataclasses.replace(trained.warm, gram=None)  # its Gram lacks the hidden items
     final = validate(trained.model)  # the restored best weights (or untrained, with 0 epochs)
     trained.model.eval()
     evaluation = {

@@ -146,12 +146,15 @@ def check_fits(n_users: int, n_items: int, dim: int, nnz: int, *, method: str, l
 @dataclass
 class Warm:
     """What a solver hands to the next solver on a superset of its users (the refit on every
-    user after a search): its last subspace, and on the items path its Gram and the rows it
-    summed, so only the new users' products are added."""
+    user after a search): its last subspace, and on the items path its Gram, the rows it summed
+    and their entries, so only the new users' products are added. The Gram is not reused where
+    those rows hold other entries now (a search fitted without each validation user's hidden
+    items, a refit with them)."""
 
     start: torch.Tensor | None  # None after a direct (eigendecomposed) fit
     gram: torch.Tensor | None
     rows: np.ndarray
+    entries: int = 0  # this rank's interactions in ``rows`` when the Gram was summed
 
 
 @dataclass
@@ -185,7 +188,7 @@ class Solver:
         self.device, self.dim, self.n_items, self.seed = torch.device(device), dim, n_items, seed
         self.reduce, self.reduced_bytes = reduce, 0  # bytes summed over the ranks so far (each rank's share)
         offsets, items, values = csr.gather(rows)
-        n_local = len(rows)
+        n_local, self.entries = len(rows), len(items)
         totals = self._sum(torch.tensor([float(n_local), float(len(items))], dtype=torch.float64))
         self.n_users, nnz = int(totals[0]), int(totals[1])
         cuda = self.device.type == "cuda"
@@ -208,7 +211,9 @@ class Solver:
             self.start = warm.start.to(self.device)
         if self.method == "items" and warm is not None and warm.gram is not None:
             new = np.setdiff1d(rows, warm.rows, assume_unique=True)
-            others = float(len(new) + len(warm.rows) != len(rows))  # 0 where rows hold warm's rows
+            entries = int((csr.indptr[warm.rows + 1] - csr.indptr[warm.rows]).sum())
+            # 0 where rows hold warm's rows, with the entries its Gram summed
+            others = float(len(new) + len(warm.rows) != len(rows) or entries != warm.entries)
             if float(self._sum(torch.tensor([others], dtype=torch.float64))[0]) == 0:  # on every rank
                 extra = csr_pair(*csr.gather(new), len(new), n_items, self.device)
                 self.gram = warm.gram.to(self.device) + self._sum(_gram(*extra, self.device))
@@ -218,7 +223,7 @@ class Solver:
         start = self.start
         if start is None and self.user_start is not None:  # the users path's Ritz vectors, in item space
             start = spmm(self.xt, self.user_start[0])
-        return Warm(start, self.gram if self.method == "items" else None, self.rows)
+        return Warm(start, self.gram if self.method == "items" else None, self.rows, self.entries)
 
     def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.reduce is None:
