@@ -116,14 +116,19 @@ def _hiding(indptr: np.ndarray, indices: np.ndarray, valid: np.ndarray, holdout:
 def without_hidden(csr: CSR, split: Split) -> CSR:
     """``csr`` (n_users rows) without each validation user's hidden items: what a model fits
     under the held-out-items protocol. Values and row order are kept; rows outside
-    ``split.valid_rows`` are unchanged."""
+    ``split.valid_rows`` are unchanged (only the validation rows' entries are looked at)."""
     n_items = int(csr.indices.max()) + 1 if len(csr.indices) else 1
-    indptr, hidden = split.held_out
-    hidden_keys = np.repeat(split.valid_rows.astype(np.int64), np.diff(indptr)) * n_items + hidden
-    rows = np.repeat(np.arange(csr.n_rows, dtype=np.int64), np.diff(csr.indptr))
-    keep = ~np.isin(rows * n_items + csr.indices, hidden_keys)
-    out_indptr = np.zeros(csr.n_rows + 1, np.int64)
-    np.cumsum(np.bincount(rows[keep], minlength=csr.n_rows), out=out_indptr[1:])
+    valid = split.valid_rows.astype(np.int64)
+    starts, lengths = csr.indptr[valid], np.diff(csr.indptr)[valid]
+    owner = np.repeat(valid, lengths)
+    positions = np.arange(len(owner), dtype=np.int64) + np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
+    held_indptr, hidden = split.held_out
+    hidden_keys = np.repeat(valid, np.diff(held_indptr)) * n_items + hidden
+    dropped = np.isin(owner * n_items + csr.indices[positions], hidden_keys)
+    keep = np.ones(len(csr.indices), bool)
+    keep[positions[dropped]] = False
+    out_indptr = csr.indptr.copy()
+    out_indptr[1:] -= np.cumsum(np.bincount(owner[dropped], minlength=csr.n_rows))
     return CSR(out_indptr, csr.indices[keep], csr.values[keep])
 
 
