@@ -18,7 +18,6 @@ settings.register_profile("explore", max_examples=400)
 settings.load_profile("default")
 
 
-
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto`` (pyproject's addopts): one worker per CPU this process may use, the cgroup's
     quota included (:func:`aefeatures.model.threads.available_cpus`), not the host's count."""

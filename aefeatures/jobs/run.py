@@ -447,8 +447,9 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
     without it, it is the validated model, which never saw the hidden items (nor, with held-out
     users, the validation users: they get their embeddings like any new user, from their full
     interaction vector). Under torchrun each rank draws its validation users from its own users
-    and the metrics are those of all ranks' validation users together. `model.max_minutes` bounds both phases together. The third
-    value says why there is no validation (None when there is).
+    and the metrics are those of all ranks' validation users together. `model.max_minutes`
+    bounds both phases together. The third value says why there is no validation (None when
+    there is).
     """
     from aefeatures.model.train import train
 
@@ -471,13 +472,12 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
 
     folds = _folds(matrix, cfg, group)
     split = folds[0] if folds else split
-    full = matrix
-    if ev.protocol == "held-out items":  # every user fits, on what they show
-        matrix = dataclasses.replace(matrix, **without_hidden(matrix.csr, split)._asdict())
+    items_held_out = ev.protocol == "held-out items"  # every user fits, on what they show
+    fitted = dataclasses.replace(matrix, **without_hidden(matrix.csr, split)._asdict()) if items_held_out else matrix
     validate = _Validator(split, group)
-    trained = train(matrix, cfg.model, rows=split.train_rows, validate=validate, progress=progress,
+    trained = train(fitted, cfg.model, rows=split.train_rows, validate=validate, progress=progress,
                     deadline=deadline, folds=[(f.train_rows, _Validator(f, group)) for f in folds[1:]],
-                    keep=split.valid_rows if matrix is not full else None)
+                    keep=split.valid_rows if items_held_out else None)
     final = validate(trained.model)  # the restored best weights (or untrained, with 0 epochs)
     trained.model.eval()
     evaluation = {
@@ -485,13 +485,13 @@ def _train_and_evaluate(matrix: InteractionMatrix, cfg: JobConfig, progress: boo
         "valid_users": n_valid,
         "holdout": ev.holdout,
         "model": final,
-        "popularity": _popularity(matrix, split, group),
-        "reference": _reference(matrix, split, ev.reference_max_items, group),
+        "popularity": _popularity(fitted, split, group),
+        "reference": _reference(fitted, split, ev.reference_max_items, group),
         **({"folds": _fold_summary(trained, len(folds))} if folds else {}),
     }
     if ev.refit:
         users = matrix.shape[0] if group is None else int(group.reduce_array(np.array([matrix.shape[0]]))[0])
-        trained.refit = _refit(full, cfg, trained, progress, deadline, users)
+        trained.refit = _refit(matrix, cfg, trained, progress, deadline, users)
     return trained, evaluation, None
 
 
